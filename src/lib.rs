@@ -1,0 +1,15 @@
+//! cspine-triage: DICOM in, cervical-spine fracture triage, MQTT out.
+//!
+//! Data flows one way, one module per stage:
+//! scanner → [`dicom`] (SCP + durable spool) → [`series`] (assembly + volume)
+//! → [`inference`] (preprocessing + tract) → [`alert`] (outbox + MQTT) → broker.
+//! [`service`] wires the stages together with bounded channels and talks to systemd;
+//! [`synth`] generates the synthetic CT phantoms used for training, tests and the demo.
+
+pub mod alert;
+pub mod config;
+pub mod dicom;
+pub mod inference;
+pub mod series;
+pub mod service;
+pub mod synth;

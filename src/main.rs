@@ -1,0 +1,107 @@
+//! `cspine-triage`: thin command line over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use cspine_triage::config::Config;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Cervical-spine fracture triage: DICOM in, MQTT alerts out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: DICOM SCP, series assembly, inference, alert publishing.
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        /// TOML config file.
+        file: PathBuf,
+    },
+    /// Generate synthetic cervical-spine CT phantom studies (DICOM + ground truth).
+    Synth(cspine_triage::synth::SynthArgs),
+    /// Run the triage pipeline offline on DICOM folders or files.
+    Infer(cspine_triage::inference::cli::InferArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Our AE title.
+    #[arg(long)]
+    ae_title: Option<String>,
+    /// DICOM port to listen on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Spool directory for received instances.
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// Seconds without a new instance after which a series is complete.
+    #[arg(long)]
+    quiet_period: Option<f64>,
+    /// MQTT broker URL (mqtt:// or mqtts://); without it an embedded broker is started.
+    #[arg(long)]
+    mqtt: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(ae) = self.ae_title {
+            config.dicom.ae_title = ae;
+        }
+        if let Some(port) = self.port {
+            config.dicom.port = port;
+        }
+        if let Some(spool) = self.spool {
+            config.dicom.spool_dir = spool;
+        }
+        if let Some(q) = self.quiet_period {
+            config.series.quiet_period_secs = q;
+        }
+        if let Some(url) = self.mqtt {
+            config.alert.mqtt_url = Some(url);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => cspine_triage::service::serve(args.into_config()?),
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            print!("{}", config.to_toml()?);
+            Ok(())
+        }
+        Command::Synth(args) => cspine_triage::synth::run(&args),
+        Command::Infer(args) => cspine_triage::inference::cli::run(&args),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line: "cannot read X: No such file".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
