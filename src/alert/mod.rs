@@ -1,6 +1,7 @@
 //! Alerts: the versioned result schema, the durable outbox and MQTT delivery.
 
 pub mod result;
+pub mod watch;
 
 use std::path::PathBuf;
 

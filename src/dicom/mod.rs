@@ -55,3 +55,4 @@ pub struct StoredInstance {
     pub calling_ae: String,
     pub received_at: OffsetDateTime,
 }
+pub mod scu;
