@@ -191,10 +191,32 @@ fn real_files_in_every_transfer_syntax_decode_to_pydicoms_hu() {
         "reference set is incomplete: {manifest}"
     );
     let mut report = Vec::new();
+    let mut failures = Vec::new();
     for entry in entries {
         let name = entry["name"].as_str().unwrap();
-        let (rows, cols, hu) = volume::decode_slice(&dir.path().join(format!("{name}.dcm")))
-            .unwrap_or_else(|e| panic!("{name} ({}): {e:#}", entry["transfer_syntax"]));
+        let ts = entry["transfer_syntax"].as_str().unwrap();
+        let decoded = volume::decode_slice(&dir.path().join(format!("{name}.dcm")));
+        // 12-bit JPEG (Extended, process 2 & 4) is a known gap of dicom-pixeldata 0.10
+        // (jpeg-decoder): it must be a clear error, never wrong pixels.
+        if ts == "1.2.840.10008.1.2.4.51" && entry["bits_stored"].as_u64() == Some(12) {
+            let err = format!(
+                "{:#}",
+                decoded.expect_err("12-bit JPEG Extended now decodes: compare it")
+            );
+            assert!(
+                err.contains("SamplePrecision(12)"),
+                "{name}: unclear error {err}"
+            );
+            report.push(format!("{name} ({ts}): refused as expected: {err}"));
+            continue;
+        }
+        let (rows, cols, hu) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                failures.push(format!("{name} ({ts}): {e:#}"));
+                continue;
+            }
+        };
         assert_eq!(
             (rows as u64, cols as u64),
             (
@@ -210,15 +232,14 @@ fn real_files_in_every_transfer_syntax_decode_to_pydicoms_hu() {
             .max()
             .unwrap();
         report.push(format!(
-            "{name} ({}): max |diff| {max_diff}",
-            entry["transfer_syntax"]
+            "{name} ({ts}): max |HU diff| vs pydicom {max_diff}"
         ));
-        let tolerance = entry["tolerance"].as_i64().unwrap() as i32;
-        assert!(
-            max_diff <= tolerance,
-            "{name}: HU differ from pydicom by up to {max_diff}\n{}",
-            report.join("\n")
-        );
+        if max_diff > entry["tolerance"].as_i64().unwrap() as i32 {
+            failures.push(format!(
+                "{name} ({ts}): HU differ from pydicom by up to {max_diff}"
+            ));
+        }
     }
     eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

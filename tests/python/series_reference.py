@@ -77,6 +77,7 @@ def main():
         hu.astype("<i2").tofile(os.path.join(out, base + ".hu"))
         manifest.append({"name": base, "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
                          "rows": int(ds.Rows), "columns": int(ds.Columns),
+                         "bits_stored": int(ds.BitsStored),
                          "tolerance": 2 if ds.file_meta.TransferSyntaxUID in LOSSY_DCT else 0})
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
