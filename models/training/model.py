@@ -79,8 +79,9 @@ class TriageNet(nn.Module):
         self.pat_bias = nn.Parameter(torch.zeros(1))
         self.pat_head = nn.Linear(h2, 1)
 
-    def forward(self, x: torch.Tensor):
-        """x: [S, 3, 128, 128] windowed slices (channels = slices k-1, k, k+1)."""
+    def features(self, x: torch.Tensor):
+        """Per-slice part. x: [S, 3, 128, 128] windowed slices (channels = slices k-1, k, k+1).
+        Returns seg_logits [S,8,32,32] and the per-vertebra sequence [S,7,C+1]."""
         e1 = self.enc1(x)  # [S, c1, 64, 64]
         e2 = self.enc2(e1)  # [S, c2, 32, 32]
         e3 = self.enc3(e2)  # [S, c3, 16, 16]
@@ -95,24 +96,43 @@ class TriageNet(nn.Module):
         feat = d2.reshape(s, d2.shape[1], -1)  # [S,C,1024]
         mass = prob.sum(-1, keepdim=True)  # [S,7,1] expected cells of the vertebra
         pooled = torch.bmm(prob, feat.transpose(1, 2)) / (mass + 1.0)  # [S,7,C]
-        log_mass = torch.log(mass + 1e-3)
-        seq = torch.cat([pooled, log_mass * 0.1], dim=2)  # [S,7,C+1]
+        seq = torch.cat([pooled, torch.log(mass + 1e-3) * 0.1], dim=2)  # [S,7,C+1]
+        return seg_logits, seq
 
+    def head(self, seq: torch.Tensor):
+        """Across slices. seq: [S,7,C+1] (last feature = 0.1 * log vertebra mass)."""
         # Sequence over slices, the 7 vertebrae as the batch.
         h, _ = self.gru(seq)  # [S,7,2H]
-
         # Attention over slices, biased by where the vertebra is (log of its mass).
-        score = self.att(h).squeeze(2) + log_mass.squeeze(2)  # [S,7]
+        score = self.att(h).squeeze(2) + seq[:, :, -1] * 10.0  # [S,7]
         attention = torch.softmax(score.transpose(0, 1), dim=1)  # [7,S]
         ctx = torch.bmm(attention.unsqueeze(1), h.transpose(0, 1)).squeeze(1)  # [7,2H]
-
         vertebra_logits = self.vert_head(ctx).squeeze(1) + self.vert_bias  # [7]
         patient_logit = (
             self.pat_scale * torch.logsumexp(vertebra_logits, dim=0, keepdim=True)
             + self.pat_head(ctx.mean(0))
             + self.pat_bias
         )  # [1]
+        return vertebra_logits, patient_logit, attention
+
+    def forward(self, x: torch.Tensor):
+        seg_logits, seq = self.features(x)
+        vertebra_logits, patient_logit, attention = self.head(seq)
         return seg_logits, vertebra_logits, patient_logit, attention
+
+    def config(self) -> dict:
+        return {"widths": self.widths, "mids": self.mids, "gru_hidden": self.gru_hidden}
+
+
+def save_checkpoint(model: "TriageNet", path, **extra) -> None:
+    torch.save({"config": model.config(), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path) -> "TriageNet":
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    m = TriageNet(**ck["config"])
+    m.load_state_dict(ck["state_dict"])
+    return m
 
 
 OUTPUT_NAMES = ["seg_logits", "vertebra_logits", "patient_logit", "attention"]
