@@ -56,9 +56,10 @@ struct Sampler<'a> {
     slice_pos: Vec<f64>,
 }
 
-/// Slack when testing whether a point lies inside the outermost voxel centres, in voxels:
-/// a point computed to sit exactly on the edge must not fall outside by a rounding error.
-const EDGE_EPS: f64 = 1e-6;
+/// Slack (mm) when testing whether a point lies between the first and last slice: a model
+/// slice computed to sit exactly on an end slice must not fall outside by a rounding error.
+/// In-plane the test is strict (an index in [0, N-1] is inside), as in the Python reference.
+const SLICE_EPS_MM: f64 = 1e-6;
 
 fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
@@ -102,12 +103,11 @@ impl<'a> Sampler<'a> {
         let pos = &self.slice_pos;
         let n = pos.len();
         if n == 1 {
-            return ((t - pos[0]).abs() <= EDGE_EPS).then_some(0.0);
+            return ((t - pos[0]).abs() <= SLICE_EPS_MM).then_some(0.0);
         }
         let first = pos[0];
         let last = pos[n - 1];
-        let tol = EDGE_EPS * (last - first) / (n - 1) as f64;
-        if t < first - tol || t > last + tol {
+        if t < first - SLICE_EPS_MM || t > last + SLICE_EPS_MM {
             return None;
         }
         let t = t.clamp(first, last);
@@ -157,10 +157,9 @@ impl<'a> Sampler<'a> {
 /// None outside the outermost voxel centres.
 fn axis_cell(x: f64, n: usize) -> Option<(usize, f64)> {
     let max = (n - 1) as f64;
-    if !(x >= -EDGE_EPS && x <= max + EDGE_EPS) {
+    if !(x >= 0.0 && x <= max) {
         return None;
     }
-    let x = x.clamp(0.0, max);
     if n == 1 {
         return Some((0, 0.0));
     }
