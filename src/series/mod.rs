@@ -1,5 +1,20 @@
 //! Series assembly (which instances form a complete series worth analysing) and
 //! volume building (decoded, sorted, validated HU voxels).
+//!
+//! - [`header`]: the attributes of one instance, read without pixel data.
+//! - [`selection`]: which instances and series are analysed, and why not.
+//! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
+//! - [`load`]: offline entry point, files or folders -> outcomes (`infer`).
+
+pub mod header;
+pub mod load;
+pub mod selection;
+pub mod volume;
+
+pub use header::InstanceHeader;
+pub use load::{load_series_from_paths, load_series_report, LoadReport};
+pub use selection::Skip;
+pub use volume::build_volume;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -89,6 +104,8 @@ pub struct CtVolume {
 }
 
 /// What the series stage hands to inference.
+// `Failed` is rare and small next to a volume's voxels: boxing its meta buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum SeriesOutcome {
     /// A complete, consistent axial CT series.
