@@ -544,6 +544,97 @@ mod tests {
         assert!(err.contains("min_free_space_mb"), "{err}");
     }
 
+    fn dataset(study: &str, series: &str, sop: &str) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_object::InMemDicomObject;
+        use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+        let obj = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+            ),
+            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop)),
+            DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(study),
+            ),
+            DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(series),
+            ),
+        ]);
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        out
+    }
+
+    fn header(sop: &str) -> InstanceHeader {
+        InstanceHeader {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: sop.into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "CTSCANNER".into(),
+            received_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        }
+    }
+
+    fn store(spool: &Spool, sop: &str, data: &[u8]) -> Result<Stored, StoreError> {
+        let mut incoming = spool.begin(header(sop)).unwrap();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(incoming.push(data));
+        spool.commit(incoming)
+    }
+
+    #[test]
+    fn commit_reindex_duplicate_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        let ds = dataset("1.2.3", "1.2.3.4", "1.2.3.4.5");
+        let Ok(Stored::New(first)) = store(&spool, "1.2.3.4.5", &ds) else {
+            panic!("not stored")
+        };
+        assert!(first.path.ends_with("1.2.3/1.2.3.4/1.2.3.4.5.dcm"));
+        assert!(matches!(
+            store(&spool, "1.2.3.4.5", &ds),
+            Ok(Stored::Duplicate(_))
+        ));
+        // Command and data set disagree: refused, nothing left behind.
+        assert!(matches!(
+            store(&spool, "9.9", &ds),
+            Err(StoreError::Mismatch(_))
+        ));
+        assert!(matches!(
+            store(&spool, "1.2.3.4.6", &ds[..ds.len() - 3]),
+            Err(StoreError::CannotUnderstand(_))
+        ));
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+
+        let found = reindex(dir.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].calling_ae, "CTSCANNER");
+        assert_eq!(found[0].received_at, header("x").received_at);
+        assert_eq!(found[0].series_instance_uid, "1.2.3.4");
+
+        assert_eq!(spool.delete_series("1.2.3", "1.2.3.4").unwrap(), 1);
+        assert!(!dir.path().join("1.2.3").exists());
+        assert!(reindex(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reindex_moves_unreadable_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = dir.path().join("1.2").join("1.2.3");
+        fs::create_dir_all(&series).unwrap();
+        fs::write(series.join("1.2.3.4.dcm"), b"not dicom").unwrap();
+        assert!(reindex(dir.path()).unwrap().is_empty());
+        assert!(dir.path().join(REJECTED_DIR).join("1.2.3.4.dcm").is_file());
+    }
+
     #[test]
     fn open_removes_leftover_temp_files() {
         let dir = tempfile::tempdir().unwrap();
