@@ -575,3 +575,20 @@ fn below_the_free_space_floor_instances_are_refused_with_a700() {
         "nothing may be stored below the floor"
     );
 }
+
+#[test]
+fn silent_peers_are_dropped_by_the_artim_and_idle_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "artim_timeout_secs = 1\nidle_timeout_secs = 1");
+    let started = Instant::now();
+    let idle = helper(&["garbage", &d.port(), "idle"]);
+    assert_eq!(
+        idle["reply_type"], 0x07,
+        "idle association not aborted: {idle}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    d.assert_log("dicom.idle_timeout_secs");
+    // Connected but no A-ASSOCIATE-RQ: closed by the ARTIM timer.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    d.assert_log("no A-ASSOCIATE-RQ within 1 s");
+}

@@ -245,9 +245,10 @@ def store(port, path, calling, hold):
 
 
 def garbage(port, when):
-    """Sends an invalid PDU before or after association; reports what came back."""
+    """Sends an invalid PDU before or after association (or, "idle", associates and then
+    stays silent); reports what came back."""
     s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
-    if when == "after":
+    if when in ("after", "idle"):
         # A minimal valid A-ASSOCIATE-RQ for Verification, then garbage.
         def item(t, payload):
             return struct.pack(">BBH", t, 0, len(payload)) + payload
@@ -260,8 +261,11 @@ def garbage(port, when):
         hdr = recv_exact(s, 6)
         rest = recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
         assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
-    # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
-    s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
+    if when == "idle":
+        s.settimeout(30)
+    else:
+        # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
+        s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
     reply = b""
     try:
         reply = recv_exact(s, 10)
@@ -339,7 +343,7 @@ def main():
     s.add_argument("--hold", action="store_true")
     g = sub.add_parser("garbage")
     g.add_argument("port")
-    g.add_argument("when", choices=["before", "after"])
+    g.add_argument("when", choices=["before", "after", "idle"])
     c = sub.add_parser("compare")
     c.add_argument("sent")
     c.add_argument("stored")
