@@ -162,6 +162,21 @@ async fn send_raw(socket: &mut TcpStream, pdu: &Pdu) -> Result<()> {
     Ok(())
 }
 
+/// Runs blocking file work (write, fsync, link). On a multi-threaded runtime it runs in
+/// place: C-STORE is request/response, so this association has nothing else to do, and
+/// skipping the hand-off to the blocking pool saves two thread wake-ups per instance
+/// (measurable on a loaded 2-core box).
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        Ok(tokio::task::block_in_place(f))
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
+}
+
 fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
@@ -659,7 +674,7 @@ impl<'a> Session<'a> {
             unreachable!()
         };
         let spool = self.shared.spool.clone();
-        let outcome = tokio::task::spawn_blocking(move || spool.commit(incoming))
+        let outcome = run_blocking(move || spool.commit(incoming))
             .await
             .unwrap_or_else(|e| {
                 Err(StoreError::OutOfResources(anyhow::anyhow!(

@@ -164,7 +164,7 @@ impl Spool {
     }
 
     /// Makes a fully received instance durable (see the module docs), or refuses it.
-    /// Blocking: call it from `spawn_blocking`.
+    /// Blocking: call it off the async executor (`block_in_place` / `spawn_blocking`).
     pub fn commit(&self, mut incoming: Incoming) -> Result<Stored, StoreError> {
         let result = self.commit_inner(&mut incoming);
         // Whatever happened, the temp name goes: on success the data lives under its
@@ -228,7 +228,9 @@ impl Spool {
         let io = |what: &str, p: &Path, e: io::Error| {
             StoreError::OutOfResources(anyhow!("{what} {}: {e}", p.display()))
         };
-        file.sync_all()
+        // fdatasync: the data and what is needed to read it back (size, extents); the
+        // name is made durable by the directory fsync below.
+        file.sync_data()
             .map_err(|e| io("cannot fsync", &incoming.tmp_path, e))?;
         drop(file);
         create_dir_durably(&self.root, &series_dir)
@@ -278,7 +280,7 @@ impl Incoming {
         if self.pending.len() >= WRITE_CHUNK {
             let mut file = self.file.take().expect("file present while receiving");
             let chunk = std::mem::take(&mut self.pending);
-            let res = tokio::task::spawn_blocking(move || {
+            let res = super::scp::run_blocking(move || {
                 let r = file.write_all(&chunk);
                 (file, r)
             })
@@ -620,7 +622,37 @@ mod tests {
         assert_eq!(found[0].received_at, header("x").received_at);
         assert_eq!(found[0].series_instance_uid, "1.2.3.4");
 
-        assert_eq!(spool.delete_series("1.2.3", "1.2.3.4").unwrap(), 1);
+        // An instance larger than the write chunk is streamed to disk in pieces.
+        let big = {
+            use dicom_core::{DataElement, PrimitiveValue, VR};
+            use dicom_object::InMemDicomObject;
+            use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+            let mut obj = InMemDicomObject::read_dataset_with_ts(
+                &dataset("1.2.3", "1.2.3.4", "1.2.3.4.7")[..],
+                &EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .unwrap();
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                PrimitiveValue::from(vec![7u8; WRITE_CHUNK + 1000]),
+            ));
+            let mut out = Vec::new();
+            obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+                .unwrap();
+            out
+        };
+        let mut incoming = spool.begin(header("1.2.3.4.7")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for piece in big.chunks(65536) {
+            rt.block_on(incoming.push(piece));
+        }
+        let Ok(Stored::New(stored)) = spool.commit(incoming) else {
+            panic!("big instance not stored")
+        };
+        assert!(fs::metadata(&stored.path).unwrap().len() > big.len() as u64);
+
+        assert_eq!(spool.delete_series("1.2.3", "1.2.3.4").unwrap(), 2);
         assert!(!dir.path().join("1.2.3").exists());
         assert!(reindex(dir.path()).unwrap().is_empty());
     }
