@@ -96,8 +96,8 @@ impl Spool {
             .with_context(|| format!("cannot create spool directory {}", root.display()))?;
         let tmp = root.join(TMP_DIR);
         if tmp.exists() {
-            for entry in fs::read_dir(&tmp)
-                .with_context(|| format!("cannot list {}", tmp.display()))?
+            for entry in
+                fs::read_dir(&tmp).with_context(|| format!("cannot list {}", tmp.display()))?
             {
                 let path = entry?.path();
                 log::info!("removing unfinished receive {}", path.display());
@@ -144,12 +144,10 @@ impl Spool {
     /// Starts receiving an instance: creates the temp file and writes the file meta group.
     pub fn begin(&self, header: InstanceHeader) -> Result<Incoming> {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .tmp
-            .join(format!("{}-{}.part", std::process::id(), n));
+        let path = self.tmp.join(format!("{}-{}.part", std::process::id(), n));
         let meta = file_meta(&header, &self.our_ae)?;
-        let file = File::create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = BufWriter::with_capacity(64 * 1024, file);
         w.write_all(&[0u8; 128])?;
         w.write_all(b"DICM")?;
@@ -166,7 +164,7 @@ impl Spool {
     }
 
     /// Makes a fully received instance durable (see the module docs), or refuses it.
-    /// Blocking: call it from `spawn_blocking`.
+    /// Blocking: call it off the async executor (`block_in_place` / `spawn_blocking`).
     pub fn commit(&self, mut incoming: Incoming) -> Result<Stored, StoreError> {
         let result = self.commit_inner(&mut incoming);
         // Whatever happened, the temp name goes: on success the data lives under its
@@ -230,7 +228,9 @@ impl Spool {
         let io = |what: &str, p: &Path, e: io::Error| {
             StoreError::OutOfResources(anyhow!("{what} {}: {e}", p.display()))
         };
-        file.sync_all()
+        // fdatasync: the data and what is needed to read it back (size, extents); the
+        // name is made durable by the directory fsync below.
+        file.sync_data()
             .map_err(|e| io("cannot fsync", &incoming.tmp_path, e))?;
         drop(file);
         create_dir_durably(&self.root, &series_dir)
@@ -280,7 +280,7 @@ impl Incoming {
         if self.pending.len() >= WRITE_CHUNK {
             let mut file = self.file.take().expect("file present while receiving");
             let chunk = std::mem::take(&mut self.pending);
-            let res = tokio::task::spawn_blocking(move || {
+            let res = super::scp::run_blocking(move || {
                 let r = file.write_all(&chunk);
                 (file, r)
             })
@@ -289,7 +289,8 @@ impl Incoming {
                 Ok((file, r)) => {
                     self.file = Some(file);
                     if let Err(e) = r {
-                        self.failed = Some(anyhow!("cannot write {}: {e}", self.tmp_path.display()));
+                        self.failed =
+                            Some(anyhow!("cannot write {}: {e}", self.tmp_path.display()));
                     }
                 }
                 Err(e) => self.failed = Some(anyhow!("write task failed: {e}")),
@@ -298,7 +299,10 @@ impl Incoming {
     }
 
     fn flush_blocking(&mut self) -> Result<()> {
-        let file = self.file.as_mut().context("temp file lost after a failed write")?;
+        let file = self
+            .file
+            .as_mut()
+            .context("temp file lost after a failed write")?;
         file.write_all(&self.pending)
             .with_context(|| format!("cannot write {}", self.tmp_path.display()))?;
         self.pending = Vec::new();
@@ -361,7 +365,10 @@ fn read_instance(path: &Path, full: bool) -> Result<(InstanceInfo, Option<Offset
                 == Some(PRIVATE_INFORMATION_CREATOR_UID)
         })
         .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| s.trim_end_matches(['\0', ' ']).strip_prefix(RECEIVED_AT_PREFIX))
+        .and_then(|s| {
+            s.trim_end_matches(['\0', ' '])
+                .strip_prefix(RECEIVED_AT_PREFIX)
+        })
         .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
     let info = InstanceInfo {
         study_instance_uid: text(tags::STUDY_INSTANCE_UID),
@@ -537,6 +544,127 @@ mod tests {
         let spool = Spool::open(dir.path(), "CSPINE", u64::MAX / (1 << 21)).unwrap();
         let err = spool.check_free_space().unwrap_err().to_string();
         assert!(err.contains("min_free_space_mb"), "{err}");
+    }
+
+    fn dataset(study: &str, series: &str, sop: &str) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_object::InMemDicomObject;
+        use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+        let obj = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+            ),
+            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop)),
+            DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(study),
+            ),
+            DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(series),
+            ),
+        ]);
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        out
+    }
+
+    fn header(sop: &str) -> InstanceHeader {
+        InstanceHeader {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: sop.into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "CTSCANNER".into(),
+            received_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        }
+    }
+
+    fn store(spool: &Spool, sop: &str, data: &[u8]) -> Result<Stored, StoreError> {
+        let mut incoming = spool.begin(header(sop)).unwrap();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(incoming.push(data));
+        spool.commit(incoming)
+    }
+
+    #[test]
+    fn commit_reindex_duplicate_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        let ds = dataset("1.2.3", "1.2.3.4", "1.2.3.4.5");
+        let Ok(Stored::New(first)) = store(&spool, "1.2.3.4.5", &ds) else {
+            panic!("not stored")
+        };
+        assert!(first.path.ends_with("1.2.3/1.2.3.4/1.2.3.4.5.dcm"));
+        assert!(matches!(
+            store(&spool, "1.2.3.4.5", &ds),
+            Ok(Stored::Duplicate(_))
+        ));
+        // Command and data set disagree: refused, nothing left behind.
+        assert!(matches!(
+            store(&spool, "9.9", &ds),
+            Err(StoreError::Mismatch(_))
+        ));
+        assert!(matches!(
+            store(&spool, "1.2.3.4.6", &ds[..ds.len() - 3]),
+            Err(StoreError::CannotUnderstand(_))
+        ));
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+
+        let found = reindex(dir.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].calling_ae, "CTSCANNER");
+        assert_eq!(found[0].received_at, header("x").received_at);
+        assert_eq!(found[0].series_instance_uid, "1.2.3.4");
+
+        // An instance larger than the write chunk is streamed to disk in pieces.
+        let big = {
+            use dicom_core::{DataElement, PrimitiveValue, VR};
+            use dicom_object::InMemDicomObject;
+            use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+            let mut obj = InMemDicomObject::read_dataset_with_ts(
+                &dataset("1.2.3", "1.2.3.4", "1.2.3.4.7")[..],
+                &EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .unwrap();
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                PrimitiveValue::from(vec![7u8; WRITE_CHUNK + 1000]),
+            ));
+            let mut out = Vec::new();
+            obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+                .unwrap();
+            out
+        };
+        let mut incoming = spool.begin(header("1.2.3.4.7")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for piece in big.chunks(65536) {
+            rt.block_on(incoming.push(piece));
+        }
+        let Ok(Stored::New(stored)) = spool.commit(incoming) else {
+            panic!("big instance not stored")
+        };
+        assert!(fs::metadata(&stored.path).unwrap().len() > big.len() as u64);
+
+        assert_eq!(spool.delete_series("1.2.3", "1.2.3.4").unwrap(), 2);
+        assert!(!dir.path().join("1.2.3").exists());
+        assert!(reindex(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reindex_moves_unreadable_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = dir.path().join("1.2").join("1.2.3");
+        fs::create_dir_all(&series).unwrap();
+        fs::write(series.join("1.2.3.4.dcm"), b"not dicom").unwrap();
+        assert!(reindex(dir.path()).unwrap().is_empty());
+        assert!(dir.path().join(REJECTED_DIR).join("1.2.3.4.dcm").is_file());
     }
 
     #[test]

@@ -137,6 +137,7 @@ def make_files(outdir, dcmtk_bin):
     # at negotiation, before any pixel data is sent). DCMTK 3.6.7 can only send MPEG2.
     for name, ts in [("ct_mpeg2.dcm", "1.2.840.10008.1.2.4.100")]:
         ds = pydicom.dcmread(ct)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.100"
         ds.file_meta.TransferSyntaxUID = UID(ts)
         ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
         ds["PixelData"].VR = "OB"
@@ -244,9 +245,10 @@ def store(port, path, calling, hold):
 
 
 def garbage(port, when):
-    """Sends an invalid PDU before or after association; reports what came back."""
+    """Sends an invalid PDU before or after association (or, "idle", associates and then
+    stays silent); reports what came back."""
     s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
-    if when == "after":
+    if when in ("after", "idle"):
         # A minimal valid A-ASSOCIATE-RQ for Verification, then garbage.
         def item(t, payload):
             return struct.pack(">BBH", t, 0, len(payload)) + payload
@@ -259,8 +261,11 @@ def garbage(port, when):
         hdr = recv_exact(s, 6)
         rest = recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
         assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
-    # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
-    s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
+    if when == "idle":
+        s.settimeout(30)
+    else:
+        # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
+        s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
     reply = b""
     try:
         reply = recv_exact(s, 10)
@@ -285,15 +290,19 @@ def compare(sent, stored):
     a = pydicom.dcmread(sent)
     b = pydicom.dcmread(stored)
     diffs = []
+    # Pixel Data is compared below; Data Set Trailing Padding (FFFC,FFFC) is padding,
+    # which DCMTK storescu does not transmit.
+    skip = (0x7FE00010, 0xFFFCFFFC)
     for elem in a:
-        if elem.tag == 0x7FE00010:
+        # Group lengths (gggg,0000) are retired; DCMTK recomputes them when sending.
+        if elem.tag in skip or elem.tag.element == 0:
             continue
         if elem.tag not in b:
             diffs.append(f"{elem.tag} missing")
         elif b[elem.tag].value != elem.value:
             diffs.append(f"{elem.tag} differs")
     for elem in b:
-        if elem.tag not in a:
+        if elem.tag not in a and elem.tag not in skip and elem.tag.element != 0:
             diffs.append(f"{elem.tag} added")
     ts_a, ts_b = a.file_meta.TransferSyntaxUID, b.file_meta.TransferSyntaxUID
     if "PixelData" in a:
@@ -334,7 +343,7 @@ def main():
     s.add_argument("--hold", action="store_true")
     g = sub.add_parser("garbage")
     g.add_argument("port")
-    g.add_argument("when", choices=["before", "after"])
+    g.add_argument("when", choices=["before", "after", "idle"])
     c = sub.add_parser("compare")
     c.add_argument("sent")
     c.add_argument("stored")

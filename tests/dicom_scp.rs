@@ -1,0 +1,594 @@
+//! DICOM ingest through the real binary and real peers: DCMTK `echoscu`/`storescu`
+//! and pynetdicom (tests/python/scp_client.py), files from pydicom / pydicom-data.
+//!
+//! Needs (CI installs them): DCMTK (`apt-get install dcmtk`), python3 with pydicom,
+//! pydicom-data, pynetdicom and numpy. A missing tool fails the test with a message.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cspine-triage");
+const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/scp_client.py");
+
+/// The daemon under test (`cspine-triage serve`), with its log captured.
+struct Daemon {
+    child: Child,
+    port: u16,
+    spool: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `serve` on a free loopback port; `extra` is appended to `[dicom]`.
+    fn start(dir: &Path, extra: &str) -> Daemon {
+        let spool = dir.join("spool");
+        let config = dir.join("cspine.toml");
+        let mut toml = format!(
+            "[dicom]\nbind = \"127.0.0.1\"\nport = 0\nspool_dir = \"{}\"\n{extra}\n",
+            spool.display()
+        );
+        if !extra.contains("min_free_space_mb") {
+            // Shared CI disks may be nearly full; the floor has its own test.
+            toml.push_str("min_free_space_mb = 0\n");
+        }
+        std::fs::write(&config, toml).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start cspine-triage");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[daemon] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            port: 0,
+            spool,
+            log,
+        };
+        let line = daemon
+            .wait_log("listening on ", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("daemon did not start listening:\n{}", daemon.log_text()));
+        let addr = line.split("listening on ").nth(1).unwrap();
+        let port = addr.split([' ', ':']).nth(1).unwrap();
+        daemon.port = port.parse().unwrap();
+        daemon
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn assert_log(&self, needle: &str) {
+        if self.wait_log(needle, Duration::from_secs(10)).is_none() {
+            panic!("daemon log lacks {needle:?}:\n{}", self.log_text());
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn port(&self) -> String {
+        self.port.to_string()
+    }
+
+    fn path_of(&self, f: &Value) -> PathBuf {
+        self.spool
+            .join(f["study"].as_str().unwrap())
+            .join(f["series"].as_str().unwrap())
+            .join(format!("{}.dcm", f["sop_instance"].as_str().unwrap()))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// DCMTK's tool, not a same-named pyenv shim or pynetdicom app earlier on PATH.
+fn dcmtk(tool: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let mut dirs: Vec<PathBuf> = std::env::var_os("DCMTK_BIN")
+            .map(PathBuf::from)
+            .into_iter()
+            .collect();
+        dirs.push("/usr/bin".into());
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        dirs.into_iter()
+            .find(|d| {
+                Command::new(d.join("echoscu"))
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .to_lowercase()
+                            .contains("dcmtk")
+                    })
+            })
+            .expect("DCMTK not found: install it (apt-get install dcmtk) or set DCMTK_BIN")
+    });
+    dir.join(tool)
+}
+
+fn python() -> &'static str {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let ok = Command::new("python3")
+            .args(["-c", "import pydicom, pynetdicom, numpy, data_store"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "python3 with pydicom, pydicom-data, pynetdicom and numpy is required \
+             (pip install pydicom pydicom-data pynetdicom numpy)"
+        );
+    });
+    "python3"
+}
+
+/// Runs the Python peer and parses its JSON answer.
+fn helper(args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(HELPER)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scp_client.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("bad helper output {stdout:?}: {e}"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn echoscu(d: &Daemon, calling: &str, called: &str) -> Output {
+    run(Command::new(dcmtk("echoscu"))
+        .args(["-aet", calling, "-aec", called, "127.0.0.1"])
+        .arg(d.port()))
+}
+
+fn storescu(d: &Daemon, files: &[&str], options: &[&str]) -> Output {
+    run(Command::new(dcmtk("storescu"))
+        .env("TCP_NODELAY", "1")
+        // -R: propose only what the files need, so a refused syntax is not hidden by
+        // one of the ~100 other proposed contexts.
+        .args(["-R", "-aec", "CSPINE", "127.0.0.1"])
+        .args(options)
+        .arg(d.port())
+        .args(files))
+}
+
+/// storescu -R proposes only uncompressed syntaxes for files it believes it could
+/// decompress (deflate, RLE, JPEG), then fails to convert them: name the file's syntax.
+/// `None`: storescu cannot propose it (JPEG process 14 .57), pynetdicom sends it.
+fn storescu_proposal(ts: &str) -> Option<&'static [&'static str]> {
+    Some(match ts {
+        "1.2.840.10008.1.2.1.99" => &["-xd"],
+        "1.2.840.10008.1.2.5" => &["-xr"],
+        "1.2.840.10008.1.2.4.50" => &["-xy"],
+        "1.2.840.10008.1.2.4.51" => &["-xx"],
+        "1.2.840.10008.1.2.4.57" => return None,
+        "1.2.840.10008.1.2.4.70" => &["-xs"],
+        "1.2.840.10008.1.2.4.80" => &["-xt"],
+        "1.2.840.10008.1.2.4.81" => &["-xu"],
+        "1.2.840.10008.1.2.4.90" => &["-xv"],
+        "1.2.840.10008.1.2.4.91" => &["-xw"],
+        "1.2.840.10008.1.2.4.100" => &["-xm"],
+        _ => &[],
+    })
+}
+
+/// pynetdicom C-STORE proposing exactly the file's syntax; shaped like storescu's result.
+fn pynetdicom_store(d: &Daemon, file: &str) -> Output {
+    let out = run(Command::new(python()).args([
+        HELPER,
+        "store",
+        &d.port(),
+        file,
+        "--calling",
+        "STORESCU",
+    ]));
+    let ok = String::from_utf8_lossy(&out.stdout).contains("\"status\": 0,");
+    // Borrow a real exit status with the right success value.
+    let status = Command::new(if ok { "true" } else { "false" })
+        .status()
+        .unwrap();
+    Output { status, ..out }
+}
+
+fn tmp_files(d: &Daemon) -> usize {
+    std::fs::read_dir(d.spool.join(".tmp"))
+        .map(|r| r.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn echo_and_every_transfer_syntax_stored_or_refused_at_negotiation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let echo = echoscu(&d, "ECHOSCU", "CSPINE");
+    assert!(echo.status.success(), "echoscu failed: {}", text(&echo));
+
+    let files_dir = dir.path().join("files");
+    let manifest = helper(&[
+        "make-files",
+        files_dir.to_str().unwrap(),
+        "--dcmtk-bin",
+        dcmtk("echoscu").parent().unwrap().to_str().unwrap(),
+    ]);
+    let files = manifest["files"].as_array().unwrap();
+    let mut stored_syntaxes = std::collections::BTreeSet::new();
+    let mut seen_sops = std::collections::BTreeSet::new();
+    for f in files {
+        let file = f["file"].as_str().unwrap();
+        let ts = f["transfer_syntax"].as_str().unwrap();
+        let expect = f["expect"].as_str().unwrap();
+        let out = match storescu_proposal(ts) {
+            Some(options) => storescu(&d, &[file], options),
+            None => pynetdicom_store(&d, file),
+        };
+        let spooled = d.path_of(f);
+        match expect {
+            // pydicom's MR_small_* variants share one SOP Instance UID: the first one
+            // is stored, the others are duplicates (Success, nothing rewritten).
+            "stored" if !seen_sops.insert(f["sop_instance"].clone().to_string()) => {
+                assert!(
+                    out.status.success(),
+                    "{file} ({ts}) duplicate refused: {}",
+                    text(&out)
+                );
+                assert!(spooled.is_file());
+            }
+            "stored" | "fallback" => {
+                assert!(
+                    out.status.success(),
+                    "{file} ({ts}) not stored: {}",
+                    text(&out)
+                );
+                assert!(
+                    spooled.is_file(),
+                    "{file} ({ts}): {} missing",
+                    spooled.display()
+                );
+                let cmp = helper(&["compare", file, spooled.to_str().unwrap()]);
+                assert_eq!(
+                    cmp["equal"], true,
+                    "{file} ({ts}) stored differently: {cmp}"
+                );
+                assert_eq!(
+                    cmp["source_ae"], "STORESCU",
+                    "calling AE not recorded: {cmp}"
+                );
+                if expect == "stored" {
+                    // Stored exactly in the syntax it was sent in: no re-encoding.
+                    assert_eq!(cmp["stored_ts"], ts, "{file}: {cmp}");
+                    stored_syntaxes.insert(ts.to_string());
+                } else {
+                    assert_ne!(
+                        cmp["stored_ts"], ts,
+                        "{file} should have been converted: {cmp}"
+                    );
+                }
+            }
+            "refused" => {
+                assert!(
+                    !out.status.success(),
+                    "{file} ({ts}) was accepted: {}",
+                    text(&out)
+                );
+                assert!(
+                    text(&out).contains("No Acceptable Presentation Contexts"),
+                    "storescu should report it cannot send {file}: {}",
+                    text(&out)
+                );
+                d.assert_log("refused: none of its transfer syntaxes can be decoded here");
+                assert!(!spooled.exists(), "{file} ({ts}) must not be in the spool");
+            }
+            other => panic!("unknown expectation {other}"),
+        }
+    }
+    // Every syntax we promise to decode was exercised with a real file.
+    for (ts, name) in cspine_triage::dicom::syntax::ACCEPTED_TRANSFER_SYNTAXES {
+        assert!(
+            stored_syntaxes.contains(*ts),
+            "no test file stored in {name} ({ts})"
+        );
+    }
+
+    // Undecodable syntaxes, each proposed alone: refused with "transfer syntaxes not
+    // supported" (result 4), so the SCU knows to fall back; explicit LE as control.
+    let neg = helper(&[
+        "negotiate",
+        &d.port(),
+        "1.2.840.10008.1.2.4.201", // HTJ2K lossless
+        "1.2.840.10008.1.2.4.110", // JPEG XL lossless
+        "1.2.840.10008.1.2.4.100", // MPEG2 MP@ML
+        "1.2.840.10008.1.2.2",     // explicit VR big endian (retired)
+        "1.2.840.10008.1.2.1",
+    ]);
+    let contexts = neg["contexts"].as_array().unwrap();
+    assert_eq!(contexts.len(), 5, "{neg}");
+    let accepted: Vec<_> = contexts.iter().filter(|c| c["accepted"] == true).collect();
+    assert_eq!(accepted.len(), 1, "{neg}");
+    assert_eq!(accepted[0]["transfer_syntax"], "1.2.840.10008.1.2.1");
+    assert!(
+        contexts
+            .iter()
+            .filter(|c| c["accepted"] == false)
+            .all(|c| c["result"] == 4),
+        "refusals must say 'transfer syntaxes not supported': {neg}"
+    );
+
+    // The same instance twice: Success both times, one file.
+    let ct = files
+        .iter()
+        .find(|f| f["file"].as_str().unwrap().ends_with("CT_small.dcm"))
+        .unwrap();
+    let series_dir = d.path_of(ct).parent().unwrap().to_path_buf();
+    let count = || std::fs::read_dir(&series_dir).unwrap().count();
+    let before = (count(), std::fs::read(d.path_of(ct)).unwrap());
+    let again = storescu(&d, &[ct["file"].as_str().unwrap()], &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    d.assert_log("is already in the spool");
+    assert_eq!((count(), std::fs::read(d.path_of(ct)).unwrap()), before);
+    assert_eq!(tmp_files(&d), 0, "temp files left behind");
+}
+
+#[test]
+fn malformed_input_gets_an_error_status_or_abort_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let r = helper(&["bad-stores", &d.port()]);
+    assert_eq!(r["wrong_sop_class"]["status"], 0x0122, "{r}");
+    assert_eq!(r["truncated"]["status"], 0xC000, "{r}");
+    assert_eq!(r["uid_mismatch"]["status"], 0xA900, "{r}");
+    assert_eq!(r["garbage"]["status"], 0xC000, "{r}");
+    // Same association, still usable.
+    assert_eq!(r["good"]["status"], 0, "{r}");
+    assert_eq!(r["echo"], 0, "{r}");
+    d.assert_log("failed with C000");
+
+    for when in ["before", "after"] {
+        let g = helper(&["garbage", &d.port(), when]);
+        assert_eq!(
+            g["reply_type"], 0x07,
+            "garbage {when} association: expected A-ABORT, got {g}"
+        );
+    }
+    d.assert_log("unrecognized PDU");
+    let echo = echoscu(&d, "ECHOSCU", "CSPINE");
+    assert!(
+        echo.status.success(),
+        "daemon stopped serving: {}",
+        text(&echo)
+    );
+    assert_eq!(
+        tmp_files(&d),
+        0,
+        "temp files of refused instances left behind"
+    );
+}
+
+#[test]
+fn unknown_calling_ae_and_wrong_called_ae_are_rejected_with_their_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "allowed_calling_aes = [\"CTSCANNER@127.0.0.1\", \"PACS@127.0.0.2\"]",
+    );
+    let ok = echoscu(&d, "CTSCANNER", "CSPINE");
+    assert!(ok.status.success(), "allowed AE refused: {}", text(&ok));
+
+    let intruder = echoscu(&d, "INTRUDER", "CSPINE");
+    assert!(!intruder.status.success());
+    assert!(
+        text(&intruder).contains("Calling AE Title Not Recognized"),
+        "{}",
+        text(&intruder)
+    );
+    d.assert_log("\"INTRUDER\" is not in dicom.allowed_calling_aes");
+
+    // Known AE, wrong address.
+    let pacs = echoscu(&d, "PACS", "CSPINE");
+    assert!(!pacs.status.success());
+    d.assert_log("\"PACS\" is allowed, but not from address 127.0.0.1");
+
+    let wrong_called = echoscu(&d, "CTSCANNER", "NOTUS");
+    assert!(!wrong_called.status.success());
+    assert!(
+        text(&wrong_called).contains("Called AE Title Not Recognized"),
+        "{}",
+        text(&wrong_called)
+    );
+    d.assert_log("called AE \"NOTUS\" is not ours");
+}
+
+/// A pynetdicom association that stored one file and is held open until dropped.
+struct HeldAssociation {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    answer: Value,
+}
+
+impl HeldAssociation {
+    fn store(d: &Daemon, file: &str) -> HeldAssociation {
+        let mut child = Command::new(python())
+            .args([HELPER, "store", &d.port(), file, "--hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let answer = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("bad helper output {line:?}: {e}"));
+        HeldAssociation {
+            child,
+            stdin,
+            answer,
+        }
+    }
+}
+
+impl Drop for HeldAssociation {
+    fn drop(&mut self) {
+        // Closing stdin makes the helper abort its association and exit.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn ct_small() -> String {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            "from pydicom.data import get_testdata_file as g; print(g('CT_small.dcm'))",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn too_many_associations_get_a_transient_reject() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "max_associations = 1");
+    let held = HeldAssociation::store(&d, &ct_small());
+    assert_eq!(held.answer["status"], 0, "{}", held.answer);
+    let busy = echoscu(&d, "ECHOSCU", "CSPINE");
+    assert!(!busy.status.success());
+    let t = text(&busy);
+    assert!(
+        t.contains("Rejected Transient") && t.contains("Local Limit Exceeded"),
+        "{t}"
+    );
+    d.assert_log("dicom.max_associations");
+    drop(held);
+    // The slot is free again once the held association is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = echoscu(&d, "ECHOSCU", "CSPINE");
+        if ok.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {}", text(&ok));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kill_9_right_after_success_keeps_the_instance_and_restart_reindexes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = ct_small();
+    let mut d = Daemon::start(dir.path(), "");
+    let held = HeldAssociation::store(&d, &file);
+    assert_eq!(held.answer["status"], 0, "{}", held.answer);
+    // Success was answered: kill -9 now, association still open.
+    d.kill9();
+    drop(held);
+    // An interrupted receive leaves a temp file; the restart must drop it.
+    std::fs::write(d.spool.join(".tmp").join("999-1.part"), b"half an instance").unwrap();
+    let spool = d.spool.clone();
+    drop(d);
+
+    let d = Daemon::start(dir.path(), "");
+    let line = d
+        .wait_log("recovered from spool", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("nothing recovered:\n{}", d.log_text()));
+    assert!(line.contains("from PYSCU"), "calling AE lost: {line}");
+    let recovered = cspine_triage::dicom::spool::reindex(&spool).unwrap();
+    assert_eq!(recovered.len(), 1);
+    assert!(recovered[0].path.is_file());
+    assert_eq!(recovered[0].calling_ae, "PYSCU");
+    assert_eq!(tmp_files(&d), 0, "leftover temp file not removed");
+    let cmp = helper(&["compare", &file, recovered[0].path.to_str().unwrap()]);
+    assert_eq!(cmp["equal"], true, "{cmp}");
+    // Sending it again after the restart is idempotent.
+    let again = helper(&["store", &d.port(), &file]);
+    assert_eq!(again["status"], 0, "{again}");
+    d.assert_log("is already in the spool");
+}
+
+#[test]
+fn below_the_free_space_floor_instances_are_refused_with_a700() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 EB floor: no disk has that much free.
+    let d = Daemon::start(dir.path(), "min_free_space_mb = 1000000000000");
+    let r = helper(&["store", &d.port(), &ct_small()]);
+    assert_eq!(r["status"], 0xA700, "{r}");
+    d.assert_log("min_free_space_mb");
+    assert!(
+        cspine_triage::dicom::spool::reindex(&d.spool)
+            .unwrap()
+            .is_empty(),
+        "nothing may be stored below the floor"
+    );
+}
+
+#[test]
+fn silent_peers_are_dropped_by_the_artim_and_idle_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "artim_timeout_secs = 1\nidle_timeout_secs = 1");
+    let started = Instant::now();
+    let idle = helper(&["garbage", &d.port(), "idle"]);
+    assert_eq!(
+        idle["reply_type"], 0x07,
+        "idle association not aborted: {idle}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    d.assert_log("dicom.idle_timeout_secs");
+    // Connected but no A-ASSOCIATE-RQ: closed by the ARTIM timer.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    d.assert_log("no A-ASSOCIATE-RQ within 1 s");
+}
