@@ -286,7 +286,7 @@ fn stored_instances(cases: &[&str]) -> Vec<StoredInstance> {
 async fn assembler_task_emits_the_chosen_series_of_each_study() {
     let config = AssemblyConfig {
         quiet_period_secs: 0.3,
-        study_quiet_period_secs: 0.3,
+        study_quiet_period_secs: None, // = quiet period
         ..Default::default()
     };
     let (in_tx, in_rx) = mpsc::channel(4);

@@ -194,7 +194,7 @@ impl Assembler {
     pub fn poll(&mut self, now: Instant) -> Vec<SeriesJob> {
         let quiet = secs(self.config.quiet_period_secs);
         let max_wait = secs(self.config.max_wait_secs);
-        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
         let extra_bone = self.config.bone_kernels.clone();
         let mut jobs = Vec::new();
@@ -315,7 +315,7 @@ impl Assembler {
     pub fn next_deadline(&self) -> Option<Instant> {
         let quiet = secs(self.config.quiet_period_secs);
         let max_wait = secs(self.config.max_wait_secs);
-        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -535,7 +535,7 @@ mod tests {
         AssemblyConfig {
             quiet_period_secs: 3.0,
             max_wait_secs: 10.0,
-            study_quiet_period_secs: 3.0,
+            study_quiet_period_secs: Some(3.0),
             ..Default::default()
         }
     }
@@ -612,7 +612,7 @@ mod tests {
     #[test]
     fn expected_count_rule_completes_without_waiting() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             expected_count: vec![ExpectedCountRule {
                 calling_ae: Some("SCANNER".into()),
                 station_name: None,
@@ -633,7 +633,7 @@ mod tests {
     #[test]
     fn images_in_acquisition_is_an_expected_count() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             ..config()
         });
         let t0 = Instant::now();
@@ -707,7 +707,7 @@ mod tests {
     #[test]
     fn late_series_after_the_decision_is_built_only_if_better() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             ..config()
         });
         let t0 = Instant::now();
