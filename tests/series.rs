@@ -182,6 +182,16 @@ fn bone_kernel_series_is_chosen_over_soft_tissue() {
 }
 
 #[test]
+fn a_study_falls_back_to_the_next_series_when_the_best_cannot_be_built() {
+    let outcomes = load_series_from_paths(&[case("fallback")]).unwrap();
+    let v = single_volume(outcomes);
+    assert_eq!(
+        v.meta.series_instance_uid,
+        fixtures().1["fallback"]["soft"].as_str().unwrap()
+    );
+}
+
+#[test]
 fn real_files_in_every_transfer_syntax_decode_to_pydicoms_hu() {
     let dir = tempfile::tempdir().unwrap();
     python_fixture("series_reference.py", dir.path());
@@ -276,7 +286,7 @@ fn stored_instances(cases: &[&str]) -> Vec<StoredInstance> {
 async fn assembler_task_emits_the_chosen_series_of_each_study() {
     let config = AssemblyConfig {
         quiet_period_secs: 0.3,
-        study_quiet_period_secs: 0.3,
+        study_quiet_period_secs: None, // = quiet period
         ..Default::default()
     };
     let (in_tx, in_rx) = mpsc::channel(4);

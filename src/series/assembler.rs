@@ -30,7 +30,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::header::InstanceHeader;
-use super::load::build_outcome;
+use super::load::build_best;
 use super::selection::{choose_candidate, filter_series, rank_key, CandidateSummary, Skip};
 use super::{AssemblyConfig, SeriesMeta, SeriesOutcome};
 use crate::dicom::StoredInstance;
@@ -50,6 +50,9 @@ pub struct SeriesJob {
     pub meta: SeriesMeta,
     pub instances: Vec<InstanceHeader>,
     pub completion: Completion,
+    /// Other candidate series of the study, best first: built only if this one cannot be
+    /// (a gap, a corrupt slice), so that the study still gets a result.
+    pub fallbacks: Vec<SeriesJob>,
 }
 
 #[derive(Debug)]
@@ -191,7 +194,7 @@ impl Assembler {
     pub fn poll(&mut self, now: Instant) -> Vec<SeriesJob> {
         let quiet = secs(self.config.quiet_period_secs);
         let max_wait = secs(self.config.max_wait_secs);
-        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
         let extra_bone = self.config.bone_kernels.clone();
         let mut jobs = Vec::new();
@@ -312,7 +315,7 @@ impl Assembler {
     pub fn next_deadline(&self) -> Option<Instant> {
         let quiet = secs(self.config.quiet_period_secs);
         let max_wait = secs(self.config.max_wait_secs);
-        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -378,20 +381,24 @@ fn decide_study(
             CandidateSummary::from_headers(uid, &refs, extra_bone)
         })
         .collect();
-    let (best, choice_skips) = choose_candidate(&summaries, study_uid);
+    let (order, choice_skips) = choose_candidate(&summaries, study_uid);
     skips.extend(choice_skips);
+    let best = order[0];
     log::info!(
         "study {study_uid}: analysing series {} ({})",
         summaries[best].series_instance_uid,
         summaries[best].describe()
     );
     study.chosen = Some(summaries[best].clone());
-    let (series_uid, accepted) = candidates.swap_remove(best);
-    let series = &study.series[&series_uid];
-    (
-        Some(make_job(study_uid, &series_uid, series, accepted)),
-        skips,
-    )
+    let mut slots: Vec<Option<(String, Vec<InstanceHeader>)>> =
+        candidates.into_iter().map(Some).collect();
+    let mut ranked = order.into_iter().map(|i| {
+        let (series_uid, accepted) = slots[i].take().expect("each candidate once");
+        make_job(study_uid, &series_uid, &study.series[&series_uid], accepted)
+    });
+    let mut job = ranked.next().expect("at least one candidate");
+    job.fallbacks = ranked.collect();
+    (Some(job), skips)
 }
 
 fn make_job(
@@ -416,26 +423,28 @@ fn make_job(
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
+        fallbacks: Vec::new(),
     }
 }
 
-/// Builds the volume of a job (blocking: decodes every file).
+/// Builds the volume of a job, or of its first fallback that can be built (blocking:
+/// decodes every file).
 pub fn build_job(job: SeriesJob) -> SeriesOutcome {
+    let completed = OffsetDateTime::now_utc();
     let SeriesJob {
-        mut meta,
+        meta,
         instances,
+        fallbacks,
         ..
     } = job;
-    meta.completed = Some(OffsetDateTime::now_utc());
-    let outcome = build_outcome(instances);
-    // Keep the reception metadata of the association, not the file-derived one.
-    match outcome {
-        SeriesOutcome::Volume(mut v) => {
-            v.meta = meta;
-            SeriesOutcome::Volume(v)
-        }
-        SeriesOutcome::Failed { reason, .. } => SeriesOutcome::Failed { meta, reason },
-    }
+    let ranked = std::iter::once((meta, instances))
+        .chain(fallbacks.into_iter().map(|f| (f.meta, f.instances)))
+        .map(|(mut meta, instances)| {
+            meta.completed = Some(completed);
+            (meta, instances)
+        })
+        .collect();
+    build_best(ranked)
 }
 
 /// Capacity of the queue between assembly and the volume builder (jobs are small: paths
@@ -526,7 +535,7 @@ mod tests {
         AssemblyConfig {
             quiet_period_secs: 3.0,
             max_wait_secs: 10.0,
-            study_quiet_period_secs: 3.0,
+            study_quiet_period_secs: Some(3.0),
             ..Default::default()
         }
     }
@@ -603,7 +612,7 @@ mod tests {
     #[test]
     fn expected_count_rule_completes_without_waiting() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             expected_count: vec![ExpectedCountRule {
                 calling_ae: Some("SCANNER".into()),
                 station_name: None,
@@ -624,7 +633,7 @@ mod tests {
     #[test]
     fn images_in_acquisition_is_an_expected_count() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             ..config()
         });
         let t0 = Instant::now();
@@ -669,6 +678,12 @@ mod tests {
         let jobs = a.poll(t0 + ms(5400));
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.2");
+        let fallbacks: Vec<_> = jobs[0]
+            .fallbacks
+            .iter()
+            .map(|f| f.meta.series_instance_uid.as_str())
+            .collect();
+        assert_eq!(fallbacks, ["1.2.3.1"], "the soft series stays a fallback");
         let skips = a.take_skips();
         let reason = |uid: &str| {
             skips
@@ -692,7 +707,7 @@ mod tests {
     #[test]
     fn late_series_after_the_decision_is_built_only_if_better() {
         let mut a = Assembler::new(AssemblyConfig {
-            study_quiet_period_secs: 0.0,
+            study_quiet_period_secs: Some(0.0),
             ..config()
         });
         let t0 = Instant::now();

@@ -38,9 +38,11 @@ pub struct AssemblyConfig {
     /// ... or at the latest this many seconds after its first instance.
     pub max_wait_secs: f64,
     /// A study's candidate series are compared once the study has been quiet this long
-    /// (0: as soon as all its series are complete). Raise it if your scanner pauses
-    /// between series longer than this; lower it with expected counts for speed.
-    pub study_quiet_period_secs: f64,
+    /// (0: as soon as all its series are complete). Defaults to `quiet_period_secs`.
+    /// Raise it if your scanner pauses between series longer than that; lower it with
+    /// expected counts for speed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub study_quiet_period_secs: Option<f64>,
     /// Use (0020,1002) Images in Acquisition as the expected instance count when present.
     pub use_images_in_acquisition: bool,
     /// Expected instance counts by sender; the first matching rule wins over
@@ -76,7 +78,7 @@ impl Default for AssemblyConfig {
         AssemblyConfig {
             quiet_period_secs: 3.0,
             max_wait_secs: 600.0,
-            study_quiet_period_secs: 3.0,
+            study_quiet_period_secs: None,
             use_images_in_acquisition: true,
             expected_count: Vec::new(),
             bone_kernels: Vec::new(),
@@ -87,6 +89,12 @@ impl Default for AssemblyConfig {
 }
 
 impl AssemblyConfig {
+    /// Effective study quiet period: the configured one, else the series quiet period.
+    pub fn study_quiet_period(&self) -> f64 {
+        self.study_quiet_period_secs
+            .unwrap_or(self.quiet_period_secs)
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.quiet_period_secs > 0.0,
@@ -97,8 +105,7 @@ impl AssemblyConfig {
             "series.max_wait_secs must be >= series.quiet_period_secs"
         );
         ensure!(
-            self.study_quiet_period_secs >= 0.0
-                && self.study_quiet_period_secs <= self.max_wait_secs,
+            (0.0..=self.max_wait_secs).contains(&self.study_quiet_period()),
             "series.study_quiet_period_secs must be between 0 and series.max_wait_secs"
         );
         ensure!(
