@@ -76,6 +76,20 @@ impl Bone {
         self.local_bounds = bb.grow(shift + 0.5);
     }
 
+    /// Patient-space bounds of the intact bone (ignoring fragment displacement),
+    /// so that fractures never change the acquisition geometry.
+    pub fn intact_patient_bounds(&self) -> Aabb {
+        let mut local = Aabb::empty();
+        for p in &self.parts {
+            local = local.union(&p.bounds);
+        }
+        let mut bb = Aabb::empty();
+        for c in local.corners() {
+            bb.include(self.frame.to_patient(c));
+        }
+        bb
+    }
+
     /// Patient-space bounding box.
     pub fn patient_bounds(&self) -> Aabb {
         let mut bb = Aabb::empty();

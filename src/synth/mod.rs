@@ -50,6 +50,9 @@ pub struct SynthArgs {
     /// studies get 1-2 fractures).
     #[arg(long, default_value = "random")]
     pub fracture: String,
+    /// Restrict fractures to one type (only vertebrae that can have it are chosen).
+    #[arg(long, value_enum)]
+    pub fracture_type: Option<fracture::FractureKind>,
     /// Image matrix (rows = columns), 64-1024; default: random 256-512.
     #[arg(long)]
     pub matrix: Option<usize>,
@@ -133,6 +136,7 @@ pub struct Overrides {
     pub transfer_syntax: Option<TransferSyntax>,
     pub noise: Option<f64>,
     pub blur: Option<f64>,
+    pub fracture_type: Option<fracture::FractureKind>,
 }
 
 impl SynthArgs {
@@ -162,6 +166,7 @@ impl SynthArgs {
             transfer_syntax: self.transfer_syntax,
             noise: self.noise,
             blur: self.blur,
+            fracture_type: self.fracture_type,
         })
     }
 }
@@ -169,6 +174,13 @@ impl SynthArgs {
 pub fn run(args: &SynthArgs) -> Result<()> {
     let fracture: FractureRequest = args.fracture.parse()?;
     let overrides = args.overrides()?;
+    if let (Some(kind), FractureRequest::Vertebra(v)) = (overrides.fracture_type, &fracture) {
+        anyhow::ensure!(
+            fracture::kinds_for(&format!("C{v}")).contains(&kind),
+            "--fracture-type {kind:?} is not possible in C{v} (C1 only has ring cracks, \
+             dens fractures are C2 only, compression needs C3-C7)"
+        );
+    }
     let out = &args.out_dir;
     for sub in ["train_images", "segmentations", "ground_truth"] {
         std::fs::create_dir_all(out.join(sub))
@@ -259,6 +271,8 @@ struct GroundTruth<'a> {
     tissue_hu: &'a study::TissueHu,
     noise_sigma_hu: f64,
     blur_sigma_mm: f64,
+    reconstruction_circle: bool,
+    padding_hu: f64,
     soft_tissue: &'a study::SoftTissue,
     lordosis_deg: f64,
     size_scale: f64,
@@ -397,6 +411,8 @@ pub fn generate_study(
         tissue_hu: &study.hu,
         noise_sigma_hu: study.noise_sigma_hu,
         blur_sigma_mm: study.blur_sigma_mm,
+        reconstruction_circle: study.reconstruction_circle,
+        padding_hu: study.encoding.padding_hu(),
         soft_tissue: &study.soft,
         lordosis_deg: study.spine.lordosis_deg,
         size_scale: study.spine.size_scale,
