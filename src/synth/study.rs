@@ -205,7 +205,10 @@ pub fn plan_study(
     // and `--fracture C5` gives the same study apart from the fracture.
     let mut frng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_F4AC_7E5E_ED00);
     let names = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"];
-    let possible = |name: &&str| ov.fracture_type.is_none_or(|k| kinds_for(name).contains(&k));
+    let possible = |name: &&str| {
+        ov.fracture_type
+            .is_none_or(|k| kinds_for(name).contains(&k))
+    };
     let targets: Vec<&str> = match fracture {
         FractureRequest::None => vec![],
         FractureRequest::Vertebra(v) => vec![names[*v - 1]],
