@@ -129,6 +129,11 @@ fn render_plane(
             let dy = (y - soft.centre[1]) / sa[1];
             let rho = (dx * dx + dy * dy).sqrt();
             if rho >= 1.0 {
+                let lx = x - soft.centre[0];
+                let d = y - (soft.table_y + lx * lx / (2.0 * soft.table_radius_mm));
+                if lx.abs() < 230.0 && (0.0..soft.table_thickness_mm).contains(&d) {
+                    hu[r * cols + c] = soft.table_hu as f32;
+                }
                 continue;
             }
             let depth = (1.0 - rho) * sa[0].min(sa[1]);

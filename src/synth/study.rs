@@ -89,6 +89,12 @@ pub struct SoftTissue {
     /// Above this z the head widens the soft tissue; below `shoulder_z` the shoulders do.
     pub head_z: f64,
     pub shoulder_z: f64,
+    /// Patient table under the patient: a curved carbon-fibre shell whose top
+    /// surface is at `table_y + (x - centre.x)^2 / (2 * table_radius_mm)`.
+    pub table_y: f64,
+    pub table_radius_mm: f64,
+    pub table_thickness_mm: f64,
+    pub table_hu: f64,
 }
 
 /// How pixel values are stored (HU = stored * slope + intercept).
@@ -255,6 +261,11 @@ pub fn plan_study(
         airway_offset_mm: rng.gen_range(14.0..20.0),
         head_z: spine.bones[0].frame.origin[2] + 10.0,
         shoulder_z: spine.bones[6].frame.origin[2] - 10.0,
+        // Filled in below, once the table's random draws cannot shift the others.
+        table_y: 0.0,
+        table_radius_mm: 0.0,
+        table_thickness_mm: 0.0,
+        table_hu: 0.0,
     };
 
     // Field of view: the neck is centred within +-20 mm, the spine stays inside.
@@ -392,6 +403,14 @@ pub fn plan_study(
     let blur_sigma_mm = ov.blur.unwrap_or(rng.gen_range(0.3..1.0));
 
     let reconstruction_circle = rng.gen_bool(0.5);
+    // The head rests on the table; the neck hovers a little above it.
+    let soft = SoftTissue {
+        table_y: soft.centre[1] + 1.2 * soft.semi_axes[1] + rng.gen_range(2.0..10.0),
+        table_radius_mm: rng.gen_range(300.0..600.0),
+        table_thickness_mm: rng.gen_range(4.0..9.0),
+        table_hu: rng.gen_range(150.0..350.0),
+        ..soft
+    };
     let year = rng.gen_range(2019..2026);
     let id = Identity {
         patient_id: format!("SYNTH{:08}", seed % 100_000_000),
