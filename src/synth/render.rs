@@ -114,8 +114,8 @@ fn render_plane(
         sa = [sa[0] * (1.0 + 0.25 * t), sa[1] * (1.0 + 0.2 * t)];
     }
     if z < soft.shoulder_z {
-        let t = ((soft.shoulder_z - z) / 40.0).min(1.0);
-        sa = [sa[0] * (1.0 + 0.9 * t), sa[1] * (1.0 + 0.1 * t)];
+        let t = ((soft.shoulder_z - z) / 25.0).min(1.0);
+        sa = [sa[0] * (1.0 + 1.0 * t), sa[1] * (1.0 + 0.35 * t)];
     }
     let spine_c = study.spine.centre_at(z);
     let ar = soft.airway_radius_mm;

@@ -260,7 +260,7 @@ pub fn plan_study(
         airway_radius_mm: rng.gen_range(6.0..10.0),
         airway_offset_mm: rng.gen_range(14.0..20.0),
         head_z: spine.bones[0].frame.origin[2] + 10.0,
-        shoulder_z: spine.bones[6].frame.origin[2] - 10.0,
+        shoulder_z: spine.bones[6].frame.origin[2] + 5.0,
         // Filled in below, once the table's random draws cannot shift the others.
         table_y: 0.0,
         table_radius_mm: 0.0,
