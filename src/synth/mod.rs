@@ -426,3 +426,94 @@ pub fn generate_study(
         labels: flags,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fracture_request_parses_user_spellings() {
+        assert_eq!(
+            "C5".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(5)
+        );
+        assert_eq!(
+            "c1".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(1)
+        );
+        assert_eq!(
+            "None".parse::<FractureRequest>().unwrap(),
+            FractureRequest::None
+        );
+        assert_eq!(
+            "random".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Random
+        );
+        for bad in ["C0", "C8", "T1", "", "5"] {
+            assert!(bad.parse::<FractureRequest>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn study_seeds_differ_per_index_and_run_seed() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..4 {
+            for index in 0..64 {
+                assert!(seen.insert(study::study_seed(seed, index)));
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_strings_fit_dicom_ds() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0 / 3.0,
+            -123.456789012,
+            98765.4321,
+            -1024.0,
+            1e-9,
+        ] {
+            let s = dicom_out::ds(v);
+            assert!(s.len() <= 16, "{s}");
+            let back: f64 = s.parse().unwrap();
+            assert!((back - v).abs() < 1e-5 * v.abs().max(1.0), "{v} -> {s}");
+        }
+        assert_eq!(dicom_out::ds(-0.0), "0");
+        assert_eq!(dicom_out::ds(2.5), "2.5");
+    }
+
+    #[test]
+    fn study_plans_are_deterministic_and_overrides_change_only_themselves() {
+        let ov = Overrides::default();
+        let a = plan_study(3, 42, &FractureRequest::Random, &ov);
+        let b = plan_study(3, 42, &FractureRequest::Random, &ov);
+        assert_eq!(a.id.study_instance_uid, b.id.study_instance_uid);
+        assert_eq!(a.geometry.first_position, b.geometry.first_position);
+        let small = Overrides {
+            matrix: Some(128),
+            ..Overrides::default()
+        };
+        let c = plan_study(3, 42, &FractureRequest::Random, &small);
+        assert_eq!(c.geometry.rows, 128);
+        assert_eq!(a.id.study_instance_uid, c.id.study_instance_uid);
+        assert_eq!(a.spine.lordosis_deg, c.spine.lordosis_deg);
+        assert_eq!(a.fractures, c.fractures);
+    }
+
+    #[test]
+    fn a_fracture_does_not_move_the_acquisition() {
+        let ov = Overrides::default();
+        for index in 0..8 {
+            let none = plan_study(index, 7, &FractureRequest::None, &ov);
+            for v in 1..=7 {
+                let f = plan_study(index, 7, &FractureRequest::Vertebra(v), &ov);
+                assert_eq!(f.fractures.len(), 1);
+                assert_eq!(f.fractures[0].0, format!("C{v}"));
+                assert_eq!(f.geometry.first_position, none.geometry.first_position);
+                assert_eq!(f.geometry.slices, none.geometry.slices);
+            }
+        }
+    }
+}
