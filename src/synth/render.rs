@@ -41,7 +41,10 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
     let ps = g.pixel_spacing_mm;
     let ipp = g.position(k);
     let mut labels = vec![0u8; rows * cols];
-    let mut hu = render_plane(study, ipp, Some((&mut labels, stats)));
+    // Soft tissue changes slowly along z: one image serves every sub-plane.
+    let soft = soft_tissue(study, ipp);
+    let mut hu = soft.clone();
+    draw_bones(study, ipp, &mut hu, Some((&mut labels, stats)));
     let n = sub_planes(g.slice_thickness_mm);
     if n > 1 {
         for i in 0..n {
@@ -49,7 +52,8 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
             if i == n / 2 {
                 continue; // the centre plane, already rendered
             }
-            let plane = render_plane(study, [ipp[0], ipp[1], ipp[2] + off], None);
+            let mut plane = soft.clone();
+            draw_bones(study, [ipp[0], ipp[1], ipp[2] + off], &mut plane, None);
             for (h, p) in hu.iter_mut().zip(&plane) {
                 *h += p;
             }
@@ -89,13 +93,9 @@ pub fn sub_planes(thickness: f64) -> usize {
     n | 1
 }
 
-/// HU of the plane at patient height `ipp[2]` (pixel (0, 0) at `ipp`), unblurred,
-/// without noise; fills `labels` and `stats` when given.
-fn render_plane(
-    study: &Study,
-    ipp: [f64; 3],
-    mut labels: Option<(&mut Vec<u8>, &mut LabelStats)>,
-) -> Vec<f32> {
+/// Soft tissue, airway and table of the plane at patient height `ipp[2]`
+/// (pixel (0, 0) at `ipp`), unblurred, without noise.
+fn soft_tissue(study: &Study, ipp: [f64; 3]) -> Vec<f32> {
     let g = &study.geometry;
     let (rows, cols) = (g.rows, g.columns);
     let ps = g.pixel_spacing_mm;
@@ -153,7 +153,25 @@ fn render_plane(
         }
     }
 
-    // Discs, then bones on top.
+    hu
+}
+
+/// Draws discs, then bones over them, into `hu` for the plane at `ipp[2]`;
+/// fills `labels` and `stats` when given.
+fn draw_bones(
+    study: &Study,
+    ipp: [f64; 3],
+    hu: &mut [f32],
+    mut labels: Option<(&mut Vec<u8>, &mut LabelStats)>,
+) {
+    let g = &study.geometry;
+    let (rows, cols) = (g.rows, g.columns);
+    let ps = g.pixel_spacing_mm;
+    let z = ipp[2];
+    let rowdir_x = g.row_direction()[0];
+    let hu_t = &study.hu;
+    let px = |c: usize| ipp[0] + c as f64 * ps * rowdir_x;
+    let py = |r: usize| ipp[1] + r as f64 * ps;
     for disc in &study.spine.discs {
         let bb = disc.patient_bounds();
         if z < bb.min[2] || z > bb.max[2] {
@@ -203,8 +221,6 @@ fn render_plane(
             }
         }
     }
-
-    hu
 }
 
 /// Separable Gaussian blur with edge clamping; `sigma` in pixels.
@@ -212,31 +228,48 @@ fn gaussian_blur(img: &mut [f32], rows: usize, cols: usize, sigma: f64) {
     if sigma < 0.05 {
         return;
     }
-    let radius = (3.0 * sigma).ceil() as isize;
-    let mut kernel: Vec<f32> = (-radius..=radius)
-        .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
+    let radius = ((3.0 * sigma).ceil() as usize)
+        .min(rows.min(cols) / 2)
+        .max(1);
+    let mut kernel: Vec<f32> = (0..=radius)
+        .map(|i| (-((i * i) as f64) / (2.0 * sigma * sigma)).exp() as f32)
         .collect();
-    let sum: f32 = kernel.iter().sum();
+    let sum: f32 = kernel[0] + 2.0 * kernel[1..].iter().sum::<f32>();
     kernel.iter_mut().for_each(|k| *k /= sum);
+    // Rows, then columns (via a transposed copy, so both passes stream memory).
     let mut tmp = vec![0f32; img.len()];
-    let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
+    let mut line = vec![0f32; rows.max(cols) + 2 * radius];
     for r in 0..rows {
-        let row = &img[r * cols..(r + 1) * cols];
-        for c in 0..cols {
-            let mut acc = 0.0;
-            for (j, w) in kernel.iter().enumerate() {
-                acc += w * row[clamp(c as isize + j as isize - radius, cols)];
-            }
-            tmp[r * cols + c] = acc;
-        }
+        blur_line(
+            &img[r * cols..(r + 1) * cols],
+            &mut line,
+            &kernel,
+            |c, v| tmp[c * rows + r] = v,
+        );
     }
-    for r in 0..rows {
-        for c in 0..cols {
-            let mut acc = 0.0;
-            for (j, w) in kernel.iter().enumerate() {
-                acc += w * tmp[clamp(r as isize + j as isize - radius, rows) * cols + c];
-            }
-            img[r * cols + c] = acc;
+    for c in 0..cols {
+        blur_line(
+            &tmp[c * rows..(c + 1) * rows],
+            &mut line,
+            &kernel,
+            |r, v| img[r * cols + c] = v,
+        );
+    }
+}
+
+/// Convolves one line with a symmetric kernel (`kernel[0]` centre), edges clamped.
+fn blur_line(src: &[f32], padded: &mut [f32], kernel: &[f32], mut out: impl FnMut(usize, f32)) {
+    let (n, radius) = (src.len(), kernel.len() - 1);
+    let padded = &mut padded[..n + 2 * radius];
+    padded[..radius].fill(src[0]);
+    padded[radius..radius + n].copy_from_slice(src);
+    padded[radius + n..].fill(src[n - 1]);
+    for i in 0..n {
+        let centre = i + radius;
+        let mut acc = kernel[0] * padded[centre];
+        for (j, w) in kernel.iter().enumerate().skip(1) {
+            acc += w * (padded[centre - j] + padded[centre + j]);
         }
+        out(i, acc);
     }
 }
