@@ -253,3 +253,32 @@ fn impossible_fracture_type_is_a_clear_error() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("not possible in C1"), "{err}");
 }
+
+#[test]
+fn existing_set_needs_append_and_append_extends_it() {
+    let out = tempfile::tempdir().unwrap();
+    synth(
+        out.path(),
+        &["--seed", "2", "--matrix", "96", "--fracture", "C3"],
+    );
+    let output = Command::new(bin())
+        .args(["synth", out.path().to_str().unwrap(), "--seed", "2"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "overwrote an existing set");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--append"), "{err}");
+    synth(
+        out.path(),
+        &["--seed", "2", "--matrix", "96", "--fracture", "none"]
+            .iter()
+            .chain(&["--append", "--first-index", "1"])
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    let rows = train_csv(out.path());
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0][4], "1", "{rows:?}"); // C3 of the first study
+    assert_eq!(rows[1][1], "0", "{rows:?}");
+    python_check(out.path());
+}

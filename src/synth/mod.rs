@@ -74,6 +74,9 @@ pub struct SynthArgs {
     /// Index of the first study (to extend a set or generate one study of it).
     #[arg(long, default_value_t = 0)]
     pub first_index: usize,
+    /// Add to an existing set in OUT_DIR (train.csv rows are kept, same UIDs replaced).
+    #[arg(long)]
+    pub append: bool,
     /// Worker threads per study; default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -182,6 +185,19 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         );
     }
     let out = &args.out_dir;
+    let csv_path = out.join("train.csv");
+    let mut rows: Vec<String> = Vec::new();
+    if csv_path.exists() {
+        anyhow::ensure!(
+            args.append,
+            "{} already holds a phantom set; use an empty directory, or --append to add \
+             studies to it (with --first-index past the existing ones)",
+            out.display()
+        );
+        let text = std::fs::read_to_string(&csv_path)
+            .with_context(|| format!("cannot read {}", csv_path.display()))?;
+        rows.extend(text.lines().skip(1).map(str::to_string));
+    }
     for sub in ["train_images", "segmentations", "ground_truth"] {
         std::fs::create_dir_all(out.join(sub))
             .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
@@ -190,19 +206,19 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let mut csv = String::from("StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n");
     for index in args.first_index..args.first_index + args.count {
         let t0 = Instant::now();
         let study = plan_study(index, args.seed, &fracture, &overrides);
         let truth = generate_study(&study, args.seed, out, threads)?;
-        let flags = truth.labels;
-        let _ = writeln!(
-            csv,
-            "{},{},{}",
-            study.id.study_instance_uid,
+        let uid = &study.id.study_instance_uid;
+        rows.retain(|r| r.split(',').next() != Some(uid.as_str()));
+        rows.push(format!(
+            "{uid},{},{}",
             truth.patient_overall,
-            flags.map(|f| f.to_string()).join(",")
-        );
+            truth.labels.map(|f| f.to_string()).join(",")
+        ));
+        // Rewritten after every study, so an interrupted run leaves a usable set.
+        write_csv(&csv_path, &rows)?;
         log::info!(
             "study {index}: {} slices {}x{} in {:.1} s, fractures {:?}",
             study.geometry.slices,
@@ -212,9 +228,18 @@ pub fn run(args: &SynthArgs) -> Result<()> {
             study.fractures
         );
     }
-    let csv_path = out.join("train.csv");
-    std::fs::write(&csv_path, csv)
-        .with_context(|| format!("cannot write {}", csv_path.display()))?;
+    write_csv(&csv_path, &rows)
+}
+
+/// Writes train.csv atomically (temporary file, then rename).
+fn write_csv(path: &Path, rows: &[String]) -> Result<()> {
+    let mut text = String::from("StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n");
+    for r in rows {
+        let _ = writeln!(text, "{r}");
+    }
+    let tmp = path.with_extension("csv.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
