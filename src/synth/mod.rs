@@ -11,6 +11,24 @@
 //! OUT/ground_truth/<StudyInstanceUID>.json       every parameter that matters
 //! ```
 //!
+//! Conventions:
+//! - Patient coordinates are DICOM LPS (mm). Axial slices, head-first or feet-first
+//!   supine (ImageOrientationPatient `1\0\0\0\1\0` or `-1\0\0\0\1\0`); InstanceNumber runs
+//!   head-to-feet or feet-to-head at random. HU = stored * RescaleSlope + RescaleIntercept.
+//! - Mask `m = nib.load(p).get_fdata()[:, ::-1, ::-1].transpose(2, 1, 0)` gives
+//!   `m[InstanceNumber - 1, row, column]` (the RSNA 2022 loader), see [`nifti`].
+//!   Fracture gaps inside a vertebra keep its label; ribs, clavicles and skull are 0.
+//! - Deterministic: a study depends only on (seed, study index) and the overrides;
+//!   an override (`--matrix`, `--noise`, ...) changes only itself, and the fracture
+//!   draws use their own stream, so `--fracture none` and `--fracture C5` with the same
+//!   seed give the same study apart from the fracture (used by the visibility test).
+//! - Fractures (see [`fracture`]): lucent body crack (gap 2-4 mm), the same displaced
+//!   by 1-4 mm, anterior wedge compression (20-50 % height loss), lamina crack, C1 ring
+//!   crack, dens fracture at its base. Near-axial gaps are at least 3 mm and 1.5 source
+//!   slice spacings, so they survive the model's 2 mm resampling.
+//! - Transfer syntaxes: explicit and implicit VR little endian, deflated explicit VR
+//!   little endian (dicom-rs 0.10 has a deflate writer; it has no RLE encoder).
+//!
 //! Modules: [`study`] draws every random choice of a study from its seed,
 //! [`anatomy`] / [`shape`] / [`fracture`] describe the bones as implicit solids,
 //! [`render`] rasterises slices, [`dicom_out`] and [`nifti`] write files.
