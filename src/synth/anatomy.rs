@@ -196,6 +196,10 @@ pub struct Spine {
     /// Total lordosis C2-C7 in degrees (ground truth).
     pub lordosis_deg: f64,
     pub size_scale: f64,
+    /// Degenerative changes (confounders, not fractures): narrowed discs ("C5-C6")
+    /// and vertebrae with anterior osteophytes.
+    pub narrowed_discs: Vec<String>,
+    pub osteophytes: Vec<String>,
 }
 
 impl Spine {
@@ -250,7 +254,14 @@ pub fn build_spine(rng: &mut ChaCha8Rng, cortex: f64) -> Spine {
             h: jitter(rng, m[2] * s, 0.06) / 2.0,
         })
         .collect();
-    let discs: Vec<f64> = (0..7).map(|_| rng.gen_range(4.0..6.5) * s).collect();
+    let mut discs: Vec<f64> = (0..7).map(|_| rng.gen_range(4.0..6.5) * s).collect();
+    let mut narrowed_discs = Vec::new();
+    for (i, d) in discs.iter_mut().enumerate() {
+        if rng.gen_bool(0.12) {
+            *d *= rng.gen_range(0.35..0.6);
+            narrowed_discs.push(format!("{}-{}", VERTEBRAE[i + 1], VERTEBRAE[i + 2]));
+        }
+    }
 
     // Arc-length positions of body centres from T2 (s = 0) upwards.
     let mut arc = vec![0.0; 8];
@@ -318,6 +329,29 @@ pub fn build_spine(rng: &mut ChaCha8Rng, cortex: f64) -> Spine {
         bones.push(build_subaxial(
             rng, name, label, frames[i], dims[i], s, i, cortex,
         ));
+    }
+    // Anterior osteophytes on some C3-C7 bodies: bony spurs at the endplate corners.
+    let mut osteophytes = Vec::new();
+    for (bone, d) in bones[2..7].iter_mut().zip(&dims[1..6]) {
+        if !rng.gen_bool(0.15) {
+            continue;
+        }
+        for end in [-1.0, 1.0] {
+            if rng.gen_bool(0.7) {
+                bone.parts.push(Part::new(
+                    Shape::Ellipsoid {
+                        c: [rng.gen_range(-2.0..2.0), -d.b - 0.5, end * (d.h - 0.8)],
+                        r: [
+                            rng.gen_range(3.0..5.0),
+                            rng.gen_range(1.5..3.0),
+                            rng.gen_range(1.5..3.0),
+                        ],
+                    },
+                    Group::Body,
+                ));
+            }
+        }
+        osteophytes.push(bone.name.clone());
     }
 
     // Discs C2-C3 .. T1-T2.
@@ -399,6 +433,8 @@ pub fn build_spine(rng: &mut ChaCha8Rng, cortex: f64) -> Spine {
         centreline,
         lordosis_deg,
         size_scale: s,
+        narrowed_discs,
+        osteophytes,
     };
     // Put the C4 body centre at the origin.
     let c4 = spine.bones[3].frame.origin;

@@ -319,6 +319,8 @@ struct GroundTruth<'a> {
     soft_tissue: &'a study::SoftTissue,
     lordosis_deg: f64,
     size_scale: f64,
+    narrowed_discs: &'a [String],
+    osteophytes: &'a [String],
 }
 
 /// What the caller needs for train.csv.
@@ -459,6 +461,8 @@ pub fn generate_study(
         soft_tissue: &study.soft,
         lordosis_deg: study.spine.lordosis_deg,
         size_scale: study.spine.size_scale,
+        narrowed_discs: &study.spine.narrowed_discs,
+        osteophytes: &study.spine.osteophytes,
     };
     let json_path = out.join("ground_truth").join(format!("{uid}.json"));
     let text = serde_json::to_string_pretty(&truth)?;
