@@ -148,10 +148,13 @@ pub fn write_slice(study: &Study, k: usize, pixels: Vec<u16>, path: &Path) -> Re
         str_el(tags::RESCALE_SLOPE, VR::DS, &ds(e.rescale_slope)),
         str_el(tags::RESCALE_TYPE, VR::LO, "HU"),
     ]);
+    // Little-endian bytes of the 16-bit samples: written as-is, much faster than
+    // encoding each u16 (all our transfer syntaxes are little endian).
+    let bytes: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
     obj.put(DataElement::new(
         tags::PIXEL_DATA,
         VR::OW,
-        PrimitiveValue::U16(pixels.into()),
+        PrimitiveValue::U8(bytes.into()),
     ));
     let file = obj
         .with_meta(

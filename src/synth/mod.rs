@@ -11,6 +11,24 @@
 //! OUT/ground_truth/<StudyInstanceUID>.json       every parameter that matters
 //! ```
 //!
+//! Conventions:
+//! - Patient coordinates are DICOM LPS (mm). Axial slices, head-first or feet-first
+//!   supine (ImageOrientationPatient `1\0\0\0\1\0` or `-1\0\0\0\1\0`); InstanceNumber runs
+//!   head-to-feet or feet-to-head at random. HU = stored * RescaleSlope + RescaleIntercept.
+//! - Mask `m = nib.load(p).get_fdata()[:, ::-1, ::-1].transpose(2, 1, 0)` gives
+//!   `m[InstanceNumber - 1, row, column]` (the RSNA 2022 loader), see [`nifti`].
+//!   Fracture gaps inside a vertebra keep its label; ribs, clavicles and skull are 0.
+//! - Deterministic: a study depends only on (seed, study index) and the overrides;
+//!   an override (`--matrix`, `--noise`, ...) changes only itself, and the fracture
+//!   draws use their own stream, so `--fracture none` and `--fracture C5` with the same
+//!   seed give the same study apart from the fracture (used by the visibility test).
+//! - Fractures (see [`fracture`]): lucent body crack (gap 2-4 mm), the same displaced
+//!   by 1-4 mm, anterior wedge compression (20-50 % height loss), lamina crack, C1 ring
+//!   crack, dens fracture at its base. Near-axial gaps are at least 3 mm and 1.5 source
+//!   slice spacings, so they survive the model's 2 mm resampling.
+//! - Transfer syntaxes: explicit and implicit VR little endian, deflated explicit VR
+//!   little endian (dicom-rs 0.10 has a deflate writer; it has no RLE encoder).
+//!
 //! Modules: [`study`] draws every random choice of a study from its seed,
 //! [`anatomy`] / [`shape`] / [`fracture`] describe the bones as implicit solids,
 //! [`render`] rasterises slices, [`dicom_out`] and [`nifti`] write files.
@@ -50,6 +68,9 @@ pub struct SynthArgs {
     /// studies get 1-2 fractures).
     #[arg(long, default_value = "random")]
     pub fracture: String,
+    /// Restrict fractures to one type (only vertebrae that can have it are chosen).
+    #[arg(long, value_enum)]
+    pub fracture_type: Option<fracture::FractureKind>,
     /// Image matrix (rows = columns), 64-1024; default: random 256-512.
     #[arg(long)]
     pub matrix: Option<usize>,
@@ -71,6 +92,9 @@ pub struct SynthArgs {
     /// Index of the first study (to extend a set or generate one study of it).
     #[arg(long, default_value_t = 0)]
     pub first_index: usize,
+    /// Add to an existing set in OUT_DIR (train.csv rows are kept, same UIDs replaced).
+    #[arg(long)]
+    pub append: bool,
     /// Worker threads per study; default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -133,6 +157,7 @@ pub struct Overrides {
     pub transfer_syntax: Option<TransferSyntax>,
     pub noise: Option<f64>,
     pub blur: Option<f64>,
+    pub fracture_type: Option<fracture::FractureKind>,
 }
 
 impl SynthArgs {
@@ -162,6 +187,7 @@ impl SynthArgs {
             transfer_syntax: self.transfer_syntax,
             noise: self.noise,
             blur: self.blur,
+            fracture_type: self.fracture_type,
         })
     }
 }
@@ -169,7 +195,27 @@ impl SynthArgs {
 pub fn run(args: &SynthArgs) -> Result<()> {
     let fracture: FractureRequest = args.fracture.parse()?;
     let overrides = args.overrides()?;
+    if let (Some(kind), FractureRequest::Vertebra(v)) = (overrides.fracture_type, &fracture) {
+        anyhow::ensure!(
+            fracture::kinds_for(&format!("C{v}")).contains(&kind),
+            "--fracture-type {kind:?} is not possible in C{v} (C1 only has ring cracks, \
+             dens fractures are C2 only, compression needs C3-C7)"
+        );
+    }
     let out = &args.out_dir;
+    let csv_path = out.join("train.csv");
+    let mut rows: Vec<String> = Vec::new();
+    if csv_path.exists() {
+        anyhow::ensure!(
+            args.append,
+            "{} already holds a phantom set; use an empty directory, or --append to add \
+             studies to it (with --first-index past the existing ones)",
+            out.display()
+        );
+        let text = std::fs::read_to_string(&csv_path)
+            .with_context(|| format!("cannot read {}", csv_path.display()))?;
+        rows.extend(text.lines().skip(1).map(str::to_string));
+    }
     for sub in ["train_images", "segmentations", "ground_truth"] {
         std::fs::create_dir_all(out.join(sub))
             .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
@@ -178,19 +224,19 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let mut csv = String::from("StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n");
     for index in args.first_index..args.first_index + args.count {
         let t0 = Instant::now();
         let study = plan_study(index, args.seed, &fracture, &overrides);
         let truth = generate_study(&study, args.seed, out, threads)?;
-        let flags = truth.labels;
-        let _ = writeln!(
-            csv,
-            "{},{},{}",
-            study.id.study_instance_uid,
+        let uid = &study.id.study_instance_uid;
+        rows.retain(|r| r.split(',').next() != Some(uid.as_str()));
+        rows.push(format!(
+            "{uid},{},{}",
             truth.patient_overall,
-            flags.map(|f| f.to_string()).join(",")
-        );
+            truth.labels.map(|f| f.to_string()).join(",")
+        ));
+        // Rewritten after every study, so an interrupted run leaves a usable set.
+        write_csv(&csv_path, &rows)?;
         log::info!(
             "study {index}: {} slices {}x{} in {:.1} s, fractures {:?}",
             study.geometry.slices,
@@ -200,9 +246,18 @@ pub fn run(args: &SynthArgs) -> Result<()> {
             study.fractures
         );
     }
-    let csv_path = out.join("train.csv");
-    std::fs::write(&csv_path, csv)
-        .with_context(|| format!("cannot write {}", csv_path.display()))?;
+    write_csv(&csv_path, &rows)
+}
+
+/// Writes train.csv atomically (temporary file, then rename).
+fn write_csv(path: &Path, rows: &[String]) -> Result<()> {
+    let mut text = String::from("StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n");
+    for r in rows {
+        let _ = writeln!(text, "{r}");
+    }
+    let tmp = path.with_extension("csv.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -259,9 +314,13 @@ struct GroundTruth<'a> {
     tissue_hu: &'a study::TissueHu,
     noise_sigma_hu: f64,
     blur_sigma_mm: f64,
+    reconstruction_circle: bool,
+    padding_hu: f64,
     soft_tissue: &'a study::SoftTissue,
     lordosis_deg: f64,
     size_scale: f64,
+    narrowed_discs: &'a [String],
+    osteophytes: &'a [String],
 }
 
 /// What the caller needs for train.csv.
@@ -397,9 +456,13 @@ pub fn generate_study(
         tissue_hu: &study.hu,
         noise_sigma_hu: study.noise_sigma_hu,
         blur_sigma_mm: study.blur_sigma_mm,
+        reconstruction_circle: study.reconstruction_circle,
+        padding_hu: study.encoding.padding_hu(),
         soft_tissue: &study.soft,
         lordosis_deg: study.spine.lordosis_deg,
         size_scale: study.spine.size_scale,
+        narrowed_discs: &study.spine.narrowed_discs,
+        osteophytes: &study.spine.osteophytes,
     };
     let json_path = out.join("ground_truth").join(format!("{uid}.json"));
     let text = serde_json::to_string_pretty(&truth)?;
@@ -409,4 +472,95 @@ pub fn generate_study(
         patient_overall,
         labels: flags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fracture_request_parses_user_spellings() {
+        assert_eq!(
+            "C5".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(5)
+        );
+        assert_eq!(
+            "c1".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(1)
+        );
+        assert_eq!(
+            "None".parse::<FractureRequest>().unwrap(),
+            FractureRequest::None
+        );
+        assert_eq!(
+            "random".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Random
+        );
+        for bad in ["C0", "C8", "T1", "", "5"] {
+            assert!(bad.parse::<FractureRequest>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn study_seeds_differ_per_index_and_run_seed() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..4 {
+            for index in 0..64 {
+                assert!(seen.insert(study::study_seed(seed, index)));
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_strings_fit_dicom_ds() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0 / 3.0,
+            -123.456789012,
+            98765.4321,
+            -1024.0,
+            1e-9,
+        ] {
+            let s = dicom_out::ds(v);
+            assert!(s.len() <= 16, "{s}");
+            let back: f64 = s.parse().unwrap();
+            assert!((back - v).abs() < 1e-5 * v.abs().max(1.0), "{v} -> {s}");
+        }
+        assert_eq!(dicom_out::ds(-0.0), "0");
+        assert_eq!(dicom_out::ds(2.5), "2.5");
+    }
+
+    #[test]
+    fn study_plans_are_deterministic_and_overrides_change_only_themselves() {
+        let ov = Overrides::default();
+        let a = plan_study(3, 42, &FractureRequest::Random, &ov);
+        let b = plan_study(3, 42, &FractureRequest::Random, &ov);
+        assert_eq!(a.id.study_instance_uid, b.id.study_instance_uid);
+        assert_eq!(a.geometry.first_position, b.geometry.first_position);
+        let small = Overrides {
+            matrix: Some(128),
+            ..Overrides::default()
+        };
+        let c = plan_study(3, 42, &FractureRequest::Random, &small);
+        assert_eq!(c.geometry.rows, 128);
+        assert_eq!(a.id.study_instance_uid, c.id.study_instance_uid);
+        assert_eq!(a.spine.lordosis_deg, c.spine.lordosis_deg);
+        assert_eq!(a.fractures, c.fractures);
+    }
+
+    #[test]
+    fn a_fracture_does_not_move_the_acquisition() {
+        let ov = Overrides::default();
+        for index in 0..8 {
+            let none = plan_study(index, 7, &FractureRequest::None, &ov);
+            for v in 1..=7 {
+                let f = plan_study(index, 7, &FractureRequest::Vertebra(v), &ov);
+                assert_eq!(f.fractures.len(), 1);
+                assert_eq!(f.fractures[0].0, format!("C{v}"));
+                assert_eq!(f.geometry.first_position, none.geometry.first_position);
+                assert_eq!(f.geometry.slices, none.geometry.slices);
+            }
+        }
+    }
 }
