@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 import preprocess as pp
-from contract import VERTEBRAE, write_model_json
+from contract import VERSION, VERTEBRAE, write_model_json
 from data import read_train_csv
 from metrics import choose_threshold, summary
 
@@ -78,7 +78,7 @@ def main():
         tp = choose_threshold(y[:, 0], p[:, 0], args.min_sens)
         tv = {v: choose_threshold(y[:, 1 + i], p[:, 1 + i], args.min_sens) for i, v in enumerate(VERTEBRAE)}
         onnx_path = args.contract.parent / contract["onnx"]
-        contract = write_model_json(onnx_path, args.contract, tp, tv, version=contract["version"])
+        contract = write_model_json(onnx_path, args.contract, tp, tv, version=VERSION)
         print(f"thresholds (validation, sensitivity >= {args.min_sens}): patient {tp:.4f}, vertebrae {tv}")
     tp = contract["thresholds"]["patient"]
     tv = [contract["thresholds"]["vertebrae"][v] for v in VERTEBRAE]
