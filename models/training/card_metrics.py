@@ -11,6 +11,17 @@ import sys
 from pathlib import Path
 
 
+def finite(x):
+    """NaN (an AUC with one class only) is not JSON: write null."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
 def main():
     test_eval, prune_report, out = map(Path, sys.argv[1:4])
     ev = json.loads(test_eval.read_text())
@@ -30,7 +41,7 @@ def main():
         "mean_vertebra": doc["fp32"]["mean_vertebra_auc"] - doc["int8"]["mean_vertebra_auc"],
         "patient_vs_pruned_fp32": doc["pruned"]["patient_auc"] - doc["int8"]["patient_auc"],
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out.write_text(json.dumps(finite(doc), indent=2) + "\n")
     print(json.dumps({k: doc[k] for k in ("int8_auc_loss",)}, indent=2))
 
 

@@ -26,6 +26,17 @@ from data import read_train_csv
 from metrics import choose_threshold, summary
 
 
+def finite(x):
+    """NaN (an AUC with one class only) is not JSON: write null."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
 def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
@@ -94,7 +105,7 @@ def main():
               f"vertebra sens/spec {m['vertebra_sens']:.3f}/{m['vertebra_spec']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps(finite(results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
-    parts["loss"] = float(loss)
+    parts["loss"] = float(loss.detach())
     return parts
 
 
