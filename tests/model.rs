@@ -8,7 +8,10 @@
 //!    docs/model-contract.md says and run through tract; its patient AUC must be within
 //!    2.5 standard errors (Hanley-McNeil, from the set's class counts) of the card's
 //!    (`models/metrics.json`).
-//! 3. `tract_latency` (ignored: timing, not a check): prints tract latency per study.
+//! 3. `preprocessing_matches_python_reference`: the fixture input was made by
+//!    `models/training/preprocess.py` from study 0 of `synth --seed 3000 --matrix 256`; the
+//!    same study regenerated and preprocessed here must give the same numbers.
+//! 4. `tract_latency` (ignored: timing, not a check): prints tract latency per study.
 
 use std::path::{Path, PathBuf};
 
@@ -444,6 +447,48 @@ fn heldout_patient_auc_matches_model_card() -> Result<()> {
     ensure!(
         (got - card_auc).abs() <= tol,
         "patient AUC {got:.4} is not within {tol:.3} of the model card's {card_auc:.4}"
+    );
+    Ok(())
+}
+
+#[test]
+fn preprocessing_matches_python_reference() -> Result<()> {
+    let dir = models_dir();
+    let contract: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.json"))?)?;
+    let out = tempfile::tempdir()?;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cspine-triage"))
+        .arg("synth")
+        .arg(out.path())
+        .args(["--count", "1", "--seed", "3000", "--matrix", "256"])
+        .status()
+        .context("running cspine-triage synth")?;
+    ensure!(status.success(), "cspine-triage synth failed: {status}");
+    let csv = std::fs::read_to_string(out.path().join("train.csv"))?;
+    let uid = csv
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split(',').next())
+        .context("train.csv")?;
+    let vol = load_series(&out.path().join("train_images").join(uid))?;
+    let (s, x) = preprocess(&vol, &contract)?;
+    let (shape, want) = read_npy_f32(&dir.join("fixtures").join("input.npy"))?;
+    // make_fixtures.py keeps the `n` middle model slices: start = (S - n) / 2.
+    let n = shape[0];
+    ensure!(s >= n, "study has {s} model slices, fixture {n}");
+    let plane = 3 * 128 * 128;
+    let start = (s - n) / 2;
+    let got = &x[start * plane..(start + n) * plane];
+    let max_abs = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("preprocessing vs preprocess.py: S={s}, max |diff| {max_abs:.2e} over {n} slices");
+    // Both interpolate in f64 and round once to f32: differences are float rounding only.
+    ensure!(
+        max_abs <= 1e-5,
+        "preprocessing differs from preprocess.py by {max_abs}"
     );
     Ok(())
 }
