@@ -239,7 +239,7 @@ fn preprocess(v: &Volume, contract: &serde_json::Value) -> Result<(usize, Vec<f3
     let (center, width, pad) = (f("/window/center")?, f("/window/width")?, f("/pad_hu")?);
     let max_slices = f("/max_slices")? as usize;
     let (h, w) = (f("/height")? as usize, f("/width")? as usize);
-    let [kn, rn, cn] = v.dims;
+    let [_, rn, cn] = v.dims;
     let n = cross(v.row_cos, v.col_cos);
     // Slice centres; (cx, cy) from the first slice.
     let centre = |p: [f64; 3]| -> [f64; 3] {
@@ -297,7 +297,6 @@ fn preprocess(v: &Volume, contract: &serde_json::Value) -> Result<(usize, Vec<f3
                 .copy_from_slice(&win[src * plane..(src + 1) * plane]);
         }
     }
-    let _ = kn;
     Ok((s, x))
 }
 
@@ -316,9 +315,7 @@ fn sample(v: &Volume, ds: &[f64], d: f64, si: f64, sj: f64) -> Option<f64> {
         return None;
     }
     // piecewise-linear inverse of the slice positions (np.interp)
-    let sk = if kn == 1 {
-        0.0
-    } else if d <= ds[0] {
+    let sk = if kn == 1 || d <= ds[0] {
         0.0
     } else if d >= ds[kn - 1] {
         (kn - 1) as f64
