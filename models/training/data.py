@@ -79,10 +79,15 @@ def _cache_one(args) -> str:
     return uid
 
 
-def load_dataset(root: str | Path, cache: str | Path, workers: int = 2, limit: int | None = None) -> list[Study]:
+def load_dataset(
+    root: str | Path, cache: str | Path, workers: int = 2, limit: int | None = None, cached_only: bool = False
+) -> list[Study]:
+    """All studies of `root` (cached first), or with `cached_only` just those already cached."""
     root, cache = Path(root), Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = read_train_csv(root)[:limit]
+    if cached_only:
+        rows = [r for r in rows if (cache / f"{r[0]}.npz").exists()]
     jobs = [(root, uid, lab, cache) for uid, lab in rows]
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:

@@ -164,11 +164,13 @@ def _trilinear(vol: np.ndarray, k, i, j, inside, pad: float) -> np.ndarray:
     i0, fi = split(i, rn)
     j0, fj = split(j, cn)
     k1, i1, j1 = np.minimum(k0 + 1, kn - 1), np.minimum(i0 + 1, rn - 1), np.minimum(j0 + 1, cn - 1)
-    v = vol.astype(np.float64, copy=False)
-    c00 = v[k0, i0, j0] * (1 - fj) + v[k0, i0, j1] * fj
-    c01 = v[k0, i1, j0] * (1 - fj) + v[k0, i1, j1] * fj
-    c10 = v[k1, i0, j0] * (1 - fj) + v[k1, i0, j1] * fj
-    c11 = v[k1, i1, j0] * (1 - fj) + v[k1, i1, j1] * fj
+    def v(k, i, j):  # gather in the volume's dtype, interpolate in float64
+        return vol[k, i, j].astype(np.float64)
+
+    c00 = v(k0, i0, j0) * (1 - fj) + v(k0, i0, j1) * fj
+    c01 = v(k0, i1, j0) * (1 - fj) + v(k0, i1, j1) * fj
+    c10 = v(k1, i0, j0) * (1 - fj) + v(k1, i0, j1) * fj
+    c11 = v(k1, i1, j0) * (1 - fj) + v(k1, i1, j1) * fj
     c0 = c00 * (1 - fi) + c01 * fi
     c1 = c10 * (1 - fi) + c11 * fi
     out = c0 * (1 - fk) + c1 * fk

@@ -85,7 +85,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
         tgt = torch.from_numpy(st.seg[lo:hi].astype(np.int64))
         seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT)
         loss = loss + seg_loss
-        parts["seg_ce"] = float(seg_loss)
+        parts["seg_ce"] = float(seg_loss.detach())
         spans = vertebra_spans(st.seg)
         inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
         if inside:
@@ -93,17 +93,17 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
             y = torch.from_numpy(st.labels[1:])[idx]
             vl = wbce(vlog[idx], y, VERT_W)
             loss = loss + vl
-            parts["vert_bce"] = float(vl)
+            parts["vert_bce"] = float(vl.detach())
     else:
         vl = wbce(vlog, torch.from_numpy(st.labels[1:]), VERT_W)
         pl = wbce(plog, torch.from_numpy(st.labels[:1]), PAT_W)
         loss = loss + vl + pl
-        parts["vert_bce"], parts["pat_bce"] = float(vl), float(pl)
+        parts["vert_bce"], parts["pat_bce"] = float(vl.detach()), float(pl.detach())
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
-    parts["loss"] = float(loss)
+    parts["loss"] = float(loss.detach())
     return parts
 
 
@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
+    ap.add_argument("--cached-only", action="store_true", help="train only on studies already in the cache")
     args = ap.parse_args()
     if args.smoke:
         args.steps_a, args.steps_b, args.window, args.eval_every = 4, 6, 12, 1000
@@ -158,10 +159,12 @@ def main():
     t0 = time.time()
 
     limit = 2 if args.smoke else None
-    train = [st for root in args.data for st in load_dataset(root, args.cache / root.name, limit=limit)]
+    train = [st for root in args.data
+             for st in load_dataset(root, args.cache / root.name, limit=limit, cached_only=args.cached_only)]
     val = [st for root in args.val_data for st in load_dataset(root, args.cache / root.name, limit=limit)]
     print(f"{len(train)} training, {len(val)} validation studies ({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
+    (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train))
 
     model = load_checkpoint(args.init) if args.init else TriageNet()
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
@@ -193,7 +196,13 @@ def main():
             print(f"[A {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()) + f" {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0:
             evaluate("A", step)
-    evaluate("A", args.steps_a)
+    if args.steps_b:
+        evaluate("A", args.steps_a)
+
+    if args.steps_b == 0:  # stage A only (time-limited runs): heads trained on windows only
+        save_checkpoint(model, args.out / "model.pt", seed=args.seed)
+        print(f"saved {args.out / 'model.pt'} after stage A only ({time.time() - t0:.0f} s)")
+        return
 
     # Stage B: frozen encoder, whole studies through GRU/attention/heads.
     model.eval()
@@ -226,6 +235,15 @@ def main():
     evaluate("B", args.steps_b)
     save_checkpoint(model, args.out / "model.pt", seed=args.seed)
     print(f"saved {args.out / 'model.pt'} ({time.time() - t0:.0f} s)")
+    if args.smoke:  # the export path too: symbolic S, onnxruntime == PyTorch
+        from export import check_against_torch
+        from model import export_onnx
+
+        export_onnx(model, str(args.out / "smoke.onnx"))
+        worst = check_against_torch(model, str(args.out / "smoke.onnx"))
+        print(f"smoke export: max |torch - onnxruntime| = {worst:.2e}")
+        if worst > 1e-3:
+            raise SystemExit("smoke: onnxruntime does not reproduce PyTorch")
 
 
 if __name__ == "__main__":
