@@ -16,15 +16,27 @@ fn models_dir() -> PathBuf {
 /// Minimal `.npy` reader: little-endian float32, C order (what make_fixtures.py writes).
 fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    ensure!(bytes.starts_with(b"\x93NUMPY"), "{} is not a .npy file", path.display());
+    ensure!(
+        bytes.starts_with(b"\x93NUMPY"),
+        "{} is not a .npy file",
+        path.display()
+    );
     let (header_len, header_start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 => (u32::from_le_bytes(bytes[8..12].try_into()?) as usize, 12),
         v => bail!("unsupported .npy version {v} in {}", path.display()),
     };
     let header = std::str::from_utf8(&bytes[header_start..header_start + header_len])?;
-    ensure!(header.contains("'descr': '<f4'"), "{}: expected float32, header {header}", path.display());
-    ensure!(header.contains("'fortran_order': False"), "{}: expected C order", path.display());
+    ensure!(
+        header.contains("'descr': '<f4'"),
+        "{}: expected float32, header {header}",
+        path.display()
+    );
+    ensure!(
+        header.contains("'fortran_order': False"),
+        "{}: expected C order",
+        path.display()
+    );
     let shape_src = header
         .split("'shape': (")
         .nth(1)
@@ -40,7 +52,11 @@ fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    ensure!(data.len() == shape.iter().product::<usize>(), "{}: size does not match shape", path.display());
+    ensure!(
+        data.len() == shape.iter().product::<usize>(),
+        "{}: size does not match shape",
+        path.display()
+    );
     Ok((shape, data))
 }
 
@@ -60,7 +76,8 @@ fn run(model: &Arc<TypedRunnableModel>, shape: &[usize], data: Vec<f32>) -> Resu
 #[test]
 fn tract_matches_onnxruntime() -> Result<()> {
     let dir = models_dir();
-    let contract: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json"))?)?;
+    let contract: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.json"))?)?;
     let onnx = dir.join(contract["onnx"].as_str().context("model.json: onnx")?);
     let fixtures = dir.join("fixtures");
     let tol: serde_json::Value =
@@ -70,21 +87,53 @@ fn tract_matches_onnxruntime() -> Result<()> {
     let (shape, data) = read_npy_f32(&fixtures.join("input.npy"))?;
     let outputs = run(&model, &shape, data)?;
 
-    let names = ["seg_logits", "vertebra_logits", "patient_logit", "attention"];
-    ensure!(outputs.len() == names.len(), "model has {} outputs, expected {}", outputs.len(), names.len());
+    let names = [
+        "seg_logits",
+        "vertebra_logits",
+        "patient_logit",
+        "attention",
+    ];
+    ensure!(
+        outputs.len() == names.len(),
+        "model has {} outputs, expected {}",
+        outputs.len(),
+        names.len()
+    );
     for (name, got) in names.iter().zip(outputs.iter()) {
         let (want_shape, want) = read_npy_f32(&fixtures.join(format!("{name}.npy")))?;
-        ensure!(got.shape() == want_shape.as_slice(), "{name}: shape {:?} vs ORT {:?}", got.shape(), want_shape);
+        ensure!(
+            got.shape() == want_shape.as_slice(),
+            "{name}: shape {:?} vs ORT {:?}",
+            got.shape(),
+            want_shape
+        );
         let got: Vec<f32> = got.to_plain_array_view::<f32>()?.iter().copied().collect();
-        let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let diff2: f64 = got.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let max_abs = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let diff2: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let norm2: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
         let rel_l2 = (diff2 / norm2.max(1e-30)).sqrt();
         let t = &tol["tolerances"][name];
-        let (tol_abs, tol_rel) = (t["max_abs"].as_f64().unwrap(), t["rel_l2"].as_f64().unwrap());
+        let (tol_abs, tol_rel) = (
+            t["max_abs"].as_f64().unwrap(),
+            t["rel_l2"].as_f64().unwrap(),
+        );
         eprintln!("{name}: max_abs {max_abs:.3e} (tol {tol_abs:.0e}), rel_l2 {rel_l2:.3e} (tol {tol_rel:.0e})");
-        ensure!((max_abs as f64) <= tol_abs, "{name}: max abs diff {max_abs} > {tol_abs}");
-        ensure!(rel_l2 <= tol_rel, "{name}: relative L2 {rel_l2} > {tol_rel}");
+        ensure!(
+            (max_abs as f64) <= tol_abs,
+            "{name}: max abs diff {max_abs} > {tol_abs}"
+        );
+        ensure!(
+            rel_l2 <= tol_rel,
+            "{name}: relative L2 {rel_l2} > {tol_rel}"
+        );
     }
     Ok(())
 }
