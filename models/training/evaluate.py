@@ -1,0 +1,88 @@
+"""Evaluates one or more ONNX models with onnxruntime on whole studies of an RSNA-layout root.
+Each study goes through the exact float preprocessing of `preprocess.py` once (not the uint8
+training cache) and through every model given.
+
+  # choose thresholds on the VALIDATION set (shipped model), write them into model.json:
+  python3 evaluate.py ../cspine_triage_int8.onnx --data VAL_ROOT --choose-thresholds \
+      --contract ../model.json --out runs/val_eval.json
+  # held-out TEST set, thresholds read from model.json:
+  python3 evaluate.py runs/fp32/model_fp32.onnx runs/pruned/model_fp32.onnx ../cspine_triage_int8.onnx \
+      --data TEST_ROOT --contract ../model.json --out runs/test_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import preprocess as pp
+from contract import VERTEBRAE, write_model_json
+from data import read_train_csv
+from metrics import choose_threshold, summary
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("onnx", nargs="+")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--contract", type=Path, required=True, help="model.json (thresholds)")
+    ap.add_argument("--choose-thresholds", action="store_true",
+                    help="choose thresholds on this (validation) set from the LAST model and write them into --contract")
+    ap.add_argument("--min-sens", type=float, default=0.95)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in args.onnx]
+    rows = read_train_csv(args.data)
+    y = np.stack([lab for _, lab in rows])
+    probs = [[] for _ in sessions]
+    secs = [0.0 for _ in sessions]
+    n_slices = []
+    for uid, _ in rows:
+        x = pp.preprocess(pp.load_dicom_series(args.data / "train_images" / uid))
+        n_slices.append(x.shape[0])
+        for i, s in enumerate(sessions):
+            t = time.perf_counter()
+            seg, vlog, plog, att = s.run(None, {"slices": x})
+            secs[i] += time.perf_counter() - t
+            probs[i].append(sigmoid(np.concatenate([plog, vlog])))
+    probs = [np.stack(p) for p in probs]
+
+    contract = json.loads(args.contract.read_text())
+    if args.choose_thresholds:
+        p = probs[-1]
+        tp = choose_threshold(y[:, 0], p[:, 0], args.min_sens)
+        tv = {v: choose_threshold(y[:, 1 + i], p[:, 1 + i], args.min_sens) for i, v in enumerate(VERTEBRAE)}
+        onnx_path = args.contract.parent / contract["onnx"]
+        contract = write_model_json(onnx_path, args.contract, tp, tv, version=contract["version"])
+        print(f"thresholds (validation, sensitivity >= {args.min_sens}): patient {tp:.4f}, vertebrae {tv}")
+    tp = contract["thresholds"]["patient"]
+    tv = [contract["thresholds"]["vertebrae"][v] for v in VERTEBRAE]
+    results = {"data": str(args.data), "n_studies": len(rows),
+               "mean_model_slices": float(np.mean(n_slices)), "models": {}}
+    for path, p, sec in zip(args.onnx, probs, secs):
+        m = summary(y, p, tp, tv)
+        m["ort_ms_per_study"] = 1000 * sec / len(rows)
+        results["models"][path] = m
+        print(f"{path}: patient AUC {m['patient_auc']:.4f}, mean vertebra AUC {m['mean_vertebra_auc']:.4f}, "
+              f"RSNA wll {m['rsna_wll']:.4f}, patient sens/spec {m['patient_sens']:.3f}/{m['patient_spec']:.3f}, "
+              f"vertebra sens/spec {m['vertebra_sens']:.3f}/{m['vertebra_spec']:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
