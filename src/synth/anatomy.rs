@@ -76,6 +76,20 @@ impl Bone {
         self.local_bounds = bb.grow(shift + 0.5);
     }
 
+    /// Patient-space bounds of the intact bone (ignoring fragment displacement),
+    /// so that fractures never change the acquisition geometry.
+    pub fn intact_patient_bounds(&self) -> Aabb {
+        let mut local = Aabb::empty();
+        for p in &self.parts {
+            local = local.union(&p.bounds);
+        }
+        let mut bb = Aabb::empty();
+        for c in local.corners() {
+            bb.include(self.frame.to_patient(c));
+        }
+        bb
+    }
+
     /// Patient-space bounding box.
     pub fn patient_bounds(&self) -> Aabb {
         let mut bb = Aabb::empty();
@@ -361,6 +375,17 @@ pub fn build_spine(rng: &mut ChaCha8Rng, cortex: f64) -> Spine {
         }),
     );
     bones.push(skull);
+    // First and second ribs and the clavicles: bone in the lowest slices that
+    // must not be labelled as spine.
+    for (i, frame) in [(7usize, frames[6]), (8, frames[7])] {
+        let body = dims[i - 1];
+        for side in [-1.0, 1.0] {
+            bones.push(build_rib(rng, frame, body, s, side, i - 6, cortex));
+        }
+    }
+    for side in [-1.0, 1.0] {
+        bones.push(build_clavicle(rng, frames[6], dims[6], s, side, cortex));
+    }
 
     let centreline = frames
         .iter()
@@ -393,6 +418,81 @@ impl Spine {
             *p = add(*p, d);
         }
     }
+}
+
+/// Rib `n` (1 or 2) of a thoracic vertebra: from the transverse process it
+/// sweeps laterally, then anteriorly and down towards the manubrium.
+fn build_rib(
+    rng: &mut ChaCha8Rng,
+    frame: Frame,
+    body: BodyDims,
+    s: f64,
+    side: f64,
+    n: usize,
+    cortex: f64,
+) -> Bone {
+    let name = format!("rib{n}_{}", if side > 0.0 { "left" } else { "right" });
+    let mut bone = Bone::new(&name, 0, frame, cortex);
+    let k = if n == 1 { 1.0 } else { 1.3 };
+    let lateral = jitter(rng, 30.0 * s * k, 0.1);
+    let anterior = jitter(rng, 55.0 * s, 0.1);
+    let drop = jitter(rng, 30.0 * s, 0.15);
+    let r = jitter(rng, 4.0 * s, 0.1);
+    let pt = |t: f64| {
+        let a = std::f64::consts::PI * t;
+        [
+            side * (body.a + 12.0 * s + lateral * (0.9 * a).sin()),
+            0.35 * body.b - anterior * 0.5 * (1.0 - a.cos()),
+            -drop * t,
+        ]
+    };
+    let steps = 10;
+    for i in 0..steps {
+        let (t0, t1) = (i as f64 / steps as f64, (i + 1) as f64 / steps as f64);
+        bone.parts.push(Part::new(
+            Shape::Capsule {
+                a: pt(t0),
+                b: pt(t1),
+                r,
+            },
+            Group::Arch,
+        ));
+    }
+    bone
+}
+
+/// Clavicle: manubrium to acromion, rising laterally and curving back.
+fn build_clavicle(
+    rng: &mut ChaCha8Rng,
+    t1: Frame,
+    body: BodyDims,
+    s: f64,
+    side: f64,
+    cortex: f64,
+) -> Bone {
+    let name = format!("clavicle_{}", if side > 0.0 { "left" } else { "right" });
+    let frame = Frame {
+        origin: t1.origin,
+        axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    };
+    let mut bone = Bone::new(&name, 0, frame, cortex);
+    let medial = [side * 22.0 * s, -jitter(rng, 50.0 * s, 0.1), -body.h - 15.0];
+    let mid = [
+        side * jitter(rng, 70.0 * s, 0.1),
+        medial[1] + 10.0,
+        medial[2] + 6.0,
+    ];
+    let lateral = [
+        side * jitter(rng, 115.0 * s, 0.1),
+        jitter(rng, 5.0 * s, 0.5),
+        mid[2] + 3.0,
+    ];
+    let r = jitter(rng, 5.5 * s, 0.1);
+    for (a, b) in [(medial, mid), (mid, lateral)] {
+        bone.parts
+            .push(Part::new(Shape::Capsule { a, b, r }, Group::Arch));
+    }
+    bone
 }
 
 fn mirror(p: V3, side: f64) -> V3 {

@@ -14,7 +14,7 @@ use super::anatomy::Bone;
 use super::geom::{dot, normalize, scale, V3};
 use super::shape::{Group, Shape};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum FractureKind {
     /// Lucent crack through the vertebral body, fragments in place.

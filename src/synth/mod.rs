@@ -50,6 +50,9 @@ pub struct SynthArgs {
     /// studies get 1-2 fractures).
     #[arg(long, default_value = "random")]
     pub fracture: String,
+    /// Restrict fractures to one type (only vertebrae that can have it are chosen).
+    #[arg(long, value_enum)]
+    pub fracture_type: Option<fracture::FractureKind>,
     /// Image matrix (rows = columns), 64-1024; default: random 256-512.
     #[arg(long)]
     pub matrix: Option<usize>,
@@ -133,6 +136,7 @@ pub struct Overrides {
     pub transfer_syntax: Option<TransferSyntax>,
     pub noise: Option<f64>,
     pub blur: Option<f64>,
+    pub fracture_type: Option<fracture::FractureKind>,
 }
 
 impl SynthArgs {
@@ -162,6 +166,7 @@ impl SynthArgs {
             transfer_syntax: self.transfer_syntax,
             noise: self.noise,
             blur: self.blur,
+            fracture_type: self.fracture_type,
         })
     }
 }
@@ -169,6 +174,13 @@ impl SynthArgs {
 pub fn run(args: &SynthArgs) -> Result<()> {
     let fracture: FractureRequest = args.fracture.parse()?;
     let overrides = args.overrides()?;
+    if let (Some(kind), FractureRequest::Vertebra(v)) = (overrides.fracture_type, &fracture) {
+        anyhow::ensure!(
+            fracture::kinds_for(&format!("C{v}")).contains(&kind),
+            "--fracture-type {kind:?} is not possible in C{v} (C1 only has ring cracks, \
+             dens fractures are C2 only, compression needs C3-C7)"
+        );
+    }
     let out = &args.out_dir;
     for sub in ["train_images", "segmentations", "ground_truth"] {
         std::fs::create_dir_all(out.join(sub))
@@ -259,6 +271,8 @@ struct GroundTruth<'a> {
     tissue_hu: &'a study::TissueHu,
     noise_sigma_hu: f64,
     blur_sigma_mm: f64,
+    reconstruction_circle: bool,
+    padding_hu: f64,
     soft_tissue: &'a study::SoftTissue,
     lordosis_deg: f64,
     size_scale: f64,
@@ -397,6 +411,8 @@ pub fn generate_study(
         tissue_hu: &study.hu,
         noise_sigma_hu: study.noise_sigma_hu,
         blur_sigma_mm: study.blur_sigma_mm,
+        reconstruction_circle: study.reconstruction_circle,
+        padding_hu: study.encoding.padding_hu(),
         soft_tissue: &study.soft,
         lordosis_deg: study.spine.lordosis_deg,
         size_scale: study.spine.size_scale,
@@ -409,4 +425,95 @@ pub fn generate_study(
         patient_overall,
         labels: flags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fracture_request_parses_user_spellings() {
+        assert_eq!(
+            "C5".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(5)
+        );
+        assert_eq!(
+            "c1".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(1)
+        );
+        assert_eq!(
+            "None".parse::<FractureRequest>().unwrap(),
+            FractureRequest::None
+        );
+        assert_eq!(
+            "random".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Random
+        );
+        for bad in ["C0", "C8", "T1", "", "5"] {
+            assert!(bad.parse::<FractureRequest>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn study_seeds_differ_per_index_and_run_seed() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..4 {
+            for index in 0..64 {
+                assert!(seen.insert(study::study_seed(seed, index)));
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_strings_fit_dicom_ds() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0 / 3.0,
+            -123.456789012,
+            98765.4321,
+            -1024.0,
+            1e-9,
+        ] {
+            let s = dicom_out::ds(v);
+            assert!(s.len() <= 16, "{s}");
+            let back: f64 = s.parse().unwrap();
+            assert!((back - v).abs() < 1e-5 * v.abs().max(1.0), "{v} -> {s}");
+        }
+        assert_eq!(dicom_out::ds(-0.0), "0");
+        assert_eq!(dicom_out::ds(2.5), "2.5");
+    }
+
+    #[test]
+    fn study_plans_are_deterministic_and_overrides_change_only_themselves() {
+        let ov = Overrides::default();
+        let a = plan_study(3, 42, &FractureRequest::Random, &ov);
+        let b = plan_study(3, 42, &FractureRequest::Random, &ov);
+        assert_eq!(a.id.study_instance_uid, b.id.study_instance_uid);
+        assert_eq!(a.geometry.first_position, b.geometry.first_position);
+        let small = Overrides {
+            matrix: Some(128),
+            ..Overrides::default()
+        };
+        let c = plan_study(3, 42, &FractureRequest::Random, &small);
+        assert_eq!(c.geometry.rows, 128);
+        assert_eq!(a.id.study_instance_uid, c.id.study_instance_uid);
+        assert_eq!(a.spine.lordosis_deg, c.spine.lordosis_deg);
+        assert_eq!(a.fractures, c.fractures);
+    }
+
+    #[test]
+    fn a_fracture_does_not_move_the_acquisition() {
+        let ov = Overrides::default();
+        for index in 0..8 {
+            let none = plan_study(index, 7, &FractureRequest::None, &ov);
+            for v in 1..=7 {
+                let f = plan_study(index, 7, &FractureRequest::Vertebra(v), &ov);
+                assert_eq!(f.fractures.len(), 1);
+                assert_eq!(f.fractures[0].0, format!("C{v}"));
+                assert_eq!(f.geometry.first_position, none.geometry.first_position);
+                assert_eq!(f.geometry.slices, none.geometry.slices);
+            }
+        }
+    }
 }

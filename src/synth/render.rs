@@ -32,16 +32,77 @@ fn pixel_range(a: f64, b: f64, origin: f64, step: f64, n: usize) -> (usize, usiz
     (lo.min(n), hi)
 }
 
+/// Renders slice `k` (InstanceNumber k + 1): the slice thickness is modelled by
+/// averaging sub-planes across it (partial volume); labels are those of the
+/// centre plane, unblurred.
 pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceImage {
     let g = &study.geometry;
     let (rows, cols) = (g.rows, g.columns);
     let ps = g.pixel_spacing_mm;
     let ipp = g.position(k);
+    let mut labels = vec![0u8; rows * cols];
+    let mut hu = render_plane(study, ipp, Some((&mut labels, stats)));
+    let n = sub_planes(g.slice_thickness_mm);
+    if n > 1 {
+        for i in 0..n {
+            let off = ((i as f64 + 0.5) / n as f64 - 0.5) * g.slice_thickness_mm;
+            if i == n / 2 {
+                continue; // the centre plane, already rendered
+            }
+            let plane = render_plane(study, [ipp[0], ipp[1], ipp[2] + off], None);
+            for (h, p) in hu.iter_mut().zip(&plane) {
+                *h += p;
+            }
+        }
+        let inv = 1.0 / n as f32;
+        hu.iter_mut().for_each(|h| *h *= inv);
+    }
+
+    gaussian_blur(&mut hu, rows, cols, study.blur_sigma_mm / ps);
+
+    // Independent noise stream per slice: identical output whatever the thread count.
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(study.seed ^ (k as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let normal = Normal::new(0.0f32, study.noise_sigma_hu as f32).expect("valid sigma");
+    for v in hu.iter_mut() {
+        *v += normal.sample(&mut rng);
+    }
+    if study.reconstruction_circle {
+        let pad = study.encoding.padding_hu() as f32;
+        let r2 = (0.5 * g.fov_mm).powi(2);
+        let centre = 0.5 * (rows as f64 - 1.0);
+        for r in 0..rows {
+            for c in 0..cols {
+                let d2 = ((r as f64 - centre).powi(2) + (c as f64 - centre).powi(2)) * ps * ps;
+                if d2 > r2 {
+                    hu[r * cols + c] = pad;
+                }
+            }
+        }
+    }
+    SliceImage { hu, labels }
+}
+
+/// Odd number of sub-planes (about 1 mm apart) that sample one slice's thickness.
+pub fn sub_planes(thickness: f64) -> usize {
+    let n = (thickness / 1.0).ceil().max(1.0) as usize;
+    n | 1
+}
+
+/// HU of the plane at patient height `ipp[2]` (pixel (0, 0) at `ipp`), unblurred,
+/// without noise; fills `labels` and `stats` when given.
+fn render_plane(
+    study: &Study,
+    ipp: [f64; 3],
+    mut labels: Option<(&mut Vec<u8>, &mut LabelStats)>,
+) -> Vec<f32> {
+    let g = &study.geometry;
+    let (rows, cols) = (g.rows, g.columns);
+    let ps = g.pixel_spacing_mm;
     let z = ipp[2];
     let rowdir_x = g.row_direction()[0];
     let hu_t = &study.hu;
     let mut hu = vec![hu_t.air as f32; rows * cols];
-    let mut labels = vec![0u8; rows * cols];
     let px = |c: usize| ipp[0] + c as f64 * ps * rowdir_x;
     let py = |r: usize| ipp[1] + r as f64 * ps;
 
@@ -53,8 +114,8 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
         sa = [sa[0] * (1.0 + 0.25 * t), sa[1] * (1.0 + 0.2 * t)];
     }
     if z < soft.shoulder_z {
-        let t = ((soft.shoulder_z - z) / 40.0).min(1.0);
-        sa = [sa[0] * (1.0 + 0.9 * t), sa[1] * (1.0 + 0.1 * t)];
+        let t = ((soft.shoulder_z - z) / 25.0).min(1.0);
+        sa = [sa[0] * (1.0 + 1.0 * t), sa[1] * (1.0 + 0.35 * t)];
     }
     let spine_c = study.spine.centre_at(z);
     let ar = soft.airway_radius_mm;
@@ -68,6 +129,11 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
             let dy = (y - soft.centre[1]) / sa[1];
             let rho = (dx * dx + dy * dy).sqrt();
             if rho >= 1.0 {
+                let lx = x - soft.centre[0];
+                let d = y - (soft.table_y + lx * lx / (2.0 * soft.table_radius_mm));
+                if lx.abs() < 230.0 && (0.0..soft.table_thickness_mm).contains(&d) {
+                    hu[r * cols + c] = soft.table_hu as f32;
+                }
                 continue;
             }
             let depth = (1.0 - rho) * sa[0].min(sa[1]);
@@ -122,6 +188,9 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
                     Tissue::Gap => hu_t.fracture_gap,
                 };
                 hu[r * cols + c] = v as f32;
+                let Some((labels, stats)) = labels.as_mut() else {
+                    continue;
+                };
                 labels[r * cols + c] = bone.label;
                 if label > 0 && label < stats.len() {
                     let s = &mut stats[label];
@@ -135,16 +204,7 @@ pub fn render_slice(study: &Study, k: usize, stats: &mut LabelStats) -> SliceIma
         }
     }
 
-    gaussian_blur(&mut hu, rows, cols, study.blur_sigma_mm / ps);
-
-    // Independent noise stream per slice: identical output whatever the thread count.
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(study.seed ^ (k as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-    let normal = Normal::new(0.0f32, study.noise_sigma_hu as f32).expect("valid sigma");
-    for v in hu.iter_mut() {
-        *v += normal.sample(&mut rng);
-    }
-    SliceImage { hu, labels }
+    hu
 }
 
 /// Separable Gaussian blur with edge clamping; `sigma` in pixels.

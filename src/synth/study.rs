@@ -89,6 +89,12 @@ pub struct SoftTissue {
     /// Above this z the head widens the soft tissue; below `shoulder_z` the shoulders do.
     pub head_z: f64,
     pub shoulder_z: f64,
+    /// Patient table under the patient: a curved carbon-fibre shell whose top
+    /// surface is at `table_y + (x - centre.x)^2 / (2 * table_radius_mm)`.
+    pub table_y: f64,
+    pub table_radius_mm: f64,
+    pub table_thickness_mm: f64,
+    pub table_hu: f64,
 }
 
 /// How pixel values are stored (HU = stored * slope + intercept).
@@ -103,6 +109,12 @@ pub struct Encoding {
 }
 
 impl Encoding {
+    /// Lowest HU the encoding can hold, capped at -3024 (the usual CT padding value).
+    pub fn padding_hu(&self) -> f64 {
+        let (lo, _) = self.stored_range();
+        (lo as f64 * self.rescale_slope + self.rescale_intercept).max(-3024.0)
+    }
+
     pub fn stored_range(&self) -> (i32, i32) {
         match self.pixel_representation {
             0 => (0, (1 << self.bits_stored) - 1),
@@ -142,6 +154,8 @@ pub struct Study {
     pub hu: TissueHu,
     pub noise_sigma_hu: f64,
     pub blur_sigma_mm: f64,
+    /// Pixels outside the reconstruction circle (diameter = FOV) hold `padding_hu`.
+    pub reconstruction_circle: bool,
     pub soft: SoftTissue,
     pub spine: Spine,
     /// (vertebra name, kind) of each fracture, in the order they were added.
@@ -197,13 +211,17 @@ pub fn plan_study(
     // and `--fracture C5` gives the same study apart from the fracture.
     let mut frng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_F4AC_7E5E_ED00);
     let names = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"];
+    let possible = |name: &&str| {
+        ov.fracture_type
+            .is_none_or(|k| kinds_for(name).contains(&k))
+    };
     let targets: Vec<&str> = match fracture {
         FractureRequest::None => vec![],
         FractureRequest::Vertebra(v) => vec![names[*v - 1]],
         FractureRequest::Random => {
             if frng.gen_bool(0.5) {
                 let n = if frng.gen_bool(0.25) { 2 } else { 1 };
-                let mut pool = names.to_vec();
+                let mut pool: Vec<&str> = names.iter().copied().filter(possible).collect();
                 pool.shuffle(&mut frng);
                 pool.truncate(n);
                 pool
@@ -214,7 +232,10 @@ pub fn plan_study(
     };
     let mut fractures = Vec::new();
     for name in targets {
-        let kind = *kinds_for(name).choose(&mut frng).unwrap();
+        let kind = match ov.fracture_type {
+            Some(k) => k,
+            None => *kinds_for(name).choose(&mut frng).unwrap(),
+        };
         let bone = spine.bones.iter_mut().find(|b| b.name == name).unwrap();
         add_fracture(&mut frng, bone, kind, spacing);
         fractures.push((name.to_string(), kind));
@@ -239,7 +260,12 @@ pub fn plan_study(
         airway_radius_mm: rng.gen_range(6.0..10.0),
         airway_offset_mm: rng.gen_range(14.0..20.0),
         head_z: spine.bones[0].frame.origin[2] + 10.0,
-        shoulder_z: spine.bones[6].frame.origin[2] - 10.0,
+        shoulder_z: spine.bones[6].frame.origin[2] + 5.0,
+        // Filled in below, once the table's random draws cannot shift the others.
+        table_y: 0.0,
+        table_radius_mm: 0.0,
+        table_thickness_mm: 0.0,
+        table_hu: 0.0,
     };
 
     // Field of view: the neck is centred within +-20 mm, the spine stays inside.
@@ -282,8 +308,8 @@ pub fn plan_study(
     };
 
     // z coverage: from above C1 (skull base often in view) to below C7 (T1-T2).
-    let c1_top = spine.vertebra("C1").unwrap().patient_bounds().max[2];
-    let c7_bottom = spine.vertebra("C7").unwrap().patient_bounds().min[2];
+    let c1_top = spine.vertebra("C1").unwrap().intact_patient_bounds().max[2];
+    let c7_bottom = spine.vertebra("C7").unwrap().intact_patient_bounds().min[2];
     let z_top = c1_top + rng.gen_range(5.0..30.0);
     let z_bottom = c7_bottom - rng.gen_range(5.0..40.0);
     let slices = ((z_top - z_bottom) / spacing).floor() as usize + 1;
@@ -376,6 +402,15 @@ pub fn plan_study(
     let noise_sigma_hu = ov.noise.unwrap_or(rng.gen_range(5.0..40.0));
     let blur_sigma_mm = ov.blur.unwrap_or(rng.gen_range(0.3..1.0));
 
+    let reconstruction_circle = rng.gen_bool(0.5);
+    // The head rests on the table; the neck hovers a little above it.
+    let soft = SoftTissue {
+        table_y: soft.centre[1] + 1.2 * soft.semi_axes[1] + rng.gen_range(2.0..10.0),
+        table_radius_mm: rng.gen_range(300.0..600.0),
+        table_thickness_mm: rng.gen_range(4.0..9.0),
+        table_hu: rng.gen_range(150.0..350.0),
+        ..soft
+    };
     let year = rng.gen_range(2019..2026);
     let id = Identity {
         patient_id: format!("SYNTH{:08}", seed % 100_000_000),
@@ -419,6 +454,7 @@ pub fn plan_study(
         hu,
         noise_sigma_hu,
         blur_sigma_mm,
+        reconstruction_circle,
         soft,
         spine,
         fractures,
@@ -429,7 +465,7 @@ pub fn plan_study(
 fn spine_bounds(spine: &Spine) -> Aabb {
     let mut bb = Aabb::empty();
     for b in spine.bones.iter().filter(|b| (1..=7).contains(&b.label)) {
-        bb = bb.union(&b.patient_bounds());
+        bb = bb.union(&b.intact_patient_bounds());
     }
     bb
 }
