@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
-    load_series_from_paths, load_series_report, volume, CtVolume, SeriesOutcome,
+    load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
+    InstanceHeader, SeriesOutcome,
 };
 use serde_json::Value;
+use tokio::sync::mpsc;
 
 fn python_fixture(script: &str, dir: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -179,6 +182,16 @@ fn bone_kernel_series_is_chosen_over_soft_tissue() {
 }
 
 #[test]
+fn a_study_falls_back_to_the_next_series_when_the_best_cannot_be_built() {
+    let outcomes = load_series_from_paths(&[case("fallback")]).unwrap();
+    let v = single_volume(outcomes);
+    assert_eq!(
+        v.meta.series_instance_uid,
+        fixtures().1["fallback"]["soft"].as_str().unwrap()
+    );
+}
+
+#[test]
 fn real_files_in_every_transfer_syntax_decode_to_pydicoms_hu() {
     let dir = tempfile::tempdir().unwrap();
     python_fixture("series_reference.py", dir.path());
@@ -242,4 +255,121 @@ fn real_files_in_every_transfer_syntax_decode_to_pydicoms_hu() {
     }
     eprintln!("{}", report.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The instances of fixture folders as the SCP would announce them.
+fn stored_instances(cases: &[&str]) -> Vec<StoredInstance> {
+    let mut out = Vec::new();
+    for c in cases {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(case(c))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for path in files {
+            let h = InstanceHeader::read(&path).unwrap();
+            out.push(StoredInstance {
+                path,
+                study_instance_uid: h.study_instance_uid,
+                series_instance_uid: h.series_instance_uid,
+                sop_instance_uid: h.sop_instance_uid,
+                sop_class_uid: h.sop_class_uid,
+                calling_ae: "STORESCU".into(),
+                received_at: time::OffsetDateTime::now_utc(),
+            });
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn assembler_task_emits_the_chosen_series_of_each_study() {
+    let config = AssemblyConfig {
+        quiet_period_secs: 0.3,
+        study_quiet_period_secs: None, // = quiet period
+        ..Default::default()
+    };
+    let (in_tx, in_rx) = mpsc::channel(4);
+    let (out_tx, mut out_rx) = mpsc::channel(1);
+    let task = tokio::spawn(run_assembler(config, in_rx, out_tx));
+    // Shuffled order: the assembler must not care.
+    let mut instances = stored_instances(&["study_with_localizer", "two_candidates", "gap"]);
+    instances.reverse();
+    for s in instances {
+        in_tx.send(s).await.unwrap();
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), out_rx.recv())
+            .await
+            .expect("no outcome within 30 s")
+            .expect("assembler stopped");
+        outcomes.push(outcome);
+    }
+    drop(in_tx);
+    task.await.unwrap().unwrap();
+    let m = &fixtures().1;
+    let mut volumes = Vec::new();
+    let mut failures = Vec::new();
+    for o in outcomes {
+        match o {
+            SeriesOutcome::Volume(v) => {
+                assert_eq!(v.meta.calling_ae, "STORESCU");
+                assert!(v.meta.first_received.is_some() && v.meta.completed.is_some());
+                volumes.push(v.meta.series_instance_uid.clone());
+            }
+            SeriesOutcome::Failed { meta, reason } => {
+                failures.push((meta.series_instance_uid, reason))
+            }
+        }
+    }
+    volumes.sort();
+    let mut expected = vec![
+        m["study_with_localizer"]["axial"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        m["two_candidates"]["bone"].as_str().unwrap().to_string(),
+    ];
+    expected.sort();
+    assert_eq!(volumes, expected);
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].1.contains("gap"), "{}", failures[0].1);
+}
+
+#[test]
+fn series_config_is_validated_by_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[series]\nquiet_period_secs = 2.0\nbone_kernels = [\"FC30\"]\n\n\
+         [[series.expected_count]]\ncalling_ae = \"CT_NECK\"\nimages = 320\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cspine-triage"))
+        .args(["check-config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("calling_ae = \"CT_NECK\"") && stdout.contains("images = 320"),
+        "{stdout}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[series]\nanatomy_coverage_trigger = true\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cspine-triage"))
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::header::InstanceHeader;
 use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
 use super::volume::{build_volume, meta_from_header};
-use super::SeriesOutcome;
+use super::{SeriesMeta, SeriesOutcome};
 
 /// Everything offline loading decided.
 #[derive(Debug, Default)]
@@ -86,10 +86,18 @@ pub fn load_series_report<P: AsRef<Path>>(
                 CandidateSummary::from_headers(uid, &refs, extra_bone_kernels)
             })
             .collect();
-        let (best, skips) = choose_candidate(&summaries, &study_uid);
+        let (order, skips) = choose_candidate(&summaries, &study_uid);
         report.skipped.extend(skips);
-        let (_, headers) = candidates.swap_remove(best);
-        report.outcomes.push(build_outcome(headers));
+        let mut slots: Vec<Option<Vec<InstanceHeader>>> =
+            candidates.into_iter().map(|(_, hs)| Some(hs)).collect();
+        let ranked = order
+            .into_iter()
+            .map(|i| {
+                let headers = slots[i].take().expect("each candidate once");
+                (meta_from_header(&headers[0]), headers)
+            })
+            .collect();
+        report.outcomes.push(build_best(ranked));
     }
     for skip in &report.skipped {
         log::info!(
@@ -103,21 +111,45 @@ pub fn load_series_report<P: AsRef<Path>>(
     Ok(report)
 }
 
-/// Volume building with the error turned into a `Failed` outcome.
-pub fn build_outcome(headers: Vec<InstanceHeader>) -> SeriesOutcome {
-    let meta = meta_from_header(&headers[0]);
-    match build_volume(headers, meta.clone()) {
-        Ok(volume) => SeriesOutcome::Volume(Box::new(volume)),
-        Err(e) => {
-            let reason = format!("{e:#}");
-            log::warn!(
-                "series {} of study {} failed: {reason}",
-                meta.series_instance_uid,
-                meta.study_instance_uid
-            );
-            SeriesOutcome::Failed { meta, reason }
+/// Builds the first candidate series that can be built (best first). When none can, the
+/// outcome is the failure of the best one, with the fallbacks' reasons appended.
+pub fn build_best(ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>) -> SeriesOutcome {
+    let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
+    for (meta, headers) in ranked {
+        match build_volume(headers, meta.clone()) {
+            Ok(volume) => {
+                if let Some((best, reason)) = failures.first() {
+                    log::warn!(
+                        "series {} of study {} could not be built ({reason}): analysing fallback series {}",
+                        best.series_instance_uid,
+                        best.study_instance_uid,
+                        meta.series_instance_uid
+                    );
+                }
+                return SeriesOutcome::Volume(Box::new(volume));
+            }
+            Err(e) => failures.push((meta, format!("{e:#}"))),
         }
     }
+    let mut failures = failures.into_iter();
+    let Some((meta, mut reason)) = failures.next() else {
+        return SeriesOutcome::Failed {
+            meta: SeriesMeta::default(),
+            reason: "no series to build".into(),
+        };
+    };
+    for (fallback, why) in failures {
+        reason.push_str(&format!(
+            "; fallback series {} failed too: {why}",
+            fallback.series_instance_uid
+        ));
+    }
+    log::warn!(
+        "series {} of study {} failed: {reason}",
+        meta.series_instance_uid,
+        meta.study_instance_uid
+    );
+    SeriesOutcome::Failed { meta, reason }
 }
 
 /// Regular files under `path` (recursively, sorted), or `path` itself.

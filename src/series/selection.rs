@@ -243,11 +243,12 @@ pub fn filter_series(headers: Vec<InstanceHeader>) -> (Vec<InstanceHeader>, Vec<
     (accepted, skips)
 }
 
-/// Index of the best candidate, and a skip for every other one.
+/// Candidate indices best first, and a skip for every candidate but the best. The others
+/// stay fallbacks, built in this order only if the better ones cannot be.
 pub fn choose_candidate(
     candidates: &[CandidateSummary],
     study_instance_uid: &str,
-) -> (usize, Vec<Skip>) {
+) -> (Vec<usize>, Vec<Skip>) {
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| rank_key(&candidates[a], &candidates[b]));
     let best = order[0];
@@ -258,14 +259,15 @@ pub fn choose_candidate(
             series_instance_uid: candidates[i].series_instance_uid.clone(),
             instances: candidates[i].instances,
             reason: format!(
-                "not the best series of its study: series {} ({}) is preferred over this one ({})",
+                "not the best series of its study: series {} ({}) is preferred over this one ({}); \
+                 this one is a fallback if it cannot be built",
                 candidates[best].series_instance_uid,
                 candidates[best].describe(),
                 candidates[i].describe()
             ),
         })
         .collect();
-    (best, skips)
+    (order, skips)
 }
 
 #[cfg(test)]
@@ -309,7 +311,7 @@ mod tests {
 
     #[test]
     fn ranking_prefers_bone_then_thin() {
-        let mut c = vec![
+        let mut c = [
             summary("soft-thin", false, 0.625, 400),
             summary("bone-thick", true, 2.0, 100),
             summary("bone-thin", true, 0.625, 400),

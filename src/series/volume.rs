@@ -448,3 +448,85 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         completed: Some(OffsetDateTime::now_utc()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(k: usize, z: f64) -> InstanceHeader {
+        InstanceHeader {
+            sop_instance_uid: format!("1.2.{k}"),
+            image_position_patient: Some([-10.0, -20.0, z]),
+            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            pixel_spacing: Some([0.5, 0.5]),
+            rows: Some(4),
+            columns: Some(4),
+            ..Default::default()
+        }
+    }
+
+    fn stack(zs: &[f64]) -> Vec<InstanceHeader> {
+        zs.iter().enumerate().map(|(k, &z)| slice(k, z)).collect()
+    }
+
+    fn error(headers: Vec<InstanceHeader>) -> String {
+        format!("{:#}", plan_volume(headers).expect_err("plan should fail"))
+    }
+
+    #[test]
+    fn sorts_along_the_normal_and_measures_spacing() {
+        let plan = plan_volume(stack(&[3.0, 1.0, 2.0, 0.0])).unwrap();
+        assert_eq!(plan.z, [0.0, 1.0, 2.0, 3.0]);
+        let order: Vec<_> = plan
+            .sorted
+            .iter()
+            .map(|h| h.sop_instance_uid.as_str())
+            .collect();
+        assert_eq!(order, ["1.2.3", "1.2.1", "1.2.2", "1.2.0"]);
+        assert_eq!(plan.geometry.spacing, [1.0, 0.5, 0.5]);
+        assert_eq!(plan.geometry.origin, [-10.0, -20.0, 0.0]);
+    }
+
+    #[test]
+    fn feet_first_orientation_sorts_along_its_own_normal() {
+        // Column direction flipped: the normal points to -z, the first slice is the highest.
+        let mut headers = stack(&[0.0, 1.0, 2.0]);
+        for h in &mut headers {
+            h.image_orientation_patient = Some([1.0, 0.0, 0.0, 0.0, -1.0, 0.0]);
+        }
+        let plan = plan_volume(headers).unwrap();
+        assert_eq!(plan.geometry.normal, [0.0, 0.0, -1.0]);
+        assert_eq!(plan.geometry.origin[2], 2.0);
+    }
+
+    #[test]
+    fn resent_instance_is_not_a_duplicate_but_a_second_one_at_the_same_place_is() {
+        let mut headers = stack(&[0.0, 1.0, 2.0]);
+        headers.push(headers[1].clone());
+        assert_eq!(plan_volume(headers).unwrap().dims[0], 3);
+        let reason = error(stack(&[0.0, 1.0, 1.0, 2.0]));
+        assert!(reason.contains("duplicate slice position"), "{reason}");
+    }
+
+    #[test]
+    fn gaps_irregular_spacing_and_shear_fail() {
+        assert!(error(stack(&[0.0, 1.0, 2.0, 4.0, 5.0])).contains("about 1 slice(s) missing"));
+        assert!(error(stack(&[0.0, 1.0, 2.0, 2.3, 3.3, 4.3])).contains("irregular slice spacing"));
+        let mut tilted = stack(&[0.0, 1.0, 2.0]);
+        tilted[2].image_position_patient = Some([-10.0, -19.0, 2.0]);
+        assert!(error(tilted).contains("not stacked along the slice normal"));
+    }
+
+    #[test]
+    fn inconsistent_matrix_spacing_and_missing_position_fail() {
+        let mut h = stack(&[0.0, 1.0, 2.0]);
+        h[1].columns = Some(8);
+        assert!(error(h).contains("inconsistent matrix size"));
+        let mut h = stack(&[0.0, 1.0, 2.0]);
+        h[2].pixel_spacing = Some([0.5, 0.6]);
+        assert!(error(h).contains("inconsistent pixel spacing"));
+        let mut h = stack(&[0.0, 1.0, 2.0]);
+        h[0].image_position_patient = None;
+        assert!(error(h).contains("no valid ImagePositionPatient"));
+    }
+}
