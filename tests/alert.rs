@@ -86,13 +86,17 @@ impl Mosquitto {
         } else {
             "allow_anonymous true\n"
         };
+        // Started as root, mosquitto switches to user "mosquitto", which cannot read the
+        // test's private temp dir: stay who we are.
+        let me = Command::new("id").arg("-un").output().expect("run id -un");
+        let me = String::from_utf8_lossy(&me.stdout).trim().to_owned();
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\npersistence true\npersistence_location {}/\n\
+                "user {me}\nper_listener_settings false\npersistence true\npersistence_location {}/\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n{auth}\
                  listener {port} 127.0.0.1\n{extra}\n",
-                data.display()
+                data.display(),
             ),
         )
         .unwrap();
@@ -537,19 +541,39 @@ impl ChildAlerts {
     }
 
     fn wait_stdout(&self, line: &str) {
-        wait_until(&format!("child to print {line:?}"), TIMEOUT, || {
-            self.stdout.lock().unwrap().iter().any(|l| l == line)
+        self.wait(&format!("child to print {line:?}"), || {
+            // libtest may print "test child_alert_process ... " before the first line.
+            self.stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.ends_with(line))
         });
     }
 
     fn wait_stderr_contains(&self, needle: &str) {
-        wait_until(&format!("child to log {needle:?}"), TIMEOUT, || {
+        self.wait(&format!("child to log {needle:?}"), || {
             self.stderr
                 .lock()
                 .unwrap()
                 .iter()
                 .any(|l| l.contains(needle))
         });
+    }
+
+    /// Like [`wait_until`], but a timeout shows what the child printed.
+    fn wait(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; child stdout:\n{}\nchild stderr:\n{}",
+                    self.stdout.lock().unwrap().join("\n"),
+                    self.stderr.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill_9(&mut self) {
@@ -642,4 +666,319 @@ fn published_result_arrives_and_validates_against_schema() {
     let retained = late.messages();
     assert!(retained[0].retain);
     assert_eq!(json(&retained[0].payload)["state"], "offline");
+}
+
+/// First-occurrence order of result ids, and a check that every repeat of an id is a
+/// byte-identical re-delivery.
+fn result_ids_in_order(results: &[Message]) -> Vec<String> {
+    let mut first: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut order = Vec::new();
+    for m in results {
+        let id = json(&m.payload)["id"].as_str().unwrap().to_owned();
+        match first.get(&id) {
+            Some(payload) => assert_eq!(
+                payload, &m.payload,
+                "a repeated id must be an exact re-delivery ({id})"
+            ),
+            None => {
+                first.insert(id.clone(), m.payload.clone());
+                order.push(id);
+            }
+        }
+    }
+    order
+}
+
+#[test]
+fn broker_outage_every_result_arrives_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    // A persistent session: the broker keeps our subscription and queues QoS 1 messages
+    // while we are disconnected (it is down too, then restarted from its database).
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "outage-subscriber",
+            persistent: true,
+            ca: None,
+            login: None,
+        },
+    );
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let alerts = InProcess::start(config.clone());
+    alerts.commit(message("outage-0", Status::Negative, None));
+    sub.wait_for("the first result", |m| !m.is_empty());
+
+    broker.stop();
+    let ids: Vec<String> = (1..=6).map(|i| format!("outage-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let status = if i % 2 == 0 {
+            Status::Positive
+        } else {
+            Status::Negative
+        };
+        alerts.commit(message(id, status, Some(b"\x89PNG-outage")));
+    }
+    // Everything is durably waiting while the broker is down.
+    assert_eq!(entries_on_disk(&config.outbox_dir), 6);
+    std::thread::sleep(Duration::from_millis(1500)); // a few failed reconnects
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        6,
+        "nothing leaves the outbox unacked"
+    );
+
+    broker.restart();
+    sub.wait_for("all six results after the restart", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 7
+    });
+    let order = result_ids_in_order(&sub.messages());
+    let mut expected = vec!["outage-0".to_owned()];
+    expected.extend(ids);
+    assert_eq!(
+        order, expected,
+        "results arrive in commit order, once per id"
+    );
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    alerts.finish();
+}
+
+#[test]
+fn kill_9_before_puback_result_arrives_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No broker yet: the child commits and can never get a PUBACK before it dies.
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let mut child = ChildAlerts::start(dir.path(), &config, &["crash-1", "crash-2"]);
+    child.wait_stdout("COMMITTED crash-2");
+    child.wait_stderr_contains("cannot connect to MQTT broker");
+    child.kill_9();
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        2,
+        "both results survive kill -9"
+    );
+
+    let _broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start(port, &format!("{prefix}#"));
+    let _restarted = ChildAlerts::start(dir.path(), &config, &[]);
+    sub.wait_for("both results after the restart", |m| {
+        m.iter()
+            .filter(|x| x.topic == format!("{prefix}result"))
+            .count()
+            >= 2
+            && m.iter()
+                .filter(|x| x.topic == format!("{prefix}alert"))
+                .count()
+                >= 2
+    });
+    let order = result_ids_in_order(&sub.on(&format!("{prefix}result")));
+    assert_eq!(order, ["crash-1", "crash-2"]);
+    assert_eq!(
+        sub.on(&format!("{prefix}keyimage/crash-1"))[0].payload,
+        b"\x89PNG-child"
+    );
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+}
+
+#[test]
+fn last_will_marks_device_offline_when_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Mosquitto::start(dir.path(), port, "");
+    let topic = "cspine/testsite/ct1/status";
+    let sub = Subscriber::start(port, topic);
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let mut child = ChildAlerts::start(dir.path(), &config, &[]);
+    sub.wait_for("online status", |m| {
+        m.iter().any(|x| json(&x.payload)["state"] == "online")
+    });
+    child.kill_9();
+    sub.wait_for("the Last Will (offline)", |m| {
+        m.iter().any(|x| json(&x.payload)["state"] == "offline")
+    });
+    let last = sub.messages().pop().unwrap();
+    let offline = json(&last.payload);
+    assert_eq!(offline["state"], "offline");
+    assert_eq!(offline["device"], "ct1");
+    // Retained: a dashboard that starts later still sees the device offline.
+    let late = Subscriber::start(port, topic);
+    late.wait_for("retained status", |m| !m.is_empty());
+    assert!(late.messages()[0].retain);
+    assert_eq!(json(&late.messages()[0].payload)["state"], "offline");
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    require("openssl");
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A CA and a server certificate for 127.0.0.1.
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cspine test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    require("mosquitto_passwd");
+    let passwd = d.join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["cspine", "right-secret"])
+        .status()
+        .expect("run mosquitto_passwd");
+    assert!(status.success());
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b"])
+        .arg(&passwd)
+        .args(["dashboard", "dash-secret"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let port = free_port();
+    let _broker = Mosquitto::start(
+        d,
+        port,
+        &format!(
+            "cafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n\
+             password_file {1}\nallow_anonymous false\n",
+            d.display(),
+            passwd.display()
+        ),
+    );
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "",
+            persistent: false,
+            ca: Some(&d.join("ca.crt")),
+            login: Some(("dashboard", "dash-secret")),
+        },
+    );
+
+    let mut config = config(d, Some(format!("mqtts://127.0.0.1:{port}")));
+    config.ca_file = Some(d.join("ca.crt"));
+    config.username = Some("cspine".into());
+    std::fs::write(d.join("password"), "wrong-secret\n").unwrap();
+    config.password_file = Some(d.join("password"));
+
+    let mut wrong = ChildAlerts::start(d, &config, &["tls-1"]);
+    wrong.wait_stdout("COMMITTED tls-1");
+    wrong.wait_stderr_contains("CONNACK refused");
+    let log = wrong.stderr.lock().unwrap().join("\n");
+    assert!(
+        log.contains("bad username or password") || log.contains("not authorized"),
+        "the log must say why: {log}"
+    );
+    wrong.kill_9();
+    assert!(sub.messages().is_empty());
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        1,
+        "the result waits in the outbox"
+    );
+
+    // Fixed password: the waiting result is delivered.
+    std::fs::write(d.join("password"), "right-secret\n").unwrap();
+    let _right = ChildAlerts::start(d, &config, &[]);
+    sub.wait_for("the result over TLS", |m| !m.is_empty());
+    let v = json(&sub.messages()[0].payload);
+    assert_eq!(v["id"], "tls-1");
+    validate_against_schema(d, &sub.messages()[0].payload);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+}
+
+#[test]
+fn embedded_broker_when_no_url_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = config(dir.path(), None);
+    config.embedded_broker_port = port;
+    let alerts = InProcess::start(config.clone());
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start(port, &format!("{prefix}result"));
+    alerts.commit(message("embedded-1", Status::Negative, None));
+    sub.wait_for("the result via the embedded broker", |m| !m.is_empty());
+    assert_eq!(json(&sub.messages()[0].payload)["id"], "embedded-1");
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    alerts.finish();
 }

@@ -76,7 +76,9 @@ pub struct AlertConfig {
     /// MQTT client id; default `cspine-triage-<site>-<device>`.
     pub client_id: Option<String>,
     pub username: Option<String>,
-    /// Password inline; prefer `password_file` (not shown by `check-config`).
+    /// Password inline; prefer `password_file`. Never serialised, so `check-config` does
+    /// not print it.
+    #[serde(skip_serializing)]
     pub password: Option<String>,
     /// File whose first line is the password.
     pub password_file: Option<PathBuf>,
@@ -358,4 +360,147 @@ pub async fn run_alerts(
     committed: Option<mpsc::Sender<Committed>>,
 ) -> Result<()> {
     Alerts::open(&config)?.run(status, rx, committed).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::result::*;
+    use super::*;
+
+    fn at(s: &str) -> Option<OffsetDateTime> {
+        Some(OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap())
+    }
+
+    fn full_result() -> TriageResult {
+        let vertebrae = (1..=7)
+            .map(|i| {
+                let v = VertebraResult {
+                    probability: if i == 2 { 0.87 } else { 0.02 },
+                    flagged: i == 2,
+                    z_range_mm: (i != 7)
+                        .then_some([-120.0 + 18.0 * i as f64, -103.5 + 18.0 * i as f64]),
+                };
+                (format!("C{i}"), v)
+            })
+            .collect::<BTreeMap<_, _>>();
+        TriageResult {
+            schema: SCHEMA_V1.into(),
+            id: "4f1c2a9e0b7d3c5a".into(),
+            status: Status::Positive,
+            reason: None,
+            study_instance_uid: "1.2.826.0.1.3680043.8.498.10".into(),
+            series_instance_uid: "1.2.826.0.1.3680043.8.498.10.2".into(),
+            accession_number: "A123".into(),
+            patient_ref: PatientRefs::with_key(b"0123456789abcdef0123".to_vec()).reference("P1"),
+            vertebrae,
+            patient: Some(PatientResult {
+                probability: 0.91,
+                threshold: 0.5,
+                flagged: true,
+            }),
+            key_slice: Some(KeySlice {
+                sop_instance_uid: "1.2.826.0.1.3680043.8.498.10.2.77".into(),
+                z_mm: -84.5,
+            }),
+            model: ModelInfo {
+                name: "cspine".into(),
+                version: "1.0.0".into(),
+                sha256: "0f".repeat(32),
+            },
+            runtime: "cuda".into(),
+            device: "ct1".into(),
+            site: "st-mary".into(),
+            timings: Timings {
+                first_instance_received: at("2026-11-27T13:00:00Z"),
+                last_instance_received: at("2026-11-27T13:00:04.5Z"),
+                series_complete: at("2026-11-27T13:00:06Z"),
+                inference_start: at("2026-11-27T13:00:06.01Z"),
+                inference_end: at("2026-11-27T13:00:15.2Z"),
+                published: at("2026-11-27T13:00:15.203Z"),
+            },
+        }
+    }
+
+    /// Validates each document with python3 jsonschema (draft 2020-12, formats checked);
+    /// returns the validator's complaints per document (empty = valid).
+    fn validate(docs: &[serde_json::Value]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut outcomes = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            let file = dir.path().join(format!("{i}.json"));
+            std::fs::write(&file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+            let out = Command::new("python3")
+                .arg(repo.join("tests/python/alert_validate.py"))
+                .arg(repo.join("docs/alert.schema.json"))
+                .arg(&file)
+                .output()
+                .expect("python3 is needed to validate against the schema");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !stderr.contains("Traceback"),
+                "validator failed (is python3-jsonschema installed?): {stderr}"
+            );
+            outcomes.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        outcomes
+    }
+
+    #[test]
+    fn triage_results_validate_against_the_published_schema() {
+        let positive = full_result();
+        let mut failed = full_result();
+        failed.status = Status::Failed;
+        failed.reason = Some("series has 3 slices, at least 64 are needed".into());
+        failed.vertebrae.clear();
+        failed.patient = None;
+        failed.key_slice = None;
+        failed.study_instance_uid = String::new();
+        failed.timings.inference_start = None;
+        failed.timings.inference_end = None;
+        let docs: Vec<_> = [&positive, &failed]
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap())
+            .collect();
+        for (doc, complaints) in docs.iter().zip(validate(&docs)) {
+            assert!(complaints.is_empty(), "{complaints}\n{doc:#}");
+        }
+
+        // The schema is not vacuous: contract violations are caught.
+        let mut no_reason = serde_json::to_value(&failed).unwrap();
+        no_reason.as_object_mut().unwrap().remove("reason");
+        let mut bad_vertebra = docs[0].clone();
+        bad_vertebra["vertebrae"]["T1"] = bad_vertebra["vertebrae"]["C1"].clone();
+        let mut bad_time = docs[0].clone();
+        bad_time["timings"]["published"] = "yesterday".into();
+        let mut extra = docs[0].clone();
+        extra["surprise"] = 1.into();
+        let bad = [no_reason, bad_vertebra, bad_time, extra];
+        for (doc, complaints) in bad.iter().zip(validate(&bad)) {
+            assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");
+        }
+    }
+
+    #[test]
+    fn config_defaults_validate_and_password_is_not_printed() {
+        let mut config = AlertConfig::default();
+        config.validate().unwrap();
+        assert_eq!(config.effective_topic_prefix(), "cspine/site/cspine-1/");
+        config.password = Some("hunter2".into());
+        config.topic_prefix = Some("hospital/ct".into());
+        assert_eq!(config.effective_topic_prefix(), "hospital/ct/");
+        let text = toml::to_string(&config).unwrap();
+        assert!(!text.contains("hunter2"));
+        config.site = "a/b".into();
+        assert!(config.validate().is_err());
+        let config = AlertConfig {
+            mqtt_url: Some("http://x".into()),
+            ..AlertConfig::default()
+        };
+        assert!(format!("{:#}", config.validate().unwrap_err()).contains("mqtt://"));
+    }
 }

@@ -607,8 +607,9 @@ fn describe(err: &ConnectionError, url: &BrokerUrl, username: Option<&str>) -> S
                 username.unwrap_or("")
             ),
             ConnectReturnCode::NotAuthorized => format!(
-                "CONNACK refused: not authorized (username {:?}; check the broker's ACL and \
-                 alert.username / alert.password_file)",
+                "CONNACK refused: not authorized: bad username or password, or the broker's \
+                 ACL denies this client (username {:?}; check alert.username and \
+                 alert.password / alert.password_file)",
                 username.unwrap_or("")
             ),
             ConnectReturnCode::BadClientId => {
