@@ -747,6 +747,28 @@ fn broker_outage_every_result_arrives_in_order() {
     wait_until("the outbox to empty", TIMEOUT, || {
         entries_on_disk(&config.outbox_dir) == 0
     });
+
+    // Second outage while results are in flight (sent, PUBACK pending): larger key images
+    // keep several of them on the wire when the broker goes away.
+    let png = vec![0x5a_u8; 256 * 1024];
+    let more: Vec<String> = (7..=26).map(|i| format!("outage-{i}")).collect();
+    for id in &more {
+        alerts.commit(message(id, Status::Positive, Some(&png)));
+    }
+    broker.stop();
+    let waiting = entries_on_disk(&config.outbox_dir);
+    broker.restart();
+    sub.wait_for("every result after the second outage", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 27
+    });
+    expected.extend(more);
+    assert_eq!(result_ids_in_order(&sub.messages()), expected);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    eprintln!("second outage hit with {waiting} result(s) not yet acknowledged");
     alerts.finish();
 }
 

@@ -306,6 +306,15 @@ impl Alerts {
                 patient_id,
                 key_image_png,
             } = message;
+            if !id_is_topic_safe(&result.id) {
+                // Still published (never dropped); the key image topic replaces the
+                // offending characters. An inference bug, not something to lose a result over.
+                log::error!(
+                    "result id {:?} (series {}) is not in the schema's form [A-Za-z0-9._:-]+",
+                    result.id,
+                    result.series_instance_uid
+                );
+            }
             result.schema = result::SCHEMA_V1.to_owned();
             result.patient_ref = self.refs.reference(&patient_id);
             result.site = self.config.site.clone();
@@ -317,7 +326,7 @@ impl Alerts {
                 .outbox
                 .commit_waiting(&result.id, positive, payload, key_image_png)
                 .await;
-            let already_queued = matches!(outcome, outbox::Committed::AlreadyQueued(_));
+            let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
             if already_queued {
                 log::info!(
                     "result {} (series {}) is already waiting in the outbox; kept the queued one",
@@ -350,6 +359,14 @@ impl Alerts {
         let _ = stop_tx.send(true);
         delivery.await.context("MQTT delivery task panicked")?
     }
+}
+
+/// The schema's form for `id`, which is also an MQTT topic level (`keyimage/<id>`).
+fn id_is_topic_safe(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// [`Alerts::open`] + [`Alerts::run`] in one call.
