@@ -151,6 +151,9 @@ struct Message {
     topic: String,
     retain: bool,
     payload: Vec<u8>,
+    /// MQTT 5 subscribers only.
+    content_type: Option<String>,
+    expiry: Option<u64>,
 }
 
 /// A paho-mqtt subscriber process collecting every message it gets.
@@ -159,7 +162,9 @@ struct Subscriber {
     messages: Arc<Mutex<Vec<Message>>>,
 }
 
+#[derive(Default)]
 struct SubOptions<'a> {
+    v5: bool,
     client_id: &'a str,
     persistent: bool,
     ca: Option<&'a Path>,
@@ -168,16 +173,7 @@ struct SubOptions<'a> {
 
 impl Subscriber {
     fn start(port: u16, topic: &str) -> Subscriber {
-        Subscriber::start_with(
-            port,
-            topic,
-            SubOptions {
-                client_id: "",
-                persistent: false,
-                ca: None,
-                login: None,
-            },
-        )
+        Subscriber::start_with(port, topic, SubOptions::default())
     }
 
     fn start_with(port: u16, topic: &str, opts: SubOptions) -> Subscriber {
@@ -194,6 +190,9 @@ impl Subscriber {
         }
         if opts.persistent {
             cmd.arg("--persistent");
+        }
+        if opts.v5 {
+            cmd.arg("--v5");
         }
         if let Some(ca) = opts.ca {
             cmd.arg("--ca").arg(ca);
@@ -222,6 +221,8 @@ impl Subscriber {
                             topic: v["topic"].as_str().unwrap().to_owned(),
                             retain: v["retain"].as_bool().unwrap(),
                             payload: hex::decode(v["payload_hex"].as_str().unwrap()).unwrap(),
+                            content_type: v["content_type"].as_str().map(str::to_owned),
+                            expiry: v["expiry"].as_u64(),
                         }),
                         _ => eprintln!("subscriber: {line}"),
                     }
@@ -703,8 +704,7 @@ fn broker_outage_every_result_arrives_in_order() {
         SubOptions {
             client_id: "outage-subscriber",
             persistent: true,
-            ca: None,
-            login: None,
+            ..SubOptions::default()
         },
     );
     let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
@@ -946,10 +946,9 @@ fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
         port,
         &format!("{prefix}result"),
         SubOptions {
-            client_id: "",
-            persistent: false,
             ca: Some(&d.join("ca.crt")),
             login: Some(("dashboard", "dash-secret")),
+            ..SubOptions::default()
         },
     );
 
@@ -1003,4 +1002,62 @@ fn embedded_broker_when_no_url_is_configured() {
         entries_on_disk(&config.outbox_dir) == 0
     });
     alerts.finish();
+}
+
+#[test]
+fn mqtt5_content_types_expiry_and_refused_publish_stays_in_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let prefix = "cspine/testsite/ct1/";
+    // The ACL lets this device publish everything but `alert`: the broker refuses that
+    // publish with PUBACK reason "not authorized", which only MQTT 5 can report.
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        format!(
+            "topic read #\n\
+             topic write {prefix}result\ntopic write {prefix}status\ntopic write {prefix}keyimage/#\n"
+        ),
+    )
+    .unwrap();
+    let _broker = Mosquitto::start(dir.path(), port, &format!("acl_file {}\n", acl.display()));
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}#"),
+        SubOptions {
+            v5: true,
+            ..SubOptions::default()
+        },
+    );
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.protocol = cspine_triage::alert::MqttProtocol::V5;
+    config.message_expiry_secs = Some(3600);
+    let mut child = ChildAlerts::start(dir.path(), &config, &["v5-1"]);
+    child.wait_stdout("COMMITTED v5-1");
+    sub.wait_for("result and key image over MQTT 5", |m| {
+        m.iter().any(|x| x.topic == format!("{prefix}result"))
+            && m.iter()
+                .any(|x| x.topic == format!("{prefix}keyimage/v5-1"))
+    });
+    let result = &sub.on(&format!("{prefix}result"))[0];
+    assert_eq!(result.content_type.as_deref(), Some("application/json"));
+    let expiry = result.expiry.expect("message expiry set");
+    assert!(expiry > 3500 && expiry <= 3600, "expiry {expiry}");
+    validate_against_schema(dir.path(), &result.payload);
+    let key = &sub.on(&format!("{prefix}keyimage/v5-1"))[0];
+    assert_eq!(key.content_type.as_deref(), Some("image/png"));
+    let status = &sub.on(&format!("{prefix}status"))[0];
+    assert_eq!(status.content_type.as_deref(), Some("application/json"));
+    assert_eq!(status.expiry, None, "the retained status never expires");
+
+    // The refused `alert` publish: logged, and the result is not counted as delivered.
+    child.wait_stderr_contains("the broker refused a publish of outbox entry 1");
+    assert!(sub.on(&format!("{prefix}alert")).is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        1,
+        "kept for a later retry"
+    );
+    child.kill_9();
 }

@@ -23,6 +23,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod patient_ref;
 pub mod result;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use mqtt::{BrokerUrl, StatusInfo, Topics};
 pub use outbox::{Outbox, OutboxLimits};
 pub use patient_ref::{PatientRefMode, PatientRefs};
 pub use result::TriageResult;
+pub use wire::MqttProtocol;
 
 /// Message from inference: one finished (or failed) series.
 #[derive(Debug, Clone)]
@@ -88,6 +90,11 @@ pub struct AlertConfig {
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
     pub keep_alive_secs: u64,
+    /// `"3.1.1"` (default) or `"5"`.
+    pub protocol: MqttProtocol,
+    /// MQTT 5 only: brokers drop a result or key image not delivered to a subscriber
+    /// within this many seconds. Unset: never (the default; the status never expires).
+    pub message_expiry_secs: Option<u32>,
     /// Reconnect backoff: starts at min, doubles per failed attempt, capped at max.
     pub reconnect_min_secs: f64,
     pub reconnect_max_secs: f64,
@@ -123,6 +130,8 @@ impl Default for AlertConfig {
             client_cert_file: None,
             client_key_file: None,
             keep_alive_secs: 30,
+            protocol: MqttProtocol::V311,
+            message_expiry_secs: None,
             reconnect_min_secs: 0.5,
             reconnect_max_secs: 30.0,
             outbox_dir: PathBuf::from("/var/lib/cspine-triage/outbox"),
@@ -165,6 +174,10 @@ impl AlertConfig {
         ensure!(
             self.reconnect_min_secs > 0.0 && self.reconnect_min_secs <= self.reconnect_max_secs,
             "alert.reconnect_min_secs must be > 0 and <= alert.reconnect_max_secs"
+        );
+        ensure!(
+            self.message_expiry_secs.is_none() || self.protocol == MqttProtocol::V5,
+            "alert.message_expiry_secs needs alert.protocol = \"5\" (MQTT 3.1.1 has no expiry)"
         );
         ensure!(
             self.keep_alive_secs == 0 || self.keep_alive_secs >= 5,
@@ -257,7 +270,7 @@ impl Alerts {
                 (BrokerUrl::parse(&broker.url())?, Some(broker))
             }
         };
-        mqtt::mqtt_options(config, &url, &StatusInfo::new(None))?;
+        mqtt::wire_options(config, &url, &StatusInfo::new(None))?;
         Ok(Alerts {
             config: config.clone(),
             outbox,
