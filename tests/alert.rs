@@ -1061,3 +1061,42 @@ fn mqtt5_content_types_expiry_and_refused_publish_stays_in_outbox() {
     );
     child.kill_9();
 }
+
+#[test]
+fn mqtt5_more_in_flight_than_the_broker_receive_maximum() {
+    // mosquitto announces receive maximum 20: rumqttc then reuses packet ids modulo 20,
+    // while the outbox keeps up to 32 publishes in flight.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "max_inflight_messages 20\n");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "many-subscriber",
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.protocol = cspine_triage::alert::MqttProtocol::V5;
+    // Commit all while the broker is down, so the reconnect replays 40 entries at once.
+    broker.stop();
+    let alerts = InProcess::start(config.clone());
+    let ids: Vec<String> = (0..40).map(|i| format!("many-{i:02}")).collect();
+    for id in &ids {
+        alerts.commit(message(id, Status::Negative, Some(&[7u8; 4096])));
+    }
+    broker.restart();
+    sub.wait_for("all 40 results", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 40
+    });
+    assert_eq!(result_ids_in_order(&sub.messages()), ids);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    alerts.finish();
+}

@@ -13,8 +13,11 @@
 //! - nothing is published while disconnected, and on every connection error the channel is
 //!   drained (`EventLoop::clean`) under the lock, so no request of an old connection is
 //!   sent on a new one;
-//! - at most [`WINDOW`] publishes are unacknowledged, far below rumqttc's packet-id space
-//!   (its `inflight`), so rumqttc never reports a packet-id collision instead of a publish.
+//! - rumqttc takes requests from its channel in order and reports each publish when it
+//!   writes it; a publish whose packet id is still in use (MQTT 5 brokers often allow only
+//!   20 in flight, and rumqttc reuses ids modulo that) is reported as `AwaitAck` and held,
+//!   and rumqttc takes no further request until it is written and reported, so the order
+//!   of `Outgoing::Publish` events is still the order of our requests.
 //!
 //! The event loop is polled by one task that is never cancelled (cancelling `poll` in a
 //! `select!` can lose a request that was taken from the channel but not yet written).
@@ -35,7 +38,8 @@ use super::AlertConfig;
 
 /// Most publishes awaiting PUBACK at once.
 pub const WINDOW: usize = 32;
-/// rumqttc's in-flight limit (= its packet-id space); must stay well above [`WINDOW`].
+/// rumqttc's in-flight limit (= its packet-id space, lowered by an MQTT 5 broker's
+/// receive maximum).
 const CLIENT_INFLIGHT: u16 = 100;
 
 /// The topics of one device.
@@ -390,9 +394,9 @@ impl Delivery {
                 }
             }
             WireEvent::Collision(pkid) => {
-                // Cannot happen with WINDOW < CLIENT_INFLIGHT; if it does, the FIFO is out
-                // of step, and the next reconnect resets it and replays the outbox.
-                log::error!("rumqttc packet-id collision on {pkid}; outbox will be replayed");
+                // Held until packet id {pkid} is acknowledged, then reported as
+                // `PublishSent` in order (see the module documentation).
+                log::debug!("publish waits for packet id {pkid} to be acknowledged");
             }
             WireEvent::PubAck { pkid, refused } => {
                 let mut link = self.link();
