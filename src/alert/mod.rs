@@ -23,6 +23,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod patient_ref;
 pub mod result;
+pub mod watch;
 pub mod wire;
 
 use std::path::PathBuf;

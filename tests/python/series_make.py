@@ -183,6 +183,16 @@ def main():
                  kernel="B70f", series_number=3, names={k: f"bone_{k:03d}.dcm" for k in range(SLICES)})
     manifest["two_candidates"] = {"soft": soft, "bone": bone}
 
+    # The preferred (bone) series has a missing slice: the soft-tissue one is the fallback.
+    study4 = generate_uid()
+    soft, bone = generate_uid(), generate_uid()
+    axial_series(out, "fallback", study4, soft, [generate_uid() for _ in range(SLICES)],
+                 kernel="STANDARD", series_number=2, names={k: f"soft_{k:03d}.dcm" for k in range(SLICES)})
+    axial_series(out, "fallback", study4, bone, [generate_uid() for _ in range(SLICES)],
+                 kernel="BONE", series_number=3, skip={4},
+                 names={k: f"bone_{k:03d}.dcm" for k in range(SLICES)})
+    manifest["fallback"] = {"soft": soft, "bone": bone}
+
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
 
