@@ -146,14 +146,19 @@ pub fn run(args: &InferArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if !report.unreadable.is_empty() {
-        for (path, err) in &report.unreadable {
+    // A file named on the command line must be DICOM; other files met while walking a
+    // folder (CSV, JSON, NIfTI next to the images) are only mentioned.
+    let mut named_unreadable = 0;
+    for (path, err) in &report.unreadable {
+        if args.paths.iter().any(|p| p == path) {
+            named_unreadable += 1;
             eprintln!("unreadable: {}: {err}", path.display());
+        } else {
+            eprintln!("skipped (not DICOM): {}", path.display());
         }
-        bail!(
-            "{} input file(s) could not be read as DICOM",
-            report.unreadable.len()
-        );
+    }
+    if named_unreadable > 0 {
+        bail!("{named_unreadable} input file(s) could not be read as DICOM");
     }
     if failures > 0 {
         bail!("{failures} series could not be analysed (see their reason)");
