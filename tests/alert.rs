@@ -86,13 +86,17 @@ impl Mosquitto {
         } else {
             "allow_anonymous true\n"
         };
+        // Started as root, mosquitto switches to user "mosquitto", which cannot read the
+        // test's private temp dir: stay who we are.
+        let me = Command::new("id").arg("-un").output().expect("run id -un");
+        let me = String::from_utf8_lossy(&me.stdout).trim().to_owned();
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\npersistence true\npersistence_location {}/\n\
+                "user {me}\nper_listener_settings false\npersistence true\npersistence_location {}/\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n{auth}\
                  listener {port} 127.0.0.1\n{extra}\n",
-                data.display()
+                data.display(),
             ),
         )
         .unwrap();
@@ -147,6 +151,9 @@ struct Message {
     topic: String,
     retain: bool,
     payload: Vec<u8>,
+    /// MQTT 5 subscribers only.
+    content_type: Option<String>,
+    expiry: Option<u64>,
 }
 
 /// A paho-mqtt subscriber process collecting every message it gets.
@@ -155,7 +162,9 @@ struct Subscriber {
     messages: Arc<Mutex<Vec<Message>>>,
 }
 
+#[derive(Default)]
 struct SubOptions<'a> {
+    v5: bool,
     client_id: &'a str,
     persistent: bool,
     ca: Option<&'a Path>,
@@ -164,16 +173,7 @@ struct SubOptions<'a> {
 
 impl Subscriber {
     fn start(port: u16, topic: &str) -> Subscriber {
-        Subscriber::start_with(
-            port,
-            topic,
-            SubOptions {
-                client_id: "",
-                persistent: false,
-                ca: None,
-                login: None,
-            },
-        )
+        Subscriber::start_with(port, topic, SubOptions::default())
     }
 
     fn start_with(port: u16, topic: &str, opts: SubOptions) -> Subscriber {
@@ -190,6 +190,9 @@ impl Subscriber {
         }
         if opts.persistent {
             cmd.arg("--persistent");
+        }
+        if opts.v5 {
+            cmd.arg("--v5");
         }
         if let Some(ca) = opts.ca {
             cmd.arg("--ca").arg(ca);
@@ -218,6 +221,8 @@ impl Subscriber {
                             topic: v["topic"].as_str().unwrap().to_owned(),
                             retain: v["retain"].as_bool().unwrap(),
                             payload: hex::decode(v["payload_hex"].as_str().unwrap()).unwrap(),
+                            content_type: v["content_type"].as_str().map(str::to_owned),
+                            expiry: v["expiry"].as_u64(),
                         }),
                         _ => eprintln!("subscriber: {line}"),
                     }
@@ -537,19 +542,39 @@ impl ChildAlerts {
     }
 
     fn wait_stdout(&self, line: &str) {
-        wait_until(&format!("child to print {line:?}"), TIMEOUT, || {
-            self.stdout.lock().unwrap().iter().any(|l| l == line)
+        self.wait(&format!("child to print {line:?}"), || {
+            // libtest may print "test child_alert_process ... " before the first line.
+            self.stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.ends_with(line))
         });
     }
 
     fn wait_stderr_contains(&self, needle: &str) {
-        wait_until(&format!("child to log {needle:?}"), TIMEOUT, || {
+        self.wait(&format!("child to log {needle:?}"), || {
             self.stderr
                 .lock()
                 .unwrap()
                 .iter()
                 .any(|l| l.contains(needle))
         });
+    }
+
+    /// Like [`wait_until`], but a timeout shows what the child printed.
+    fn wait(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; child stdout:\n{}\nchild stderr:\n{}",
+                    self.stdout.lock().unwrap().join("\n"),
+                    self.stderr.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill_9(&mut self) {
@@ -642,4 +667,436 @@ fn published_result_arrives_and_validates_against_schema() {
     let retained = late.messages();
     assert!(retained[0].retain);
     assert_eq!(json(&retained[0].payload)["state"], "offline");
+}
+
+/// First-occurrence order of result ids, and a check that every repeat of an id is a
+/// byte-identical re-delivery.
+fn result_ids_in_order(results: &[Message]) -> Vec<String> {
+    let mut first: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut order = Vec::new();
+    for m in results {
+        let id = json(&m.payload)["id"].as_str().unwrap().to_owned();
+        match first.get(&id) {
+            Some(payload) => assert_eq!(
+                payload, &m.payload,
+                "a repeated id must be an exact re-delivery ({id})"
+            ),
+            None => {
+                first.insert(id.clone(), m.payload.clone());
+                order.push(id);
+            }
+        }
+    }
+    order
+}
+
+#[test]
+fn broker_outage_every_result_arrives_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    // A persistent session: the broker keeps our subscription and queues QoS 1 messages
+    // while we are disconnected (it is down too, then restarted from its database).
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "outage-subscriber",
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let alerts = InProcess::start(config.clone());
+    alerts.commit(message("outage-0", Status::Negative, None));
+    sub.wait_for("the first result", |m| !m.is_empty());
+
+    broker.stop();
+    let ids: Vec<String> = (1..=6).map(|i| format!("outage-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let status = if i % 2 == 0 {
+            Status::Positive
+        } else {
+            Status::Negative
+        };
+        alerts.commit(message(id, status, Some(b"\x89PNG-outage")));
+    }
+    // Everything is durably waiting while the broker is down.
+    assert_eq!(entries_on_disk(&config.outbox_dir), 6);
+    std::thread::sleep(Duration::from_millis(1500)); // a few failed reconnects
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        6,
+        "nothing leaves the outbox unacked"
+    );
+
+    broker.restart();
+    sub.wait_for("all six results after the restart", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 7
+    });
+    let order = result_ids_in_order(&sub.messages());
+    let mut expected = vec!["outage-0".to_owned()];
+    expected.extend(ids);
+    assert_eq!(
+        order, expected,
+        "results arrive in commit order, once per id"
+    );
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+
+    // Second outage while results are in flight (sent, PUBACK pending): larger key images
+    // keep several of them on the wire when the broker goes away.
+    let png = vec![0x5a_u8; 256 * 1024];
+    let more: Vec<String> = (7..=26).map(|i| format!("outage-{i}")).collect();
+    for id in &more {
+        alerts.commit(message(id, Status::Positive, Some(&png)));
+    }
+    broker.stop();
+    let waiting = entries_on_disk(&config.outbox_dir);
+    broker.restart();
+    sub.wait_for("every result after the second outage", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 27
+    });
+    expected.extend(more);
+    assert_eq!(result_ids_in_order(&sub.messages()), expected);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    eprintln!("second outage hit with {waiting} result(s) not yet acknowledged");
+    alerts.finish();
+}
+
+#[test]
+fn kill_9_before_puback_result_arrives_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No broker yet: the child commits and can never get a PUBACK before it dies.
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let mut child = ChildAlerts::start(dir.path(), &config, &["crash-1", "crash-2"]);
+    child.wait_stdout("COMMITTED crash-2");
+    child.wait_stderr_contains("cannot connect to MQTT broker");
+    child.kill_9();
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        2,
+        "both results survive kill -9"
+    );
+
+    let _broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start(port, &format!("{prefix}#"));
+    let _restarted = ChildAlerts::start(dir.path(), &config, &[]);
+    sub.wait_for("both results after the restart", |m| {
+        m.iter()
+            .filter(|x| x.topic == format!("{prefix}result"))
+            .count()
+            >= 2
+            && m.iter()
+                .filter(|x| x.topic == format!("{prefix}alert"))
+                .count()
+                >= 2
+    });
+    let order = result_ids_in_order(&sub.on(&format!("{prefix}result")));
+    assert_eq!(order, ["crash-1", "crash-2"]);
+    assert_eq!(
+        sub.on(&format!("{prefix}keyimage/crash-1"))[0].payload,
+        b"\x89PNG-child"
+    );
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+}
+
+#[test]
+fn last_will_marks_device_offline_when_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Mosquitto::start(dir.path(), port, "");
+    let topic = "cspine/testsite/ct1/status";
+    let sub = Subscriber::start(port, topic);
+    let config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    let mut child = ChildAlerts::start(dir.path(), &config, &[]);
+    sub.wait_for("online status", |m| {
+        m.iter().any(|x| json(&x.payload)["state"] == "online")
+    });
+    child.kill_9();
+    sub.wait_for("the Last Will (offline)", |m| {
+        m.iter().any(|x| json(&x.payload)["state"] == "offline")
+    });
+    let last = sub.messages().pop().unwrap();
+    let offline = json(&last.payload);
+    assert_eq!(offline["state"], "offline");
+    assert_eq!(offline["device"], "ct1");
+    // Retained: a dashboard that starts later still sees the device offline.
+    let late = Subscriber::start(port, topic);
+    late.wait_for("retained status", |m| !m.is_empty());
+    assert!(late.messages()[0].retain);
+    assert_eq!(json(&late.messages()[0].payload)["state"], "offline");
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    require("openssl");
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A CA and a server certificate for 127.0.0.1.
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cspine test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    require("mosquitto_passwd");
+    let passwd = d.join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["cspine", "right-secret"])
+        .status()
+        .expect("run mosquitto_passwd");
+    assert!(status.success());
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b"])
+        .arg(&passwd)
+        .args(["dashboard", "dash-secret"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let port = free_port();
+    let _broker = Mosquitto::start(
+        d,
+        port,
+        &format!(
+            "cafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n\
+             password_file {1}\nallow_anonymous false\n",
+            d.display(),
+            passwd.display()
+        ),
+    );
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            ca: Some(&d.join("ca.crt")),
+            login: Some(("dashboard", "dash-secret")),
+            ..SubOptions::default()
+        },
+    );
+
+    let mut config = config(d, Some(format!("mqtts://127.0.0.1:{port}")));
+    config.ca_file = Some(d.join("ca.crt"));
+    config.username = Some("cspine".into());
+    std::fs::write(d.join("password"), "wrong-secret\n").unwrap();
+    config.password_file = Some(d.join("password"));
+
+    let mut wrong = ChildAlerts::start(d, &config, &["tls-1"]);
+    wrong.wait_stdout("COMMITTED tls-1");
+    wrong.wait_stderr_contains("CONNACK refused");
+    let log = wrong.stderr.lock().unwrap().join("\n");
+    assert!(
+        log.contains("bad username or password") || log.contains("not authorized"),
+        "the log must say why: {log}"
+    );
+    wrong.kill_9();
+    assert!(sub.messages().is_empty());
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        1,
+        "the result waits in the outbox"
+    );
+
+    // Fixed password: the waiting result is delivered.
+    std::fs::write(d.join("password"), "right-secret\n").unwrap();
+    let _right = ChildAlerts::start(d, &config, &[]);
+    sub.wait_for("the result over TLS", |m| !m.is_empty());
+    let v = json(&sub.messages()[0].payload);
+    assert_eq!(v["id"], "tls-1");
+    validate_against_schema(d, &sub.messages()[0].payload);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+}
+
+#[test]
+fn embedded_broker_when_no_url_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = config(dir.path(), None);
+    config.embedded_broker_port = port;
+    let alerts = InProcess::start(config.clone());
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start(port, &format!("{prefix}result"));
+    alerts.commit(message("embedded-1", Status::Negative, None));
+    sub.wait_for("the result via the embedded broker", |m| !m.is_empty());
+    assert_eq!(json(&sub.messages()[0].payload)["id"], "embedded-1");
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    alerts.finish();
+}
+
+#[test]
+fn mqtt5_content_types_expiry_and_refused_publish_stays_in_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let prefix = "cspine/testsite/ct1/";
+    // The ACL lets this device publish everything but `alert`: the broker refuses that
+    // publish with PUBACK reason "not authorized", which only MQTT 5 can report.
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        format!(
+            "topic read #\n\
+             topic write {prefix}result\ntopic write {prefix}status\ntopic write {prefix}keyimage/#\n"
+        ),
+    )
+    .unwrap();
+    let _broker = Mosquitto::start(dir.path(), port, &format!("acl_file {}\n", acl.display()));
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}#"),
+        SubOptions {
+            v5: true,
+            ..SubOptions::default()
+        },
+    );
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.protocol = cspine_triage::alert::MqttProtocol::V5;
+    config.message_expiry_secs = Some(3600);
+    let mut child = ChildAlerts::start(dir.path(), &config, &["v5-1"]);
+    child.wait_stdout("COMMITTED v5-1");
+    sub.wait_for("result and key image over MQTT 5", |m| {
+        m.iter().any(|x| x.topic == format!("{prefix}result"))
+            && m.iter()
+                .any(|x| x.topic == format!("{prefix}keyimage/v5-1"))
+    });
+    let result = &sub.on(&format!("{prefix}result"))[0];
+    assert_eq!(result.content_type.as_deref(), Some("application/json"));
+    let expiry = result.expiry.expect("message expiry set");
+    assert!(expiry > 3500 && expiry <= 3600, "expiry {expiry}");
+    validate_against_schema(dir.path(), &result.payload);
+    let key = &sub.on(&format!("{prefix}keyimage/v5-1"))[0];
+    assert_eq!(key.content_type.as_deref(), Some("image/png"));
+    let status = &sub.on(&format!("{prefix}status"))[0];
+    assert_eq!(status.content_type.as_deref(), Some("application/json"));
+    assert_eq!(status.expiry, None, "the retained status never expires");
+
+    // The refused `alert` publish: logged, and the result is not counted as delivered.
+    child.wait_stderr_contains("the broker refused a publish of outbox entry 1");
+    assert!(sub.on(&format!("{prefix}alert")).is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        entries_on_disk(&config.outbox_dir),
+        1,
+        "kept for a later retry"
+    );
+    child.kill_9();
+}
+
+#[test]
+fn mqtt5_more_in_flight_than_the_broker_receive_maximum() {
+    // mosquitto announces receive maximum 20: rumqttc then reuses packet ids modulo 20,
+    // while the outbox keeps up to 32 publishes in flight.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "max_inflight_messages 20\n");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "many-subscriber",
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.protocol = cspine_triage::alert::MqttProtocol::V5;
+    // Commit all while the broker is down, so the reconnect replays 40 entries at once.
+    broker.stop();
+    let alerts = InProcess::start(config.clone());
+    let ids: Vec<String> = (0..40).map(|i| format!("many-{i:02}")).collect();
+    for id in &ids {
+        alerts.commit(message(id, Status::Negative, Some(&[7u8; 4096])));
+    }
+    broker.restart();
+    sub.wait_for("all 40 results", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 40
+    });
+    assert_eq!(result_ids_in_order(&sub.messages()), ids);
+    wait_until("the outbox to empty", TIMEOUT, || {
+        entries_on_disk(&config.outbox_dir) == 0
+    });
+    alerts.finish();
 }

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod patient_ref;
 pub mod result;
 pub mod watch;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub use mqtt::{BrokerUrl, StatusInfo, Topics};
 pub use outbox::{Outbox, OutboxLimits};
 pub use patient_ref::{PatientRefMode, PatientRefs};
 pub use result::TriageResult;
+pub use wire::MqttProtocol;
 
 /// Message from inference: one finished (or failed) series.
 #[derive(Debug, Clone)]
@@ -77,7 +79,9 @@ pub struct AlertConfig {
     /// MQTT client id; default `cspine-triage-<site>-<device>`.
     pub client_id: Option<String>,
     pub username: Option<String>,
-    /// Password inline; prefer `password_file` (not shown by `check-config`).
+    /// Password inline; prefer `password_file`. Never serialised, so `check-config` does
+    /// not print it.
+    #[serde(skip_serializing)]
     pub password: Option<String>,
     /// File whose first line is the password.
     pub password_file: Option<PathBuf>,
@@ -87,6 +91,11 @@ pub struct AlertConfig {
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
     pub keep_alive_secs: u64,
+    /// `"3.1.1"` (default) or `"5"`.
+    pub protocol: MqttProtocol,
+    /// MQTT 5 only: brokers drop a result or key image not delivered to a subscriber
+    /// within this many seconds. Unset: never (the default; the status never expires).
+    pub message_expiry_secs: Option<u32>,
     /// Reconnect backoff: starts at min, doubles per failed attempt, capped at max.
     pub reconnect_min_secs: f64,
     pub reconnect_max_secs: f64,
@@ -122,6 +131,8 @@ impl Default for AlertConfig {
             client_cert_file: None,
             client_key_file: None,
             keep_alive_secs: 30,
+            protocol: MqttProtocol::V311,
+            message_expiry_secs: None,
             reconnect_min_secs: 0.5,
             reconnect_max_secs: 30.0,
             outbox_dir: PathBuf::from("/var/lib/cspine-triage/outbox"),
@@ -164,6 +175,10 @@ impl AlertConfig {
         ensure!(
             self.reconnect_min_secs > 0.0 && self.reconnect_min_secs <= self.reconnect_max_secs,
             "alert.reconnect_min_secs must be > 0 and <= alert.reconnect_max_secs"
+        );
+        ensure!(
+            self.message_expiry_secs.is_none() || self.protocol == MqttProtocol::V5,
+            "alert.message_expiry_secs needs alert.protocol = \"5\" (MQTT 3.1.1 has no expiry)"
         );
         ensure!(
             self.keep_alive_secs == 0 || self.keep_alive_secs >= 5,
@@ -256,7 +271,7 @@ impl Alerts {
                 (BrokerUrl::parse(&broker.url())?, Some(broker))
             }
         };
-        mqtt::mqtt_options(config, &url, &StatusInfo::new(None))?;
+        mqtt::wire_options(config, &url, &StatusInfo::new(None))?;
         Ok(Alerts {
             config: config.clone(),
             outbox,
@@ -305,6 +320,15 @@ impl Alerts {
                 patient_id,
                 key_image_png,
             } = message;
+            if !id_is_topic_safe(&result.id) {
+                // Still published (never dropped); the key image topic replaces the
+                // offending characters. An inference bug, not something to lose a result over.
+                log::error!(
+                    "result id {:?} (series {}) is not in the schema's form [A-Za-z0-9._:-]+",
+                    result.id,
+                    result.series_instance_uid
+                );
+            }
             result.schema = result::SCHEMA_V1.to_owned();
             result.patient_ref = self.refs.reference(&patient_id);
             result.site = self.config.site.clone();
@@ -316,7 +340,7 @@ impl Alerts {
                 .outbox
                 .commit_waiting(&result.id, positive, payload, key_image_png)
                 .await;
-            let already_queued = matches!(outcome, outbox::Committed::AlreadyQueued(_));
+            let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
             if already_queued {
                 log::info!(
                     "result {} (series {}) is already waiting in the outbox; kept the queued one",
@@ -351,6 +375,14 @@ impl Alerts {
     }
 }
 
+/// The schema's form for `id`, which is also an MQTT topic level (`keyimage/<id>`).
+fn id_is_topic_safe(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// [`Alerts::open`] + [`Alerts::run`] in one call.
 pub async fn run_alerts(
     config: AlertConfig,
@@ -359,4 +391,147 @@ pub async fn run_alerts(
     committed: Option<mpsc::Sender<Committed>>,
 ) -> Result<()> {
     Alerts::open(&config)?.run(status, rx, committed).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::result::*;
+    use super::*;
+
+    fn at(s: &str) -> Option<OffsetDateTime> {
+        Some(OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap())
+    }
+
+    fn full_result() -> TriageResult {
+        let vertebrae = (1..=7)
+            .map(|i| {
+                let v = VertebraResult {
+                    probability: if i == 2 { 0.87 } else { 0.02 },
+                    flagged: i == 2,
+                    z_range_mm: (i != 7)
+                        .then_some([-120.0 + 18.0 * i as f64, -103.5 + 18.0 * i as f64]),
+                };
+                (format!("C{i}"), v)
+            })
+            .collect::<BTreeMap<_, _>>();
+        TriageResult {
+            schema: SCHEMA_V1.into(),
+            id: "4f1c2a9e0b7d3c5a".into(),
+            status: Status::Positive,
+            reason: None,
+            study_instance_uid: "1.2.826.0.1.3680043.8.498.10".into(),
+            series_instance_uid: "1.2.826.0.1.3680043.8.498.10.2".into(),
+            accession_number: "A123".into(),
+            patient_ref: PatientRefs::with_key(b"0123456789abcdef0123".to_vec()).reference("P1"),
+            vertebrae,
+            patient: Some(PatientResult {
+                probability: 0.91,
+                threshold: 0.5,
+                flagged: true,
+            }),
+            key_slice: Some(KeySlice {
+                sop_instance_uid: "1.2.826.0.1.3680043.8.498.10.2.77".into(),
+                z_mm: -84.5,
+            }),
+            model: ModelInfo {
+                name: "cspine".into(),
+                version: "1.0.0".into(),
+                sha256: "0f".repeat(32),
+            },
+            runtime: "cuda".into(),
+            device: "ct1".into(),
+            site: "st-mary".into(),
+            timings: Timings {
+                first_instance_received: at("2026-11-27T13:00:00Z"),
+                last_instance_received: at("2026-11-27T13:00:04.5Z"),
+                series_complete: at("2026-11-27T13:00:06Z"),
+                inference_start: at("2026-11-27T13:00:06.01Z"),
+                inference_end: at("2026-11-27T13:00:15.2Z"),
+                published: at("2026-11-27T13:00:15.203Z"),
+            },
+        }
+    }
+
+    /// Validates each document with python3 jsonschema (draft 2020-12, formats checked);
+    /// returns the validator's complaints per document (empty = valid).
+    fn validate(docs: &[serde_json::Value]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut outcomes = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            let file = dir.path().join(format!("{i}.json"));
+            std::fs::write(&file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+            let out = Command::new("python3")
+                .arg(repo.join("tests/python/alert_validate.py"))
+                .arg(repo.join("docs/alert.schema.json"))
+                .arg(&file)
+                .output()
+                .expect("python3 is needed to validate against the schema");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !stderr.contains("Traceback"),
+                "validator failed (is python3-jsonschema installed?): {stderr}"
+            );
+            outcomes.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        outcomes
+    }
+
+    #[test]
+    fn triage_results_validate_against_the_published_schema() {
+        let positive = full_result();
+        let mut failed = full_result();
+        failed.status = Status::Failed;
+        failed.reason = Some("series has 3 slices, at least 64 are needed".into());
+        failed.vertebrae.clear();
+        failed.patient = None;
+        failed.key_slice = None;
+        failed.study_instance_uid = String::new();
+        failed.timings.inference_start = None;
+        failed.timings.inference_end = None;
+        let docs: Vec<_> = [&positive, &failed]
+            .iter()
+            .map(|r| serde_json::to_value(r).unwrap())
+            .collect();
+        for (doc, complaints) in docs.iter().zip(validate(&docs)) {
+            assert!(complaints.is_empty(), "{complaints}\n{doc:#}");
+        }
+
+        // The schema is not vacuous: contract violations are caught.
+        let mut no_reason = serde_json::to_value(&failed).unwrap();
+        no_reason.as_object_mut().unwrap().remove("reason");
+        let mut bad_vertebra = docs[0].clone();
+        bad_vertebra["vertebrae"]["T1"] = bad_vertebra["vertebrae"]["C1"].clone();
+        let mut bad_time = docs[0].clone();
+        bad_time["timings"]["published"] = "yesterday".into();
+        let mut extra = docs[0].clone();
+        extra["surprise"] = 1.into();
+        let bad = [no_reason, bad_vertebra, bad_time, extra];
+        for (doc, complaints) in bad.iter().zip(validate(&bad)) {
+            assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");
+        }
+    }
+
+    #[test]
+    fn config_defaults_validate_and_password_is_not_printed() {
+        let mut config = AlertConfig::default();
+        config.validate().unwrap();
+        assert_eq!(config.effective_topic_prefix(), "cspine/site/cspine-1/");
+        config.password = Some("hunter2".into());
+        config.topic_prefix = Some("hospital/ct".into());
+        assert_eq!(config.effective_topic_prefix(), "hospital/ct/");
+        let text = toml::to_string(&config).unwrap();
+        assert!(!text.contains("hunter2"));
+        config.site = "a/b".into();
+        assert!(config.validate().is_err());
+        let config = AlertConfig {
+            mqtt_url: Some("http://x".into()),
+            ..AlertConfig::default()
+        };
+        assert!(format!("{:#}", config.validate().unwrap_err()).contains("mqtt://"));
+    }
 }

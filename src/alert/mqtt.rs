@@ -1,4 +1,4 @@
-//! MQTT delivery of outbox entries (rumqttc 0.25, MQTT 3.1.1).
+//! MQTT delivery of outbox entries (rumqttc 0.25; MQTT 3.1.1, or 5 via [`super::wire`]).
 //!
 //! The outbox, not the client, is the source of truth. rumqttc forgets unacknowledged
 //! publishes on a reconnect without a session, so we connect with a clean session and,
@@ -7,14 +7,17 @@
 //!
 //! Matching PUBACKs to entries: rumqttc assigns the packet id when it takes a request from
 //! its channel and reports it as `Outgoing::Publish(pkid)`, in channel order. We push a
-//! [`Tag`] into a FIFO under the same lock as each `try_publish`, pop it on
+//! [`Tag`] into a FIFO under the same lock as each publish request, pop it on
 //! `Outgoing::Publish(pkid)` and find it again on `Incoming::PubAck(pkid)`. Two rules keep
 //! the FIFO in step with the channel:
 //! - nothing is published while disconnected, and on every connection error the channel is
 //!   drained (`EventLoop::clean`) under the lock, so no request of an old connection is
 //!   sent on a new one;
-//! - at most [`WINDOW`] publishes are unacknowledged, far below rumqttc's packet-id space
-//!   (its `inflight`), so rumqttc never reports a packet-id collision instead of a publish.
+//! - rumqttc takes requests from its channel in order and reports each publish when it
+//!   writes it; a publish whose packet id is still in use (MQTT 5 brokers often allow only
+//!   20 in flight, and rumqttc reuses ids modulo that) is reported as `AwaitAck` and held,
+//!   and rumqttc takes no further request until it is written and reported, so the order
+//!   of `Outgoing::Publish` events is still the order of our requests.
 //!
 //! The event loop is polled by one task that is never cancelled (cancelling `poll` in a
 //! `select!` can lose a request that was taken from the channel but not yet written).
@@ -24,20 +27,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill,
-    MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{TlsConfiguration, Transport};
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::outbox::Outbox;
 use super::result::ModelInfo;
+use super::wire::{self, EventSource, Payload, Source, Wire, WireEvent, WireOptions};
 use super::AlertConfig;
 
 /// Most publishes awaiting PUBACK at once.
 pub const WINDOW: usize = 32;
-/// rumqttc's in-flight limit (= its packet-id space); must stay well above [`WINDOW`].
+/// rumqttc's in-flight limit (= its packet-id space, lowered by an MQTT 5 broker's
+/// receive maximum).
 const CLIENT_INFLIGHT: u16 = 100;
 
 /// The topics of one device.
@@ -188,27 +190,17 @@ impl std::fmt::Display for BrokerUrl {
 }
 
 /// Client options from the config: credentials, TLS, keep-alive and the Last Will.
-pub fn mqtt_options(
+/// Reads the password, CA and client certificate files (errors name the config key).
+pub fn wire_options(
     config: &AlertConfig,
     url: &BrokerUrl,
     info: &StatusInfo,
-) -> Result<MqttOptions> {
-    let mut options = MqttOptions::new(config.effective_client_id(), url.host.clone(), url.port);
-    options
-        .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
-        .set_clean_session(true)
-        .set_inflight(CLIENT_INFLIGHT)
-        .set_max_packet_size(1024 * 1024, 64 * 1024 * 1024)
-        .set_last_will(LastWill::new(
-            Topics::new(&config.effective_topic_prefix()).status(),
-            status_payload(config, info, false),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), config.password()?.unwrap_or_default());
-    }
-    if url.tls {
+) -> Result<WireOptions> {
+    let login = match &config.username {
+        Some(user) => Some((user.clone(), config.password()?.unwrap_or_default())),
+        None => None,
+    };
+    let transport = if url.tls {
         let ca_path = match &config.ca_file {
             Some(path) => path.clone(),
             None => {
@@ -235,13 +227,24 @@ pub fn mqtt_options(
             )),
             _ => None,
         };
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        Some(Transport::tls_with_config(TlsConfiguration::Simple {
             ca,
             alpn: None,
             client_auth,
-        }));
-    }
-    Ok(options)
+        }))
+    } else {
+        None
+    };
+    Ok(WireOptions {
+        client_id: config.effective_client_id(),
+        url: url.clone(),
+        keep_alive: Duration::from_secs(config.keep_alive_secs),
+        login,
+        transport,
+        will_topic: Topics::new(&config.effective_topic_prefix()).status(),
+        will_payload: status_payload(config, info, false),
+        message_expiry_secs: config.message_expiry_secs,
+    })
 }
 
 /// What one publish is for, so its PUBACK can be credited.
@@ -252,7 +255,7 @@ enum Tag {
 }
 
 /// Connection-scoped bookkeeping, shared by the poll task and the sender; see the module
-/// documentation for why every `try_publish` happens under this lock.
+/// documentation for why every publish request is made under this lock.
 #[derive(Default)]
 struct Link {
     connected: bool,
@@ -278,34 +281,30 @@ impl Link {
         self.outstanding = 0;
     }
 
-    fn send(
-        &mut self,
-        client: &AsyncClient,
-        tag: Tag,
-        topic: String,
-        retain: bool,
-        payload: Vec<u8>,
-    ) {
+    fn send(&mut self, wire: &dyn Wire, tag: Tag, publish: Publish, retain: bool) {
+        let (topic, kind, payload) = publish;
         self.unassigned.push_back(tag);
         self.outstanding += 1;
-        if let Err(err) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+        if let Err(err) = wire.publish(topic, retain, payload, kind) {
             // Only possible when the event loop is gone (shutting down); the entry stays in
             // the outbox and is sent on the next start.
             self.unassigned.pop_back();
             self.outstanding -= 1;
-            log::warn!("cannot queue a publish: {err}");
+            log::warn!("cannot queue a publish: {err:#}");
         }
     }
 }
 
+type Publish = (String, Payload, Vec<u8>);
+
 /// Shared between the poll task and the sender task.
-pub(crate) struct Delivery {
-    client: AsyncClient,
+struct Delivery {
+    wire: Box<dyn Wire>,
     link: Mutex<Link>,
     outbox: Outbox,
     topics: Topics,
     /// Wakes the sender: connected, entries acknowledged or committed.
-    pub(crate) wake: tokio::sync::Notify,
+    wake: tokio::sync::Notify,
     /// Signalled whenever a PUBACK arrives (for the shutdown drain).
     acked: tokio::sync::Notify,
     online: Vec<u8>,
@@ -315,6 +314,12 @@ pub(crate) struct Delivery {
 impl Delivery {
     fn link(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send_status(&self, link: &mut Link, online: bool) {
+        let payload = if online { &self.online } else { &self.offline };
+        let publish = (self.topics.status(), Payload::Json, payload.clone());
+        link.send(&*self.wire, Tag::Status, publish, true);
     }
 
     /// Sends outbox entries in sequence order until the window is full or all are sent.
@@ -351,31 +356,35 @@ impl Delivery {
             if !link.connected || link.epoch != epoch {
                 return;
             }
-            let mut publishes = Vec::with_capacity(3);
+            let mut publishes: Vec<Publish> = Vec::with_capacity(3);
             // Key image first: a dashboard that gets the result can already show it.
             if let Some(png) = entry.key_image_png {
-                publishes.push((self.topics.key_image(&entry.id), png));
+                publishes.push((self.topics.key_image(&entry.id), Payload::Png, png));
             }
             if entry.positive {
-                publishes.push((self.topics.result(), entry.result_json.clone()));
-                publishes.push((self.topics.alert(), entry.result_json));
+                publishes.push((
+                    self.topics.result(),
+                    Payload::Json,
+                    entry.result_json.clone(),
+                ));
+                publishes.push((self.topics.alert(), Payload::Json, entry.result_json));
             } else {
-                publishes.push((self.topics.result(), entry.result_json));
+                publishes.push((self.topics.result(), Payload::Json, entry.result_json));
             }
             link.remaining.insert(entry.seq, publishes.len());
             link.cursor = entry.seq;
-            for (topic, payload) in publishes {
-                link.send(&self.client, Tag::Entry(entry.seq), topic, false, payload);
+            for publish in publishes {
+                link.send(&*self.wire, Tag::Entry(entry.seq), publish, false);
             }
             log::debug!("published outbox entry {} (id {})", entry.seq, entry.id);
         }
     }
 
     /// Handles one event of the event loop; returns entries that are now fully delivered.
-    fn on_event(&self, event: &Event) -> Vec<u64> {
+    fn on_event(&self, event: &WireEvent) -> Vec<u64> {
         let mut delivered = Vec::new();
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            WireEvent::PublishSent(pkid) => {
                 let mut link = self.link();
                 match link.unassigned.pop_front() {
                     Some(tag) => {
@@ -384,29 +393,44 @@ impl Delivery {
                     None => log::warn!("publish {pkid} was not sent by the outbox; ignored"),
                 }
             }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                // Cannot happen with WINDOW < CLIENT_INFLIGHT; if it does, the FIFO is out
-                // of step: a reconnect resets it and everything is published again.
-                log::error!("rumqttc packet-id collision on {pkid}; outbox will be replayed");
+            WireEvent::Collision(pkid) => {
+                // Held until packet id {pkid} is acknowledged, then reported as
+                // `PublishSent` in order (see the module documentation).
+                log::debug!("publish waits for packet id {pkid} to be acknowledged");
             }
-            Event::Incoming(Incoming::PubAck(ack)) => {
+            WireEvent::PubAck { pkid, refused } => {
                 let mut link = self.link();
-                if let Some(tag) = link.by_pkid.remove(&ack.pkid) {
+                if let Some(tag) = link.by_pkid.remove(pkid) {
                     link.outstanding -= 1;
-                    if let Tag::Entry(seq) = tag {
-                        if let Some(left) = link.remaining.get_mut(&seq) {
-                            *left -= 1;
-                            if *left == 0 {
-                                link.remaining.remove(&seq);
-                                delivered.push(seq);
+                    match (tag, refused) {
+                        (Tag::Entry(seq), Some(why)) => {
+                            // Keep it: it is retried after the next reconnect or restart.
+                            link.remaining.remove(&seq);
+                            log::error!(
+                                "the broker refused a publish of outbox entry {seq}: {why}; \
+                                 it stays in the outbox (check the broker's ACL for {}#)",
+                                self.topics.prefix
+                            );
+                        }
+                        (Tag::Entry(seq), None) => {
+                            if let Some(left) = link.remaining.get_mut(&seq) {
+                                *left -= 1;
+                                if *left == 0 {
+                                    link.remaining.remove(&seq);
+                                    delivered.push(seq);
+                                }
                             }
                         }
+                        (Tag::Status, Some(why)) => {
+                            log::error!("the broker refused the status publish: {why}")
+                        }
+                        (Tag::Status, None) => {}
                     }
                 }
                 drop(link);
                 self.acked.notify_waiters();
             }
-            _ => {}
+            WireEvent::ConnAck | WireEvent::Other => {}
         }
         delivered
     }
@@ -414,7 +438,8 @@ impl Delivery {
 
 /// Runs the MQTT side until `shutdown` fires: connects (with backoff), keeps the retained
 /// status, publishes outbox entries and removes them once acknowledged. On shutdown it
-/// waits up to `drain` for the outbox to empty, then publishes `offline` and disconnects.
+/// waits up to `shutdown_drain_secs` for the outbox to empty, then publishes `offline` and
+/// disconnects.
 pub async fn deliver(
     config: AlertConfig,
     url: BrokerUrl,
@@ -423,11 +448,11 @@ pub async fn deliver(
     wake: Arc<tokio::sync::Notify>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    let options = mqtt_options(&config, &url, &info)?;
+    let options = wire_options(&config, &url, &info)?;
     // The channel never holds more than WINDOW publishes + status + disconnect.
-    let (client, eventloop) = AsyncClient::new(options, WINDOW + 8);
+    let (wire, source) = wire::connect(config.protocol, options, WINDOW + 8, CLIENT_INFLIGHT);
     let delivery = Arc::new(Delivery {
-        client,
+        wire,
         link: Mutex::new(Link::default()),
         outbox: outbox.clone(),
         topics: Topics::new(&config.effective_topic_prefix()),
@@ -438,10 +463,9 @@ pub async fn deliver(
         offline: status_payload(&config, &info, false),
     });
     let poller = tokio::spawn(poll_loop(
-        eventloop,
+        source,
         delivery.clone(),
         url.clone(),
-        config.username.clone(),
         Duration::from_secs_f64(config.reconnect_min_secs),
         Duration::from_secs_f64(config.reconnect_max_secs),
     ));
@@ -481,14 +505,7 @@ pub async fn deliver(
     let sent_offline = {
         let mut link = delivery.link();
         if link.connected {
-            let topic = delivery.topics.status();
-            link.send(
-                &delivery.client,
-                Tag::Status,
-                topic,
-                true,
-                delivery.offline.clone(),
-            );
+            delivery.send_status(&mut link, false);
             true
         } else {
             false
@@ -507,7 +524,7 @@ pub async fn deliver(
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
-        let _ = delivery.client.try_disconnect();
+        delivery.wire.disconnect();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     poller.abort();
@@ -515,38 +532,35 @@ pub async fn deliver(
 }
 
 async fn poll_loop(
-    mut eventloop: EventLoop,
+    mut source: Source,
     delivery: Arc<Delivery>,
     url: BrokerUrl,
-    username: Option<String>,
     min_delay: Duration,
     max_delay: Duration,
 ) {
     let mut delay = min_delay;
     let mut failures: u32 = 0;
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                // Clean session: anything rumqttc kept from before is ours to resend.
-                eventloop.pending.clear();
+        match source.poll().await {
+            Ok(WireEvent::ConnAck) => {
                 let waiting = delivery.outbox.len();
                 {
                     let mut link = delivery.link();
+                    // Clean session: anything rumqttc kept from before is ours to resend.
+                    source.forget_queued_after_connack();
                     link.reset();
                     link.connected = true;
                     link.epoch += 1;
-                    let topic = delivery.topics.status();
-                    link.send(
-                        &delivery.client,
-                        Tag::Status,
-                        topic,
-                        true,
-                        delivery.online.clone(),
-                    );
+                    delivery.send_status(&mut link, true);
                 }
+                let after = if failures > 0 {
+                    format!(" after {failures} failed attempt(s)")
+                } else {
+                    String::new()
+                };
                 log::info!(
-                    "connected to MQTT broker {url}{}; {waiting} result(s) in the outbox to publish",
-                    if failures > 0 { format!(" after {failures} failed attempt(s)") } else { String::new() }
+                    "connected to MQTT broker {url}{after}; {waiting} result(s) in the outbox \
+                     to publish"
                 );
                 delay = min_delay;
                 failures = 0;
@@ -563,7 +577,7 @@ async fn poll_loop(
                     delivery.wake.notify_one();
                 }
             }
-            Err(ConnectionError::RequestsDone) => return,
+            Err(err) if err.requests_done => return,
             Err(err) => {
                 let was_connected = {
                     let mut link = delivery.link();
@@ -572,12 +586,11 @@ async fn poll_loop(
                     link.reset();
                     // Drop requests still in the channel so none reaches the next connection
                     // (the outbox resends them after the next CONNACK).
-                    eventloop.clean();
-                    eventloop.pending.clear();
+                    source.forget_queued();
                     was
                 };
                 failures += 1;
-                let why = describe(&err, &url, username.as_deref());
+                let why = err.reason;
                 if was_connected {
                     log::warn!(
                         "lost the connection to MQTT broker {url}: {why}; reconnecting in {:.1} s",
@@ -594,41 +607,6 @@ async fn poll_loop(
                 delay = (delay * 2).min(max_delay);
             }
         }
-    }
-}
-
-/// A log-ready reason for a connection error: what happened and what to check.
-fn describe(err: &ConnectionError, url: &BrokerUrl, username: Option<&str>) -> String {
-    match err {
-        ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::BadUserNamePassword => format!(
-                "CONNACK refused: bad username or password (username {:?}; check alert.username \
-                 and alert.password / alert.password_file)",
-                username.unwrap_or("")
-            ),
-            ConnectReturnCode::NotAuthorized => format!(
-                "CONNACK refused: not authorized (username {:?}; check the broker's ACL and \
-                 alert.username / alert.password_file)",
-                username.unwrap_or("")
-            ),
-            ConnectReturnCode::BadClientId => {
-                "CONNACK refused: client id rejected (check alert.client_id)".to_owned()
-            }
-            other => format!("CONNACK refused: {other:?}"),
-        },
-        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!(
-                "connection refused by {}:{} (is the broker running and listening there?)",
-                url.host, url.port
-            )
-        }
-        ConnectionError::Io(io) => format!("network error: {io}"),
-        ConnectionError::NetworkTimeout => "timed out connecting".to_owned(),
-        ConnectionError::Tls(tls) => format!(
-            "TLS failed: {tls} (check alert.ca_file, the broker certificate's host name, \
-             and alert.client_cert_file / client_key_file)"
-        ),
-        other => other.to_string(),
     }
 }
 

@@ -68,7 +68,7 @@ pub struct Entry {
 
 /// Result of [`Outbox::commit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Committed {
+pub enum CommitOutcome {
     /// Fsynced as a new entry with this sequence number.
     Added(u64),
     /// An entry with the same id is still waiting for delivery; it is kept, the new one is
@@ -76,10 +76,10 @@ pub enum Committed {
     AlreadyQueued(u64),
 }
 
-impl Committed {
+impl CommitOutcome {
     pub fn seq(self) -> u64 {
         match self {
-            Committed::Added(seq) | Committed::AlreadyQueued(seq) => seq,
+            CommitOutcome::Added(seq) | CommitOutcome::AlreadyQueued(seq) => seq,
         }
     }
 }
@@ -123,6 +123,9 @@ struct State {
 
 struct Shared {
     dir: PathBuf,
+    /// Exclusive lock on `dir/.lock` for as long as the outbox is open: two processes
+    /// publishing and deleting the same entries would confuse each other.
+    _lock: nix::fcntl::Flock<File>,
     limits: OutboxLimits,
     state: Mutex<State>,
     /// Signalled when an entry is removed (space for waiting results).
@@ -152,6 +155,17 @@ impl Outbox {
     pub fn open(dir: &Path, limits: OutboxLimits) -> Result<Outbox> {
         fs::create_dir_all(dir)
             .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
+        let lock_path = dir.join(".lock");
+        let lock_file = File::create(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| {
+                anyhow::anyhow!(
+                    "outbox {} is in use by another process ({errno}); \
+                     is another cspine-triage running with the same alert.outbox_dir?",
+                    dir.display()
+                )
+            })?;
         let mut state = State {
             next_seq: 1,
             ..State::default()
@@ -197,6 +211,7 @@ impl Outbox {
         Ok(Outbox {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
+                _lock: lock,
                 limits,
                 state: Mutex::new(state),
                 space: tokio::sync::Notify::new(),
@@ -254,12 +269,12 @@ impl Outbox {
         positive: bool,
         result_json: &[u8],
         key_image_png: Option<&[u8]>,
-    ) -> Result<Committed, CommitError> {
+    ) -> Result<CommitOutcome, CommitError> {
         // Holding the lock across the write keeps sequence numbers and files in one order
         // and makes "same id twice" race-free; commits are rare (one per series).
         let mut state = self.state();
         if let Some(&seq) = state.by_id.get(id) {
-            return Ok(Committed::AlreadyQueued(seq));
+            return Ok(CommitOutcome::AlreadyQueued(seq));
         }
         let mut body = Vec::with_capacity(result_json.len() + key_image_png.map_or(0, |p| p.len()));
         body.extend_from_slice(result_json);
@@ -310,7 +325,7 @@ impl Outbox {
                 file_bytes,
             },
         );
-        Ok(Committed::Added(seq))
+        Ok(CommitOutcome::Added(seq))
     }
 
     /// Like [`Outbox::commit`], but waits (without blocking the runtime) while the outbox is
@@ -323,7 +338,7 @@ impl Outbox {
         positive: bool,
         result_json: Vec<u8>,
         key_image_png: Option<Vec<u8>>,
-    ) -> Committed {
+    ) -> CommitOutcome {
         let result_json = Arc::new(result_json);
         let key_image_png = Arc::new(key_image_png);
         let mut logged_full = false;
@@ -572,18 +587,18 @@ mod tests {
             outbox
                 .commit("a", true, b"{\"id\":\"a\"}", Some(b"PNG"))
                 .unwrap(),
-            Committed::Added(1)
+            CommitOutcome::Added(1)
         );
         assert_eq!(
             outbox.commit("b", false, b"{\"id\":\"b\"}", None).unwrap(),
-            Committed::Added(2)
+            CommitOutcome::Added(2)
         );
         // Same id again: one entry.
         assert_eq!(
             outbox
                 .commit("a", true, b"{\"id\":\"a\",\"x\":1}", None)
                 .unwrap(),
-            Committed::AlreadyQueued(1)
+            CommitOutcome::AlreadyQueued(1)
         );
         let a = outbox.load(1).unwrap();
         assert_eq!(a.result_json, b"{\"id\":\"a\"}");
@@ -598,7 +613,7 @@ mod tests {
         assert_eq!(reopened.next_after(0).unwrap().id, "b");
         assert_eq!(
             reopened.commit("c", false, b"{}", None).unwrap(),
-            Committed::Added(3)
+            CommitOutcome::Added(3)
         );
         drop(reopened);
         let again = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
@@ -608,7 +623,7 @@ mod tests {
         again.remove(2).unwrap();
         assert_eq!(
             again.commit("b", false, b"{}", None).unwrap(),
-            Committed::Added(4)
+            CommitOutcome::Added(4)
         );
     }
 
@@ -625,7 +640,7 @@ mod tests {
         outbox.remove(1).unwrap();
         assert_eq!(
             outbox.commit("c", false, b"{}", None).unwrap(),
-            Committed::Added(3)
+            CommitOutcome::Added(3)
         );
 
         // Byte limit: an oversized entry is still taken into an empty outbox.
@@ -664,8 +679,18 @@ mod tests {
         // Sequence numbers keep growing past what is on disk.
         assert_eq!(
             outbox.commit("c", false, b"{}", None).unwrap(),
-            Committed::Added(3)
+            CommitOutcome::Added(3)
         );
+    }
+
+    #[test]
+    fn one_process_per_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+        let err = Outbox::open(dir.path(), OutboxLimits::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+        drop(outbox);
+        Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
     }
 
     #[tokio::test]
@@ -691,6 +716,6 @@ mod tests {
             .await
             .expect("commit resumes after a removal")
             .unwrap();
-        assert_eq!(committed, Committed::Added(2));
+        assert_eq!(committed, CommitOutcome::Added(2));
     }
 }

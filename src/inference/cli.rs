@@ -41,6 +41,9 @@ pub struct InferArgs {
     /// Writable directory for the kernels tract-cuda compiles.
     #[arg(long, default_value = "/var/cache/cspine-triage")]
     pub cuda_cache_dir: PathBuf,
+    /// Run the model as one graph with multithreaded kernels instead of slices in parallel.
+    #[arg(long)]
+    pub no_slice_parallel: bool,
     /// Time every node of the model and print the totals per op to stderr (CPU only).
     #[arg(long)]
     pub profile: bool,
@@ -76,6 +79,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
         threads: args.threads,
         runtime: args.runtime.clone(),
         cuda_cache_dir: args.cuda_cache_dir.clone(),
+        slice_parallel: !args.no_slice_parallel,
         ..InferenceConfig::default()
     };
     let pipeline = Pipeline::load(&config)?;
@@ -87,8 +91,10 @@ pub fn run(args: &InferArgs) -> Result<()> {
     let bar = if report.outcomes.len() > 1 {
         let bar = ProgressBar::new(report.outcomes.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} series, {elapsed} elapsed, ETA {eta}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} series, {elapsed} elapsed, ETA {eta}",
+            )
+            .expect("static template"),
         );
         bar
     } else {
@@ -140,14 +146,19 @@ pub fn run(args: &InferArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if !report.unreadable.is_empty() {
-        for (path, err) in &report.unreadable {
+    // A file named on the command line must be DICOM; other files met while walking a
+    // folder (CSV, JSON, NIfTI next to the images) are only mentioned.
+    let mut named_unreadable = 0;
+    for (path, err) in &report.unreadable {
+        if args.paths.iter().any(|p| p == path) {
+            named_unreadable += 1;
             eprintln!("unreadable: {}: {err}", path.display());
+        } else {
+            eprintln!("skipped (not DICOM): {}", path.display());
         }
-        bail!(
-            "{} input file(s) could not be read as DICOM",
-            report.unreadable.len()
-        );
+    }
+    if named_unreadable > 0 {
+        bail!("{named_unreadable} input file(s) could not be read as DICOM");
     }
     if failures > 0 {
         bail!("{failures} series could not be analysed (see their reason)");
@@ -203,7 +214,11 @@ fn print_profile(profile: &[(String, String, Duration)]) {
     }
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
-    eprintln!("profile: {:.1} ms in {} nodes", total.as_secs_f64() * 1e3, profile.len());
+    eprintln!(
+        "profile: {:.1} ms in {} nodes",
+        total.as_secs_f64() * 1e3,
+        profile.len()
+    );
     for (op, (t, n)) in ops.iter().take(12) {
         eprintln!(
             "  op {op:<28} {:>9.1} ms {:>5.1}% ({n} nodes)",

@@ -147,10 +147,7 @@ impl ModelContract {
                 "input.spacing_mm.{what} must be > 0"
             );
         }
-        ensure!(
-            i.window.width > 0.0,
-            "input.window.width must be > 0"
-        );
+        ensure!(i.window.width > 0.0, "input.window.width must be > 0");
         ensure!(
             i.min_slices >= 1 && i.max_slices >= i.min_slices,
             "input.min_slices must be >= 1 and <= input.max_slices"
@@ -228,7 +225,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn example_json(sha: &str) -> String {

@@ -1,7 +1,7 @@
 //! The tract engine: the ONNX model loaded, checked against its contract and prepared
 //! once at start-up (with the slice count `S` symbolic), then run for every series.
 //!
-//! Runtimes: `cpu` (tract's optimized CPU plan on a private thread pool), `cuda`
+//! Runtimes: `cpu` (tract's optimized CPU plan; slices run in parallel, see [`SlicePlan`]), `cuda`
 //! (tract-cuda; only with the `cuda` Cargo feature) and `gpu-or-cpu` (CUDA when a driver,
 //! the CUDA libraries and NVRTC work, else CPU, with a log line saying why).
 
@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir;
 
 use super::contract::{ModelFiles, VERTEBRAE};
 use super::preprocess::ModelInput;
@@ -45,6 +45,9 @@ pub struct EngineOptions {
     pub threads: usize,
     /// Where tract-cuda keeps the kernels NVRTC compiled (must be writable).
     pub cuda_cache_dir: PathBuf,
+    /// On the CPU, run the per-slice part of the model one slice per task across the
+    /// threads (see [`SlicePlan`]) instead of as one graph.
+    pub slice_parallel: bool,
 }
 
 /// The raw model outputs of one series.
@@ -76,9 +79,11 @@ struct OutputIndex {
 pub struct Engine {
     pub files: ModelFiles,
     runnable: Arc<dyn Runnable>,
+    /// The same model cut in two for the CPU (see [`SlicePlan`]); None on CUDA or when
+    /// the graph has no recurrent op to cut at.
+    slice_plan: Option<SlicePlan>,
     /// "cpu" or "cuda".
     runtime: &'static str,
-    executor: Executor,
     outputs: OutputIndex,
     threads: usize,
 }
@@ -89,6 +94,7 @@ impl std::fmt::Debug for Engine {
             .field("model", &self.files.onnx_path)
             .field("runtime", &self.runtime)
             .field("threads", &self.threads)
+            .field("slice_parallel", &self.slice_plan.is_some())
             .finish()
     }
 }
@@ -98,32 +104,37 @@ impl Engine {
     /// graph with `S` symbolic, and prepares it for the chosen runtime.
     pub fn load(contract_path: &Path, options: &EngineOptions) -> Result<Engine> {
         let started = Instant::now();
+        avoid_amx_int8();
         let files = ModelFiles::load(contract_path)?;
         let decluttered = load_decluttered(&files)
             .with_context(|| format!("cannot load the ONNX model {}", files.onnx_path.display()))?;
         let outputs = output_index(&decluttered, &files)?;
         let threads = options.threads.max(1);
-        let executor = if threads > 1 {
-            Executor::multithread_with_name(threads, "cspine-tract")
-        } else {
-            Executor::SingleThread
-        };
         let (runtime, runnable) = prepare(decluttered, options)?;
-        log::info!(
-            "model {} {} ({}) ready on runtime {runtime} with {threads} CPU threads in {:.2} s",
-            files.contract.name,
-            files.contract.version,
-            files.onnx_path.display(),
-            started.elapsed().as_secs_f64()
-        );
-        Ok(Engine {
+        let mut engine = Engine {
             files,
             runnable,
+            slice_plan: None,
             runtime,
-            executor,
             outputs,
             threads,
-        })
+        };
+        if runtime == "cpu" && options.slice_parallel {
+            engine.slice_plan = engine.try_slice_plan();
+        }
+        log::info!(
+            "model {} {} ({}) ready on runtime {runtime} with {threads} CPU threads{} in {:.2} s",
+            engine.files.contract.name,
+            engine.files.contract.version,
+            engine.files.onnx_path.display(),
+            if engine.slice_plan.is_some() {
+                ", slices in parallel"
+            } else {
+                ""
+            },
+            started.elapsed().as_secs_f64()
+        );
+        Ok(engine)
     }
 
     /// "cpu" or "cuda": what results report.
@@ -137,12 +148,24 @@ impl Engine {
 
     /// Runs the model on one series' input (consumed: the tensor moves into tract).
     pub fn run(&self, input: ModelInput) -> Result<ModelOutputs> {
+        if let Some(plan) = &self.slice_plan {
+            let slices = input.slices;
+            let outputs = plan
+                .run(input, self.threads)
+                .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
+            return self.read_outputs(slices, &outputs);
+        }
+        self.run_whole(input)
+    }
+
+    /// Runs the model as one graph (the CUDA runtime always does).
+    pub fn run_whole(&self, input: ModelInput) -> Result<ModelOutputs> {
         let slices = input.slices;
         let tensor = input_tensor(input)?;
-        let outputs = multithread_tract_scope(self.executor.clone(), || {
-            self.runnable.run(tvec![tensor.into_tvalue()])
-        })
-        .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
+        let outputs = self
+            .runnable
+            .run(tvec![tensor.into_tvalue()])
+            .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
         self.read_outputs(slices, &outputs)
     }
 
@@ -160,16 +183,18 @@ impl Engine {
         let slices = input.slices;
         let tensor = input_tensor(input)?;
         let mut times: BTreeMap<usize, Duration> = BTreeMap::new();
-        let outputs = multithread_tract_scope(self.executor.clone(), || {
-            let mut state = plan.spawn()?;
-            state.run_plan_with_eval(tvec![tensor.into_tvalue()], |ctx, op_state, node, inputs| {
-                let t = Instant::now();
-                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                *times.entry(node.id).or_default() += t.elapsed();
-                r
-            })
-        })
-        .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
+        let mut state = plan.spawn()?;
+        let outputs = state
+            .run_plan_with_eval(
+                tvec![tensor.into_tvalue()],
+                |ctx, op_state, node, inputs| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    *times.entry(node.id).or_default() += t.elapsed();
+                    r
+                },
+            )
+            .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
         let model = plan.model();
         let profile = times
             .into_iter()
@@ -190,7 +215,8 @@ impl Engine {
                 .get(ix)
                 .with_context(|| format!("model returned no {what} output"))?;
             let t = t.cast_to::<f32>()?;
-            let v = t.as_slice::<f32>()?;
+            let view = t.try_as_plain_ram()?;
+            let v = view.as_slice::<f32>()?;
             ensure!(
                 v.len() == len,
                 "model output {what} has {} values, the contract implies {len} (shape {:?})",
@@ -206,7 +232,11 @@ impl Engine {
         )?;
         let vertebra = get(self.outputs.vertebra, "vertebra_logits", VERTEBRAE.len())?;
         let patient = get(self.outputs.patient, "patient_logit", 1)?;
-        let attention = get(self.outputs.attention, "attention", VERTEBRAE.len() * slices)?;
+        let attention = get(
+            self.outputs.attention,
+            "attention",
+            VERTEBRAE.len() * slices,
+        )?;
         Ok(ModelOutputs {
             slices,
             seg_logits,
@@ -217,6 +247,18 @@ impl Engine {
             patient_logit: patient[0],
             attention,
         })
+    }
+}
+
+/// tract 0.23.9's AMX int8 matrix kernel (x86_64 Sapphire Rapids and later) crashes with
+/// SIGSEGV when it runs on any thread but the process's main one, and the daemon runs the
+/// model on worker threads. So AMX int8 is taken out of tract's kernel choice (AVX-512 VNNI
+/// and AVX2 kernels remain) unless `TRACT_CPU_ISA` is already set. Must run before tract
+/// probes the CPU, i.e. before the first model is loaded.
+fn avoid_amx_int8() {
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("TRACT_CPU_ISA").is_none() {
+        std::env::set_var("TRACT_CPU_ISA", "-amx-int8");
     }
 }
 
@@ -234,7 +276,13 @@ fn load_decluttered(files: &ModelFiles) -> Result<TypedModel> {
     let s = model.symbols.sym("S");
     model.set_input_fact(
         0,
-        f32::fact(dims!(s, spec.channels, spec.height, spec.width)).into(),
+        f32::fact([
+            s.to_dim(),
+            spec.channels.to_dim(),
+            spec.height.to_dim(),
+            spec.width.to_dim(),
+        ])
+        .into(),
     )?;
     Ok(model.into_typed()?.into_decluttered()?)
 }
@@ -275,7 +323,10 @@ fn prepare_cpu(model: TypedModel) -> Result<Arc<dyn Runnable>> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn prepare(model: TypedModel, options: &EngineOptions) -> Result<(&'static str, Arc<dyn Runnable>)> {
+fn prepare(
+    model: TypedModel,
+    options: &EngineOptions,
+) -> Result<(&'static str, Arc<dyn Runnable>)> {
     match options.runtime {
         RuntimeChoice::Cpu => {}
         RuntimeChoice::GpuOrCpu => log::info!(
@@ -291,7 +342,10 @@ fn prepare(model: TypedModel, options: &EngineOptions) -> Result<(&'static str, 
 }
 
 #[cfg(feature = "cuda")]
-fn prepare(model: TypedModel, options: &EngineOptions) -> Result<(&'static str, Arc<dyn Runnable>)> {
+fn prepare(
+    model: TypedModel,
+    options: &EngineOptions,
+) -> Result<(&'static str, Arc<dyn Runnable>)> {
     // Linking tract-cuda registers its runtime.
     use tract_cuda as _;
     if options.runtime == RuntimeChoice::Cpu {
@@ -302,7 +356,7 @@ fn prepare(model: TypedModel, options: &EngineOptions) -> Result<(&'static str, 
         Ok(runnable) => Ok(("cuda", runnable)),
         Err(e) if strict => Err(e.context("runtime \"cuda\" is not usable on this machine")),
         Err(e) => {
-            log::warn!("runtime gpu-or-cpu: CUDA is not usable ({e:#}); falling back to cpu");
+            log::warn!("runtime gpu-or-cpu: CUDA is not usable ({e:#}); using cpu");
             Ok(("cpu", prepare_cpu(model)?))
         }
     }
@@ -340,4 +394,268 @@ fn prepare_cuda(model: TypedModel, cache_dir: &Path) -> Result<Arc<dyn Runnable>
         .prepare(model)
         .map_err(|e| anyhow!("tract-cuda could not prepare the model: {e:#}"))?;
     Ok(Arc::from(runnable))
+}
+
+/// The CPU plan that runs slices in parallel.
+///
+/// The network is per-slice convolutions followed by a recurrent op across slices. tract
+/// threads little besides matrix products, and with a symbolic slice count it cannot pick
+/// its fixed-shape convolution kernels. So the graph is cut at the input of its first
+/// recurrent op (GRU/LSTM/RNN): the part before it is prepared for one slice with
+/// concrete shapes and run slice by slice on every thread at once; the part after runs
+/// once over all slices. At load the cut plan is checked against the whole graph on a
+/// random input and dropped (with a warning) if they disagree.
+struct SlicePlan {
+    /// `[1, 3, H, W]` -> the whole graph's outputs that come from the per-slice part, then
+    /// the cut tensors, each `[1, ...]`.
+    per_slice: Arc<TypedRunnableModel>,
+    /// Cut tensors `[S, ...]` -> the remaining outputs.
+    across: Arc<TypedRunnableModel>,
+    /// For each output of the whole graph: where it comes from.
+    sources: Vec<OutputSource>,
+    /// Number of outputs of `per_slice` that are whole-graph outputs (the cut tensors follow).
+    direct: usize,
+    cuts: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OutputSource {
+    /// Output `i` of the per-slice part, stacked over slices.
+    PerSlice(usize),
+    /// Output `i` of the across-slices part.
+    Across(usize),
+}
+
+impl Engine {
+    fn try_slice_plan(&self) -> Option<SlicePlan> {
+        match SlicePlan::build(&self.files) {
+            Ok(None) => None,
+            Ok(Some(plan)) => match self.check_slice_plan(&plan) {
+                Ok(()) => Some(plan),
+                Err(e) => {
+                    log::warn!("not running slices in parallel: {e:#}");
+                    None
+                }
+            },
+            Err(e) => {
+                log::warn!("not running slices in parallel: cannot cut the model: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// The cut plan must reproduce the whole graph (same kernels up to summation order).
+    fn check_slice_plan(&self, plan: &SlicePlan) -> Result<()> {
+        let spec = &self.files.contract.input;
+        let s = spec.min_slices.max(3);
+        let hw = spec.height * spec.width;
+        let mut state = 0x2545F491u32;
+        let tensor: Vec<f32> = (0..s * 3 * hw)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect();
+        let input = || ModelInput {
+            tensor: tensor.clone(),
+            slices: s,
+            height: spec.height,
+            width: spec.width,
+            grid: super::preprocess::ModelGrid {
+                centre: [0.0; 3],
+                z_mm: vec![0.0; s],
+            },
+        };
+        let whole = self.run_whole(input())?;
+        let cut = self.read_outputs(s, &plan.run(input(), self.threads)?)?;
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + x.abs().max(y.abs())))
+        };
+        ensure!(
+            close(&whole.seg_logits, &cut.seg_logits)
+                && close(&whole.vertebra_logits, &cut.vertebra_logits)
+                && close(&[whole.patient_logit], &[cut.patient_logit])
+                && close(&whole.attention, &cut.attention),
+            "the per-slice cut of the model does not reproduce the whole graph"
+        );
+        Ok(())
+    }
+}
+
+impl SlicePlan {
+    /// Ok(None) when the graph has no recurrent op to cut at.
+    fn build(files: &ModelFiles) -> Result<Option<SlicePlan>> {
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_path(&files.onnx_path)?;
+        let graph = proto.graph.as_ref().context("ONNX file has no graph")?;
+        let Some(recurrent) = graph
+            .node
+            .iter()
+            .find(|n| matches!(n.op_type.as_str(), "GRU" | "LSTM" | "RNN"))
+        else {
+            return Ok(None);
+        };
+        let cut_name = recurrent.input[0].clone();
+        let spec = &files.contract.input;
+        let output_names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+
+        // Which whole-graph outputs the per-slice part produces: those computed without
+        // the cut tensor's consumers, i.e. that do not depend on the recurrent op.
+        let mut full = onnx.model_for_proto_model(&proto)?;
+        full.set_input_fact(
+            0,
+            f32::fact([1, spec.channels, spec.height, spec.width]).into(),
+        )?;
+        let full = full.into_typed()?;
+        let cut_outlet = full
+            .find_outlet_label(&cut_name)
+            .with_context(|| format!("no tensor {cut_name:?} in the typed graph"))?;
+        let mut direct_names = vec![];
+        let mut across_names = vec![];
+        for name in &output_names {
+            let outlet = full
+                .find_outlet_label(name)
+                .with_context(|| format!("no output {name:?}"))?;
+            if depends_on(&full, outlet, cut_outlet)? {
+                across_names.push(name.clone());
+            } else {
+                direct_names.push(name.clone());
+            }
+        }
+
+        // Per-slice part: one slice, concrete shapes.
+        let mut per_slice = onnx.model_for_proto_model(&proto)?;
+        per_slice.set_input_fact(
+            0,
+            f32::fact([1, spec.channels, spec.height, spec.width]).into(),
+        )?;
+        let mut outs = direct_names.clone();
+        outs.push(cut_name.clone());
+        per_slice.select_outputs_by_name(&outs)?;
+        let per_slice = per_slice.into_optimized()?;
+        let cut_fact = per_slice.output_fact(direct_names.len())?.clone();
+        let per_slice = per_slice.into_runnable()?;
+
+        // Across-slices part: the cut tensor becomes the input, `S` symbolic again.
+        let mut across = onnx.model_for_proto_model(&proto)?;
+        let s = across.symbols.sym("S");
+        let outlet = across
+            .find_outlet_label(&cut_name)
+            .with_context(|| format!("no tensor {cut_name:?} in the graph"))?;
+        for input in across.node(outlet.node).inputs.clone() {
+            across.node_mut(input.node).outputs[input.slot]
+                .successors
+                .retain(|succ| succ.node != outlet.node);
+        }
+        across.node_mut(outlet.node).inputs.clear();
+        across.node_mut(outlet.node).op = Box::new(tract_hir::ops::source::Source::new());
+        let mut shape: TVec<TDim> = cut_fact.shape.iter().cloned().collect();
+        ensure!(
+            shape.first() == Some(&TDim::from(1)),
+            "cut tensor {cut_name:?} is not per slice: shape {shape:?}"
+        );
+        shape[0] = s.into();
+        across.set_input_outlets(&[outlet])?;
+        across.set_outlet_fact(outlet, f32::fact(shape).into())?;
+        across.select_outputs_by_name(&across_names)?;
+        let across = across.into_optimized()?.into_runnable()?;
+
+        let sources = output_names
+            .iter()
+            .map(|n| {
+                if let Some(i) = direct_names.iter().position(|d| d == n) {
+                    OutputSource::PerSlice(i)
+                } else {
+                    OutputSource::Across(across_names.iter().position(|d| d == n).unwrap())
+                }
+            })
+            .collect();
+        Ok(Some(SlicePlan {
+            per_slice,
+            across,
+            sources,
+            direct: direct_names.len(),
+            cuts: 1,
+        }))
+    }
+
+    /// Runs the per-slice part on `threads` threads (one slice at a time each, single
+    /// threaded kernels), stacks, then runs the across-slices part. Returns the whole
+    /// graph's outputs in its order.
+    fn run(&self, input: ModelInput, threads: usize) -> TractResult<TVec<TValue>> {
+        let s = input.slices;
+        let slice_len = 3 * input.height * input.width;
+        let n_out = self.direct + self.cuts;
+        let threads = threads.clamp(1, s);
+        let per_thread = s.div_ceil(threads);
+        let (h, w) = (input.height, input.width);
+        let run_chunk = |chunk: &[f32]| -> TractResult<Vec<TVec<TValue>>> {
+            let mut state = self.per_slice.spawn()?;
+            chunk
+                .chunks(slice_len)
+                .map(|one| {
+                    let t = Tensor::from_shape(&[1, 3, h, w], one)?;
+                    state.run(tvec![t.into_tvalue()])
+                })
+                .collect()
+        };
+        // Each chunk of slices gives its slices' outputs, in order.
+        let parts: Vec<TractResult<Vec<TVec<TValue>>>> = if threads == 1 {
+            vec![run_chunk(&input.tensor)]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = input
+                    .tensor
+                    .chunks(per_thread * slice_len)
+                    .map(|chunk| scope.spawn(|| run_chunk(chunk)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow!("slice worker panicked")))
+                    })
+                    .collect()
+            })
+        };
+        let mut per_slice: Vec<TVec<TValue>> = Vec::with_capacity(s);
+        for part in parts {
+            per_slice.extend(part?);
+        }
+        // Stack every per-slice output along axis 0.
+        let mut stacked: Vec<Tensor> = Vec::with_capacity(n_out);
+        for o in 0..n_out {
+            let views: Vec<&Tensor> = per_slice.iter().map(|outs| &*outs[o]).collect();
+            stacked.push(Tensor::stack_tensors(0, &views)?);
+        }
+        let cut = stacked.pop().expect("one cut tensor");
+        let across = self.across.run(tvec![cut.into_tvalue()])?;
+        Ok(self
+            .sources
+            .iter()
+            .map(|src| match *src {
+                OutputSource::PerSlice(i) => stacked[i].clone().into_tvalue(),
+                OutputSource::Across(i) => across[i].clone(),
+            })
+            .collect())
+    }
+}
+
+/// Whether `outlet` is computed from `from` in `model`.
+fn depends_on(model: &TypedModel, outlet: OutletId, from: OutletId) -> Result<bool> {
+    let mut stack = vec![outlet.node];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(n) = stack.pop() {
+        if n == from.node {
+            return Ok(true);
+        }
+        if seen.insert(n) {
+            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+        }
+    }
+    Ok(false)
 }

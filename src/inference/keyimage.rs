@@ -108,7 +108,9 @@ mod tests {
         let mut seg = vec![0u8; 32 * 32];
         seg[0] = 5; // C5 in the top-left cell.
         let png = render(&plane, (128, 128), &seg, (32, 32), Some(4)).unwrap();
-        let mut reader = png::Decoder::new(std::io::Cursor::new(&png)).read_info().unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&png))
+            .read_info()
+            .unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         reader.next_frame(&mut buf).unwrap();
         assert!(buf[0] > 100 && buf[1] < 30, "{:?}", &buf[..3]);

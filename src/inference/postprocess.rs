@@ -9,8 +9,8 @@ use super::contract::{Coverage, ModelContract, VERTEBRAE};
 use super::engine::ModelOutputs;
 use super::preprocess::{nearest_source_slice, source_slice_z, ModelGrid};
 use crate::alert::result::{
-    result_id, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult,
-    VertebraResult, SCHEMA_V1,
+    result_id, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult, VertebraResult,
+    SCHEMA_V1,
 };
 use crate::series::{CtVolume, SeriesMeta};
 
@@ -58,7 +58,8 @@ pub fn seg_argmax(out: &ModelOutputs, k: usize) -> Vec<u8> {
         .map(|cell| {
             let mut best = 0;
             for c in 1..out.seg_classes {
-                if out.seg_logits[base + c * cells + cell] > out.seg_logits[base + best * cells + cell]
+                if out.seg_logits[base + c * cells + cell]
+                    > out.seg_logits[base + best * cells + cell]
                 {
                     best = c;
                 }
@@ -112,7 +113,12 @@ impl RunInfo {
 
 /// A result with no model verdict: the fields every status shares. `patient_ref`,
 /// `site` and `device` stay empty and `timings.published` None: the alert stage fills them.
-fn base_result(meta: &SeriesMeta, run: &RunInfo, status: Status, reason: Option<String>) -> TriageResult {
+fn base_result(
+    meta: &SeriesMeta,
+    run: &RunInfo,
+    status: Status,
+    reason: Option<String>,
+) -> TriageResult {
     TriageResult {
         schema: SCHEMA_V1.to_string(),
         id: result_id(&meta.series_instance_uid, &run.model.sha256),
@@ -283,7 +289,10 @@ mod tests {
         assert_eq!(r.status, Status::Positive);
         assert!(r.vertebrae["C5"].flagged);
         assert!(!r.vertebrae["C4"].flagged);
-        assert_eq!(r.vertebrae["C5"].z_range_mm, Some([10.0 + 32.0, 10.0 + 38.0]));
+        assert_eq!(
+            r.vertebrae["C5"].z_range_mm,
+            Some([10.0 + 32.0, 10.0 + 38.0])
+        );
         assert_eq!(v.key_model_slice, Some(18));
         assert_eq!(v.key_vertebra, Some(4));
         // Model slice 18 is at z = 46 mm; source slices are 2.5 mm apart from z = 10.
@@ -313,7 +322,12 @@ mod tests {
         let out = outputs(12, [5.0; 7], 5.0);
         let v = interpret(&vol, &grid(12), &out, &c, &t, &RunInfo::new(&c, "cpu"));
         assert_eq!(v.result.status, Status::Indeterminate);
-        assert!(v.result.reason.as_ref().unwrap().contains(REASON_NOT_CERVICAL));
+        assert!(v
+            .result
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains(REASON_NOT_CERVICAL));
         assert!(v.result.vertebrae.is_empty() && v.result.patient.is_none());
     }
 }

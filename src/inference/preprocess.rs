@@ -45,7 +45,10 @@ impl ModelInput {
 pub enum Preprocessed {
     Input(ModelInput),
     /// The series spans fewer model slices than the contract's `min_slices`.
-    TooShort { slices: usize, min_slices: usize },
+    TooShort {
+        slices: usize,
+        min_slices: usize,
+    },
 }
 
 /// Where the model grid lies in patient space and how a patient point maps back to
@@ -114,7 +117,10 @@ impl<'a> Sampler<'a> {
         // Consecutive target points are close along the normal: try the last interval first.
         let mut k = (*hint).min(n - 2);
         if !(pos[k] <= t && t <= pos[k + 1]) {
-            k = pos.partition_point(|&p| p <= t).saturating_sub(1).min(n - 2);
+            k = pos
+                .partition_point(|&p| p <= t)
+                .saturating_sub(1)
+                .min(n - 2);
             *hint = k;
         }
         let gap = pos[k + 1] - pos[k];
@@ -126,11 +132,7 @@ impl<'a> Sampler<'a> {
         let v = self.volume;
         let g = &v.geometry;
         let [_, rows, cols] = v.dims;
-        let d = [
-            p[0] - g.origin[0],
-            p[1] - g.origin[1],
-            p[2] - g.origin[2],
-        ];
+        let d = [p[0] - g.origin[0], p[1] - g.origin[1], p[2] - g.origin[2]];
         let c = dot(d, g.row_direction) / g.spacing[2];
         let r = dot(d, g.column_direction) / g.spacing[1];
         let s = self.slice_index(dot(p, g.normal), hint)?;
@@ -220,7 +222,13 @@ pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result
             let (sampler, grid) = (&sampler, &grid);
             scope.spawn(move || {
                 for (n, slot) in chunk.chunks_mut(3 * hw).enumerate() {
-                    fill_plane(sampler, spec, grid, t * per_thread + n, &mut slot[hw..2 * hw]);
+                    fill_plane(
+                        sampler,
+                        spec,
+                        grid,
+                        t * per_thread + n,
+                        &mut slot[hw..2 * hw],
+                    );
                 }
             });
         }
@@ -451,11 +459,11 @@ pub(crate) mod tests {
         );
         // Channels 0 and 2 are the neighbouring planes.
         let hw = 128 * 128;
+        assert_eq!(&i.tensor[k * 3 * hw..(k * 3 + 1) * hw], i.plane(k - 1));
         assert_eq!(
-            &i.tensor[k * 3 * hw..(k * 3 + 1) * hw],
-            i.plane(k - 1)
+            &i.tensor[(k * 3 + 2) * hw..(k * 3 + 3) * hw],
+            i.plane(k + 1)
         );
-        assert_eq!(&i.tensor[(k * 3 + 2) * hw..(k * 3 + 3) * hw], i.plane(k + 1));
         assert_eq!(&i.tensor[0..hw], i.plane(0));
         // The field is 79.2 mm tall, the model grid 160 mm: its first row is outside ->
         // padding (0), while the field itself windows to about 0.2 there.

@@ -29,14 +29,22 @@ def main():
     ap.add_argument("--ca")
     ap.add_argument("--username")
     ap.add_argument("--password")
+    ap.add_argument("--v5", action="store_true", help="MQTT 5 (prints message properties)")
     args = ap.parse_args()
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=args.client_id,
-        clean_session=not args.persistent,
-        protocol=mqtt.MQTTv311,
-    )
+    if args.v5:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=args.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+    else:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=args.client_id,
+            clean_session=not args.persistent,
+            protocol=mqtt.MQTTv311,
+        )
     if args.username:
         client.username_pw_set(args.username, args.password)
     if args.ca:
@@ -60,6 +68,9 @@ def main():
                 "retain": bool(msg.retain),
                 "qos": msg.qos,
                 "payload_hex": msg.payload.hex(),
+                "content_type": getattr(msg.properties, "ContentType", None),
+                "payload_format": getattr(msg.properties, "PayloadFormatIndicator", None),
+                "expiry": getattr(msg.properties, "MessageExpiryInterval", None),
             }
         )
 
@@ -69,7 +80,10 @@ def main():
     # The first connection may race the broker's start: retry until it is up.
     while True:
         try:
-            client.connect(args.host, args.port, keepalive=10)
+            if args.v5:
+                client.connect(args.host, args.port, keepalive=10, clean_start=True)
+            else:
+                client.connect(args.host, args.port, keepalive=10)
             break
         except OSError:
             import time
