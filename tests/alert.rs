@@ -1100,3 +1100,55 @@ fn mqtt5_more_in_flight_than_the_broker_receive_maximum() {
     });
     alerts.finish();
 }
+
+#[test]
+fn full_outbox_holds_back_upstream_until_the_broker_acknowledges() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "full-subscriber",
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    broker.stop();
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.outbox_max_entries = 2;
+    let alerts = InProcess::start(config.clone());
+    alerts.commit(message("full-1", Status::Negative, None));
+    alerts.commit(message("full-2", Status::Negative, None));
+    // The third is accepted by the channel but not committed: the outbox is full.
+    let tx = alerts.tx.as_ref().unwrap();
+    tx.blocking_send(message("full-3", Status::Positive, None))
+        .unwrap();
+    assert!(
+        alerts
+            .committed
+            .recv_timeout(Duration::from_millis(1500))
+            .is_err(),
+        "a full outbox must not take more results"
+    );
+    assert_eq!(entries_on_disk(&config.outbox_dir), 2);
+
+    broker.restart();
+    let third = alerts
+        .committed
+        .recv_timeout(TIMEOUT)
+        .expect("committed once there is room");
+    assert_eq!(third.id, "full-3");
+    sub.wait_for("all three results", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 3
+    });
+    assert_eq!(
+        result_ids_in_order(&sub.messages()),
+        ["full-1", "full-2", "full-3"]
+    );
+    alerts.finish();
+}

@@ -20,6 +20,8 @@ def emit(obj):
 
 
 def main():
+    if not hasattr(mqtt, "CallbackAPIVersion"):
+        sys.exit("paho-mqtt >= 2 is needed: pip install 'paho-mqtt>=2'")
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
