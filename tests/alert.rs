@@ -168,6 +168,8 @@ struct SubOptions<'a> {
     client_id: &'a str,
     persistent: bool,
     ca: Option<&'a Path>,
+    /// Client certificate and key.
+    cert: Option<(&'a Path, &'a Path)>,
     login: Option<(&'a str, &'a str)>,
 }
 
@@ -196,6 +198,9 @@ impl Subscriber {
         }
         if let Some(ca) = opts.ca {
             cmd.arg("--ca").arg(ca);
+        }
+        if let Some((cert, key)) = opts.cert {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
         }
         if let Some((user, pass)) = opts.login {
             cmd.args(["--username", user, "--password", pass]);
@@ -567,11 +572,10 @@ impl ChildAlerts {
         let deadline = Instant::now() + TIMEOUT;
         while !done() {
             if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; child stdout:\n{}\nchild stderr:\n{}",
-                    self.stdout.lock().unwrap().join("\n"),
-                    self.stderr.lock().unwrap().join("\n")
-                );
+                // Copy first: panicking with a lock held would poison it for the readers.
+                let out = self.stdout.lock().unwrap().join("\n");
+                let err = self.stderr.lock().unwrap().join("\n");
+                panic!("timed out waiting for {what}; child stdout:\n{out}\nchild stderr:\n{err}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -854,11 +858,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-#[test]
-fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    // A CA and a server certificate for 127.0.0.1.
+/// A CA (`ca.crt`) and, signed by it, `server.crt` for 127.0.0.1 plus client certificates
+/// `<name>.crt` / `<name>.key` with CN = name.
+fn make_pki(d: &Path, clients: &[&str]) {
     openssl(
         d,
         &[
@@ -877,29 +879,38 @@ fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
             "ca.crt",
         ],
     );
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-    );
-    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
-        d,
-        &[
+    // Extensions make X.509 v3 certificates: rustls refuses v1.
+    std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    let mut names = vec!["server"];
+    names.extend_from_slice(clients);
+    for name in names {
+        let cn = if name == "server" {
+            "/CN=127.0.0.1".to_owned()
+        } else {
+            format!("/CN={name}")
+        };
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        let ext = if name == "server" {
+            "server.ext"
+        } else {
+            "client.ext"
+        };
+        openssl(
+            d,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", &cn, "-keyout", &key, "-out", &csr,
+            ],
+        );
+        let args = [
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.crt",
             "-CAkey",
@@ -907,12 +918,55 @@ fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
             "-CAcreateserial",
             "-days",
             "2",
-            "-extfile",
-            "san.ext",
             "-out",
-            "server.crt",
-        ],
+            &crt,
+            "-extfile",
+            ext,
+        ];
+        openssl(d, &args);
+    }
+}
+
+#[test]
+fn tls_client_certificate_authenticates_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, &["device", "dashboard"]);
+    let port = free_port();
+    let _broker = Mosquitto::start(
+        d,
+        port,
+        &format!(
+            "cafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n\
+             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n",
+            d.display()
+        ),
     );
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            ca: Some(&d.join("ca.crt")),
+            cert: Some((&d.join("dashboard.crt"), &d.join("dashboard.key"))),
+            ..SubOptions::default()
+        },
+    );
+    let mut config = config(d, Some(format!("mqtts://127.0.0.1:{port}")));
+    config.ca_file = Some(d.join("ca.crt"));
+    config.client_cert_file = Some(d.join("device.crt"));
+    config.client_key_file = Some(d.join("device.key"));
+    let child = ChildAlerts::start(d, &config, &["mtls-1"]);
+    child.wait_stdout("COMMITTED mtls-1");
+    child.wait("the result over mutual TLS", || !sub.messages().is_empty());
+    assert_eq!(json(&sub.messages()[0].payload)["id"], "mtls-1");
+}
+
+#[test]
+fn tls_with_password_wrong_password_is_logged_and_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_pki(d, &[]);
     require("mosquitto_passwd");
     let passwd = d.join("passwd");
     let status = Command::new("mosquitto_passwd")
@@ -1098,5 +1152,57 @@ fn mqtt5_more_in_flight_than_the_broker_receive_maximum() {
     wait_until("the outbox to empty", TIMEOUT, || {
         entries_on_disk(&config.outbox_dir) == 0
     });
+    alerts.finish();
+}
+
+#[test]
+fn full_outbox_holds_back_upstream_until_the_broker_acknowledges() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start_with(
+        port,
+        &format!("{prefix}result"),
+        SubOptions {
+            client_id: "full-subscriber",
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    broker.stop();
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.outbox_max_entries = 2;
+    let alerts = InProcess::start(config.clone());
+    alerts.commit(message("full-1", Status::Negative, None));
+    alerts.commit(message("full-2", Status::Negative, None));
+    // The third is accepted by the channel but not committed: the outbox is full.
+    let tx = alerts.tx.as_ref().unwrap();
+    tx.blocking_send(message("full-3", Status::Positive, None))
+        .unwrap();
+    assert!(
+        alerts
+            .committed
+            .recv_timeout(Duration::from_millis(1500))
+            .is_err(),
+        "a full outbox must not take more results"
+    );
+    assert_eq!(entries_on_disk(&config.outbox_dir), 2);
+
+    broker.restart();
+    let third = alerts
+        .committed
+        .recv_timeout(TIMEOUT)
+        .expect("committed once there is room");
+    assert_eq!(third.id, "full-3");
+    sub.wait_for("all three results", |m| {
+        let ids: std::collections::HashSet<_> =
+            m.iter().map(|x| json(&x.payload)["id"].clone()).collect();
+        ids.len() == 3
+    });
+    assert_eq!(
+        result_ids_in_order(&sub.messages()),
+        ["full-1", "full-2", "full-3"]
+    );
     alerts.finish();
 }

@@ -333,26 +333,30 @@ impl Alerts {
             result.patient_ref = self.refs.reference(&patient_id);
             result.site = self.config.site.clone();
             result.device = self.config.device.clone();
-            result.timings.published = Some(OffsetDateTime::now_utc());
-            let payload = serde_json::to_vec(&result).context("cannot serialise a result")?;
             let positive = result.status == result::Status::Positive;
+            let (id, series) = (result.id.clone(), result.series_instance_uid.clone());
+            let status = result.status;
+            // `published` is the moment of the (last) commit attempt: a full outbox may
+            // make us wait, and the result must not claim an earlier time.
+            let payload = move || {
+                let mut result = result.clone();
+                result.timings.published = Some(OffsetDateTime::now_utc());
+                serde_json::to_vec(&result).expect("a TriageResult always serialises")
+            };
             let outcome = self
                 .outbox
-                .commit_waiting(&result.id, positive, payload, key_image_png)
+                .commit_waiting(&id, positive, payload, key_image_png)
                 .await;
             let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
             if already_queued {
                 log::info!(
-                    "result {} (series {}) is already waiting in the outbox; kept the queued one",
-                    result.id,
-                    result.series_instance_uid
+                    "result {id} (series {series}) is already waiting in the outbox; kept the \
+                     queued one"
                 );
             } else {
                 log::info!(
-                    "result {} ({:?}, series {}) committed to the outbox as entry {}",
-                    result.id,
-                    result.status,
-                    result.series_instance_uid,
+                    "result {id} ({status:?}, series {series}) committed to the outbox as \
+                     entry {}",
                     outcome.seq()
                 );
             }
@@ -361,8 +365,8 @@ impl Alerts {
                 // The receiver going away is the caller's business, not a reason to stop.
                 let _ = tx
                     .send(Committed {
-                        id: result.id,
-                        series_instance_uid: result.series_instance_uid,
+                        id,
+                        series_instance_uid: series,
                         seq: outcome.seq(),
                         already_queued,
                     })

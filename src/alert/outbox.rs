@@ -330,13 +330,15 @@ impl Outbox {
 
     /// Like [`Outbox::commit`], but waits (without blocking the runtime) while the outbox is
     /// full, so a full outbox stops the upstream channel instead of dropping anything.
+    /// `result_json` is called for each attempt, so a timestamp it embeds is the moment of
+    /// the attempt that succeeds.
     /// I/O errors (disk full, read-only file system) are logged and retried every 5 s:
     /// a result that was handed to us is never dropped.
     pub async fn commit_waiting(
         &self,
         id: &str,
         positive: bool,
-        result_json: Vec<u8>,
+        result_json: impl Fn() -> Vec<u8> + Send + Sync + 'static,
         key_image_png: Option<Vec<u8>>,
     ) -> CommitOutcome {
         let result_json = Arc::new(result_json);
@@ -352,7 +354,7 @@ impl Outbox {
             let this = self.clone();
             let (id_, json, png) = (id.to_owned(), result_json.clone(), key_image_png.clone());
             let outcome = tokio::task::spawn_blocking(move || {
-                this.commit(&id_, positive, &json, png.as_deref())
+                this.commit(&id_, positive, &json(), png.as_deref())
             })
             .await
             .unwrap_or_else(|join| Err(CommitError::Io(anyhow::anyhow!("{join}"))));
@@ -702,7 +704,7 @@ mod tests {
             let outbox = outbox.clone();
             tokio::spawn(async move {
                 outbox
-                    .commit_waiting("b", false, b"{}".to_vec(), None)
+                    .commit_waiting("b", false, || b"{}".to_vec(), None)
                     .await
             })
         };

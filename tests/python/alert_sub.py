@@ -20,6 +20,8 @@ def emit(obj):
 
 
 def main():
+    if not hasattr(mqtt, "CallbackAPIVersion"):
+        sys.exit("paho-mqtt >= 2 is needed: pip install 'paho-mqtt>=2'")
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
@@ -27,6 +29,8 @@ def main():
     ap.add_argument("--client-id", default="")
     ap.add_argument("--persistent", action="store_true")
     ap.add_argument("--ca")
+    ap.add_argument("--cert", help="client certificate (PEM), with --key")
+    ap.add_argument("--key")
     ap.add_argument("--username")
     ap.add_argument("--password")
     ap.add_argument("--v5", action="store_true", help="MQTT 5 (prints message properties)")
@@ -48,7 +52,12 @@ def main():
     if args.username:
         client.username_pw_set(args.username, args.password)
     if args.ca:
-        client.tls_set(ca_certs=args.ca, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set(
+            ca_certs=args.ca,
+            certfile=args.cert,
+            keyfile=args.key,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
     client.reconnect_delay_set(min_delay=1, max_delay=1)
 
     def on_connect(client, userdata, flags, reason_code, properties):

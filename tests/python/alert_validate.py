@@ -15,6 +15,8 @@ def main():
     with open(sys.argv[1]) as f:
         schema = json.load(f)
     jsonschema.Draft202012Validator.check_schema(schema)
+    if "date-time" not in jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers:
+        sys.exit("jsonschema cannot check date-time here: pip install rfc3339-validator")
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
