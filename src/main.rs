@@ -31,6 +31,25 @@ enum Command {
     Synth(cspine_triage::synth::SynthArgs),
     /// Run the triage pipeline offline on DICOM folders or files.
     Infer(cspine_triage::inference::cli::InferArgs),
+    /// Send DICOM files to a Storage SCP (C-STORE), as a scanner would.
+    Send(SendArgs),
+    /// Subscribe to a daemon's results on an MQTT broker and print them.
+    Watch(cspine_triage::alert::watch::WatchArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// SCP address, host:port.
+    address: String,
+    /// DICOM files or directories (walked recursively).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Called AE title (the SCP's).
+    #[arg(long, default_value = "CSPINE")]
+    called_ae: String,
+    /// Our (calling) AE title.
+    #[arg(long, default_value = "CSPINE-SCU")]
+    calling_ae: String,
 }
 
 #[derive(clap::Args)]
@@ -91,7 +110,30 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Synth(args) => cspine_triage::synth::run(&args),
         Command::Infer(args) => cspine_triage::inference::cli::run(&args),
+        Command::Send(args) => send(args),
+        Command::Watch(args) => cspine_triage::alert::watch::run(&args),
     }
+}
+
+fn send(args: SendArgs) -> Result<()> {
+    use cspine_triage::dicom::scu;
+    let files = scu::collect_files(&args.paths)?;
+    let target = scu::StoreTarget {
+        address: args.address,
+        called_ae: args.called_ae,
+        calling_ae: args.calling_ae,
+    };
+    let report = scu::send_files(&target, &files)?;
+    for (path, reason) in &report.failed {
+        eprintln!("not stored: {}: {reason}", path.display());
+    }
+    println!("{} of {} files stored", report.stored, files.len());
+    anyhow::ensure!(
+        report.failed.is_empty(),
+        "{} files were not stored",
+        report.failed.len()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -1,10 +1,28 @@
 //! DICOM ingest: association handling (C-ECHO / C-STORE SCP) and the durable spool.
+//!
+//! - [`scp`]: the Storage SCP (bind, accept, negotiate, receive C-STORE, answer).
+//! - [`access`]: who may associate (called AE, calling-AE allow-list, peer address).
+//! - [`dimse`]: the DIMSE command sets we read and write, and their status codes.
+//! - [`scu`]: a minimal C-STORE SCU (`cspine-triage send`).
+//! - [`spool`]: the durable on-disk spool (atomic, fsynced writes; re-index; deletion).
+//! - [`syntax`]: which SOP classes and transfer syntaxes we accept, and why.
+
+pub mod access;
+pub mod dimse;
+pub mod scp;
+pub mod scu;
+pub mod spool;
+pub mod syntax;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+pub use scp::{run_scp, Scp};
+pub use spool::Spool;
 
 /// `[dicom]` section: the Storage SCP and its spool.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -12,11 +30,28 @@ use time::OffsetDateTime;
 pub struct ScpConfig {
     /// Our AE title; associations calling another title are rejected.
     pub ae_title: String,
-    /// Address and port to listen on.
+    /// Address and port to listen on (port 0: any free port, logged at start-up).
     pub bind: String,
     pub port: u16,
     /// Directory of the durable spool (instances are fsynced here before Success).
     pub spool_dir: PathBuf,
+    /// Calling AE titles allowed to associate, each optionally pinned to a peer address:
+    /// `"CTSCANNER"` or `"CTSCANNER@10.1.2.3"`. Empty: any calling AE is accepted.
+    pub allowed_calling_aes: Vec<String>,
+    /// Storage SOP classes accepted (Verification is always accepted). Non-CT classes are
+    /// stored and then skipped, with a reason, by the series assembler.
+    pub sop_classes: Vec<String>,
+    /// More simultaneous associations than this are rejected (transient, local limit exceeded).
+    pub max_associations: usize,
+    /// Largest P-DATA PDU we accept (bytes, without the 6-byte PDU header).
+    pub max_pdu_length: u32,
+    /// Seconds a new connection has to send its A-ASSOCIATE-RQ (DICOM ARTIM timer).
+    pub artim_timeout_secs: f64,
+    /// Seconds of silence after which an established association is aborted.
+    pub idle_timeout_secs: f64,
+    /// Below this much free space (MB) in the spool, C-STOREs are refused with A700
+    /// (Out of Resources) instead of being accepted and lost.
+    pub min_free_space_mb: u64,
 }
 
 impl Default for ScpConfig {
@@ -26,18 +61,68 @@ impl Default for ScpConfig {
             bind: "0.0.0.0".into(),
             port: 11112,
             spool_dir: PathBuf::from("/var/lib/cspine-triage/spool"),
+            allowed_calling_aes: Vec::new(),
+            sop_classes: syntax::DEFAULT_STORAGE_SOP_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            max_associations: 8,
+            max_pdu_length: 65536,
+            artim_timeout_secs: 30.0,
+            idle_timeout_secs: 120.0,
+            min_free_space_mb: 1024,
         }
     }
 }
 
 impl ScpConfig {
     pub fn validate(&self) -> Result<()> {
+        access::validate_ae_title(&self.ae_title).context("dicom.ae_title")?;
+        access::AllowList::parse(&self.allowed_calling_aes)
+            .context("dicom.allowed_calling_aes")?;
         ensure!(
-            !self.ae_title.is_empty() && self.ae_title.len() <= 16,
-            "dicom.ae_title must be 1 to 16 characters, got {:?}",
-            self.ae_title
+            !self.sop_classes.is_empty(),
+            "dicom.sop_classes must list at least one storage SOP class"
+        );
+        for uid in &self.sop_classes {
+            ensure!(
+                syntax::is_valid_uid(uid),
+                "dicom.sop_classes: {uid:?} is not a UID (digits and dots, at most 64 characters)"
+            );
+        }
+        ensure!(
+            self.max_associations >= 1,
+            "dicom.max_associations must be at least 1"
+        );
+        ensure!(
+            (dicom_ul::pdu::MINIMUM_PDU_SIZE..=dicom_ul::pdu::MAXIMUM_PDU_SIZE)
+                .contains(&self.max_pdu_length),
+            "dicom.max_pdu_length must be between {} and {}, got {}",
+            dicom_ul::pdu::MINIMUM_PDU_SIZE,
+            dicom_ul::pdu::MAXIMUM_PDU_SIZE,
+            self.max_pdu_length
+        );
+        ensure!(
+            self.artim_timeout_secs > 0.0 && self.artim_timeout_secs.is_finite(),
+            "dicom.artim_timeout_secs must be > 0"
+        );
+        ensure!(
+            self.idle_timeout_secs > 0.0 && self.idle_timeout_secs.is_finite(),
+            "dicom.idle_timeout_secs must be > 0"
+        );
+        ensure!(
+            !self.spool_dir.as_os_str().is_empty(),
+            "dicom.spool_dir must not be empty"
         );
         Ok(())
+    }
+
+    pub fn artim_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.artim_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_secs)
     }
 }
 
@@ -54,4 +139,29 @@ pub struct StoredInstance {
     /// Calling AE title of the association that sent it.
     pub calling_ae: String,
     pub received_at: OffsetDateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        ScpConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_key_name() {
+        let mut c = ScpConfig {
+            ae_title: "WAY_TOO_LONG_AE_TITLE".into(),
+            ..ScpConfig::default()
+        };
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("dicom.ae_title"));
+        c.ae_title = "OK".into();
+        c.allowed_calling_aes = vec!["CT@not-an-ip".into()];
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("allowed_calling_aes"));
+        c.allowed_calling_aes.clear();
+        c.max_pdu_length = 10;
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_pdu_length"));
+    }
 }

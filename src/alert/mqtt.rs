@@ -1,0 +1,671 @@
+//! MQTT delivery of outbox entries (rumqttc 0.25, MQTT 3.1.1).
+//!
+//! The outbox, not the client, is the source of truth. rumqttc forgets unacknowledged
+//! publishes on a reconnect without a session, so we connect with a clean session and,
+//! after every CONNACK, publish again everything still in the outbox, oldest first.
+//! An entry is removed only when every one of its publishes got its PUBACK.
+//!
+//! Matching PUBACKs to entries: rumqttc assigns the packet id when it takes a request from
+//! its channel and reports it as `Outgoing::Publish(pkid)`, in channel order. We push a
+//! [`Tag`] into a FIFO under the same lock as each `try_publish`, pop it on
+//! `Outgoing::Publish(pkid)` and find it again on `Incoming::PubAck(pkid)`. Two rules keep
+//! the FIFO in step with the channel:
+//! - nothing is published while disconnected, and on every connection error the channel is
+//!   drained (`EventLoop::clean`) under the lock, so no request of an old connection is
+//!   sent on a new one;
+//! - at most [`WINDOW`] publishes are unacknowledged, far below rumqttc's packet-id space
+//!   (its `inflight`), so rumqttc never reports a packet-id collision instead of a publish.
+//!
+//! The event loop is polled by one task that is never cancelled (cancelling `poll` in a
+//! `select!` can lose a request that was taken from the channel but not yet written).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill,
+    MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::outbox::Outbox;
+use super::result::ModelInfo;
+use super::AlertConfig;
+
+/// Most publishes awaiting PUBACK at once.
+pub const WINDOW: usize = 32;
+/// rumqttc's in-flight limit (= its packet-id space); must stay well above [`WINDOW`].
+const CLIENT_INFLIGHT: u16 = 100;
+
+/// The topics of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// `prefix` ends with `/` (the config normalises it).
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: prefix.to_owned(),
+        }
+    }
+    /// Every result, QoS 1.
+    pub fn result(&self) -> String {
+        format!("{}result", self.prefix)
+    }
+    /// Positive results only, QoS 1.
+    pub fn alert(&self) -> String {
+        format!("{}alert", self.prefix)
+    }
+    /// Retained online/offline state; offline is the Last Will.
+    pub fn status(&self) -> String {
+        format!("{}status", self.prefix)
+    }
+    /// Key image PNG of result `id`, QoS 1, not retained. Characters that would break the
+    /// topic level (`/`, `+`, `#`, NUL) become `_`; the schema keeps ids free of them anyway.
+    pub fn key_image(&self, id: &str) -> String {
+        let level: String = id
+            .chars()
+            .map(|c| {
+                if matches!(c, '/' | '+' | '#' | '\0') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        format!("{}keyimage/{level}", self.prefix)
+    }
+}
+
+/// What the retained `status` topic says about this daemon.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusInfo {
+    /// cspine-triage version.
+    pub version: String,
+    /// The loaded model, when there is one.
+    pub model: Option<ModelInfo>,
+}
+
+impl StatusInfo {
+    pub fn new(model: Option<ModelInfo>) -> StatusInfo {
+        StatusInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            model,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatusPayload<'a> {
+    state: &'a str,
+    site: &'a str,
+    device: &'a str,
+    version: &'a str,
+    model: Option<&'a ModelInfo>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    since: Option<OffsetDateTime>,
+}
+
+fn status_payload(config: &AlertConfig, info: &StatusInfo, online: bool) -> Vec<u8> {
+    let payload = StatusPayload {
+        state: if online { "online" } else { "offline" },
+        site: &config.site,
+        device: &config.device,
+        version: &info.version,
+        model: info.model.as_ref(),
+        // The Last Will is fixed at connect time: it cannot know when we went offline.
+        since: online.then(OffsetDateTime::now_utc),
+    };
+    serde_json::to_vec(&payload).expect("status serialises")
+}
+
+/// Broker address parsed from `mqtt://host[:port]` / `mqtts://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            bail!("alert.mqtt_url {url:?} must start with mqtt:// or mqtts://");
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        ensure!(
+            !rest.contains(['/', '?', '@']),
+            "alert.mqtt_url {url:?}: only mqtt[s]://host[:port] is supported \
+             (credentials go in alert.username / alert.password_file)"
+        );
+        let default_port = if tls { 8883 } else { 1883 };
+        // [v6]:port, host:port, host
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .with_context(|| format!("alert.mqtt_url {url:?}: unclosed '['"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => bail!("alert.mqtt_url {url:?}: unexpected {after:?} after the address"),
+            };
+            (host.to_owned(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (rest.to_owned(), None),
+            }
+        };
+        ensure!(!host.is_empty(), "alert.mqtt_url {url:?} has no host");
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .with_context(|| format!("alert.mqtt_url {url:?}: invalid port {p:?}"))?,
+            None => default_port,
+        };
+        Ok(BrokerUrl { tls, host, port })
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Client options from the config: credentials, TLS, keep-alive and the Last Will.
+pub fn mqtt_options(
+    config: &AlertConfig,
+    url: &BrokerUrl,
+    info: &StatusInfo,
+) -> Result<MqttOptions> {
+    let mut options = MqttOptions::new(config.effective_client_id(), url.host.clone(), url.port);
+    options
+        .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
+        .set_clean_session(true)
+        .set_inflight(CLIENT_INFLIGHT)
+        .set_max_packet_size(1024 * 1024, 64 * 1024 * 1024)
+        .set_last_will(LastWill::new(
+            Topics::new(&config.effective_topic_prefix()).status(),
+            status_payload(config, info, false),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &config.username {
+        options.set_credentials(user.clone(), config.password()?.unwrap_or_default());
+    }
+    if url.tls {
+        let ca_path = match &config.ca_file {
+            Some(path) => path.clone(),
+            None => {
+                let system = std::path::PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
+                ensure!(
+                    system.exists(),
+                    "{url} uses TLS but alert.ca_file is not set and there is no system CA \
+                     bundle at {}",
+                    system.display()
+                );
+                system
+            }
+        };
+        let ca = std::fs::read(&ca_path)
+            .with_context(|| format!("cannot read alert.ca_file {}", ca_path.display()))?;
+        let client_auth = match (&config.client_cert_file, &config.client_key_file) {
+            (Some(cert), Some(key)) => Some((
+                std::fs::read(cert).with_context(|| {
+                    format!("cannot read alert.client_cert_file {}", cert.display())
+                })?,
+                std::fs::read(key).with_context(|| {
+                    format!("cannot read alert.client_key_file {}", key.display())
+                })?,
+            )),
+            _ => None,
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(options)
+}
+
+/// What one publish is for, so its PUBACK can be credited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Entry(u64),
+    Status,
+}
+
+/// Connection-scoped bookkeeping, shared by the poll task and the sender; see the module
+/// documentation for why every `try_publish` happens under this lock.
+#[derive(Default)]
+struct Link {
+    connected: bool,
+    /// Incremented at every CONNACK.
+    epoch: u64,
+    /// Sent, packet id not yet known.
+    unassigned: VecDeque<Tag>,
+    by_pkid: HashMap<u16, Tag>,
+    /// Unacknowledged publishes per entry in this connection.
+    remaining: HashMap<u64, usize>,
+    /// Highest outbox sequence number sent in this connection.
+    cursor: u64,
+    /// Publishes awaiting PUBACK.
+    outstanding: usize,
+}
+
+impl Link {
+    fn reset(&mut self) {
+        self.unassigned.clear();
+        self.by_pkid.clear();
+        self.remaining.clear();
+        self.cursor = 0;
+        self.outstanding = 0;
+    }
+
+    fn send(
+        &mut self,
+        client: &AsyncClient,
+        tag: Tag,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    ) {
+        self.unassigned.push_back(tag);
+        self.outstanding += 1;
+        if let Err(err) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+            // Only possible when the event loop is gone (shutting down); the entry stays in
+            // the outbox and is sent on the next start.
+            self.unassigned.pop_back();
+            self.outstanding -= 1;
+            log::warn!("cannot queue a publish: {err}");
+        }
+    }
+}
+
+/// Shared between the poll task and the sender task.
+pub(crate) struct Delivery {
+    client: AsyncClient,
+    link: Mutex<Link>,
+    outbox: Outbox,
+    topics: Topics,
+    /// Wakes the sender: connected, entries acknowledged or committed.
+    pub(crate) wake: tokio::sync::Notify,
+    /// Signalled whenever a PUBACK arrives (for the shutdown drain).
+    acked: tokio::sync::Notify,
+    online: Vec<u8>,
+    offline: Vec<u8>,
+}
+
+impl Delivery {
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends outbox entries in sequence order until the window is full or all are sent.
+    fn fill_window(&self) {
+        loop {
+            let (epoch, cursor) = {
+                let link = self.link();
+                if !link.connected || link.outstanding + 3 > WINDOW {
+                    return;
+                }
+                (link.epoch, link.cursor)
+            };
+            let Some(meta) = self.outbox.next_after(cursor) else {
+                return;
+            };
+            // Read the file without holding the lock.
+            let entry = match self.outbox.load(meta.seq) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    if self.outbox.contains(meta.seq) {
+                        if let Err(e) = self.outbox.quarantine(meta.seq, &err) {
+                            log::error!("{e:#}");
+                            // Skip it in this connection rather than spin on it.
+                            let mut link = self.link();
+                            if link.epoch == epoch {
+                                link.cursor = link.cursor.max(meta.seq);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            let mut link = self.link();
+            if !link.connected || link.epoch != epoch {
+                return;
+            }
+            let mut publishes = Vec::with_capacity(3);
+            // Key image first: a dashboard that gets the result can already show it.
+            if let Some(png) = entry.key_image_png {
+                publishes.push((self.topics.key_image(&entry.id), png));
+            }
+            if entry.positive {
+                publishes.push((self.topics.result(), entry.result_json.clone()));
+                publishes.push((self.topics.alert(), entry.result_json));
+            } else {
+                publishes.push((self.topics.result(), entry.result_json));
+            }
+            link.remaining.insert(entry.seq, publishes.len());
+            link.cursor = entry.seq;
+            for (topic, payload) in publishes {
+                link.send(&self.client, Tag::Entry(entry.seq), topic, false, payload);
+            }
+            log::debug!("published outbox entry {} (id {})", entry.seq, entry.id);
+        }
+    }
+
+    /// Handles one event of the event loop; returns entries that are now fully delivered.
+    fn on_event(&self, event: &Event) -> Vec<u64> {
+        let mut delivered = Vec::new();
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let mut link = self.link();
+                match link.unassigned.pop_front() {
+                    Some(tag) => {
+                        link.by_pkid.insert(*pkid, tag);
+                    }
+                    None => log::warn!("publish {pkid} was not sent by the outbox; ignored"),
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                // Cannot happen with WINDOW < CLIENT_INFLIGHT; if it does, the FIFO is out
+                // of step: a reconnect resets it and everything is published again.
+                log::error!("rumqttc packet-id collision on {pkid}; outbox will be replayed");
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                let mut link = self.link();
+                if let Some(tag) = link.by_pkid.remove(&ack.pkid) {
+                    link.outstanding -= 1;
+                    if let Tag::Entry(seq) = tag {
+                        if let Some(left) = link.remaining.get_mut(&seq) {
+                            *left -= 1;
+                            if *left == 0 {
+                                link.remaining.remove(&seq);
+                                delivered.push(seq);
+                            }
+                        }
+                    }
+                }
+                drop(link);
+                self.acked.notify_waiters();
+            }
+            _ => {}
+        }
+        delivered
+    }
+}
+
+/// Runs the MQTT side until `shutdown` fires: connects (with backoff), keeps the retained
+/// status, publishes outbox entries and removes them once acknowledged. On shutdown it
+/// waits up to `drain` for the outbox to empty, then publishes `offline` and disconnects.
+pub async fn deliver(
+    config: AlertConfig,
+    url: BrokerUrl,
+    info: StatusInfo,
+    outbox: Outbox,
+    wake: Arc<tokio::sync::Notify>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let options = mqtt_options(&config, &url, &info)?;
+    // The channel never holds more than WINDOW publishes + status + disconnect.
+    let (client, eventloop) = AsyncClient::new(options, WINDOW + 8);
+    let delivery = Arc::new(Delivery {
+        client,
+        link: Mutex::new(Link::default()),
+        outbox: outbox.clone(),
+        topics: Topics::new(&config.effective_topic_prefix()),
+        wake: tokio::sync::Notify::new(),
+        acked: tokio::sync::Notify::new(),
+        // "since" is when this run started delivering.
+        online: status_payload(&config, &info, true),
+        offline: status_payload(&config, &info, false),
+    });
+    let poller = tokio::spawn(poll_loop(
+        eventloop,
+        delivery.clone(),
+        url.clone(),
+        config.username.clone(),
+        Duration::from_secs_f64(config.reconnect_min_secs),
+        Duration::from_secs_f64(config.reconnect_max_secs),
+    ));
+
+    // Sender: fills the window whenever something changed.
+    loop {
+        delivery.fill_window();
+        tokio::select! {
+            _ = delivery.wake.notified() => {}
+            _ = wake.notified() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+
+    // Drain: give the broker a moment to take what is left.
+    let drain = Duration::from_secs_f64(config.shutdown_drain_secs);
+    let deadline = tokio::time::Instant::now() + drain;
+    loop {
+        let acked = delivery.acked.notified();
+        tokio::pin!(acked);
+        acked.as_mut().enable();
+        delivery.fill_window();
+        if outbox.is_empty() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, acked).await.is_err() {
+            log::warn!(
+                "shutting down with {} result(s) not yet acknowledged by {url}: they stay in \
+                 the outbox {} and are published on the next start",
+                outbox.len(),
+                outbox.dir().display()
+            );
+            break;
+        }
+    }
+    // A clean DISCONNECT suppresses the Last Will, so say offline ourselves.
+    let sent_offline = {
+        let mut link = delivery.link();
+        if link.connected {
+            let topic = delivery.topics.status();
+            link.send(
+                &delivery.client,
+                Tag::Status,
+                topic,
+                true,
+                delivery.offline.clone(),
+            );
+            true
+        } else {
+            false
+        }
+    };
+    if sent_offline {
+        let wait = async {
+            loop {
+                let acked = delivery.acked.notified();
+                tokio::pin!(acked);
+                acked.as_mut().enable();
+                if delivery.link().outstanding == 0 {
+                    break;
+                }
+                acked.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+        let _ = delivery.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    poller.abort();
+    Ok(())
+}
+
+async fn poll_loop(
+    mut eventloop: EventLoop,
+    delivery: Arc<Delivery>,
+    url: BrokerUrl,
+    username: Option<String>,
+    min_delay: Duration,
+    max_delay: Duration,
+) {
+    let mut delay = min_delay;
+    let mut failures: u32 = 0;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                // Clean session: anything rumqttc kept from before is ours to resend.
+                eventloop.pending.clear();
+                let waiting = delivery.outbox.len();
+                {
+                    let mut link = delivery.link();
+                    link.reset();
+                    link.connected = true;
+                    link.epoch += 1;
+                    let topic = delivery.topics.status();
+                    link.send(
+                        &delivery.client,
+                        Tag::Status,
+                        topic,
+                        true,
+                        delivery.online.clone(),
+                    );
+                }
+                log::info!(
+                    "connected to MQTT broker {url}{}; {waiting} result(s) in the outbox to publish",
+                    if failures > 0 { format!(" after {failures} failed attempt(s)") } else { String::new() }
+                );
+                delay = min_delay;
+                failures = 0;
+                delivery.wake.notify_one();
+            }
+            Ok(event) => {
+                let delivered = delivery.on_event(&event);
+                for seq in &delivered {
+                    if let Err(err) = delivery.outbox.remove(*seq) {
+                        log::error!("{err:#}");
+                    }
+                }
+                if !delivered.is_empty() {
+                    delivery.wake.notify_one();
+                }
+            }
+            Err(ConnectionError::RequestsDone) => return,
+            Err(err) => {
+                let was_connected = {
+                    let mut link = delivery.link();
+                    let was = link.connected;
+                    link.connected = false;
+                    link.reset();
+                    // Drop requests still in the channel so none reaches the next connection
+                    // (the outbox resends them after the next CONNACK).
+                    eventloop.clean();
+                    eventloop.pending.clear();
+                    was
+                };
+                failures += 1;
+                let why = describe(&err, &url, username.as_deref());
+                if was_connected {
+                    log::warn!(
+                        "lost the connection to MQTT broker {url}: {why}; reconnecting in {:.1} s",
+                        delay.as_secs_f64()
+                    );
+                } else {
+                    log::error!(
+                        "cannot connect to MQTT broker {url}: {why}; retrying in {:.1} s \
+                         (results stay in the outbox: nothing is lost)",
+                        delay.as_secs_f64()
+                    );
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(max_delay);
+            }
+        }
+    }
+}
+
+/// A log-ready reason for a connection error: what happened and what to check.
+fn describe(err: &ConnectionError, url: &BrokerUrl, username: Option<&str>) -> String {
+    match err {
+        ConnectionError::ConnectionRefused(code) => match code {
+            ConnectReturnCode::BadUserNamePassword => format!(
+                "CONNACK refused: bad username or password (username {:?}; check alert.username \
+                 and alert.password / alert.password_file)",
+                username.unwrap_or("")
+            ),
+            ConnectReturnCode::NotAuthorized => format!(
+                "CONNACK refused: not authorized (username {:?}; check the broker's ACL and \
+                 alert.username / alert.password_file)",
+                username.unwrap_or("")
+            ),
+            ConnectReturnCode::BadClientId => {
+                "CONNACK refused: client id rejected (check alert.client_id)".to_owned()
+            }
+            other => format!("CONNACK refused: {other:?}"),
+        },
+        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "connection refused by {}:{} (is the broker running and listening there?)",
+                url.host, url.port
+            )
+        }
+        ConnectionError::Io(io) => format!("network error: {io}"),
+        ConnectionError::NetworkTimeout => "timed out connecting".to_owned(),
+        ConnectionError::Tls(tls) => format!(
+            "TLS failed: {tls} (check alert.ca_file, the broker certificate's host name, \
+             and alert.client_cert_file / client_key_file)"
+        ),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let u = BrokerUrl::parse("mqtt://broker.example:1884").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (false, "broker.example", 1884)
+        );
+        let u = BrokerUrl::parse("mqtts://10.0.0.2").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "10.0.0.2", 8883));
+        let u = BrokerUrl::parse("mqtt://[::1]:1999/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 1999));
+        assert_eq!(u.to_string(), "mqtt://[::1]:1999");
+        for bad in [
+            "tcp://x",
+            "mqtt://",
+            "mqtt://h:port",
+            "mqtt://u:p@h",
+            "mqtt://h/topic",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn topics_under_prefix() {
+        let t = Topics::new("cspine/site/ct1/");
+        assert_eq!(t.result(), "cspine/site/ct1/result");
+        assert_eq!(t.alert(), "cspine/site/ct1/alert");
+        assert_eq!(t.status(), "cspine/site/ct1/status");
+        assert_eq!(t.key_image("abc"), "cspine/site/ct1/keyimage/abc");
+        assert_eq!(t.key_image("a/b+#"), "cspine/site/ct1/keyimage/a_b__");
+    }
+}

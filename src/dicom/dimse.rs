@@ -1,0 +1,176 @@
+//! DIMSE command sets (PS3.7): the requests we understand and the responses we send.
+//! Command sets are always Implicit VR Little Endian, whatever the presentation context.
+
+use anyhow::{bail, Context, Result};
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+
+use super::syntax::trim_uid;
+
+pub const C_STORE_RQ: u16 = 0x0001;
+pub const C_STORE_RSP: u16 = 0x8001;
+pub const C_ECHO_RQ: u16 = 0x0030;
+pub const C_ECHO_RSP: u16 = 0x8030;
+/// Command Data Set Type value meaning "no data set follows".
+pub const NO_DATA_SET: u16 = 0x0101;
+
+/// C-STORE / C-ECHO status codes (PS3.4 B.2.3, PS3.7 C).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: SOP Class not supported (the command's class is not the context's).
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Unrecognized operation (a command we do not serve).
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    /// Refused: Out of Resources (spool full or write failed).
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: Data Set does not match SOP Class (or its SOP Instance UID).
+    pub const DATA_SET_DOES_NOT_MATCH: u16 = 0xA900;
+    /// Error: Cannot understand (unparseable data set).
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+}
+
+/// The fields of a request command set that we act on.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub command_field: u16,
+    pub message_id: u16,
+    pub affected_sop_class_uid: String,
+    pub affected_sop_instance_uid: String,
+    pub has_data_set: bool,
+}
+
+impl Command {
+    /// Decodes a complete command set (all its P-DATA fragments concatenated).
+    pub fn parse(bytes: &[u8]) -> Result<Command> {
+        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .context("command set is not valid Implicit VR Little Endian")?;
+        let u16_of = |tag| -> Result<Option<u16>> {
+            match obj.element_opt(tag)? {
+                Some(e) => Ok(Some(
+                    e.to_int::<u16>()
+                        .with_context(|| format!("command element {tag} is not a number"))?,
+                )),
+                None => Ok(None),
+            }
+        };
+        let str_of = |tag| -> Result<String> {
+            Ok(match obj.element_opt(tag)? {
+                Some(e) => trim_uid(&e.to_str()?).to_string(),
+                None => String::new(),
+            })
+        };
+        let Some(command_field) = u16_of(tags::COMMAND_FIELD)? else {
+            bail!("command set has no Command Field (0000,0100)")
+        };
+        Ok(Command {
+            command_field,
+            message_id: u16_of(tags::MESSAGE_ID)?.unwrap_or(0),
+            affected_sop_class_uid: str_of(tags::AFFECTED_SOP_CLASS_UID)?,
+            affected_sop_instance_uid: str_of(tags::AFFECTED_SOP_INSTANCE_UID)?,
+            has_data_set: u16_of(tags::COMMAND_DATA_SET_TYPE)?.unwrap_or(NO_DATA_SET)
+                != NO_DATA_SET,
+        })
+    }
+}
+
+/// Encodes the response to `rq` (C-STORE-RSP, C-ECHO-RSP, or a generic response with the
+/// request's command field | 0x8000) with `status` and an optional error comment.
+pub fn response(rq: &Command, status: u16, error_comment: Option<&str>) -> Vec<u8> {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(even_uid(&rq.affected_sop_class_uid)),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(rq.command_field | 0x8000),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            PrimitiveValue::from(rq.message_id),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(NO_DATA_SET),
+        ),
+        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
+    ];
+    if !rq.affected_sop_instance_uid.is_empty() {
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(even_uid(&rq.affected_sop_instance_uid)),
+        ));
+    }
+    if let Some(comment) = error_comment {
+        // LO: at most 64 characters, no backslash.
+        let mut c: String = comment
+            .chars()
+            .filter(|c| *c != '\\' && !c.is_control())
+            .take(64)
+            .collect();
+        if c.len() % 2 == 1 {
+            c.push(' ');
+        }
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(c),
+        ));
+    }
+    let obj = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::with_capacity(256);
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .expect("encoding a command set in memory cannot fail");
+    out
+}
+
+/// UI values are padded to even length with a NUL.
+fn even_uid(uid: &str) -> String {
+    let mut s = uid.to_string();
+    if s.len() % 2 == 1 {
+        s.push('\0');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_round_trips() {
+        let rq = Command {
+            command_field: C_STORE_RQ,
+            message_id: 7,
+            affected_sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            affected_sop_instance_uid: "1.2.3".into(),
+            has_data_set: true,
+        };
+        let bytes = response(&rq, status::CANNOT_UNDERSTAND, Some("bad \\ data"));
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .unwrap();
+        assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xC000);
+        assert_eq!(
+            obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(),
+            C_STORE_RSP
+        );
+        let parsed = Command::parse(&bytes).unwrap();
+        assert_eq!(parsed.message_id, 0); // responses carry MessageIDBeingRespondedTo
+        assert_eq!(parsed.affected_sop_instance_uid, "1.2.3");
+        assert!(!parsed.has_data_set);
+        assert!(obj
+            .element(tags::ERROR_COMMENT)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("bad  data"));
+    }
+}

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Test peer for tests/dicom_scp.rs: drives the cspine-triage SCP with pynetdicom and
+raw sockets, and prepares test files from pydicom / pydicom-data plus DCMTK converters.
+
+Every subcommand prints one JSON object on stdout (the Rust test asserts on it).
+Needs: pydicom, pydicom-data, pynetdicom, numpy; DCMTK tools for `make-files`.
+"""
+
+import argparse
+import copy
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID
+from pynetdicom import AE, debug_logger  # noqa: F401  (debug_logger handy when editing)
+from pynetdicom.dimse_primitives import C_STORE
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = "1.2.840.10008.1.1"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def out(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def testdata(name):
+    """Path of a pydicom test file or a pydicom-data file, by base name."""
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent]
+    try:
+        import data_store
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    for root in roots:
+        hits = list(root.rglob(name))
+        if hits:
+            return hits[0]
+    sys.exit(f"test file {name} not found: install pydicom and pydicom-data")
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed: {r.stderr}")
+
+
+def make_files(outdir, dcmtk_bin):
+    """Writes CT/MR files in every transfer syntax, plus undecodable ones.
+
+    expect: "stored" (decodable: must be stored as sent), "fallback" (SCU converts to a
+    syntax we accept), "refused" (no syntax we accept: refused at negotiation)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    tool = lambda t: str(Path(dcmtk_bin) / t)  # noqa: E731
+    ct = testdata("CT_small.dcm")
+    files = []
+
+    def add(path, expect):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        files.append(
+            {
+                "file": str(path),
+                "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+                "sop_class": str(ds.SOPClassUID),
+                "sop_instance": str(ds.SOPInstanceUID),
+                "study": str(ds.StudyInstanceUID),
+                "series": str(ds.SeriesInstanceUID),
+                "expect": expect,
+            }
+        )
+
+    # One CT instance transcoded by DCMTK into each syntax pydicom-data lacks for CT.
+    # Each variant gets its own SOP Instance UID so they do not collide in the spool.
+    conversions = [
+        ("ct_implicit.dcm", [tool("dcmconv"), "+ti"]),
+        ("ct_deflated.dcm", [tool("dcmconv"), "+td"]),
+        ("ct_rle.dcm", [tool("dcmcrle")]),
+        ("ct_jpeg_baseline.dcm", [tool("dcmcjpeg"), "+eb"]),
+        ("ct_jpeg_extended.dcm", [tool("dcmcjpeg"), "+ee"]),
+        ("ct_jpeg_lossless_p14.dcm", [tool("dcmcjpeg"), "+el"]),
+        ("ct_jpeg_lossless_sv1.dcm", [tool("dcmcjpeg"), "+e1"]),
+        ("ct_jpegls_lossless.dcm", [tool("dcmcjpls"), "+el"]),
+        ("ct_jpegls_near.dcm", [tool("dcmcjpls"), "+en"]),
+    ]
+    for i, (name, cmd) in enumerate(conversions):
+        src = outdir / f"src_{name}"
+        ds = pydicom.dcmread(ct)
+        if name == "ct_jpegls_near.dcm":
+            # Near-lossless JPEG-LS needs unsigned pixels: shift, and keep HU via the intercept.
+            import numpy as np
+
+            arr = ds.pixel_array.astype(np.int32)
+            offset = -int(arr.min())
+            ds.PixelData = (arr + offset).astype(np.uint16).tobytes()
+            ds.PixelRepresentation = 0
+            ds.RescaleIntercept = float(ds.get("RescaleIntercept", 0)) - offset
+        uid = f"{ds.SOPInstanceUID}.{i + 1}"
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(src, enforce_file_format=True)
+        run(cmd + [str(src), str(outdir / name)])
+        src.unlink()
+        add(outdir / name, "stored")
+
+    # Real files from pydicom / pydicom-data as they are.
+    for name in [
+        "CT_small.dcm",  # explicit VR LE
+        "693_J2KR.dcm",  # JPEG 2000 lossless
+        "693_J2KI.dcm",  # JPEG 2000
+        "eCT_Supplemental.dcm",  # Enhanced CT
+        "MR_small_implicit.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+    ]:
+        add(testdata(name), "stored")
+    # Big endian: refused at negotiation, DCMTK storescu falls back to little endian.
+    add(testdata("MR_small_bigendian.dcm"), "fallback")
+
+    # Syntaxes nobody here can decode: the pixel data is a stand-in (the SCP must refuse
+    # at negotiation, before any pixel data is sent). DCMTK 3.6.7 can only send MPEG2.
+    for name, ts in [("ct_mpeg2.dcm", "1.2.840.10008.1.2.4.100")]:
+        ds = pydicom.dcmread(ct)
+        ds.file_meta.TransferSyntaxUID = UID(ts)
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(outdir / name, enforce_file_format=True)
+        add(outdir / name, "refused")
+    out({"files": files})
+
+
+def associate(port, contexts, calling="PYSCU", called="CSPINE"):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 30
+    ae.network_timeout = 30
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    return ae.associate("127.0.0.1", int(port), ae_title=called)
+
+
+def negotiate(port, transfer_syntaxes):
+    """Proposes CT Image Storage with each syntax in its own context; reports results."""
+    contexts = [(CT, [ts]) for ts in transfer_syntaxes]
+    assoc = associate(port, contexts)
+    if not assoc.is_established:
+        out({"established": False})
+        return
+    results = []
+    for cx in assoc.accepted_contexts + assoc.rejected_contexts:
+        results.append(
+            {
+                "transfer_syntax": str(cx.transfer_syntax[0]),
+                "accepted": cx.result == 0,
+                "result": cx.result,
+            }
+        )
+    assoc.release()
+    out({"established": True, "contexts": results})
+
+
+def encode(ds):
+    """Explicit VR Little Endian encoding of a data set (no file meta)."""
+    from pynetdicom.dsutils import encode as pn_encode
+
+    return pn_encode(ds, False, True)
+
+
+def raw_store(assoc, context_id, sop_class, sop_instance, data, msg_id):
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = 2
+    req.DataSet = BytesIO(data)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(req, context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    if rsp is None:
+        return None
+    return {"status": int(rsp.Status), "comment": str(getattr(rsp, "ErrorComment", "") or "")}
+
+
+def bad_stores(port):
+    """On ONE association: wrong SOP class, truncated data set, UID mismatch, garbage
+    bytes, then a good instance and a C-ECHO (the association must still work)."""
+    ct = pydicom.dcmread(testdata("CT_small.dcm"))
+    good = encode(ct)
+    assoc = associate(port, [(CT, [EXPLICIT_LE]), (MR, [EXPLICIT_LE]), (VERIFICATION, [IMPLICIT_LE])])
+    assert assoc.is_established, "association refused"
+    ct_cx = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    res = {}
+    # The command says MR, the context is CT.
+    res["wrong_sop_class"] = raw_store(assoc, ct_cx, MR, ct.SOPInstanceUID + ".9", good, 1)
+    # Data set cut in the middle of the pixel data.
+    res["truncated"] = raw_store(assoc, ct_cx, CT, ct.SOPInstanceUID, good[: len(good) // 2], 2)
+    # Command names another instance than the data set carries.
+    res["uid_mismatch"] = raw_store(assoc, ct_cx, CT, "1.2.3.4.5.6", good, 3)
+    # Not a data set at all.
+    res["garbage"] = raw_store(assoc, ct_cx, CT, ct.SOPInstanceUID, b"\xff\xff\xff\xff" * 64, 4)
+    res["good"] = raw_store(assoc, ct_cx, CT, ct.SOPInstanceUID, good, 5)
+    echo = assoc.send_c_echo()
+    res["echo"] = int(echo.Status) if "Status" in echo else None
+    assoc.release()
+    out(res)
+
+
+def store(port, path, calling, hold):
+    """Stores one file; prints the status. With --hold, keeps the association open
+    (without releasing) until stdin closes, so the test can kill the SCP mid-association."""
+    ds = pydicom.dcmread(path)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assoc = associate(port, [(ds.SOPClassUID, [ts])], calling=calling)
+    if not assoc.is_established:
+        out({"established": False})
+        return
+    status = assoc.send_c_store(ds)
+    out({"established": True, "status": int(status.Status) if "Status" in status else None,
+         "comment": str(status.get("ErrorComment", "") or "")})
+    if hold:
+        sys.stdin.read()
+        assoc.abort()
+    else:
+        assoc.release()
+
+
+def garbage(port, when):
+    """Sends an invalid PDU before or after association; reports what came back."""
+    s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+    if when == "after":
+        # A minimal valid A-ASSOCIATE-RQ for Verification, then garbage.
+        def item(t, payload):
+            return struct.pack(">BBH", t, 0, len(payload)) + payload
+
+        app = item(0x10, b"1.2.840.10008.3.1.1.1")
+        pc = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, VERIFICATION.encode()) + item(0x40, IMPLICIT_LE.encode()))
+        user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+        body = struct.pack(">HH", 1, 0) + b"CSPINE".ljust(16) + b"PYRAW".ljust(16) + bytes(32) + app + pc + user
+        s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+        hdr = recv_exact(s, 6)
+        rest = recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
+        assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
+    # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
+    s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
+    reply = b""
+    try:
+        reply = recv_exact(s, 10)
+    except (ConnectionError, socket.timeout, OSError):
+        pass
+    s.close()
+    out({"reply_type": reply[0] if reply else None, "reply": reply.hex()})
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def compare(sent, stored):
+    """Semantic comparison of a sent file and the spooled file."""
+    a = pydicom.dcmread(sent)
+    b = pydicom.dcmread(stored)
+    diffs = []
+    for elem in a:
+        if elem.tag == 0x7FE00010:
+            continue
+        if elem.tag not in b:
+            diffs.append(f"{elem.tag} missing")
+        elif b[elem.tag].value != elem.value:
+            diffs.append(f"{elem.tag} differs")
+    for elem in b:
+        if elem.tag not in a:
+            diffs.append(f"{elem.tag} added")
+    ts_a, ts_b = a.file_meta.TransferSyntaxUID, b.file_meta.TransferSyntaxUID
+    if "PixelData" in a:
+        if ts_a == ts_b:
+            if a.PixelData != b.PixelData:
+                diffs.append("PixelData bytes differ")
+        elif ts_a.is_compressed or ts_b.is_compressed:
+            diffs.append(f"transfer syntax changed from {ts_a} to {ts_b}")
+        else:
+            import numpy as np
+
+            if not np.array_equal(a.pixel_array, b.pixel_array):
+                diffs.append("pixel values differ")
+    out({
+        "equal": not diffs,
+        "diffs": diffs[:20],
+        "sent_ts": str(ts_a),
+        "stored_ts": str(ts_b),
+        "source_ae": str(b.file_meta.get("SourceApplicationEntityTitle", "")).strip(),
+    })
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-files")
+    m.add_argument("outdir")
+    m.add_argument("--dcmtk-bin", required=True)
+    n = sub.add_parser("negotiate")
+    n.add_argument("port")
+    n.add_argument("syntaxes", nargs="+")
+    b = sub.add_parser("bad-stores")
+    b.add_argument("port")
+    s = sub.add_parser("store")
+    s.add_argument("port")
+    s.add_argument("file")
+    s.add_argument("--calling", default="PYSCU")
+    s.add_argument("--hold", action="store_true")
+    g = sub.add_parser("garbage")
+    g.add_argument("port")
+    g.add_argument("when", choices=["before", "after"])
+    c = sub.add_parser("compare")
+    c.add_argument("sent")
+    c.add_argument("stored")
+    a = p.parse_args()
+    if a.cmd == "make-files":
+        make_files(a.outdir, a.dcmtk_bin)
+    elif a.cmd == "negotiate":
+        negotiate(a.port, a.syntaxes)
+    elif a.cmd == "bad-stores":
+        bad_stores(a.port)
+    elif a.cmd == "store":
+        store(a.port, a.file, a.calling, a.hold)
+    elif a.cmd == "garbage":
+        garbage(a.port, a.when)
+    elif a.cmd == "compare":
+        compare(a.sent, a.stored)
+
+
+if __name__ == "__main__":
+    main()
