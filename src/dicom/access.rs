@@ -179,14 +179,16 @@ mod tests {
 
     #[test]
     fn allow_list_with_and_without_address() {
-        let list =
-            AllowList::parse(&["CTSCANNER".into(), "PACS@127.0.0.2".into()]).unwrap();
+        let list = AllowList::parse(&["CTSCANNER".into(), "PACS@127.0.0.2".into()]).unwrap();
         assert!(list.check("CTSCANNER ", ip("10.0.0.1")).is_ok());
         assert!(list.check("PACS", ip("127.0.0.2")).is_ok());
         assert!(list.check("PACS", ip("::ffff:127.0.0.2")).is_ok());
         let err = list.check("PACS", ip("127.0.0.3")).unwrap_err().to_string();
         assert!(err.contains("not from address"), "{err}");
-        let err = list.check("OTHER", ip("127.0.0.2")).unwrap_err().to_string();
+        let err = list
+            .check("OTHER", ip("127.0.0.2"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not in dicom.allowed_calling_aes"), "{err}");
         assert!(AllowList::default().check("ANY", ip("127.0.0.1")).is_ok());
     }

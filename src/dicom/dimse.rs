@@ -44,14 +44,16 @@ pub struct Command {
 impl Command {
     /// Decodes a complete command set (all its P-DATA fragments concatenated).
     pub fn parse(bytes: &[u8]) -> Result<Command> {
-        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-            .context("command set is not valid Implicit VR Little Endian")?;
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .context("command set is not valid Implicit VR Little Endian")?;
         let u16_of = |tag| -> Result<Option<u16>> {
             match obj.element_opt(tag)? {
-                Some(e) => Ok(Some(
-                    e.to_int::<u16>()
-                        .with_context(|| format!("command element {tag} is not a number"))?,
-                )),
+                Some(e) => {
+                    Ok(Some(e.to_int::<u16>().with_context(|| {
+                        format!("command element {tag} is not a number")
+                    })?))
+                }
                 None => Ok(None),
             }
         };
@@ -157,9 +159,15 @@ mod tests {
         let obj =
             InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
                 .unwrap();
-        assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xC000);
         assert_eq!(
-            obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(),
+            obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(),
+            0xC000
+        );
+        assert_eq!(
+            obj.element(tags::COMMAND_FIELD)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
             C_STORE_RSP
         );
         let parsed = Command::parse(&bytes).unwrap();

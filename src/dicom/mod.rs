@@ -78,8 +78,7 @@ impl Default for ScpConfig {
 impl ScpConfig {
     pub fn validate(&self) -> Result<()> {
         access::validate_ae_title(&self.ae_title).context("dicom.ae_title")?;
-        access::AllowList::parse(&self.allowed_calling_aes)
-            .context("dicom.allowed_calling_aes")?;
+        access::AllowList::parse(&self.allowed_calling_aes).context("dicom.allowed_calling_aes")?;
         ensure!(
             !self.sop_classes.is_empty(),
             "dicom.sop_classes must list at least one storage SOP class"

@@ -52,7 +52,11 @@ impl Scp {
     pub async fn bind(config: ScpConfig) -> Result<Scp> {
         config.validate()?;
         let allow_list = Arc::new(AllowList::parse(&config.allowed_calling_aes)?);
-        let spool = Spool::open(&config.spool_dir, &config.ae_title, config.min_free_space_mb)?;
+        let spool = Spool::open(
+            &config.spool_dir,
+            &config.ae_title,
+            config.min_free_space_mb,
+        )?;
         let listener = TcpListener::bind((config.bind.as_str(), config.port))
             .await
             .with_context(|| {
@@ -144,7 +148,9 @@ async fn reject_busy(mut socket: TcpStream, peer: SocketAddr, shared: &Shared) {
             });
             let _ = send_raw(&mut socket, &rj).await;
         }
-        _ => log::warn!("connection from {peer} closed: too many associations and no valid request"),
+        _ => {
+            log::warn!("connection from {peer} closed: too many associations and no valid request")
+        }
     }
 }
 
@@ -192,8 +198,11 @@ async fn serve_connection(
         options = options.with_transfer_syntax(*ts);
     }
 
-    let established =
-        tokio::time::timeout(shared.config.artim_timeout(), options.establish_async(socket)).await;
+    let established = tokio::time::timeout(
+        shared.config.artim_timeout(),
+        options.establish_async(socket),
+    )
+    .await;
     let assoc = match established {
         Ok(Ok(assoc)) => assoc,
         Ok(Err(e)) => {
@@ -250,7 +259,9 @@ async fn negotiation_failed(
             .await;
         }
         UlError::UnknownPdu { .. } => {
-            log::warn!("connection from {peer} aborted: unrecognized PDU instead of A-ASSOCIATE-RQ");
+            log::warn!(
+                "connection from {peer} aborted: unrecognized PDU instead of A-ASSOCIATE-RQ"
+            );
         }
         UlError::UnexpectedPdu { pdu, .. } => {
             log::warn!(
@@ -281,7 +292,11 @@ enum Receiving {
     /// Command set fragments of one message.
     Command { context_id: u8, bytes: Vec<u8> },
     /// The data set of a C-STORE that will be stored.
-    Store { rq: Command, context_id: u8, incoming: Incoming },
+    Store {
+        rq: Command,
+        context_id: u8,
+        incoming: Incoming,
+    },
     /// A data set that is read and dropped, then answered with `status`.
     Drain {
         rq: Command,
@@ -375,7 +390,8 @@ impl<'a> Session<'a> {
 
     async fn run(&mut self) {
         let end = self.serve().await;
-        if let Receiving::Store { incoming, .. } = std::mem::replace(&mut self.state, Receiving::Idle)
+        if let Receiving::Store { incoming, .. } =
+            std::mem::replace(&mut self.state, Receiving::Idle)
         {
             // Never acknowledged: the SCU will send it again.
             incoming.discard();
@@ -418,20 +434,27 @@ impl<'a> Session<'a> {
                         "idle for {} s (dicom.idle_timeout_secs)",
                         self.shared.config.idle_timeout_secs
                     );
-                    return self.abort(AbortRQServiceProviderReason::ReasonNotSpecified, why).await;
+                    return self
+                        .abort(AbortRQServiceProviderReason::ReasonNotSpecified, why)
+                        .await;
                 }
             };
             match pdu {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if let Err(why) = self.on_pdv(pdv).await {
-                            return self.abort(AbortRQServiceProviderReason::UnexpectedPduParameter, why).await;
+                            return self
+                                .abort(AbortRQServiceProviderReason::UnexpectedPduParameter, why)
+                                .await;
                         }
                     }
                 }
                 Pdu::ReleaseRQ => {
                     if !matches!(self.state, Receiving::Idle) {
-                        log::warn!("{}: release requested in the middle of a message", self.peer);
+                        log::warn!(
+                            "{}: release requested in the middle of a message",
+                            self.peer
+                        );
                     }
                     let _ = self.assoc.send(&Pdu::ReleaseRP).await;
                     return End::Released;
@@ -439,18 +462,26 @@ impl<'a> Session<'a> {
                 Pdu::AbortRQ { .. } => return End::AbortedByPeer,
                 Pdu::Unknown { pdu_type, .. } => {
                     let why = format!("unrecognized PDU type 0x{pdu_type:02X}");
-                    return self.abort(AbortRQServiceProviderReason::UnrecognizedPdu, why).await;
+                    return self
+                        .abort(AbortRQServiceProviderReason::UnrecognizedPdu, why)
+                        .await;
                 }
                 other => {
                     let why = format!("unexpected {}", other.short_description());
-                    return self.abort(AbortRQServiceProviderReason::UnexpectedPdu, why).await;
+                    return self
+                        .abort(AbortRQServiceProviderReason::UnexpectedPdu, why)
+                        .await;
                 }
             }
         }
     }
 
     async fn abort(&mut self, reason: AbortRQServiceProviderReason, why: String) -> End {
-        log::warn!("association from {} ({}) aborted: {why}", self.calling_ae, self.peer);
+        log::warn!(
+            "association from {} ({}) aborted: {why}",
+            self.calling_ae,
+            self.peer
+        );
         let _ = self.assoc.send(&abort_pdu(reason)).await;
         End::Aborted(why)
     }
@@ -481,9 +512,14 @@ impl<'a> Session<'a> {
                     self.on_command().await?;
                 }
             }
-            (Receiving::Store { context_id, incoming, .. }, PDataValueType::Data)
-                if *context_id == id =>
-            {
+            (
+                Receiving::Store {
+                    context_id,
+                    incoming,
+                    ..
+                },
+                PDataValueType::Data,
+            ) if *context_id == id => {
                 self.bytes += data.len() as u64;
                 incoming.push(&data).await;
                 if is_last {
@@ -502,7 +538,8 @@ impl<'a> Session<'a> {
                     else {
                         unreachable!()
                     };
-                    self.respond(context_id, &rq, status, Some(&comment)).await?;
+                    self.respond(context_id, &rq, status, Some(&comment))
+                        .await?;
                 }
             }
             (_, kind) => {
@@ -526,9 +563,13 @@ impl<'a> Session<'a> {
             .assoc
             .presentation_contexts()
             .iter()
-            .find(|pc| pc.id == context_id && pc.reason == PresentationContextResultReason::Acceptance)
+            .find(|pc| {
+                pc.id == context_id && pc.reason == PresentationContextResultReason::Acceptance
+            })
             .cloned()
-            .ok_or_else(|| format!("message on presentation context {context_id}, which was not accepted"))?;
+            .ok_or_else(|| {
+                format!("message on presentation context {context_id}, which was not accepted")
+            })?;
         let abstract_syntax = syntax::trim_uid(&context.abstract_syntax).to_string();
 
         match rq.command_field {
@@ -570,7 +611,10 @@ impl<'a> Session<'a> {
                         Err(e) => refuse(status::OUT_OF_RESOURCES, format!("{e:#}")),
                     }
                 };
-                if let Receiving::Drain { comment, status, .. } = &self.state {
+                if let Receiving::Drain {
+                    comment, status, ..
+                } = &self.state
+                {
                     self.failed += 1;
                     log::warn!(
                         "C-STORE {} from {} refused with {status:04X}: {comment}",
@@ -592,8 +636,13 @@ impl<'a> Session<'a> {
                     };
                     Ok(())
                 } else {
-                    self.respond(context_id, &rq, status::UNRECOGNIZED_OPERATION, Some(&comment))
-                        .await
+                    self.respond(
+                        context_id,
+                        &rq,
+                        status::UNRECOGNIZED_OPERATION,
+                        Some(&comment),
+                    )
+                    .await
                 }
             }
         }
@@ -612,7 +661,11 @@ impl<'a> Session<'a> {
         let spool = self.shared.spool.clone();
         let outcome = tokio::task::spawn_blocking(move || spool.commit(incoming))
             .await
-            .unwrap_or_else(|e| Err(StoreError::OutOfResources(anyhow::anyhow!("store task failed: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(StoreError::OutOfResources(anyhow::anyhow!(
+                    "store task failed: {e}"
+                )))
+            });
         let (status, comment, stored) = match outcome {
             Ok(Stored::New(instance)) => {
                 self.stored += 1;
@@ -643,7 +696,8 @@ impl<'a> Session<'a> {
                 (status, Some(e.to_string()), None)
             }
         };
-        self.respond(context_id, &rq, status, comment.as_deref()).await?;
+        self.respond(context_id, &rq, status, comment.as_deref())
+            .await?;
         if let Some(instance) = stored {
             log::debug!("stored {}", instance.path.display());
             // The receiver only goes away at shutdown; the file is safe in the spool and

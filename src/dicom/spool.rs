@@ -96,8 +96,8 @@ impl Spool {
             .with_context(|| format!("cannot create spool directory {}", root.display()))?;
         let tmp = root.join(TMP_DIR);
         if tmp.exists() {
-            for entry in fs::read_dir(&tmp)
-                .with_context(|| format!("cannot list {}", tmp.display()))?
+            for entry in
+                fs::read_dir(&tmp).with_context(|| format!("cannot list {}", tmp.display()))?
             {
                 let path = entry?.path();
                 log::info!("removing unfinished receive {}", path.display());
@@ -144,12 +144,10 @@ impl Spool {
     /// Starts receiving an instance: creates the temp file and writes the file meta group.
     pub fn begin(&self, header: InstanceHeader) -> Result<Incoming> {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .tmp
-            .join(format!("{}-{}.part", std::process::id(), n));
+        let path = self.tmp.join(format!("{}-{}.part", std::process::id(), n));
         let meta = file_meta(&header, &self.our_ae)?;
-        let file = File::create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = BufWriter::with_capacity(64 * 1024, file);
         w.write_all(&[0u8; 128])?;
         w.write_all(b"DICM")?;
@@ -289,7 +287,8 @@ impl Incoming {
                 Ok((file, r)) => {
                     self.file = Some(file);
                     if let Err(e) = r {
-                        self.failed = Some(anyhow!("cannot write {}: {e}", self.tmp_path.display()));
+                        self.failed =
+                            Some(anyhow!("cannot write {}: {e}", self.tmp_path.display()));
                     }
                 }
                 Err(e) => self.failed = Some(anyhow!("write task failed: {e}")),
@@ -298,7 +297,10 @@ impl Incoming {
     }
 
     fn flush_blocking(&mut self) -> Result<()> {
-        let file = self.file.as_mut().context("temp file lost after a failed write")?;
+        let file = self
+            .file
+            .as_mut()
+            .context("temp file lost after a failed write")?;
         file.write_all(&self.pending)
             .with_context(|| format!("cannot write {}", self.tmp_path.display()))?;
         self.pending = Vec::new();
@@ -361,7 +363,10 @@ fn read_instance(path: &Path, full: bool) -> Result<(InstanceInfo, Option<Offset
                 == Some(PRIVATE_INFORMATION_CREATOR_UID)
         })
         .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| s.trim_end_matches(['\0', ' ']).strip_prefix(RECEIVED_AT_PREFIX))
+        .and_then(|s| {
+            s.trim_end_matches(['\0', ' '])
+                .strip_prefix(RECEIVED_AT_PREFIX)
+        })
         .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
     let info = InstanceInfo {
         study_instance_uid: text(tags::STUDY_INSTANCE_UID),

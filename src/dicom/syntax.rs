@@ -28,12 +28,18 @@ pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 pub const ACCEPTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
     (EXPLICIT_VR_LE, "Explicit VR Little Endian"),
     (IMPLICIT_VR_LE, "Implicit VR Little Endian"),
-    ("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian"),
+    (
+        "1.2.840.10008.1.2.1.99",
+        "Deflated Explicit VR Little Endian",
+    ),
     ("1.2.840.10008.1.2.5", "RLE Lossless"),
     ("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)"),
     ("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 & 4)"),
     ("1.2.840.10008.1.2.4.57", "JPEG Lossless (Process 14)"),
-    ("1.2.840.10008.1.2.4.70", "JPEG Lossless SV1 (Process 14, Selection Value 1)"),
+    (
+        "1.2.840.10008.1.2.4.70",
+        "JPEG Lossless SV1 (Process 14, Selection Value 1)",
+    ),
     ("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
     ("1.2.840.10008.1.2.4.81", "JPEG-LS Near-Lossless"),
     ("1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless"),
