@@ -45,9 +45,10 @@ else
 fi
 
 echo "== infer --json on the host-generated study"
-"$HOST" infer --json "$WORK/study-host" >"$WORK/host.json"
+# synth writes OUT/train_images/<StudyInstanceUID>/...
+"$HOST" infer --json "$WORK"/study-host/train_images/* >"$WORK/host.json"
 start=$(date +%s)
-arm infer --json "$WORK/study-host" >"$WORK/arm.json"
+arm infer --json "$WORK"/study-host/train_images/* >"$WORK/arm.json"
 echo "aarch64 infer under qemu: $(( $(date +%s) - start )) s"
 python3 - "$WORK/host.json" "$WORK/arm.json" "$TOL" <<'PY'
 import json, sys

@@ -287,3 +287,242 @@ fn oelint_adv_reports_no_errors_on_the_layer() {
         }
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// sd_notify protocol against the real daemon: NOTIFY_SOCKET is a real unix datagram
+// socket owned by the test, as systemd's would be.
+
+mod common;
+
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        // sun_path is limited to 108 bytes: keep it short.
+        let dir = tempfile::Builder::new()
+            .prefix("ntf")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket {
+            sock,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Next datagram (one `KEY=VALUE` per line) before `deadline`.
+    fn recv_before(&self, deadline: Instant) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    }
+
+    /// All datagrams until `deadline`, with arrival times.
+    fn collect_until(&self, deadline: Instant) -> Vec<(Instant, String)> {
+        let mut got = Vec::new();
+        while let Some(msg) = self.recv_before(deadline) {
+            got.push((Instant::now(), msg));
+        }
+        got
+    }
+}
+
+/// A `serve` config on loopback ports with temp spool/outbox and a real mosquitto.
+fn serve_config(dir: &Path, dicom_port: u16, mqtt_url: &str, inference_stall: f64) -> PathBuf {
+    let model = repo().join("models/model.json");
+    assert!(
+        model.exists(),
+        "{} missing: the daemon needs the model (merge the model branch)",
+        model.display()
+    );
+    let path = dir.join("config.toml");
+    fs::write(
+        &path,
+        format!(
+            r#"
+[dicom]
+bind = "127.0.0.1"
+port = {dicom_port}
+spool_dir = "{spool}"
+
+[series]
+quiet_period_secs = 1.0
+
+[inference]
+model = "{model}"
+
+[alert]
+mqtt_url = "{mqtt_url}"
+outbox_dir = "{outbox}"
+
+[service.stall_secs]
+dicom = 2.0
+series = 2.0
+inference = {inference_stall}
+alert = 2.0
+"#,
+            spool = dir.join("spool").display(),
+            outbox = dir.join("outbox").display(),
+            model = model.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn spawn_serve(
+    config: &Path,
+    notify: &NotifySocket,
+    watchdog_usec: u64,
+    stall: &str,
+) -> common::Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", watchdog_usec.to_string())
+        .env_remove("WATCHDOG_PID")
+        .env("RUST_LOG", "info");
+    if stall.is_empty() {
+        cmd.env_remove("CSPINE_FAULT_STALL");
+    } else {
+        cmd.env("CSPINE_FAULT_STALL", stall);
+    }
+    common::Proc::spawn(cmd)
+}
+
+/// Waits for READY=1 and returns when it arrived, checking that the DICOM port already
+/// accepts connections at that moment.
+fn wait_ready(notify: &NotifySocket, proc: &common::Proc, port: u16) -> Instant {
+    // Loading and optimising the model in a debug build on a busy CI box can be slow.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let msg = notify
+            .recv_before(deadline)
+            .unwrap_or_else(|| panic!("no READY=1 within 300 s; daemon log:\n{}", proc.log()));
+        if msg.lines().any(|l| l == "READY=1") {
+            let at = Instant::now();
+            let connected = TcpStream::connect(("127.0.0.1", port));
+            assert!(
+                connected.is_ok(),
+                "READY=1 arrived but 127.0.0.1:{port} refuses connections: {:?}",
+                connected.err()
+            );
+            return at;
+        }
+        // Before READY: nothing may claim the service is up.
+        assert!(!msg.contains("READY=1"), "{msg}");
+    }
+}
+
+#[test]
+fn ready_after_the_port_accepts_then_watchdog_pings_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::Mosquitto::start();
+    let port = common::free_port();
+    let config = serve_config(dir.path(), port, &broker.url(), 5.0);
+    let notify = NotifySocket::bind();
+    let mut daemon = spawn_serve(&config, &notify, 1_000_000, "");
+
+    wait_ready(&notify, &daemon, port);
+    // Healthy and idle: pings every WatchdogSec/2 = 0.5 s, fed by idle heartbeats.
+    let got = notify.collect_until(Instant::now() + Duration::from_secs(3));
+    let pings = got
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 4,
+        "expected >= 4 WATCHDOG=1 in 3 s with WATCHDOG_USEC=1s, got {pings}: {got:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        got.iter()
+            .any(|(_, m)| m.contains("STATUS=") && m.contains("queued")),
+        "no STATUS= line: {got:?}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let got = notify.collect_until(Instant::now() + Duration::from_secs(5));
+    assert!(
+        got.iter()
+            .any(|(_, m)| m.lines().any(|l| l == "STOPPING=1")),
+        "no STOPPING=1 after SIGTERM: {got:?}\n{}",
+        daemon.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn watchdog_pings_stop_while_a_stage_is_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::Mosquitto::start();
+    let port = common::free_port();
+    // Inference may go 1 s without a heartbeat; the fault hook hangs it for good.
+    let config = serve_config(dir.path(), port, &broker.url(), 1.0);
+    let notify = NotifySocket::bind();
+    let daemon = spawn_serve(&config, &notify, 400_000, "inference");
+
+    let ready = wait_ready(&notify, &daemon, port);
+    let got = notify.collect_until(ready + Duration::from_secs(5));
+    // Give the stage its 1 s allowance plus one ping period after READY (it may have been
+    // stuck before READY already); after that, not a single ping.
+    let late_pings: Vec<_> = got
+        .iter()
+        .filter(|(t, m)| {
+            *t > ready + Duration::from_millis(1600) && m.lines().any(|l| l == "WATCHDOG=1")
+        })
+        .collect();
+    assert!(
+        late_pings.is_empty(),
+        "WATCHDOG=1 kept coming while inference was stuck: {late_pings:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        got.iter()
+            .any(|(_, m)| m.contains("STATUS=") && m.contains("STUCK: inference")),
+        "STATUS= does not name the stuck stage: {got:?}"
+    );
+    assert!(
+        daemon.log().contains("pipeline stage inference silent"),
+        "no log line about the stuck stage:\n{}",
+        daemon.log()
+    );
+    // The DICOM stage is unaffected: the port still answers.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
