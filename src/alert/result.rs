@@ -90,3 +90,15 @@ pub struct TriageResult {
     pub site: String,
     pub timings: Timings,
 }
+
+/// Stable result id: hex sha256 of `"<series_instance_uid>\n<model sha256>"`, so the
+/// same series analysed by the same model always gets the same id (re-deliveries and
+/// re-runs deduplicate) and a new model gives a new one.
+pub fn result_id(series_instance_uid: &str, model_sha256: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(series_instance_uid.as_bytes());
+    h.update(b"\n");
+    h.update(model_sha256.as_bytes());
+    hex::encode(h.finalize())
+}

@@ -1,10 +1,38 @@
 //! Inference: preprocessing as `models/model.json` specifies, the tract engine, and
 //! postprocessing into a [`crate::alert::TriageResult`].
+//!
+//! - [`contract`]: `model.json` and the ONNX sha256 check.
+//! - [`preprocess`]: CT volume -> `[S, 3, 128, 128]` model input.
+//! - [`engine`]: tract (CPU, or CUDA with the `cuda` feature), prepared once.
+//! - [`postprocess`]: probabilities, flags, localization, `indeterminate`.
+//! - [`keyimage`]: the PNG of the key slice.
+//! - [`cli`]: `cspine-triage infer`.
+//!
+//! [`Pipeline::analyze`] chains them for one volume; [`run_inference`] is the daemon stage.
 
+pub mod cli;
+pub mod contract;
+pub mod engine;
+pub mod keyimage;
+pub mod postprocess;
+pub mod preprocess;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use crate::alert::{ResultMessage, TriageResult};
+use crate::series::{CtVolume, SeriesMeta, SeriesOutcome};
+use contract::VERTEBRAE;
+use engine::{Engine, EngineOptions, RuntimeChoice};
+use postprocess::{RunInfo, Thresholds};
+use preprocess::Preprocessed;
 
 /// `[inference]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -12,8 +40,16 @@ use serde::{Deserialize, Serialize};
 pub struct InferenceConfig {
     /// The model contract; the ONNX file is found next to it.
     pub model: PathBuf,
-    /// Threads for tract's kernels.
+    /// Threads for tract's kernels and for preprocessing.
     pub threads: usize,
+    /// "gpu-or-cpu" (CUDA when usable, else CPU), "cuda" (fail without it) or "cpu".
+    pub runtime: String,
+    /// Writable directory where tract-cuda keeps the kernels NVRTC compiled.
+    pub cuda_cache_dir: PathBuf,
+    /// Overrides `thresholds.patient` of model.json.
+    pub patient_threshold: Option<f32>,
+    /// Overrides entries of `thresholds.vertebrae` of model.json (keys C1..C7).
+    pub vertebra_thresholds: BTreeMap<String, f32>,
 }
 
 impl Default for InferenceConfig {
@@ -21,33 +57,217 @@ impl Default for InferenceConfig {
         InferenceConfig {
             model: PathBuf::from("/usr/share/cspine-triage/model/model.json"),
             threads: 2,
+            runtime: "gpu-or-cpu".into(),
+            cuda_cache_dir: PathBuf::from("/var/cache/cspine-triage"),
+            patient_threshold: None,
+            vertebra_thresholds: BTreeMap::new(),
         }
     }
 }
 
 impl InferenceConfig {
     pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=256).contains(&self.threads),
+            "inference.threads must be 1 to 256, got {}",
+            self.threads
+        );
+        self.runtime
+            .parse::<RuntimeChoice>()
+            .context("inference.runtime")?;
+        let valid = |t: f32| (0.0..=1.0).contains(&t);
+        if let Some(t) = self.patient_threshold {
+            ensure!(
+                valid(t),
+                "inference.patient_threshold must be in [0, 1], got {t}"
+            );
+        }
+        for (k, &t) in &self.vertebra_thresholds {
+            ensure!(
+                VERTEBRAE.contains(&k.as_str()),
+                "inference.vertebra_thresholds: unknown vertebra {k:?} (use C1..C7)"
+            );
+            ensure!(
+                valid(t),
+                "inference.vertebra_thresholds.{k} must be in [0, 1], got {t}"
+            );
+        }
         Ok(())
+    }
+
+    pub fn engine_options(&self) -> Result<EngineOptions> {
+        Ok(EngineOptions {
+            runtime: self.runtime.parse().context("inference.runtime")?,
+            threads: self.threads,
+            cuda_cache_dir: self.cuda_cache_dir.clone(),
+        })
     }
 }
 
-pub mod cli {
-    //! `cspine-triage infer`.
-    use std::path::PathBuf;
+/// Everything one series produced.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    pub result: TriageResult,
+    pub key_image_png: Option<Vec<u8>>,
+    /// Where the time went (not published; the CLI and benchmarks print it).
+    pub preprocess_time: Duration,
+    pub model_time: Duration,
+    /// `(node, op, time)` per node of the plan, when asked for.
+    pub profile: Option<Vec<(String, String, Duration)>>,
+}
 
-    use anyhow::Result;
+/// The engine plus the thresholds in effect: loaded once, used for every series.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub engine: Engine,
+    pub thresholds: Thresholds,
+}
 
-    #[derive(Debug, clap::Args)]
-    pub struct InferArgs {
-        /// DICOM folders or files.
-        #[arg(required = true)]
-        pub paths: Vec<PathBuf>,
-        /// Print results as JSON (one per series).
-        #[arg(long)]
-        pub json: bool,
+impl Pipeline {
+    pub fn load(config: &InferenceConfig) -> Result<Pipeline> {
+        config.validate()?;
+        let engine = Engine::load(&config.model, &config.engine_options()?)?;
+        let thresholds = Thresholds::resolve(
+            &engine.files.contract,
+            config.patient_threshold,
+            &config.vertebra_thresholds,
+        );
+        Ok(Pipeline { engine, thresholds })
     }
 
-    pub fn run(_args: &InferArgs) -> Result<()> {
-        anyhow::bail!("infer is not implemented yet")
+    fn run_info(&self) -> RunInfo {
+        RunInfo::new(&self.engine.files.contract, self.engine.runtime())
     }
+
+    /// Analyses one volume. Errors are for the caller to turn into a `failed` result.
+    pub fn analyze(&self, volume: &CtVolume) -> Result<Analysis> {
+        self.analyze_with(volume, false)
+    }
+
+    /// As [`Pipeline::analyze`]; with `profile`, every node of the model is timed (CPU only).
+    pub fn analyze_with(&self, volume: &CtVolume, profile: bool) -> Result<Analysis> {
+        let contract = &self.engine.files.contract;
+        let mut run = self.run_info();
+        run.inference_start = Some(OffsetDateTime::now_utc());
+        let t0 = Instant::now();
+        let prep = preprocess::preprocess(volume, &contract.input, self.engine.threads())?;
+        let preprocess_time = t0.elapsed();
+        let input = match prep {
+            Preprocessed::TooShort { slices, min_slices } => {
+                run.inference_end = Some(OffsetDateTime::now_utc());
+                let reason = format!(
+                    "{}: {slices} model slice(s) of {} mm, at least {min_slices} needed",
+                    postprocess::REASON_TOO_SHORT,
+                    contract.input.spacing_mm.slice
+                );
+                return Ok(Analysis {
+                    result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
+                    key_image_png: None,
+                    preprocess_time,
+                    model_time: Duration::ZERO,
+                    profile: None,
+                });
+            }
+            Preprocessed::Input(input) => input,
+        };
+        let grid = input.grid.clone();
+        let t1 = Instant::now();
+        let (outputs, profile) = if profile {
+            let (outputs, profile) = self.engine.run_profiled(input)?;
+            (outputs, Some(profile))
+        } else {
+            (self.engine.run(input)?, None)
+        };
+        let model_time = t1.elapsed();
+        run.inference_end = Some(OffsetDateTime::now_utc());
+        let verdict = postprocess::interpret(
+            volume,
+            &grid,
+            &outputs,
+            contract,
+            &self.thresholds,
+            &run,
+        );
+        let key_image_png = match verdict.key_model_slice {
+            Some(k) => {
+                let plane = preprocess::model_plane(volume, &contract.input, &grid, k);
+                let seg = postprocess::seg_argmax(&outputs, k);
+                Some(keyimage::render(
+                    &plane,
+                    (contract.input.height, contract.input.width),
+                    &seg,
+                    (outputs.seg_h, outputs.seg_w),
+                    verdict.key_vertebra,
+                )?)
+            }
+            None => None,
+        };
+        Ok(Analysis {
+            result: verdict.result,
+            key_image_png,
+            preprocess_time,
+            model_time,
+            profile,
+        })
+    }
+
+    /// A series outcome to a result message; never fails (errors become `failed`).
+    pub fn process(&self, outcome: SeriesOutcome) -> ResultMessage {
+        match outcome {
+            SeriesOutcome::Volume(volume) => match self.analyze(&volume) {
+                Ok(a) => ResultMessage {
+                    result: a.result,
+                    patient_id: volume.meta.patient_id.clone(),
+                    key_image_png: a.key_image_png,
+                },
+                Err(e) => {
+                    log::error!(
+                        "inference failed for series {}: {e:#}",
+                        volume.meta.series_instance_uid
+                    );
+                    self.failed(&volume.meta, &format!("inference failed: {e:#}"))
+                }
+            },
+            SeriesOutcome::Failed { meta, reason } => self.failed(&meta, &reason),
+        }
+    }
+
+    fn failed(&self, meta: &SeriesMeta, reason: &str) -> ResultMessage {
+        ResultMessage {
+            result: postprocess::failed_result(meta, &self.run_info(), reason),
+            patient_id: meta.patient_id.clone(),
+            key_image_png: None,
+        }
+    }
+}
+
+/// The daemon's inference stage: one series at a time (the model already uses every
+/// configured thread), on a blocking thread so the async stages keep running.
+/// Ends when `rx` closes; fails only if the alert stage is gone.
+pub async fn run_inference(
+    pipeline: Arc<Pipeline>,
+    mut rx: mpsc::Receiver<SeriesOutcome>,
+    tx: mpsc::Sender<ResultMessage>,
+) -> Result<()> {
+    while let Some(outcome) = rx.recv().await {
+        let pipeline = pipeline.clone();
+        let message = tokio::task::spawn_blocking(move || pipeline.process(outcome))
+            .await
+            .context("inference task panicked")?;
+        log::info!(
+            "series {}: {:?}{}",
+            message.result.series_instance_uid,
+            message.result.status,
+            message
+                .result
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        tx.send(message)
+            .await
+            .context("the alert stage stopped; cannot hand over results")?;
+    }
+    Ok(())
 }

@@ -1,11 +1,35 @@
 //! Series assembly (which instances form a complete series worth analysing) and
 //! volume building (decoded, sorted, validated HU voxels).
+//!
+//! - [`assembler`]: groups arriving instances, decides completion, picks the series.
+//! - [`header`]: the attributes of one instance, read without pixel data.
+//! - [`selection`]: which instances and series are analysed, and why not.
+//! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
+//! - [`load`]: offline entry point, files or folders -> outcomes (`infer`).
+
+pub mod assembler;
+pub mod header;
+pub mod load;
+pub mod selection;
+pub mod volume;
+
+pub use assembler::{run_assembler, Assembler, SeriesJob};
+pub use header::InstanceHeader;
+pub use load::{load_series_from_paths, load_series_report, LoadReport};
+pub use selection::Skip;
+pub use volume::build_volume;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-/// `[series]` section: when a series counts as complete.
+/// `[series]` section: when a series counts as complete and which one is analysed.
+///
+/// A series is complete at the first of: `quiet_period_secs` without a new instance, its
+/// expected instance count reached, or `max_wait_secs` after its first instance. A study
+/// is decided (its best candidate series chosen, see [`selection`]) once all its series are
+/// complete and it has had no new instance for `study_quiet_period_secs`, or at the latest
+/// `max_wait_secs` after its first instance. See [`assembler`] for late instances.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AssemblyConfig {
@@ -13,6 +37,38 @@ pub struct AssemblyConfig {
     pub quiet_period_secs: f64,
     /// ... or at the latest this many seconds after its first instance.
     pub max_wait_secs: f64,
+    /// A study's candidate series are compared once the study has been quiet this long
+    /// (0: as soon as all its series are complete). Raise it if your scanner pauses
+    /// between series longer than this; lower it with expected counts for speed.
+    pub study_quiet_period_secs: f64,
+    /// Use (0020,1002) Images in Acquisition as the expected instance count when present.
+    pub use_images_in_acquisition: bool,
+    /// Expected instance counts by sender; the first matching rule wins over
+    /// Images in Acquisition (`[[series.expected_count]]`).
+    pub expected_count: Vec<ExpectedCountRule>,
+    /// Extra case-insensitive substrings of ConvolutionKernel that mark a bone kernel,
+    /// on top of the built-in rule (BONE, EDGE, Siemens B/H/I/J/U60 and sharper).
+    pub bone_kernels: Vec<String>,
+    /// How long a decided study is remembered, so that late instances re-open its series
+    /// instead of starting a new, partial one.
+    pub completed_retention_secs: f64,
+    /// Complete a series as soon as it covers the cervical spine. Not implemented yet:
+    /// must stay `false`.
+    pub anatomy_coverage_trigger: bool,
+}
+
+/// Expected number of instances per series for a sender: every given field must match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedCountRule {
+    /// Calling AE title of the association (exact match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calling_ae: Option<String>,
+    /// (0008,1010) Station Name (exact match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub station_name: Option<String>,
+    /// Instances per series.
+    pub images: u32,
 }
 
 impl Default for AssemblyConfig {
@@ -20,6 +76,12 @@ impl Default for AssemblyConfig {
         AssemblyConfig {
             quiet_period_secs: 3.0,
             max_wait_secs: 600.0,
+            study_quiet_period_secs: 3.0,
+            use_images_in_acquisition: true,
+            expected_count: Vec::new(),
+            bone_kernels: Vec::new(),
+            completed_retention_secs: 3600.0,
+            anatomy_coverage_trigger: false,
         }
     }
 }
@@ -33,6 +95,29 @@ impl AssemblyConfig {
         ensure!(
             self.max_wait_secs >= self.quiet_period_secs,
             "series.max_wait_secs must be >= series.quiet_period_secs"
+        );
+        ensure!(
+            self.study_quiet_period_secs >= 0.0
+                && self.study_quiet_period_secs <= self.max_wait_secs,
+            "series.study_quiet_period_secs must be between 0 and series.max_wait_secs"
+        );
+        ensure!(
+            self.completed_retention_secs >= 0.0,
+            "series.completed_retention_secs must be >= 0"
+        );
+        for (i, rule) in self.expected_count.iter().enumerate() {
+            ensure!(
+                rule.calling_ae.is_some() || rule.station_name.is_some(),
+                "series.expected_count[{i}] needs calling_ae and/or station_name"
+            );
+            ensure!(
+                rule.images > 0,
+                "series.expected_count[{i}].images must be > 0"
+            );
+        }
+        ensure!(
+            !self.anatomy_coverage_trigger,
+            "series.anatomy_coverage_trigger is not implemented yet: set it to false"
         );
         Ok(())
     }
@@ -89,6 +174,8 @@ pub struct CtVolume {
 }
 
 /// What the series stage hands to inference.
+// `Failed` is rare and small next to a volume's voxels: boxing its meta buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum SeriesOutcome {
     /// A complete, consistent axial CT series.

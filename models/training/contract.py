@@ -1,0 +1,76 @@
+"""Writes `models/model.json`, the contract between this recipe and the daemon
+(see docs/model-contract.md). Preprocessing constants live here once and are imported by
+`preprocess.py`, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT = "cspine-triage/model-contract/v1"
+NAME = "cspine-triage-synthetic"
+VERSION = "0.1.0"
+
+INPUT = {
+    "name": "slices",
+    "dtype": "float32",
+    "layout": "SCHW",
+    "channels": 3,
+    "height": 128,
+    "width": 128,
+    "spacing_mm": {"slice": 2.0, "row": 1.25, "column": 1.25},
+    "window": {"center": 400.0, "width": 1800.0},
+    "pad_hu": -1024.0,
+    "min_slices": 8,
+    "max_slices": 256,
+}
+
+OUTPUTS = {
+    "segmentation": {
+        "name": "seg_logits",
+        "shape": ["S", 8, 32, 32],
+        "stride": 4,
+        "classes": ["background", "C1", "C2", "C3", "C4", "C5", "C6", "C7"],
+    },
+    "vertebra_logits": {"name": "vertebra_logits", "shape": [7]},
+    "patient_logit": {"name": "patient_logit", "shape": [1]},
+    "attention": {"name": "attention", "shape": [7, "S"]},
+}
+
+COVERAGE = {"min_vertebrae": 5, "min_pixels": 4}
+VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_model_json(
+    onnx_path: str | Path,
+    json_path: str | Path,
+    patient_threshold: float = 0.5,
+    vertebra_thresholds: dict | None = None,
+    version: str = VERSION,
+) -> dict:
+    onnx_path = Path(onnx_path)
+    vt = {v: 0.5 for v in VERTEBRAE}
+    if vertebra_thresholds:
+        vt.update({k: float(x) for k, x in vertebra_thresholds.items()})
+    doc = {
+        "format": FORMAT,
+        "name": NAME,
+        "version": version,
+        "onnx": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": INPUT,
+        "outputs": OUTPUTS,
+        "thresholds": {"patient": float(patient_threshold), "vertebrae": vt},
+        "coverage": COVERAGE,
+    }
+    Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc

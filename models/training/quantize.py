@@ -1,0 +1,104 @@
+"""fp32 ONNX -> int8 ONNX that tract runs in integer: onnxruntime `quantize_static` with
+QuantFormat.QOperator and op_types_to_quantize=['Conv'] (QLinearConv only). GRU, attention,
+softmax and the pooling stay float: tract emulates Q/DQ graphs in float and folds
+DequantizeLinear->Softmax->QuantizeLinear into a lookup table (wrong attention), and it does
+not implement ORT's com.microsoft QLinear* contrib ops.
+
+Calibration uses whole training studies (never validation or test studies).
+
+  python3 quantize.py runs/fp32/model_fp32.onnx ../cspine_triage_int8.onnx \
+      --data DATA_ROOT --cache CACHE --calib 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from data import load_dataset
+
+
+class StudyReader(CalibrationDataReader):
+    def __init__(self, studies):
+        self.it = iter([{"slices": st.slices()} for st in studies])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def restore_shapes(path, fp32_path) -> None:
+    """The quantizer stores shapes from its own symbolic shape inference, with invented dim
+    names (e.g. 'Softmaxattention_dim_0' where the graph has 7, also on the `attention`
+    output) that contradict tract's analysis. Intermediate shapes are optional in ONNX: drop
+    them, and give the outputs back the fp32 graph's declared shapes."""
+    m = onnx.load(str(path))
+    ref = {o.name: o for o in onnx.load(str(fp32_path)).graph.output}
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.CopyFrom(ref[o.name].type)
+    onnx.save(m, str(path))
+
+
+def op_histogram(path) -> dict:
+    return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
+
+
+def compare(fp32: str, int8: str, studies) -> dict:
+    """onnxruntime int8 vs onnxruntime fp32 on whole studies."""
+    a = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    worst = collections.defaultdict(float)
+    for st in studies:
+        x = st.slices()
+        for meta, ya, yb in zip(a.get_outputs(), a.run(None, {"slices": x}), b.run(None, {"slices": x})):
+            worst[meta.name] = max(worst[meta.name], float(np.abs(ya - yb).max()))
+    return dict(worst)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("fp32")
+    ap.add_argument("int8")
+    ap.add_argument("--data", type=Path, required=True, help="RSNA-layout root of TRAINING studies")
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--calib", type=int, default=16, help="number of calibration studies")
+    ap.add_argument("--per-channel", action="store_true")
+    args = ap.parse_args()
+    studies = load_dataset(args.data, args.cache / args.data.name)[: args.calib]
+    quantize_static(
+        args.fp32,
+        args.int8,
+        StudyReader(studies),
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=["Conv"],
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=args.per_channel,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    restore_shapes(args.int8, args.fp32)
+    hist = op_histogram(args.int8)
+    print("int8 graph ops:", hist)
+    bad = [op for op in hist if op.startswith("QLinear") and op != "QLinearConv"] + [
+        op for op in hist if op in ("QGemm", "QAttention", "DynamicQuantizeLinear")
+    ]
+    if bad:
+        raise SystemExit(f"int8 graph has ops tract does not run: {bad}")
+    print("max |int8 - fp32| (onnxruntime, calibration studies):", compare(args.fp32, args.int8, studies[:4]))
+
+
+if __name__ == "__main__":
+    main()

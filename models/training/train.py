@@ -1,0 +1,232 @@
+"""Training on the RSNA layout (our phantoms or the real Kaggle data).
+
+Two stages, because 2 CPU cores cannot push whole studies end to end often enough:
+  A. end to end on windows of W model slices: segmentation cross-entropy on every slice with
+     a mask, plus RSNA-weighted BCE for each vertebra that lies entirely inside the window
+     (its label is then known; vertebrae cut by the window edge are ignored). Studies without
+     a segmentation are used whole (all 7 vertebra labels + patient label).
+  B. the slice encoder frozen, its per-vertebra features computed once per study, the
+     GRU/attention/heads trained on WHOLE studies with vertebra + patient BCE
+     (RSNA weights: vertebra neg 1 / pos 2, patient neg 7 / pos 14).
+Curves go to OUT/train_log.csv; the checkpoint to OUT/model.pt.
+
+  python3 train.py --data TRAIN_ROOT --val-data VAL_ROOT --cache CACHE --out runs/fp32
+  python3 train.py --init runs/pruned/pruned.pt ... --steps-a 300 --steps-b 400   (fine-tune)
+  python3 train.py --smoke --data TINY_ROOT --cache /tmp/c --out /tmp/smoke          (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import Study, load_dataset
+from metrics import summary
+from model import N_VERT, TriageNet, load_checkpoint, save_checkpoint
+
+VERT_W = (1.0, 2.0)  # RSNA weights (negative, positive) for vertebra rows
+PAT_W = (7.0, 14.0)  # and for the patient row
+SEG_WEIGHT = torch.tensor([0.3] + [1.0] * N_VERT)
+
+
+def wbce(logits: torch.Tensor, y: torch.Tensor, w: tuple) -> torch.Tensor:
+    weight = torch.where(y > 0.5, w[1], w[0])
+    return (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum() / weight.sum()
+
+
+def vertebra_spans(seg: np.ndarray) -> list[tuple[int, int] | None]:
+    """First and last model slice where each vertebra has at least one labelled cell."""
+    present = np.stack([(seg == v + 1).any(axis=(1, 2)) for v in range(N_VERT)], 1)  # [S,7]
+    spans = []
+    for v in range(N_VERT):
+        idx = np.flatnonzero(present[:, v])
+        spans.append((int(idx[0]), int(idx[-1])) if idx.size else None)
+    return spans
+
+
+class Logger:
+    def __init__(self, path: Path):
+        self.f = open(path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if path.stat().st_size == 0:
+            self.w.writerow(["stage", "step", "elapsed_s", "split", "metric", "value"])
+
+    def log(self, stage, step, t0, split, metric, value):
+        self.w.writerow([stage, step, f"{time.time() - t0:.1f}", split, metric, f"{value:.6f}"])
+        self.f.flush()
+
+
+def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
+    s = st.v.shape[0]
+    if st.seg is None:  # no mask: the whole study, study-level labels only
+        lo, hi = 0, s
+    else:
+        spans = [sp for sp in vertebra_spans(st.seg) if sp]
+        lo_c = min(sp[0] for sp in spans) if spans else 0
+        hi_c = max(sp[1] for sp in spans) if spans else s - 1
+        # window start chosen so that the window overlaps the spine
+        a = max(0, min(lo_c - window // 2, s - window))
+        b = max(a, min(hi_c - window // 2, s - window))
+        lo = rng.randint(a, b)
+        hi = min(s, lo + window)
+    x = torch.from_numpy(st.slices(lo, hi))
+    seg_logits, vlog, plog, _ = model(x)
+    loss = torch.zeros(())
+    parts = {}
+    if st.seg is not None:
+        tgt = torch.from_numpy(st.seg[lo:hi].astype(np.int64))
+        seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT)
+        loss = loss + seg_loss
+        parts["seg_ce"] = float(seg_loss)
+        spans = vertebra_spans(st.seg)
+        inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
+        if inside:
+            idx = torch.tensor(inside)
+            y = torch.from_numpy(st.labels[1:])[idx]
+            vl = wbce(vlog[idx], y, VERT_W)
+            loss = loss + vl
+            parts["vert_bce"] = float(vl)
+    else:
+        vl = wbce(vlog, torch.from_numpy(st.labels[1:]), VERT_W)
+        pl = wbce(plog, torch.from_numpy(st.labels[:1]), PAT_W)
+        loss = loss + vl + pl
+        parts["vert_bce"], parts["pat_bce"] = float(vl), float(pl)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    parts["loss"] = float(loss)
+    return parts
+
+
+@torch.no_grad()
+def study_features(model: TriageNet, st: Study, chunk: int = 64):
+    """Frozen encoder: seg logits and per-vertebra sequence of the whole study."""
+    segs, seqs = [], []
+    for lo in range(0, st.v.shape[0], chunk):
+        s, q = model.features(torch.from_numpy(st.slices(lo, min(st.v.shape[0], lo + chunk))))
+        segs.append(s)
+        seqs.append(q)
+    return torch.cat(segs), torch.cat(seqs)
+
+
+@torch.no_grad()
+def predict(model: TriageNet, studies: list[Study]) -> np.ndarray:
+    """Probabilities [N, 8] (patient, C1..C7) on whole studies."""
+    model.eval()
+    out = []
+    for st in studies:
+        _, seq = study_features(model, st)
+        vlog, plog, _ = model.head(seq)
+        out.append(torch.sigmoid(torch.cat([plog, vlog])).numpy())
+    return np.stack(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, nargs="+", required=True, help="RSNA-layout roots for training")
+    ap.add_argument("--val-data", type=Path, nargs="*", default=[], help="RSNA-layout roots for validation")
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--init", type=Path, help="start from this checkpoint (e.g. a pruned model)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--steps-a", type=int, default=900)
+    ap.add_argument("--steps-b", type=int, default=1500)
+    ap.add_argument("--lr-a", type=float, default=2e-3)
+    ap.add_argument("--lr-b", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.steps_a, args.steps_b, args.window, args.eval_every = 4, 6, 12, 1000
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    rng = random.Random(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    limit = 2 if args.smoke else None
+    train = [st for root in args.data for st in load_dataset(root, args.cache / root.name, limit=limit)]
+    val = [st for root in args.val_data for st in load_dataset(root, args.cache / root.name, limit=limit)]
+    print(f"{len(train)} training, {len(val)} validation studies ({time.time() - t0:.0f} s to load)")
+    log = Logger(args.out / "train_log.csv")
+
+    model = load_checkpoint(args.init) if args.init else TriageNet()
+    (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
+
+    def evaluate(stage, step):
+        if not val:
+            return
+        p = predict(model, val)
+        y = np.stack([st.labels for st in val])
+        m = summary(y, p, 0.5, [0.5] * 7)
+        for k in ("patient_auc", "mean_vertebra_auc", "rsna_wll"):
+            log.log(stage, step, t0, "val", k, m[k])
+        print(f"[{stage} {step}] val patient AUC {m['patient_auc']:.4f} vertebra AUC "
+              f"{m['mean_vertebra_auc']:.4f} RSNA wll {m['rsna_wll']:.4f}", flush=True)
+
+    # Stage A: end to end on windows.
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr_a, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=max(1, args.steps_a), pct_start=0.1)
+    run = {}
+    for step in range(1, args.steps_a + 1):
+        model.train()
+        parts = stage_a_step(model, opt, rng.choice(train), args.window, rng)
+        sched.step()
+        for k, v in parts.items():
+            run[k] = 0.95 * run.get(k, v) + 0.05 * v
+        if step % 20 == 0 or step == args.steps_a:
+            for k, v in run.items():
+                log.log("A", step, t0, "train", k, v)
+            print(f"[A {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()) + f" {time.time() - t0:.0f}s", flush=True)
+        if step % args.eval_every == 0:
+            evaluate("A", step)
+    evaluate("A", args.steps_a)
+
+    # Stage B: frozen encoder, whole studies through GRU/attention/heads.
+    model.eval()
+    feats = [study_features(model, st)[1] for st in train]
+    print(f"stage B features cached ({time.time() - t0:.0f} s)", flush=True)
+    head_params = [p for n, p in model.named_parameters()
+                   if n.split(".")[0] in ("gru", "att", "vert_head", "vert_bias", "pat_scale", "pat_bias", "pat_head")]
+    opt = torch.optim.AdamW(head_params, lr=args.lr_b, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.steps_b))
+    run = {}
+    for step in range(1, args.steps_b + 1):
+        i = rng.randrange(len(train))
+        seq = feats[i]
+        vlog, plog, _ = model.head(seq)
+        y = torch.from_numpy(train[i].labels)
+        vl, pl = wbce(vlog, y[1:], VERT_W), wbce(plog, y[:1], PAT_W)
+        loss = vl + pl
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head_params, 5.0)
+        opt.step()
+        sched.step()
+        for k, v in (("vert_bce", float(vl)), ("pat_bce", float(pl))):
+            run[k] = 0.98 * run.get(k, v) + 0.02 * v
+        if step % 50 == 0 or step == args.steps_b:
+            for k, v in run.items():
+                log.log("B", step, t0, "train", k, v)
+        if step % 500 == 0 or step == args.steps_b:
+            print(f"[B {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
+    evaluate("B", args.steps_b)
+    save_checkpoint(model, args.out / "model.pt", seed=args.seed)
+    print(f"saved {args.out / 'model.pt'} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+//! `cspine-triage infer PATH...`: the daemon's pipeline offline, on DICOM files or folders.
+//! One result per series, JSON lines with `--json`, a human summary otherwise.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{InferenceConfig, Pipeline};
+use crate::alert::result::Status;
+use crate::alert::TriageResult;
+use crate::series::SeriesOutcome;
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    /// DICOM folders (searched recursively) or files.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Print results as JSON, one line per series.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the key image of each result to DIR/<result id>.png.
+    #[arg(long, value_name = "DIR")]
+    pub keyimage: Option<PathBuf>,
+    /// The model contract (model.json; the ONNX file lies next to it).
+    #[arg(
+        long,
+        env = "CSPINE_TRIAGE_MODEL",
+        default_value = "/usr/share/cspine-triage/model/model.json"
+    )]
+    pub model: PathBuf,
+    /// Threads for the model and preprocessing.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// gpu-or-cpu, cuda or cpu.
+    #[arg(long, default_value = "gpu-or-cpu")]
+    pub runtime: String,
+    /// Writable directory for the kernels tract-cuda compiles.
+    #[arg(long, default_value = "/var/cache/cspine-triage")]
+    pub cuda_cache_dir: PathBuf,
+    /// Time every node of the model and print the totals per op to stderr (CPU only).
+    #[arg(long)]
+    pub profile: bool,
+}
+
+pub fn run(args: &InferArgs) -> Result<()> {
+    for p in &args.paths {
+        if !p.exists() {
+            bail!("{} does not exist", p.display());
+        }
+    }
+    let report = crate::series::load_series_report(&args.paths, &[])?;
+    for skip in &report.skipped {
+        eprintln!(
+            "not analysed: series {} ({} instance(s)): {}",
+            skip.series_instance_uid, skip.instances, skip.reason
+        );
+    }
+    if report.outcomes.is_empty() {
+        bail!(
+            "no CT series to analyse in {} ({} series skipped, {} unreadable file(s))",
+            args.paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            report.skipped.len(),
+            report.unreadable.len()
+        );
+    }
+    let config = InferenceConfig {
+        model: args.model.clone(),
+        threads: args.threads,
+        runtime: args.runtime.clone(),
+        cuda_cache_dir: args.cuda_cache_dir.clone(),
+        ..InferenceConfig::default()
+    };
+    let pipeline = Pipeline::load(&config)?;
+    if let Some(dir) = &args.keyimage {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create key image directory {}", dir.display()))?;
+    }
+
+    let bar = if report.outcomes.len() > 1 {
+        let bar = ProgressBar::new(report.outcomes.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} series, {elapsed} elapsed, ETA {eta}")
+                .expect("static template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut failures = 0;
+    let stdout = std::io::stdout();
+    for outcome in report.outcomes {
+        let (result, key_image, timing) = match outcome {
+            SeriesOutcome::Volume(volume) => match pipeline.analyze_with(&volume, args.profile) {
+                Ok(a) => {
+                    if let Some(profile) = &a.profile {
+                        bar.suspend(|| print_profile(profile));
+                    }
+                    let timing = format!(
+                        "{} slices, preprocess {:.2} s, model {:.2} s",
+                        volume.dims[0],
+                        a.preprocess_time.as_secs_f64(),
+                        a.model_time.as_secs_f64()
+                    );
+                    (a.result, a.key_image_png, timing)
+                }
+                Err(e) => {
+                    let m = pipeline.process(SeriesOutcome::Failed {
+                        meta: volume.meta.clone(),
+                        reason: format!("inference failed: {e:#}"),
+                    });
+                    (m.result, None, String::new())
+                }
+            },
+            failed @ SeriesOutcome::Failed { .. } => {
+                (pipeline.process(failed).result, None, String::new())
+            }
+        };
+        if result.status == Status::Failed {
+            failures += 1;
+        }
+        if let (Some(dir), Some(png)) = (&args.keyimage, &key_image) {
+            let path = dir.join(format!("{}.png", result.id));
+            std::fs::write(&path, png)
+                .with_context(|| format!("cannot write key image {}", path.display()))?;
+        }
+        let line = if args.json {
+            serde_json::to_string(&result)?
+        } else {
+            summary(&result, &timing)
+        };
+        bar.suspend(|| writeln!(stdout.lock(), "{line}"))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if !report.unreadable.is_empty() {
+        for (path, err) in &report.unreadable {
+            eprintln!("unreadable: {}: {err}", path.display());
+        }
+        bail!(
+            "{} input file(s) could not be read as DICOM",
+            report.unreadable.len()
+        );
+    }
+    if failures > 0 {
+        bail!("{failures} series could not be analysed (see their reason)");
+    }
+    Ok(())
+}
+
+/// One human-readable line per result.
+fn summary(r: &TriageResult, timing: &str) -> String {
+    let mut s = format!(
+        "{}: {}",
+        r.series_instance_uid,
+        format!("{:?}", r.status).to_uppercase()
+    );
+    if let Some(reason) = &r.reason {
+        s += &format!(" ({reason})");
+    }
+    if let Some(p) = &r.patient {
+        s += &format!(
+            "; patient p={:.3} (threshold {:.2})",
+            p.probability, p.threshold
+        );
+    }
+    let flagged: Vec<String> = r
+        .vertebrae
+        .iter()
+        .filter(|(_, v)| v.flagged)
+        .map(|(name, v)| match v.z_range_mm {
+            Some([a, b]) => format!("{name} p={:.3} z {a:.1}..{b:.1} mm", v.probability),
+            None => format!("{name} p={:.3}", v.probability),
+        })
+        .collect();
+    if !flagged.is_empty() {
+        s += &format!("; flagged {}", flagged.join(", "));
+    }
+    if let Some(k) = &r.key_slice {
+        s += &format!("; key slice {} at z {:.1} mm", k.sop_instance_uid, k.z_mm);
+    }
+    if !timing.is_empty() {
+        s += &format!(" [{timing}, runtime {}]", r.runtime);
+    }
+    s
+}
+
+/// Totals per op type and the slowest nodes, to stderr.
+fn print_profile(profile: &[(String, String, Duration)]) {
+    let total: Duration = profile.iter().map(|p| p.2).sum();
+    let mut by_op: BTreeMap<&str, (Duration, usize)> = BTreeMap::new();
+    for (_, op, t) in profile {
+        let e = by_op.entry(op.as_str()).or_default();
+        e.0 += *t;
+        e.1 += 1;
+    }
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    eprintln!("profile: {:.1} ms in {} nodes", total.as_secs_f64() * 1e3, profile.len());
+    for (op, (t, n)) in ops.iter().take(12) {
+        eprintln!(
+            "  op {op:<28} {:>9.1} ms {:>5.1}% ({n} nodes)",
+            t.as_secs_f64() * 1e3,
+            100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12)
+        );
+    }
+    let mut nodes: Vec<_> = profile.iter().collect();
+    nodes.sort_by(|a, b| b.2.cmp(&a.2));
+    for (name, op, t) in nodes.iter().take(12) {
+        eprintln!(
+            "  node {name:<40} {op:<24} {:>9.1} ms",
+            t.as_secs_f64() * 1e3
+        );
+    }
+}

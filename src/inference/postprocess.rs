@@ -1,0 +1,319 @@
+//! From model outputs to a [`TriageResult`]: probabilities, flags, localization and the
+//! coverage check that turns a series without a cervical spine into `indeterminate`.
+
+use std::collections::BTreeMap;
+
+use time::OffsetDateTime;
+
+use super::contract::{Coverage, ModelContract, VERTEBRAE};
+use super::engine::ModelOutputs;
+use super::preprocess::{nearest_source_slice, source_slice_z, ModelGrid};
+use crate::alert::result::{
+    result_id, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult,
+    VertebraResult, SCHEMA_V1,
+};
+use crate::series::{CtVolume, SeriesMeta};
+
+pub const REASON_NOT_CERVICAL: &str = "series does not cover the cervical spine";
+pub const REASON_TOO_SHORT: &str = "series too short along z";
+
+/// Decision thresholds in effect: the contract's, possibly overridden by configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub patient: f32,
+    /// C1..C7.
+    pub vertebrae: [f32; 7],
+}
+
+impl Thresholds {
+    pub fn resolve(
+        contract: &ModelContract,
+        patient: Option<f32>,
+        vertebrae: &BTreeMap<String, f32>,
+    ) -> Thresholds {
+        let mut t = Thresholds {
+            patient: patient.unwrap_or(contract.thresholds.patient),
+            vertebrae: [0.5; 7],
+        };
+        for (i, v) in VERTEBRAE.iter().enumerate() {
+            t.vertebrae[i] = vertebrae
+                .get(*v)
+                .or_else(|| contract.thresholds.vertebrae.get(*v))
+                .copied()
+                .unwrap_or(0.5);
+        }
+        t
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Argmax class of every segmentation cell of model slice `k` (`seg_h * seg_w` values).
+pub fn seg_argmax(out: &ModelOutputs, k: usize) -> Vec<u8> {
+    let cells = out.seg_h * out.seg_w;
+    let base = k * out.seg_classes * cells;
+    (0..cells)
+        .map(|cell| {
+            let mut best = 0;
+            for c in 1..out.seg_classes {
+                if out.seg_logits[base + c * cells + cell] > out.seg_logits[base + best * cells + cell]
+                {
+                    best = c;
+                }
+            }
+            best as u8
+        })
+        .collect()
+}
+
+/// First and last model slice where each vertebra is present (at least `min_pixels`
+/// cells of the slice have it as argmax class).
+pub fn vertebra_extent(out: &ModelOutputs, coverage: &Coverage) -> [Option<(usize, usize)>; 7] {
+    let mut extent = [None; 7];
+    for k in 0..out.slices {
+        let mut counts = [0usize; 8];
+        for class in seg_argmax(out, k) {
+            counts[class as usize] += 1;
+        }
+        for (v, e) in extent.iter_mut().enumerate() {
+            if counts[v + 1] >= coverage.min_pixels.max(1) {
+                *e = Some(e.map_or((k, k), |(first, _): (usize, usize)| (first, k)));
+            }
+        }
+    }
+    extent
+}
+
+/// Who ran the model, for the result.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub model: ModelInfo,
+    pub runtime: String,
+    pub inference_start: Option<OffsetDateTime>,
+    pub inference_end: Option<OffsetDateTime>,
+}
+
+impl RunInfo {
+    pub fn new(contract: &ModelContract, runtime: &str) -> RunInfo {
+        RunInfo {
+            model: ModelInfo {
+                name: contract.name.clone(),
+                version: contract.version.clone(),
+                sha256: contract.sha256.clone(),
+            },
+            runtime: runtime.to_string(),
+            inference_start: None,
+            inference_end: None,
+        }
+    }
+}
+
+/// A result with no model verdict: the fields every status shares. `patient_ref`,
+/// `site` and `device` stay empty and `timings.published` None: the alert stage fills them.
+fn base_result(meta: &SeriesMeta, run: &RunInfo, status: Status, reason: Option<String>) -> TriageResult {
+    TriageResult {
+        schema: SCHEMA_V1.to_string(),
+        id: result_id(&meta.series_instance_uid, &run.model.sha256),
+        status,
+        reason,
+        study_instance_uid: meta.study_instance_uid.clone(),
+        series_instance_uid: meta.series_instance_uid.clone(),
+        accession_number: meta.accession_number.clone(),
+        patient_ref: String::new(),
+        vertebrae: BTreeMap::new(),
+        patient: None,
+        key_slice: None,
+        model: run.model.clone(),
+        runtime: run.runtime.clone(),
+        device: String::new(),
+        site: String::new(),
+        timings: Timings {
+            first_instance_received: meta.first_received,
+            last_instance_received: meta.last_received,
+            series_complete: meta.completed,
+            inference_start: run.inference_start,
+            inference_end: run.inference_end,
+            published: None,
+        },
+    }
+}
+
+/// A series that could not be analysed at all (unreadable, inconsistent, model error).
+pub fn failed_result(meta: &SeriesMeta, run: &RunInfo, reason: &str) -> TriageResult {
+    base_result(meta, run, Status::Failed, Some(reason.to_string()))
+}
+
+/// A series analysed but not answerable (too short, no cervical spine): never an alert.
+pub fn indeterminate_result(meta: &SeriesMeta, run: &RunInfo, reason: &str) -> TriageResult {
+    base_result(meta, run, Status::Indeterminate, Some(reason.to_string()))
+}
+
+/// The verdict, plus the model slice the key image should show.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub result: TriageResult,
+    /// Model slice of the key slice; None when indeterminate.
+    pub key_model_slice: Option<usize>,
+    /// Vertebra (0 = C1) whose attention chose the key slice.
+    pub key_vertebra: Option<usize>,
+}
+
+/// Turns model outputs into the result, as `docs/model-contract.md` specifies.
+pub fn interpret(
+    volume: &CtVolume,
+    grid: &ModelGrid,
+    out: &ModelOutputs,
+    contract: &ModelContract,
+    thresholds: &Thresholds,
+    run: &RunInfo,
+) -> Verdict {
+    let meta = &volume.meta;
+    let extent = vertebra_extent(out, &contract.coverage);
+    let present = extent.iter().filter(|e| e.is_some()).count();
+    if present < contract.coverage.min_vertebrae {
+        let reason = format!(
+            "{REASON_NOT_CERVICAL}: {present} of 7 cervical vertebrae found, at least {} needed",
+            contract.coverage.min_vertebrae
+        );
+        return Verdict {
+            result: indeterminate_result(meta, run, &reason),
+            key_model_slice: None,
+            key_vertebra: None,
+        };
+    }
+    let probs: Vec<f32> = out.vertebra_logits.iter().map(|&l| sigmoid(l)).collect();
+    let mut result = base_result(meta, run, Status::Negative, None);
+    for (v, name) in VERTEBRAE.iter().enumerate() {
+        result.vertebrae.insert(
+            name.to_string(),
+            VertebraResult {
+                probability: probs[v],
+                flagged: probs[v] >= thresholds.vertebrae[v],
+                z_range_mm: extent[v].map(|(a, b)| [grid.z_mm[a], grid.z_mm[b]]),
+            },
+        );
+    }
+    let p = sigmoid(out.patient_logit);
+    let flagged = p >= thresholds.patient;
+    result.patient = Some(PatientResult {
+        probability: p,
+        threshold: thresholds.patient,
+        flagged,
+    });
+    if flagged {
+        result.status = Status::Positive;
+    }
+    // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
+    let any_flagged = (0..7).any(|v| probs[v] >= thresholds.vertebrae[v]);
+    let key_vertebra = (0..7)
+        .filter(|&v| !any_flagged || probs[v] >= thresholds.vertebrae[v])
+        .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+        .expect("seven vertebrae");
+    let row = &out.attention[key_vertebra * out.slices..(key_vertebra + 1) * out.slices];
+    let key = (0..out.slices)
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+        .unwrap_or(0);
+    let source = nearest_source_slice(volume, grid.z_mm[key]);
+    result.key_slice = Some(KeySlice {
+        sop_instance_uid: volume.slices[source].sop_instance_uid.clone(),
+        z_mm: source_slice_z(volume, source),
+    });
+    Verdict {
+        result,
+        key_model_slice: Some(key),
+        key_vertebra: Some(key_vertebra),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::preprocess::tests::linear_volume;
+
+    fn contract() -> ModelContract {
+        serde_json::from_str(&crate::inference::contract::tests::example_json("ab")).unwrap()
+    }
+
+    /// Outputs where vertebra v occupies model slices [4v, 4v + 3] with 10 cells each.
+    fn outputs(slices: usize, vertebra_logits: [f32; 7], patient_logit: f32) -> ModelOutputs {
+        let (h, w, classes) = (32, 32, 8);
+        let mut seg = vec![0f32; slices * classes * h * w];
+        for k in 0..slices {
+            let v = k / 4;
+            for cell in 0..h * w {
+                let class = if v < 7 && cell < 10 { v + 1 } else { 0 };
+                seg[(k * classes + class) * h * w + cell] = 5.0;
+            }
+        }
+        let mut attention = vec![1.0 / slices as f32; 7 * slices];
+        for v in 0..7 {
+            let peak = (4 * v + 2).min(slices - 1);
+            attention[v * slices + peak] = 0.5;
+        }
+        ModelOutputs {
+            slices,
+            seg_logits: seg,
+            seg_classes: classes,
+            seg_h: h,
+            seg_w: w,
+            vertebra_logits,
+            patient_logit,
+            attention,
+        }
+    }
+
+    fn grid(slices: usize) -> ModelGrid {
+        ModelGrid {
+            centre: [0.0; 3],
+            z_mm: (0..slices).map(|k| 10.0 + 2.0 * k as f64).collect(),
+        }
+    }
+
+    #[test]
+    fn positive_flags_the_vertebra_and_points_at_its_peak() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
+        let run = RunInfo::new(&c, "cpu");
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &run);
+        let r = &v.result;
+        assert_eq!(r.status, Status::Positive);
+        assert!(r.vertebrae["C5"].flagged);
+        assert!(!r.vertebrae["C4"].flagged);
+        assert_eq!(r.vertebrae["C5"].z_range_mm, Some([10.0 + 32.0, 10.0 + 38.0]));
+        assert_eq!(v.key_model_slice, Some(18));
+        assert_eq!(v.key_vertebra, Some(4));
+        // Model slice 18 is at z = 46 mm; source slices are 2.5 mm apart from z = 10.
+        let key = r.key_slice.as_ref().unwrap();
+        assert!((key.z_mm - 46.0).abs() <= 1.25, "{key:?}");
+        assert_eq!(r.id, result_id("", "ab"));
+    }
+
+    #[test]
+    fn threshold_override_changes_the_flag() {
+        let c = contract();
+        let overrides = BTreeMap::from([("C5".to_string(), 0.95f32)]);
+        let t = Thresholds::resolve(&c, Some(0.99), &overrides);
+        let vol = linear_volume(40, 8, 8, false);
+        let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Negative);
+        assert!(!v.result.vertebrae["C5"].flagged);
+    }
+
+    #[test]
+    fn too_few_vertebrae_is_indeterminate_never_positive() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        // 12 slices: only C1..C3 present.
+        let out = outputs(12, [5.0; 7], 5.0);
+        let v = interpret(&vol, &grid(12), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Indeterminate);
+        assert!(v.result.reason.as_ref().unwrap().contains(REASON_NOT_CERVICAL));
+        assert!(v.result.vertebrae.is_empty() && v.result.patient.is_none());
+    }
+}

@@ -1,0 +1,465 @@
+//! From a [`CtVolume`] to the model input, exactly as `docs/model-contract.md` specifies
+//! (the Python reference is `models/training/preprocess.py`).
+//!
+//! Every model voxel is a point in patient space (LPS, mm) sampled trilinearly from the
+//! source voxels, so the model sees the same picture whatever the acquisition order.
+//! The only large allocation is the output tensor: each model slice is windowed straight
+//! into its channel-1 plane and then copied into its neighbours' channel 0 and 2.
+
+use anyhow::{ensure, Result};
+
+use super::contract::InputSpec;
+use crate::series::CtVolume;
+
+/// The model input of one series.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// `[slices, 3, height, width]`, windowed to [0, 1].
+    pub tensor: Vec<f32>,
+    pub slices: usize,
+    pub height: usize,
+    pub width: usize,
+    pub grid: ModelGrid,
+}
+
+/// Where the model slices lie in patient space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelGrid {
+    /// Patient position of the centre of the source field of view (x, y used).
+    pub centre: [f64; 3],
+    /// Patient z (mm) of each model slice, ascending.
+    pub z_mm: Vec<f64>,
+}
+
+impl ModelInput {
+    /// The windowed plane of model slice `k` (its channel 1), `height * width` values.
+    pub fn plane(&self, k: usize) -> &[f32] {
+        let hw = self.height * self.width;
+        let start = (k * 3 + 1) * hw;
+        &self.tensor[start..start + hw]
+    }
+}
+
+/// What preprocessing decided.
+#[derive(Debug, Clone)]
+pub enum Preprocessed {
+    Input(ModelInput),
+    /// The series spans fewer model slices than the contract's `min_slices`.
+    TooShort { slices: usize, min_slices: usize },
+}
+
+/// Where the model grid lies in patient space and how a patient point maps back to
+/// continuous source voxel indices.
+struct Sampler<'a> {
+    volume: &'a CtVolume,
+    /// Position of each source slice along the slice normal (mm), ascending.
+    slice_pos: Vec<f64>,
+}
+
+/// Slack (mm) when testing whether a point lies between the first and last slice: a model
+/// slice computed to sit exactly on an end slice must not fall outside by a rounding error.
+/// In-plane the test is strict (an index in [0, N-1] is inside), as in the Python reference.
+const SLICE_EPS_MM: f64 = 1e-6;
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+impl<'a> Sampler<'a> {
+    fn new(volume: &'a CtVolume) -> Sampler<'a> {
+        Sampler {
+            volume,
+            slice_pos: volume.slices.iter().map(|s| s.z_mm).collect(),
+        }
+    }
+
+    /// Patient position of source slice `k`'s first voxel (its ImagePositionPatient).
+    fn slice_origin(&self, k: usize) -> [f64; 3] {
+        let g = &self.volume.geometry;
+        let along = self.slice_pos[k] - self.slice_pos[0];
+        [
+            g.origin[0] + along * g.normal[0],
+            g.origin[1] + along * g.normal[1],
+            g.origin[2] + along * g.normal[2],
+        ]
+    }
+
+    /// Patient position of the centre of source slice `k`'s field of view.
+    fn slice_centre(&self, k: usize) -> [f64; 3] {
+        let g = &self.volume.geometry;
+        let [_, rows, cols] = self.volume.dims;
+        let o = self.slice_origin(k);
+        let half_c = (cols as f64 - 1.0) / 2.0 * g.spacing[2];
+        let half_r = (rows as f64 - 1.0) / 2.0 * g.spacing[1];
+        [
+            o[0] + half_c * g.row_direction[0] + half_r * g.column_direction[0],
+            o[1] + half_c * g.row_direction[1] + half_r * g.column_direction[1],
+            o[2] + half_c * g.row_direction[2] + half_r * g.column_direction[2],
+        ]
+    }
+
+    /// Continuous slice index of a position along the normal; None outside the slices.
+    fn slice_index(&self, t: f64, hint: &mut usize) -> Option<f64> {
+        let pos = &self.slice_pos;
+        let n = pos.len();
+        if n == 1 {
+            return ((t - pos[0]).abs() <= SLICE_EPS_MM).then_some(0.0);
+        }
+        let first = pos[0];
+        let last = pos[n - 1];
+        if t < first - SLICE_EPS_MM || t > last + SLICE_EPS_MM {
+            return None;
+        }
+        let t = t.clamp(first, last);
+        // Consecutive target points are close along the normal: try the last interval first.
+        let mut k = (*hint).min(n - 2);
+        if !(pos[k] <= t && t <= pos[k + 1]) {
+            k = pos.partition_point(|&p| p <= t).saturating_sub(1).min(n - 2);
+            *hint = k;
+        }
+        let gap = pos[k + 1] - pos[k];
+        Some(k as f64 + if gap > 0.0 { (t - pos[k]) / gap } else { 0.0 })
+    }
+
+    /// Trilinear HU at patient point `p`; None outside the source volume.
+    fn sample(&self, p: [f64; 3], hint: &mut usize) -> Option<f64> {
+        let v = self.volume;
+        let g = &v.geometry;
+        let [_, rows, cols] = v.dims;
+        let d = [
+            p[0] - g.origin[0],
+            p[1] - g.origin[1],
+            p[2] - g.origin[2],
+        ];
+        let c = dot(d, g.row_direction) / g.spacing[2];
+        let r = dot(d, g.column_direction) / g.spacing[1];
+        let s = self.slice_index(dot(p, g.normal), hint)?;
+        let (c0, fc) = axis_cell(c, cols)?;
+        let (r0, fr) = axis_cell(r, rows)?;
+        let (s0, fs) = axis_cell(s, v.slices.len())?;
+        let c1 = (c0 + 1).min(cols - 1);
+        let r1 = (r0 + 1).min(rows - 1);
+        let s1 = (s0 + 1).min(v.slices.len() - 1);
+        let at = |s: usize, r: usize, c: usize| v.voxels[(s * rows + r) * cols + c] as f64;
+        let lerp = |a: f64, b: f64, f: f64| a + (b - a) * f;
+        let plane = |s: usize| {
+            lerp(
+                lerp(at(s, r0, c0), at(s, r0, c1), fc),
+                lerp(at(s, r1, c0), at(s, r1, c1), fc),
+                fr,
+            )
+        };
+        Some(lerp(plane(s0), plane(s1), fs))
+    }
+}
+
+/// Lower voxel index and fraction of continuous index `x` on an axis of `n` voxels;
+/// None outside the outermost voxel centres.
+fn axis_cell(x: f64, n: usize) -> Option<(usize, f64)> {
+    let max = (n - 1) as f64;
+    if !(x >= 0.0 && x <= max) {
+        return None;
+    }
+    if n == 1 {
+        return Some((0, 0.0));
+    }
+    let i = (x.floor() as usize).min(n - 2);
+    Some((i, x - i as f64))
+}
+
+/// Builds the model input of `volume` as `spec` says; `threads` model slices are sampled
+/// in parallel.
+pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result<Preprocessed> {
+    let [n_slices, rows, cols] = volume.dims;
+    ensure!(
+        n_slices > 0 && rows > 0 && cols > 0,
+        "empty volume {:?}",
+        volume.dims
+    );
+    ensure!(
+        volume.voxels.len() == n_slices * rows * cols && volume.slices.len() == n_slices,
+        "inconsistent volume: {} voxels and {} slice records for dims {:?}",
+        volume.voxels.len(),
+        volume.slices.len(),
+        volume.dims
+    );
+    let sampler = Sampler::new(volume);
+    let (z_min, z_max) = (0..n_slices)
+        .map(|k| sampler.slice_centre(k)[2])
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), z| {
+            (lo.min(z), hi.max(z))
+        });
+    let dz = spec.spacing_mm.slice;
+    // The slack keeps an exact multiple of the spacing (e.g. 100.0 mm) from losing a
+    // slice to a rounding error in the slice positions.
+    let mut s = ((z_max - z_min) / dz + 1e-6).floor() as usize + 1;
+    let mut z0 = z_min;
+    if s > spec.max_slices {
+        // Keep the superior end: the cervical spine is at the top of a neck/chest scan.
+        s = spec.max_slices;
+        z0 = z_max - (s - 1) as f64 * dz;
+    }
+    if s < spec.min_slices {
+        return Ok(Preprocessed::TooShort {
+            slices: s,
+            min_slices: spec.min_slices,
+        });
+    }
+    let grid = ModelGrid {
+        centre: sampler.slice_centre(0),
+        z_mm: (0..s).map(|k| z0 + k as f64 * dz).collect(),
+    };
+    let (h, w) = (spec.height, spec.width);
+    let hw = h * w;
+    let mut tensor = vec![0f32; s * 3 * hw];
+    // Channel 1 of every model slice, slices split across threads.
+    let threads = threads.clamp(1, s);
+    let per_thread = s.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (t, chunk) in tensor.chunks_mut(per_thread * 3 * hw).enumerate() {
+            let (sampler, grid) = (&sampler, &grid);
+            scope.spawn(move || {
+                for (n, slot) in chunk.chunks_mut(3 * hw).enumerate() {
+                    fill_plane(sampler, spec, grid, t * per_thread + n, &mut slot[hw..2 * hw]);
+                }
+            });
+        }
+    });
+    // 2.5D neighbours: channel 0 is slice k - 1, channel 2 is slice k + 1 (edges repeat).
+    for k in 0..s {
+        let below = k.saturating_sub(1);
+        let above = (k + 1).min(s - 1);
+        tensor.copy_within((below * 3 + 1) * hw..(below * 3 + 2) * hw, k * 3 * hw);
+        tensor.copy_within((above * 3 + 1) * hw..(above * 3 + 2) * hw, (k * 3 + 2) * hw);
+    }
+    Ok(Preprocessed::Input(ModelInput {
+        tensor,
+        slices: s,
+        height: h,
+        width: w,
+        grid,
+    }))
+}
+
+/// Samples and windows model slice `k` of `grid` into `out` (`height * width` values).
+fn fill_plane(sampler: &Sampler, spec: &InputSpec, grid: &ModelGrid, k: usize, out: &mut [f32]) {
+    let (h, w) = (spec.height, spec.width);
+    let lo = spec.window.center - spec.window.width / 2.0;
+    let window = |hu: f64| ((hu - lo) / spec.window.width).clamp(0.0, 1.0) as f32;
+    let pad = window(spec.pad_hu as f64);
+    let z = grid.z_mm[k];
+    let mut hint = 0;
+    for i in 0..h {
+        let y = grid.centre[1] + (i as f64 - (h as f64 - 1.0) / 2.0) * spec.spacing_mm.row;
+        for j in 0..w {
+            let x = grid.centre[0] + (j as f64 - (w as f64 - 1.0) / 2.0) * spec.spacing_mm.column;
+            out[i * w + j] = sampler.sample([x, y, z], &mut hint).map_or(pad, window);
+        }
+    }
+}
+
+/// The windowed plane of model slice `k` sampled again from the volume (for the key
+/// image, once the tensor itself has gone to the engine).
+pub fn model_plane(volume: &CtVolume, spec: &InputSpec, grid: &ModelGrid, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; spec.height * spec.width];
+    fill_plane(&Sampler::new(volume), spec, grid, k, &mut out);
+    out
+}
+
+/// Index of the source slice whose patient z is nearest to `z`.
+pub fn nearest_source_slice(volume: &CtVolume, z: f64) -> usize {
+    let sampler = Sampler::new(volume);
+    (0..volume.slices.len())
+        .min_by(|&a, &b| {
+            let da = (sampler.slice_centre(a)[2] - z).abs();
+            let db = (sampler.slice_centre(b)[2] - z).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap_or(0)
+}
+
+/// Patient z (mm) of the centre of source slice `k`.
+pub fn source_slice_z(volume: &CtVolume, k: usize) -> f64 {
+    Sampler::new(volume).slice_centre(k)[2]
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::inference::contract::{SpacingMm, Window};
+    use crate::series::{Geometry, SeriesMeta, SliceInfo};
+
+    pub(crate) fn spec() -> InputSpec {
+        InputSpec {
+            name: "slices".into(),
+            dtype: "float32".into(),
+            layout: "SCHW".into(),
+            channels: 3,
+            height: 128,
+            width: 128,
+            spacing_mm: SpacingMm {
+                slice: 2.0,
+                row: 1.25,
+                column: 1.25,
+            },
+            window: Window {
+                center: 400.0,
+                width: 1800.0,
+            },
+            pad_hu: -1024.0,
+            min_slices: 8,
+            max_slices: 256,
+        }
+    }
+
+    /// An axial volume whose HU is a linear function of patient position, so trilinear
+    /// sampling reproduces it exactly inside the volume.
+    pub(crate) fn linear_volume(n: usize, rows: usize, cols: usize, flip: bool) -> CtVolume {
+        let spacing = [2.5, 0.8, 0.9];
+        let origin = [-100.0, -90.0, 10.0];
+        let hu = |x: f64, y: f64, z: f64| (x * 2.0 + y - z * 3.0).round();
+        // `flip`: rows mirrored (column direction -y), slices still ascending along the normal.
+        let (row_dir, col_dir, normal) = if flip {
+            ([1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0])
+        } else {
+            ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+        };
+        let mut voxels = Vec::with_capacity(n * rows * cols);
+        let mut slices = Vec::new();
+        for k in 0..n {
+            let o = [
+                origin[0],
+                origin[1],
+                origin[2] + k as f64 * spacing[0] * normal[2],
+            ];
+            slices.push(SliceInfo {
+                sop_instance_uid: format!("1.2.3.{k}"),
+                z_mm: dot(o, normal),
+            });
+            for r in 0..rows {
+                for c in 0..cols {
+                    let x = o[0] + c as f64 * spacing[2] * row_dir[0];
+                    let y = o[1] + r as f64 * spacing[1] * col_dir[1];
+                    voxels.push(hu(x, y, o[2]) as i16);
+                }
+            }
+        }
+        CtVolume {
+            voxels,
+            dims: [n, rows, cols],
+            geometry: Geometry {
+                origin,
+                spacing,
+                row_direction: row_dir,
+                column_direction: col_dir,
+                normal,
+            },
+            slices,
+            meta: SeriesMeta::default(),
+        }
+    }
+
+    fn input(v: &CtVolume) -> ModelInput {
+        match preprocess(v, &spec(), 2).unwrap() {
+            Preprocessed::Input(i) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn slice_count_and_z_follow_the_contract() {
+        // 40 slices at 2.5 mm: 97.5 mm -> floor(48.75) + 1 = 49 model slices.
+        let v = linear_volume(40, 64, 64, false);
+        let i = input(&v);
+        assert_eq!(i.slices, 49);
+        assert_eq!(i.tensor.len(), 49 * 3 * 128 * 128);
+        assert_eq!(i.grid.z_mm[0], 10.0);
+        assert_eq!(i.grid.z_mm[48], 10.0 + 96.0);
+    }
+
+    #[test]
+    fn clamping_keeps_the_superior_end() {
+        let v = linear_volume(40, 16, 16, false);
+        let mut s = spec();
+        s.max_slices = 10;
+        let Preprocessed::Input(i) = preprocess(&v, &s, 1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(i.slices, 10);
+        assert_eq!(*i.grid.z_mm.last().unwrap(), 10.0 + 39.0 * 2.5);
+    }
+
+    #[test]
+    fn short_series_is_reported() {
+        let v = linear_volume(3, 16, 16, false);
+        assert!(matches!(
+            preprocess(&v, &spec(), 1).unwrap(),
+            Preprocessed::TooShort { slices: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn mirrored_acquisition_gives_the_same_input() {
+        // Same patient, rows mirrored and slices stored top-down: identical model input.
+        let a = linear_volume(30, 48, 48, false);
+        let mut b = linear_volume(30, 48, 48, true);
+        // Put b over the same patient region as a: its first slice is a's top slice and
+        // its first row is a's last row.
+        b.geometry.origin = [-100.0, -90.0 + 47.0 * 0.8, 10.0 + 29.0 * 2.5];
+        let hu = |x: f64, y: f64, z: f64| (x * 2.0 + y - z * 3.0).round() as i16;
+        for k in 0..30 {
+            let z = b.geometry.origin[2] - k as f64 * 2.5;
+            b.slices[k].z_mm = -z;
+            for r in 0..48 {
+                for c in 0..48 {
+                    let x = -100.0 + c as f64 * 0.9;
+                    let y = b.geometry.origin[1] - r as f64 * 0.8;
+                    b.voxels[(k * 48 + r) * 48 + c] = hu(x, y, z);
+                }
+            }
+        }
+        let (ia, ib) = (input(&a), input(&b));
+        assert_eq!(ia.slices, ib.slices);
+        let max = ia
+            .tensor
+            .iter()
+            .zip(&ib.tensor)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-5, "max difference {max}");
+    }
+
+    #[test]
+    fn interior_matches_the_window_of_the_linear_field_and_outside_is_padding() {
+        let v = linear_volume(30, 100, 200, false);
+        let i = input(&v);
+        let s = spec();
+        let lo = s.window.center - s.window.width / 2.0;
+        // FOV centre: x = -100 + 199 * 0.9 / 2, y = -90 + 99 * 0.8 / 2.
+        let (cx, cy) = (-100.0 + 99.5 * 0.9, -90.0 + 49.5 * 0.8);
+        let k = 5;
+        let (ii, jj) = (64, 70);
+        let x = cx + (jj as f64 - 63.5) * 1.25;
+        let y = cy + (ii as f64 - 63.5) * 1.25;
+        let z = 10.0 + k as f64 * 2.0;
+        // The field is linear in x, y, z but rounded per voxel: allow one HU.
+        let expected = ((x * 2.0 + y - z * 3.0) - lo) / s.window.width;
+        let got = i.plane(k)[ii * 128 + jj] as f64;
+        assert!(
+            (got - expected.clamp(0.0, 1.0)).abs() <= 1.0 / s.window.width,
+            "{got} vs {expected}"
+        );
+        // Channels 0 and 2 are the neighbouring planes.
+        let hw = 128 * 128;
+        assert_eq!(
+            &i.tensor[k * 3 * hw..(k * 3 + 1) * hw],
+            i.plane(k - 1)
+        );
+        assert_eq!(&i.tensor[(k * 3 + 2) * hw..(k * 3 + 3) * hw], i.plane(k + 1));
+        assert_eq!(&i.tensor[0..hw], i.plane(0));
+        // The field is 79.2 mm tall, the model grid 160 mm: its first row is outside ->
+        // padding (0), while the field itself windows to about 0.2 there.
+        assert_eq!(i.plane(k)[5], 0.0);
+        assert!(i.plane(k)[64 * 128 + 5] > 0.1);
+    }
+}

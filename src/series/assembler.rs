@@ -1,0 +1,751 @@
+//! Series assembly: which stored instances form a complete series, and which series of a
+//! study goes on to volume building.
+//!
+//! [`Assembler`] is a pure state machine driven by explicit [`Instant`]s (tests move time
+//! by hand); [`run_assembler`] is the tokio task around it.
+//!
+//! Rules, in order of time:
+//! 1. Instances are grouped by Study and Series Instance UID (a re-sent SOP Instance UID
+//!    counts once).
+//! 2. A series is complete after `quiet_period_secs` without a new instance, when its
+//!    expected count is reached (a matching `expected_count` rule, else
+//!    Images in Acquisition), or `max_wait_secs` after its first instance.
+//! 3. A study is decided once all its series are complete and it has been quiet for
+//!    `study_quiet_period_secs` (or `max_wait_secs` after its first instance): every series
+//!    is filtered by [`selection::filter_series`] and the best candidate
+//!    ([`selection::rank_key`]) is built; the others are skipped with their reason.
+//!    Waiting for the whole study is what lets a bone-kernel series sent after a
+//!    soft-tissue one still be the one analysed.
+//! 4. After the decision, a series that completes later (a late recon, or late instances
+//!    re-opening a complete series) is compared with the series already chosen: it is built
+//!    if it is the chosen series itself (now with more instances) or a better candidate,
+//!    otherwise skipped ("study already analysed with a better series").
+//! 5. A decided study is forgotten `completed_retention_secs` after its last instance.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::header::InstanceHeader;
+use super::load::build_outcome;
+use super::selection::{choose_candidate, filter_series, rank_key, CandidateSummary, Skip};
+use super::{AssemblyConfig, SeriesMeta, SeriesOutcome};
+use crate::dicom::StoredInstance;
+
+/// Why a series was considered complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    QuietPeriod,
+    ExpectedCount,
+    MaxWait,
+}
+
+/// A series chosen for volume building: its instances (headers, with their spool paths)
+/// and identifying metadata.
+#[derive(Debug, Clone)]
+pub struct SeriesJob {
+    pub meta: SeriesMeta,
+    pub instances: Vec<InstanceHeader>,
+    pub completion: Completion,
+}
+
+#[derive(Debug)]
+struct SeriesState {
+    instances: Vec<InstanceHeader>,
+    sop_uids: HashSet<String>,
+    calling_ae: String,
+    first_at: Instant,
+    last_at: Instant,
+    first_received: OffsetDateTime,
+    last_received: OffsetDateTime,
+    /// Expected instance count and where it came from.
+    expected: Option<(usize, String)>,
+    completion: Option<Completion>,
+    /// Whether the current completion has been through selection.
+    evaluated: bool,
+}
+
+#[derive(Debug)]
+struct StudyState {
+    series: BTreeMap<String, SeriesState>,
+    first_at: Instant,
+    last_at: Instant,
+    decided: bool,
+    /// The series built for this study (after the decision), to compare late series with.
+    chosen: Option<CandidateSummary>,
+}
+
+/// The assembly state machine. Feed it with [`Assembler::add`], call
+/// [`Assembler::poll`] at [`Assembler::next_deadline`] (or any time) to get the series to
+/// build; read the skips with [`Assembler::take_skips`].
+#[derive(Debug)]
+pub struct Assembler {
+    config: AssemblyConfig,
+    studies: BTreeMap<String, StudyState>,
+    skipped: Vec<Skip>,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+impl Assembler {
+    pub fn new(config: AssemblyConfig) -> Self {
+        Assembler {
+            config,
+            studies: BTreeMap::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Records one stored instance (its header already read) received at `now`.
+    /// Grouping uses the UIDs of `stored` (what the SCP indexed).
+    pub fn add(&mut self, stored: &StoredInstance, mut header: InstanceHeader, now: Instant) {
+        header.path = stored.path.clone();
+        header.study_instance_uid = stored.study_instance_uid.clone();
+        header.series_instance_uid = stored.series_instance_uid.clone();
+        let expected = self.expected_count(stored, &header);
+        let study = self
+            .studies
+            .entry(stored.study_instance_uid.clone())
+            .or_insert_with(|| StudyState {
+                series: BTreeMap::new(),
+                first_at: now,
+                last_at: now,
+                decided: false,
+                chosen: None,
+            });
+        study.last_at = study.last_at.max(now);
+        let series = study
+            .series
+            .entry(stored.series_instance_uid.clone())
+            .or_insert_with(|| SeriesState {
+                instances: Vec::new(),
+                sop_uids: HashSet::new(),
+                calling_ae: stored.calling_ae.clone(),
+                first_at: now,
+                last_at: now,
+                first_received: stored.received_at,
+                last_received: stored.received_at,
+                expected: None,
+                completion: None,
+                evaluated: false,
+            });
+        if !series.sop_uids.insert(stored.sop_instance_uid.clone()) {
+            log::debug!(
+                "instance {} received again: ignored",
+                stored.sop_instance_uid
+            );
+            return;
+        }
+        if series.completion.is_some() {
+            log::info!(
+                "late instance {} for complete series {}: re-opening it",
+                stored.sop_instance_uid,
+                stored.series_instance_uid
+            );
+            series.completion = None;
+            series.evaluated = false;
+            // A fresh quiet period from now, and a fresh max wait: the series is live again.
+            series.first_at = now;
+        }
+        series.last_at = series.last_at.max(now);
+        series.first_received = series.first_received.min(stored.received_at);
+        series.last_received = series.last_received.max(stored.received_at);
+        if series.expected.is_none() {
+            series.expected = expected;
+        }
+        series.instances.push(header);
+    }
+
+    /// Config rule (calling AE / station name) first, then Images in Acquisition.
+    fn expected_count(
+        &self,
+        stored: &StoredInstance,
+        header: &InstanceHeader,
+    ) -> Option<(usize, String)> {
+        let rule = self.config.expected_count.iter().find(|r| {
+            r.calling_ae
+                .as_ref()
+                .is_none_or(|ae| *ae == stored.calling_ae)
+                && r.station_name
+                    .as_ref()
+                    .is_none_or(|s| *s == header.station_name)
+        });
+        if let Some(rule) = rule {
+            return Some((rule.images as usize, "expected_count rule".into()));
+        }
+        if self.config.use_images_in_acquisition {
+            return header
+                .images_in_acquisition
+                .map(|n| (n as usize, "Images in Acquisition".into()));
+        }
+        None
+    }
+
+    /// Advances the state machine to `now`: completes series, decides studies, and returns
+    /// the series to build (in study order).
+    pub fn poll(&mut self, now: Instant) -> Vec<SeriesJob> {
+        let quiet = secs(self.config.quiet_period_secs);
+        let max_wait = secs(self.config.max_wait_secs);
+        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let retention = secs(self.config.completed_retention_secs);
+        let extra_bone = self.config.bone_kernels.clone();
+        let mut jobs = Vec::new();
+        let mut skips = Vec::new();
+
+        for (study_uid, study) in self.studies.iter_mut() {
+            for (series_uid, series) in study.series.iter_mut() {
+                if series.completion.is_some() {
+                    continue;
+                }
+                let completion = if series
+                    .expected
+                    .as_ref()
+                    .is_some_and(|(n, _)| series.sop_uids.len() >= *n)
+                {
+                    Some(Completion::ExpectedCount)
+                } else if now >= series.last_at + quiet {
+                    Some(Completion::QuietPeriod)
+                } else if now >= series.first_at + max_wait {
+                    Some(Completion::MaxWait)
+                } else {
+                    None
+                };
+                if let Some(c) = completion {
+                    log::info!(
+                        "series {series_uid} of study {study_uid} complete ({c:?}): {} instance(s)",
+                        series.sop_uids.len()
+                    );
+                    series.completion = Some(c);
+                }
+            }
+
+            if !study.decided {
+                let all_complete = study.series.values().all(|s| s.completion.is_some());
+                let settled = all_complete && now >= study.last_at + study_quiet;
+                let forced = now >= study.first_at + max_wait;
+                if settled || forced {
+                    study.decided = true;
+                    let (job, study_skips) = decide_study(study_uid, study, &extra_bone);
+                    skips.extend(study_skips);
+                    jobs.extend(job);
+                }
+                continue;
+            }
+
+            // Decided study: series completed since are compared with the chosen one.
+            for (series_uid, series) in study.series.iter_mut() {
+                if series.completion.is_none() || series.evaluated {
+                    continue;
+                }
+                series.evaluated = true;
+                let (accepted, series_skips) = filter_series(series.instances.clone());
+                skips.extend(series_skips);
+                if accepted.is_empty() {
+                    continue;
+                }
+                let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+                let summary = CandidateSummary::from_headers(series_uid, &refs, &extra_bone);
+                let better = match &study.chosen {
+                    None => true,
+                    Some(chosen) => {
+                        chosen.series_instance_uid == *series_uid
+                            || rank_key(&summary, chosen) == std::cmp::Ordering::Less
+                    }
+                };
+                if better {
+                    log::info!(
+                        "series {series_uid} of already decided study {study_uid} completed late ({}): building it",
+                        summary.describe()
+                    );
+                    jobs.push(make_job(study_uid, series_uid, series, accepted));
+                    study.chosen = Some(summary);
+                } else {
+                    let chosen = study.chosen.as_ref().expect("checked above");
+                    skips.push(Skip {
+                        study_instance_uid: study_uid.clone(),
+                        series_instance_uid: series_uid.clone(),
+                        instances: accepted.len(),
+                        reason: format!(
+                            "study already analysed with series {} ({}), preferred over this late one ({})",
+                            chosen.series_instance_uid,
+                            chosen.describe(),
+                            summary.describe()
+                        ),
+                    });
+                }
+            }
+        }
+
+        // Forget decided studies long quiet, once everything in them was evaluated.
+        self.studies.retain(|uid, study| {
+            let finished = study.decided
+                && study
+                    .series
+                    .values()
+                    .all(|s| s.completion.is_some() && s.evaluated);
+            let keep = !(finished && now >= study.last_at + retention);
+            if !keep {
+                log::debug!("forgetting study {uid}");
+            }
+            keep
+        });
+
+        for skip in &skips {
+            log::info!(
+                "not analysed: series {} of study {} ({} instance(s)): {}",
+                skip.series_instance_uid,
+                skip.study_instance_uid,
+                skip.instances,
+                skip.reason
+            );
+        }
+        self.skipped.extend(skips);
+        jobs
+    }
+
+    /// The next instant at which [`Assembler::poll`] may have something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let quiet = secs(self.config.quiet_period_secs);
+        let max_wait = secs(self.config.max_wait_secs);
+        let study_quiet = secs(self.config.study_quiet_period_secs);
+        let retention = secs(self.config.completed_retention_secs);
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for study in self.studies.values() {
+            let mut all_complete = true;
+            for series in study.series.values() {
+                if series.completion.is_none() {
+                    all_complete = false;
+                    consider((series.last_at + quiet).min(series.first_at + max_wait));
+                }
+            }
+            if !study.decided {
+                consider(study.first_at + max_wait);
+                if all_complete {
+                    consider(study.last_at + study_quiet);
+                }
+            } else if all_complete {
+                consider(study.last_at + retention);
+            }
+        }
+        next
+    }
+
+    /// Skips recorded since the last call (they were logged when recorded).
+    pub fn take_skips(&mut self) -> Vec<Skip> {
+        std::mem::take(&mut self.skipped)
+    }
+
+    /// Number of studies still held (assembling, or remembered for late instances).
+    pub fn studies_held(&self) -> usize {
+        self.studies.len()
+    }
+}
+
+/// Selection over the complete series of a study being decided.
+fn decide_study(
+    study_uid: &str,
+    study: &mut StudyState,
+    extra_bone: &[String],
+) -> (Option<SeriesJob>, Vec<Skip>) {
+    let mut skips = Vec::new();
+    let mut candidates = Vec::new();
+    for (series_uid, series) in study.series.iter_mut() {
+        // Series still incomplete at a forced decision are handled when they complete.
+        if series.completion.is_none() {
+            continue;
+        }
+        series.evaluated = true;
+        let (accepted, series_skips) = filter_series(series.instances.clone());
+        skips.extend(series_skips);
+        if !accepted.is_empty() {
+            candidates.push((series_uid.clone(), accepted));
+        }
+    }
+    if candidates.is_empty() {
+        log::info!("study {study_uid}: no axial CT series of ORIGINAL images to analyse");
+        return (None, skips);
+    }
+    let summaries: Vec<CandidateSummary> = candidates
+        .iter()
+        .map(|(uid, hs)| {
+            let refs: Vec<&InstanceHeader> = hs.iter().collect();
+            CandidateSummary::from_headers(uid, &refs, extra_bone)
+        })
+        .collect();
+    let (best, choice_skips) = choose_candidate(&summaries, study_uid);
+    skips.extend(choice_skips);
+    log::info!(
+        "study {study_uid}: analysing series {} ({})",
+        summaries[best].series_instance_uid,
+        summaries[best].describe()
+    );
+    study.chosen = Some(summaries[best].clone());
+    let (series_uid, accepted) = candidates.swap_remove(best);
+    let series = &study.series[&series_uid];
+    (
+        Some(make_job(study_uid, &series_uid, series, accepted)),
+        skips,
+    )
+}
+
+fn make_job(
+    study_uid: &str,
+    series_uid: &str,
+    series: &SeriesState,
+    instances: Vec<InstanceHeader>,
+) -> SeriesJob {
+    let first = &instances[0];
+    SeriesJob {
+        meta: SeriesMeta {
+            study_instance_uid: study_uid.to_string(),
+            series_instance_uid: series_uid.to_string(),
+            accession_number: first.accession_number.clone(),
+            patient_id: first.patient_id.clone(),
+            station_name: first.station_name.clone(),
+            series_description: first.series_description.clone(),
+            calling_ae: series.calling_ae.clone(),
+            first_received: Some(series.first_received),
+            last_received: Some(series.last_received),
+            completed: None,
+        },
+        instances,
+        completion: series.completion.unwrap_or(Completion::MaxWait),
+    }
+}
+
+/// Builds the volume of a job (blocking: decodes every file).
+pub fn build_job(job: SeriesJob) -> SeriesOutcome {
+    let SeriesJob {
+        mut meta,
+        instances,
+        ..
+    } = job;
+    meta.completed = Some(OffsetDateTime::now_utc());
+    let outcome = build_outcome(instances);
+    // Keep the reception metadata of the association, not the file-derived one.
+    match outcome {
+        SeriesOutcome::Volume(mut v) => {
+            v.meta = meta;
+            SeriesOutcome::Volume(v)
+        }
+        SeriesOutcome::Failed { reason, .. } => SeriesOutcome::Failed { meta, reason },
+    }
+}
+
+/// Capacity of the queue between assembly and the volume builder (jobs are small: paths
+/// and headers). When full, assembly waits, which in turn slows the SCP down.
+const BUILD_QUEUE: usize = 16;
+
+/// The series stage: reads [`StoredInstance`]s from `rx`, sends a [`SeriesOutcome`] per
+/// analysed series to `tx`. Volumes are built one at a time on a blocking thread (memory
+/// bound: one volume in construction). Returns when `rx` is closed (after building what
+/// was already decided) or `tx` is closed. Series still assembling at shutdown are in the
+/// spool and are re-sent by its re-index at the next start.
+pub async fn run_assembler(
+    config: AssemblyConfig,
+    mut rx: mpsc::Receiver<StoredInstance>,
+    tx: mpsc::Sender<SeriesOutcome>,
+) -> Result<()> {
+    config.validate()?;
+    let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
+    let builder = tokio::spawn(async move {
+        while let Some(job) = job_rx.recv().await {
+            let series = job.meta.series_instance_uid.clone();
+            let outcome = match tokio::task::spawn_blocking(move || build_job(job)).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    log::error!("volume building of series {series} panicked: {e}");
+                    continue;
+                }
+            };
+            if tx.send(outcome).await.is_err() {
+                log::warn!("series outcome receiver closed: stopping the volume builder");
+                break;
+            }
+        }
+    });
+
+    let mut assembler = Assembler::new(config);
+    loop {
+        let deadline = assembler.next_deadline();
+        let received = tokio::select! {
+            msg = rx.recv() => Some(msg),
+            _ = sleep_until(deadline) => None,
+        };
+        match received {
+            Some(None) => break,
+            Some(Some(stored)) => {
+                let path = stored.path.clone();
+                match tokio::task::spawn_blocking(move || InstanceHeader::read(&path)).await? {
+                    Ok(header) => assembler.add(&stored, header, Instant::now()),
+                    Err(e) => log::error!(
+                        "instance {} of series {} not assembled: {e:#}",
+                        stored.sop_instance_uid,
+                        stored.series_instance_uid
+                    ),
+                }
+            }
+            None => {}
+        }
+        for job in assembler.poll(Instant::now()) {
+            if job_tx.send(job).await.is_err() {
+                log::warn!("volume builder stopped: stopping the assembler");
+                return Ok(());
+            }
+        }
+        // Skips were logged when recorded; the daemon does not keep them.
+        assembler.take_skips();
+    }
+    drop(job_tx);
+    builder.await?;
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::series::selection::CT_IMAGE_STORAGE;
+    use crate::series::ExpectedCountRule;
+
+    const STUDY: &str = "1.2.3";
+
+    fn config() -> AssemblyConfig {
+        AssemblyConfig {
+            quiet_period_secs: 3.0,
+            max_wait_secs: 10.0,
+            study_quiet_period_secs: 3.0,
+            ..Default::default()
+        }
+    }
+
+    /// One axial instance of `series` at slice `k`.
+    fn instance(
+        series: &str,
+        k: usize,
+        kernel: &str,
+        thickness: f64,
+    ) -> (StoredInstance, InstanceHeader) {
+        let sop = format!("{series}.{k}");
+        let stored = StoredInstance {
+            path: format!("/spool/{sop}.dcm").into(),
+            study_instance_uid: STUDY.into(),
+            series_instance_uid: series.into(),
+            sop_instance_uid: sop.clone(),
+            sop_class_uid: CT_IMAGE_STORAGE.into(),
+            calling_ae: "SCANNER".into(),
+            received_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        let header = InstanceHeader {
+            sop_class_uid: CT_IMAGE_STORAGE.into(),
+            sop_instance_uid: sop,
+            modality: "CT".into(),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+            convolution_kernel: kernel.into(),
+            slice_thickness: Some(thickness),
+            station_name: "CT1".into(),
+            image_position_patient: Some([0.0, 0.0, k as f64 * thickness]),
+            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            pixel_spacing: Some([0.5, 0.5]),
+            rows: Some(512),
+            columns: Some(512),
+            ..Default::default()
+        };
+        (stored, header)
+    }
+
+    fn add_series(
+        a: &mut Assembler,
+        series: &str,
+        n: usize,
+        kernel: &str,
+        thickness: f64,
+        t0: Instant,
+        step: Duration,
+    ) {
+        for k in 0..n {
+            let (s, h) = instance(series, k, kernel, thickness);
+            a.add(&s, h, t0 + step * k as u32);
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn series_completes_after_the_quiet_period() {
+        let mut a = Assembler::new(config());
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(1000)); // last at t0+2s
+        assert!(a.poll(t0 + ms(4999)).is_empty());
+        assert_eq!(a.next_deadline(), Some(t0 + ms(5000)));
+        let jobs = a.poll(t0 + ms(5000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::QuietPeriod);
+        assert_eq!(jobs[0].instances.len(), 3);
+        assert_eq!(jobs[0].meta.calling_ae, "SCANNER");
+        assert!(a.poll(t0 + ms(60_000)).is_empty(), "a series is built once");
+    }
+
+    #[test]
+    fn expected_count_rule_completes_without_waiting() {
+        let mut a = Assembler::new(AssemblyConfig {
+            study_quiet_period_secs: 0.0,
+            expected_count: vec![ExpectedCountRule {
+                calling_ae: Some("SCANNER".into()),
+                station_name: None,
+                images: 3,
+            }],
+            ..config()
+        });
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 2, "BONE", 1.0, t0, ms(10));
+        assert!(a.poll(t0 + ms(20)).is_empty());
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(10)); // 2 re-sent, 1 new
+        let jobs = a.poll(t0 + ms(30));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::ExpectedCount);
+        assert_eq!(jobs[0].instances.len(), 3, "re-sent instances count once");
+    }
+
+    #[test]
+    fn images_in_acquisition_is_an_expected_count() {
+        let mut a = Assembler::new(AssemblyConfig {
+            study_quiet_period_secs: 0.0,
+            ..config()
+        });
+        let t0 = Instant::now();
+        for k in 0..4 {
+            let (s, mut h) = instance("1.2.3.1", k, "BONE", 1.0);
+            h.images_in_acquisition = Some(4);
+            a.add(&s, h, t0);
+            let jobs = a.poll(t0);
+            assert_eq!(jobs.len(), usize::from(k == 3));
+        }
+    }
+
+    #[test]
+    fn max_wait_forces_completion_of_a_trickling_series() {
+        let mut a = Assembler::new(config());
+        let t0 = Instant::now();
+        for k in 0..12 {
+            let now = t0 + ms(1000) * k;
+            let (s, h) = instance("1.2.3.1", k as usize, "BONE", 1.0);
+            a.add(&s, h, now);
+            let jobs = a.poll(now);
+            if k < 10 {
+                assert!(jobs.is_empty(), "completed too early at {k} s");
+            } else {
+                assert_eq!(jobs.len(), 1, "not forced at {k} s");
+                assert_eq!(jobs[0].completion, Completion::MaxWait);
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn study_waits_for_a_later_bone_series_and_prefers_it() {
+        let mut a = Assembler::new(config());
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 5, "STANDARD", 0.625, t0, ms(100)); // soft, thin
+        a.add(&instance("1.2.3.9", 0, "", 1.0).0, scout(), t0 + ms(500));
+        add_series(&mut a, "1.2.3.2", 5, "B70f", 1.0, t0 + ms(2000), ms(100)); // bone, last at 2.4 s
+                                                                               // The soft series is complete at 3.4 s, but the bone one is still arriving.
+        assert!(a.poll(t0 + ms(3450)).is_empty());
+        assert!(a.poll(t0 + ms(5399)).is_empty());
+        let jobs = a.poll(t0 + ms(5400));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.2");
+        let skips = a.take_skips();
+        let reason = |uid: &str| {
+            skips
+                .iter()
+                .find(|s| s.series_instance_uid == uid)
+                .unwrap()
+                .reason
+                .clone()
+        };
+        assert!(reason("1.2.3.1").contains("preferred"), "{skips:?}");
+        assert!(reason("1.2.3.9").contains("localizer"), "{skips:?}");
+    }
+
+    fn scout() -> InstanceHeader {
+        let (_, mut h) = instance("1.2.3.9", 0, "", 1.0);
+        h.image_type = vec!["ORIGINAL".into(), "PRIMARY".into(), "LOCALIZER".into()];
+        h.image_orientation_patient = Some([1.0, 0.0, 0.0, 0.0, 0.0, -1.0]);
+        h
+    }
+
+    #[test]
+    fn late_series_after_the_decision_is_built_only_if_better() {
+        let mut a = Assembler::new(AssemblyConfig {
+            study_quiet_period_secs: 0.0,
+            ..config()
+        });
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 5, "STANDARD", 1.0, t0, ms(100));
+        let jobs = a.poll(t0 + ms(3400));
+        assert_eq!(
+            jobs[0].meta.series_instance_uid, "1.2.3.1",
+            "only candidate so far"
+        );
+        // A bone series arrives after the decision: better, built too.
+        add_series(&mut a, "1.2.3.2", 5, "BONE", 1.0, t0 + ms(20_000), ms(100));
+        let jobs = a.poll(t0 + ms(23_400));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.2");
+        // A thicker soft-tissue series after that: skipped with the reason.
+        add_series(&mut a, "1.2.3.3", 5, "SOFT", 5.0, t0 + ms(30_000), ms(100));
+        assert!(a.poll(t0 + ms(33_400)).is_empty());
+        let skips = a.take_skips();
+        assert!(
+            skips.iter().any(
+                |s| s.series_instance_uid == "1.2.3.3" && s.reason.contains("already analysed")
+            ),
+            "{skips:?}"
+        );
+    }
+
+    #[test]
+    fn late_instances_reopen_and_rebuild_the_chosen_series() {
+        let mut a = Assembler::new(config());
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 5, "BONE", 1.0, t0, ms(100));
+        assert_eq!(a.poll(t0 + ms(10_000)).len(), 1);
+        let (s, h) = instance("1.2.3.1", 5, "BONE", 1.0);
+        a.add(&s, h, t0 + ms(11_000));
+        assert!(a.poll(t0 + ms(13_000)).is_empty());
+        let jobs = a.poll(t0 + ms(14_000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].instances.len(), 6, "rebuilt with every instance");
+    }
+
+    #[test]
+    fn decided_studies_are_forgotten_after_retention() {
+        let mut a = Assembler::new(AssemblyConfig {
+            completed_retention_secs: 60.0,
+            ..config()
+        });
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 2, "BONE", 1.0, t0, ms(100));
+        a.poll(t0 + ms(5000));
+        assert_eq!(a.studies_held(), 1);
+        assert_eq!(a.next_deadline(), Some(t0 + ms(60_100)));
+        a.poll(t0 + ms(60_100));
+        assert_eq!(a.studies_held(), 0);
+        assert_eq!(a.next_deadline(), None);
+    }
+}

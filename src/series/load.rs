@@ -1,0 +1,141 @@
+//! Offline loading: DICOM files or folders -> one [`SeriesOutcome`] per study, with the
+//! same selection rules as the daemon's assembler (used by `cspine-triage infer`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::header::InstanceHeader;
+use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
+use super::volume::{build_volume, meta_from_header};
+use super::SeriesOutcome;
+
+/// Everything offline loading decided.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// One per study that had a candidate series, ordered by Study then Series UID.
+    pub outcomes: Vec<SeriesOutcome>,
+    /// Every instance group or series that was not analysed, with its reason.
+    pub skipped: Vec<Skip>,
+    /// Files that could not be read as DICOM (path, error).
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// Builds the volume of the chosen series of each study found in `paths` (files, or
+/// folders searched recursively). Skips are logged; see [`load_series_report`] to get them.
+pub fn load_series_from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<SeriesOutcome>> {
+    Ok(load_series_report(paths, &[])?.outcomes)
+}
+
+/// As [`load_series_from_paths`], returning the skips too. `extra_bone_kernels` extends the
+/// bone-kernel rule (see [`super::selection::is_bone_kernel`]).
+pub fn load_series_report<P: AsRef<Path>>(
+    paths: &[P],
+    extra_bone_kernels: &[String],
+) -> Result<LoadReport> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p.as_ref(), &mut files)?;
+    }
+    let mut report = LoadReport::default();
+    // study -> series -> instances, ordered for deterministic output.
+    let mut studies: BTreeMap<String, BTreeMap<String, Vec<InstanceHeader>>> = BTreeMap::new();
+    for file in &files {
+        match InstanceHeader::read(file) {
+            Ok(h) => studies
+                .entry(h.study_instance_uid.clone())
+                .or_default()
+                .entry(h.series_instance_uid.clone())
+                .or_default()
+                .push(h),
+            Err(e) => {
+                log::warn!("skipping {}: {e:#}", file.display());
+                report.unreadable.push((file.clone(), format!("{e:#}")));
+            }
+        }
+    }
+    if studies.is_empty() {
+        bail!(
+            "no readable DICOM file among {} file(s) in {}",
+            files.len(),
+            paths
+                .iter()
+                .map(|p| p.as_ref().display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    for (study_uid, series) in studies {
+        let mut candidates = Vec::new();
+        for (series_uid, headers) in series {
+            let (accepted, skips) = filter_series(headers);
+            report.skipped.extend(skips);
+            if !accepted.is_empty() {
+                candidates.push((series_uid, accepted));
+            }
+        }
+        if candidates.is_empty() {
+            continue;
+        }
+        let summaries: Vec<CandidateSummary> = candidates
+            .iter()
+            .map(|(uid, hs)| {
+                let refs: Vec<&InstanceHeader> = hs.iter().collect();
+                CandidateSummary::from_headers(uid, &refs, extra_bone_kernels)
+            })
+            .collect();
+        let (best, skips) = choose_candidate(&summaries, &study_uid);
+        report.skipped.extend(skips);
+        let (_, headers) = candidates.swap_remove(best);
+        report.outcomes.push(build_outcome(headers));
+    }
+    for skip in &report.skipped {
+        log::info!(
+            "not analysed: series {} of study {} ({} instance(s)): {}",
+            skip.series_instance_uid,
+            skip.study_instance_uid,
+            skip.instances,
+            skip.reason
+        );
+    }
+    Ok(report)
+}
+
+/// Volume building with the error turned into a `Failed` outcome.
+pub fn build_outcome(headers: Vec<InstanceHeader>) -> SeriesOutcome {
+    let meta = meta_from_header(&headers[0]);
+    match build_volume(headers, meta.clone()) {
+        Ok(volume) => SeriesOutcome::Volume(Box::new(volume)),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            log::warn!(
+                "series {} of study {} failed: {reason}",
+                meta.series_instance_uid,
+                meta.study_instance_uid
+            );
+            SeriesOutcome::Failed { meta, reason }
+        }
+    }
+}
+
+/// Regular files under `path` (recursively, sorted), or `path` itself.
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot access {}", path.display()))?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list folder {}", path.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list folder {}", path.display()))?;
+    entries.sort();
+    for entry in entries {
+        collect_files(&entry, out)?;
+    }
+    Ok(())
+}

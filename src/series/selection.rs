@@ -1,0 +1,351 @@
+//! Which instances and series go on to volume building, and which series of a study is
+//! analysed.
+//!
+//! Instance rule: only single-frame CT Image Storage objects of ORIGINAL, non-localizer,
+//! axial images qualify (see [`instance_rejection`]). Everything else is skipped with a
+//! reason: localizers/scouts, DERIVED images (reformats, MIPs), non-axial planes, other
+//! modalities, structured reports, Enhanced / Legacy Converted Enhanced CT (multi-frame,
+//! not processed yet), secondary captures.
+//!
+//! Study rule: of the candidate series of one study, the best by [`rank_key`] is analysed:
+//! a bone kernel first (see [`is_bone_kernel`]), then the thinnest slices, then the most
+//! slices, then the lowest SeriesNumber (a deterministic tie-break).
+
+use std::cmp::Ordering;
+
+use super::header::InstanceHeader;
+
+/// CT Image Storage: the classic single-frame CT object, the only one processed.
+pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+pub const ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2.1";
+pub const LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2.2";
+const SR_PREFIX: &str = "1.2.840.10008.5.1.4.1.1.88.";
+const SECONDARY_CAPTURE_PREFIX: &str = "1.2.840.10008.5.1.4.1.1.7";
+
+/// Something not processed, and why. Skips are logged and kept for tests and reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skip {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    /// Number of instances the skip covers.
+    pub instances: usize,
+    pub reason: String,
+}
+
+/// Why this instance cannot be a slice of an axial CT volume; `None` if it can.
+pub fn instance_rejection(h: &InstanceHeader) -> Option<String> {
+    if h.sop_class_uid.starts_with(SR_PREFIX) {
+        return Some(format!(
+            "structured report (SOP class {}), not an image",
+            h.sop_class_uid
+        ));
+    }
+    if !h.modality.is_empty() && h.modality != "CT" {
+        return Some(format!("modality {} is not CT", h.modality));
+    }
+    if h.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+        || h.sop_class_uid == LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE
+    {
+        return Some(format!(
+            "Enhanced CT (multi-frame, SOP class {}) is stored but not processed yet",
+            h.sop_class_uid
+        ));
+    }
+    if h.sop_class_uid.starts_with(SECONDARY_CAPTURE_PREFIX) {
+        return Some("secondary capture (screenshot), not an acquired CT image".into());
+    }
+    if h.sop_class_uid != CT_IMAGE_STORAGE {
+        return Some(format!(
+            "SOP class {} is not CT Image Storage",
+            h.sop_class_uid
+        ));
+    }
+    if h.number_of_frames.is_some_and(|n| n > 1) {
+        return Some("multi-frame CT image, not processed yet".into());
+    }
+    if h.image_type.iter().any(|v| v == "LOCALIZER") {
+        return Some("localizer (scout) image".into());
+    }
+    // ImageType is type 1 for CT; a sender that leaves it out gets the benefit of the doubt.
+    if let Some(first) = h.image_type.first() {
+        if first != "ORIGINAL" {
+            return Some(format!(
+                "{first} image (reformat or post-processing), only ORIGINAL images are analysed"
+            ));
+        }
+    }
+    let Some(normal) = h.normal() else {
+        return Some("no valid ImageOrientationPatient".into());
+    };
+    if let Some(plane) = non_axial_plane(normal) {
+        return Some(format!(
+            "not axial: {plane} plane (slice normal {:.2}, {:.2}, {:.2})",
+            normal[0], normal[1], normal[2]
+        ));
+    }
+    None
+}
+
+/// The plane name when the slice normal is closer to the x (sagittal) or y (coronal) axis
+/// than to z (axial); gantry-tilted axials stay axial.
+fn non_axial_plane(normal: [f64; 3]) -> Option<&'static str> {
+    let [x, y, z] = normal.map(f64::abs);
+    if z >= x && z >= y {
+        None
+    } else if x >= y {
+        Some("sagittal")
+    } else {
+        Some("coronal")
+    }
+}
+
+/// Bone (sharp) reconstruction kernel rule, case-insensitive, on ConvolutionKernel:
+/// - contains `BONE` (GE BONE/BONEPLUS, Philips/Canon "Bone") or `EDGE` (GE, sharper than BONE);
+/// - Siemens style `<letters><two digits>` (e.g. B60f, B70s, Br64, Hr60, H70h, I70f, Ur77)
+///   with a sharpness number of 60 or more (B60+ / H60+ are the bone kernels);
+/// - or contains one of the extra substrings from the configuration.
+pub fn is_bone_kernel(kernel: &str, extra: &[String]) -> bool {
+    let upper = kernel.to_ascii_uppercase();
+    if upper.contains("BONE") || upper.contains("EDGE") {
+        return true;
+    }
+    if extra
+        .iter()
+        .any(|p| !p.is_empty() && upper.contains(&p.to_ascii_uppercase()))
+    {
+        return true;
+    }
+    upper.split('\\').any(|value| {
+        let value = value.trim();
+        let letters = value
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .count();
+        let digits: String = value[letters..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        (1..=2).contains(&letters)
+            && matches!(value.as_bytes()[0], b'B' | b'H' | b'I' | b'J' | b'U')
+            && digits.len() == 2
+            && digits.parse::<u32>().is_ok_and(|n| n >= 60)
+    })
+}
+
+/// What the study rule compares, for one candidate series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateSummary {
+    pub series_instance_uid: String,
+    pub bone_kernel: bool,
+    /// SliceThickness, or the spacing measured from positions when absent.
+    pub thickness_mm: Option<f64>,
+    pub instances: usize,
+    pub series_number: Option<i64>,
+}
+
+impl CandidateSummary {
+    pub fn from_headers(
+        series_instance_uid: &str,
+        headers: &[&InstanceHeader],
+        extra_bone: &[String],
+    ) -> Self {
+        let first = headers.first();
+        let thickness_mm = first
+            .and_then(|h| h.slice_thickness)
+            .filter(|t| *t > 0.0)
+            .or_else(|| measured_spacing(headers));
+        CandidateSummary {
+            series_instance_uid: series_instance_uid.to_string(),
+            bone_kernel: first.is_some_and(|h| is_bone_kernel(&h.convolution_kernel, extra_bone)),
+            thickness_mm,
+            instances: headers.len(),
+            series_number: first.and_then(|h| h.series_number),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} kernel, {} mm, {} slices",
+            if self.bone_kernel { "bone" } else { "non-bone" },
+            self.thickness_mm
+                .map_or("unknown".into(), |t| format!("{t:.2}")),
+            self.instances
+        )
+    }
+}
+
+/// Smallest positive step between sorted slice positions along the normal.
+fn measured_spacing(headers: &[&InstanceHeader]) -> Option<f64> {
+    let normal = headers.first()?.normal()?;
+    let mut z: Vec<f64> = headers
+        .iter()
+        .filter_map(|h| h.image_position_patient)
+        .map(|p| super::header::dot(p, normal))
+        .collect();
+    z.sort_by(f64::total_cmp);
+    z.windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|d| *d > 0.01)
+        .min_by(f64::total_cmp)
+}
+
+/// Orders candidates best first: bone kernel, thinnest, most slices, lowest SeriesNumber,
+/// then UID.
+pub fn rank_key(a: &CandidateSummary, b: &CandidateSummary) -> Ordering {
+    b.bone_kernel
+        .cmp(&a.bone_kernel)
+        .then_with(|| {
+            let (ta, tb) = (
+                a.thickness_mm.unwrap_or(f64::INFINITY),
+                b.thickness_mm.unwrap_or(f64::INFINITY),
+            );
+            ta.total_cmp(&tb)
+        })
+        .then_with(|| b.instances.cmp(&a.instances))
+        .then_with(|| {
+            a.series_number
+                .unwrap_or(i64::MAX)
+                .cmp(&b.series_number.unwrap_or(i64::MAX))
+        })
+        .then_with(|| a.series_instance_uid.cmp(&b.series_instance_uid))
+}
+
+/// Splits the instances of one series into those that qualify as slices and skips
+/// (one per distinct reason, with its instance count).
+pub fn filter_series(headers: Vec<InstanceHeader>) -> (Vec<InstanceHeader>, Vec<Skip>) {
+    let mut accepted = Vec::with_capacity(headers.len());
+    let mut reasons: std::collections::BTreeMap<String, (usize, String, String)> =
+        Default::default();
+    for h in headers {
+        match instance_rejection(&h) {
+            None => accepted.push(h),
+            Some(reason) => {
+                let entry = reasons.entry(reason).or_insert_with(|| {
+                    (
+                        0,
+                        h.study_instance_uid.clone(),
+                        h.series_instance_uid.clone(),
+                    )
+                });
+                entry.0 += 1;
+            }
+        }
+    }
+    let skips = reasons
+        .into_iter()
+        .map(|(reason, (instances, study, series))| Skip {
+            study_instance_uid: study,
+            series_instance_uid: series,
+            instances,
+            reason,
+        })
+        .collect();
+    (accepted, skips)
+}
+
+/// Index of the best candidate, and a skip for every other one.
+pub fn choose_candidate(
+    candidates: &[CandidateSummary],
+    study_instance_uid: &str,
+) -> (usize, Vec<Skip>) {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| rank_key(&candidates[a], &candidates[b]));
+    let best = order[0];
+    let skips = order[1..]
+        .iter()
+        .map(|&i| Skip {
+            study_instance_uid: study_instance_uid.to_string(),
+            series_instance_uid: candidates[i].series_instance_uid.clone(),
+            instances: candidates[i].instances,
+            reason: format!(
+                "not the best series of its study: series {} ({}) is preferred over this one ({})",
+                candidates[best].series_instance_uid,
+                candidates[best].describe(),
+                candidates[i].describe()
+            ),
+        })
+        .collect();
+    (best, skips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bone_kernels() {
+        for k in [
+            "BONE",
+            "BONEPLUS",
+            "EDGE",
+            "B60f",
+            "B70s",
+            "Br64d\\3",
+            "Hr60",
+            "H70h",
+            "I70f\\2",
+            "Ur77u",
+            "FC30 bone",
+        ] {
+            assert!(is_bone_kernel(k, &[]), "{k} should be bone");
+        }
+        for k in [
+            "STANDARD", "SOFT", "B30f", "Br40", "H31s", "I26f\\3", "LUNG", "", "FC08",
+        ] {
+            assert!(!is_bone_kernel(k, &[]), "{k} should not be bone");
+        }
+        assert!(is_bone_kernel("FC30", &["fc30".into()]));
+    }
+
+    fn summary(uid: &str, bone: bool, t: f64, n: usize) -> CandidateSummary {
+        CandidateSummary {
+            series_instance_uid: uid.into(),
+            bone_kernel: bone,
+            thickness_mm: Some(t),
+            instances: n,
+            series_number: None,
+        }
+    }
+
+    #[test]
+    fn ranking_prefers_bone_then_thin() {
+        let mut c = vec![
+            summary("soft-thin", false, 0.625, 400),
+            summary("bone-thick", true, 2.0, 100),
+            summary("bone-thin", true, 0.625, 400),
+        ];
+        c.sort_by(rank_key);
+        let order: Vec<_> = c.iter().map(|s| s.series_instance_uid.as_str()).collect();
+        assert_eq!(order, ["bone-thin", "bone-thick", "soft-thin"]);
+    }
+
+    #[test]
+    fn rejections() {
+        let axial = InstanceHeader {
+            sop_class_uid: CT_IMAGE_STORAGE.into(),
+            modality: "CT".into(),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            ..Default::default()
+        };
+        assert_eq!(instance_rejection(&axial), None);
+        let mut scout = axial.clone();
+        scout.image_type[2] = "LOCALIZER".into();
+        assert!(instance_rejection(&scout).unwrap().contains("localizer"));
+        let mut sagittal = axial.clone();
+        sagittal.image_orientation_patient = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        assert!(instance_rejection(&sagittal).unwrap().contains("sagittal"));
+        let mut derived = axial.clone();
+        derived.image_type[0] = "DERIVED".into();
+        assert!(instance_rejection(&derived).unwrap().contains("DERIVED"));
+        let mut enhanced = axial.clone();
+        enhanced.sop_class_uid = ENHANCED_CT_IMAGE_STORAGE.into();
+        assert!(instance_rejection(&enhanced)
+            .unwrap()
+            .contains("Enhanced CT"));
+        let mut mr = axial;
+        mr.modality = "MR".into();
+        mr.sop_class_uid = "1.2.840.10008.5.1.4.1.1.4".into();
+        assert!(instance_rejection(&mr).unwrap().contains("not CT"));
+    }
+}
