@@ -24,13 +24,25 @@ if [[ "$(printf '%s\n%s\n' "$newest" "$MAX" | sort -V | tail -1)" != "$MAX" ]]; 
     exit 1
 fi
 
-# Shared libraries: only glibc's own and libgcc_s; a libstdc++/libsystemd/libcharls here
+# libstdc++ (CharLS is C++): Ubuntu 20.04 / JetPack 5 ships GLIBCXX up to 3.4.28 (gcc 10).
+# zig normally links libc++ statically, so this only matters for gcc-based builds.
+MAX_GLIBCXX="${MAX_GLIBCXX:-3.4.28}"
+cxx=$("$OBJDUMP" -T "$BIN" | grep -o 'GLIBCXX_[0-9][0-9.]*' | sed 's/GLIBCXX_//' | sort -u -V | tail -1 || true)
+if [[ -n "$cxx" ]]; then
+    echo "newest GLIBCXX symbol version $cxx (limit $MAX_GLIBCXX)"
+    if [[ "$(printf '%s\n%s\n' "$cxx" "$MAX_GLIBCXX" | sort -V | tail -1)" != "$MAX_GLIBCXX" ]]; then
+        echo "error: $BIN needs libstdc++ GLIBCXX_$cxx > $MAX_GLIBCXX" >&2
+        exit 1
+    fi
+fi
+
+# Shared libraries: only glibc's own, libgcc_s and libstdc++; a libsystemd/libcharls here
 # would have to exist, in a compatible version, on the Jetson.
 needed=$("$OBJDUMP" -p "$BIN" | awk '/NEEDED/ {print $2}')
 echo "NEEDED: $(echo $needed)"
 for lib in $needed; do
     case "$lib" in
-        libc.so.6|libm.so.6|libdl.so.2|libpthread.so.0|librt.so.1|libgcc_s.so.1|ld-linux-aarch64.so.1|ld-linux-x86-64.so.2) ;;
+        libc.so.6|libm.so.6|libdl.so.2|libpthread.so.0|librt.so.1|libgcc_s.so.1|libstdc++.so.6|ld-linux-aarch64.so.1|ld-linux-x86-64.so.2) ;;
         *) echo "error: $BIN needs $lib, which a stock JetPack rootfs may not provide" >&2; exit 1 ;;
     esac
 done

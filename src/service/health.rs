@@ -13,7 +13,12 @@
 //!
 //! Fault injection for tests: `CSPINE_FAULT_STALL=inference` (comma-separated stage
 //! names, read once) makes that stage block forever, without beating, the first time it
-//! reaches [`Heartbeat::fault_stall_point`]. Production units never set it.
+//! reaches [`Heartbeat::fault_stall_point`] (top of its loop). Production units never set it.
+//!
+//! Wiring, in `serve`: `let health = Health::new(config.service.stall_secs.clone())`;
+//! each stage gets `health.register("inference")` etc.; after the port is bound, the model
+//! loaded and the outbox open, `notify::ready()` and `tokio::spawn(run_watchdog(health))`;
+//! on SIGTERM `notify::stopping()`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -276,7 +281,9 @@ impl Heartbeat {
 
     /// Fault-injection point: if `CSPINE_FAULT_STALL` names this stage, block this task
     /// forever without beating (a simulated hung stage, for the watchdog test).
-    /// Call it once per item, where the stage's real work would hang.
+    /// Call it at the top of the stage's loop, before waiting for input, so that the
+    /// stage hangs right after start-up and the test needs no study:
+    /// `loop { beat.fault_stall_point().await; let Some(x) = beat.recv(&mut rx).await ... }`.
     pub async fn fault_stall_point(&self) {
         if fault_stall_requested(self.stage.name) {
             log::warn!(

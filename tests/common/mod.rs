@@ -151,7 +151,14 @@ pub fn synth(out: &Path, seed: u64, fracture: &str, extra: &[&str]) -> Vec<PathB
     let status = Command::new(BIN)
         .arg("synth")
         .arg(out)
-        .args(["--count", "1", "--seed", &seed.to_string(), "--fracture", fracture])
+        .args([
+            "--count",
+            "1",
+            "--seed",
+            &seed.to_string(),
+            "--fracture",
+            fracture,
+        ])
         .args(extra)
         .status()
         .expect("run cspine-triage synth");
