@@ -57,6 +57,7 @@ pub struct ResultMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub id: String,
+    pub study_instance_uid: String,
     pub series_instance_uid: String,
     /// Outbox sequence number.
     pub seq: u64,
@@ -334,7 +335,11 @@ impl Alerts {
             result.site = self.config.site.clone();
             result.device = self.config.device.clone();
             let positive = result.status == result::Status::Positive;
-            let (id, series) = (result.id.clone(), result.series_instance_uid.clone());
+            let (id, study, series) = (
+                result.id.clone(),
+                result.study_instance_uid.clone(),
+                result.series_instance_uid.clone(),
+            );
             let status = result.status;
             // `published` is the moment of the (last) commit attempt: a full outbox may
             // make us wait, and the result must not claim an earlier time.
@@ -366,6 +371,7 @@ impl Alerts {
                 let _ = tx
                     .send(Committed {
                         id,
+                        study_instance_uid: study,
                         series_instance_uid: series,
                         seq: outcome.seq(),
                         already_queued,

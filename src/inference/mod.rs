@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::service::health::Heartbeat;
+
 use crate::alert::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
@@ -138,6 +140,11 @@ impl Pipeline {
             &config.vertebra_thresholds,
         );
         Ok(Pipeline { engine, thresholds })
+    }
+
+    /// Name, version and sha256 of the loaded model, as results and the status topic report it.
+    pub fn model_info(&self) -> crate::alert::result::ModelInfo {
+        self.run_info().model
     }
 
     fn run_info(&self) -> RunInfo {
@@ -253,10 +260,12 @@ impl Pipeline {
 /// Ends when `rx` closes; fails only if the alert stage is gone.
 pub async fn run_inference(
     pipeline: Arc<Pipeline>,
+    heartbeat: Heartbeat,
     mut rx: mpsc::Receiver<SeriesOutcome>,
     tx: mpsc::Sender<ResultMessage>,
 ) -> Result<()> {
-    while let Some(outcome) = rx.recv().await {
+    while let Some(outcome) = heartbeat.recv(&mut rx).await {
+        heartbeat.fault_stall_point().await;
         let pipeline = pipeline.clone();
         let message = tokio::task::spawn_blocking(move || pipeline.process(outcome))
             .await

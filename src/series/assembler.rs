@@ -29,6 +29,8 @@ use anyhow::Result;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::service::health::Heartbeat;
+
 use super::header::InstanceHeader;
 use super::load::build_best;
 use super::selection::{choose_candidate, filter_series, rank_key, CandidateSummary, Skip};
@@ -458,8 +460,10 @@ const BUILD_QUEUE: usize = 16;
 /// spool and are re-sent by its re-index at the next start.
 pub async fn run_assembler(
     config: AssemblyConfig,
+    heartbeat: Heartbeat,
     mut rx: mpsc::Receiver<StoredInstance>,
     tx: mpsc::Sender<SeriesOutcome>,
+    skipped: Option<mpsc::Sender<Skip>>,
 ) -> Result<()> {
     config.validate()?;
     let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
@@ -482,7 +486,10 @@ pub async fn run_assembler(
 
     let mut assembler = Assembler::new(config);
     loop {
+        heartbeat.beat();
         let deadline = assembler.next_deadline();
+        let idle = Instant::now() + heartbeat.idle_beat_period();
+        let deadline = Some(deadline.map_or(idle, |d| d.min(idle)));
         let received = tokio::select! {
             msg = rx.recv() => Some(msg),
             _ = sleep_until(deadline) => None,
@@ -508,8 +515,12 @@ pub async fn run_assembler(
                 return Ok(());
             }
         }
-        // Skips were logged when recorded; the daemon does not keep them.
-        assembler.take_skips();
+        // Skips were logged when recorded; the daemon removes their instances from the spool.
+        for skip in assembler.take_skips() {
+            if let Some(skipped) = &skipped {
+                let _ = skipped.send(skip).await;
+            }
+        }
     }
     drop(job_tx);
     builder.await?;

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The whole appliance on one machine, no hospital needed: builds cspine-triage, starts
+# `serve` with its embedded MQTT broker, generates a fractured and a clean phantom study,
+# sends both over DICOM as a scanner would, and prints the results a dashboard receives.
+# Everything it writes goes to demo-out/ (or $OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-demo-out}
+DICOM_PORT=${DICOM_PORT:-11112}
+MQTT_PORT=${MQTT_PORT:-18830}
+
+echo "== building (release)"
+cargo build --release --locked --quiet
+BIN=$PWD/target/release/cspine-triage
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+cat > "$OUT/config.toml" <<TOML
+[dicom]
+ae_title = "CSPINE"
+bind = "127.0.0.1"
+port = $DICOM_PORT
+spool_dir = "$OUT/spool"
+
+[series]
+quiet_period_secs = 2.0
+
+[inference]
+model = "$PWD/models/model.json"
+
+[alert]
+site = "demo"
+device = "box1"
+outbox_dir = "$OUT/outbox"
+embedded_broker_port = $MQTT_PORT
+patient_ref_key_file = "$OUT/patient-ref.key"
+TOML
+"$BIN" check-config "$OUT/config.toml" > /dev/null
+
+echo "== generating two phantom studies (C5 fracture, no fracture)"
+"$BIN" synth "$OUT/studies" --count 1 --seed 7 --fracture C5 --matrix 384 > /dev/null
+"$BIN" synth "$OUT/studies-clean" --count 1 --seed 8 --fracture none --matrix 384 > /dev/null
+
+echo "== starting the daemon (log: $OUT/serve.log)"
+"$BIN" serve --config "$OUT/config.toml" > "$OUT/serve.log" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  grep -q "ready" "$OUT/serve.log" && break
+  kill -0 $SERVE_PID 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
+  sleep 0.2
+done
+
+echo "== subscribing as a dashboard would"
+"$BIN" watch --mqtt "mqtt://127.0.0.1:$MQTT_PORT" --prefix "cspine/demo/box1/" --count 2 \
+  --timeout 600 --keyimage-dir "$OUT/keyimages" > "$OUT/results.jsonl" 2> "$OUT/watch.log" &
+WATCH_PID=$!
+sleep 1
+
+echo "== sending both studies over DICOM"
+for study in "$OUT"/studies/train_images/* "$OUT"/studies-clean/train_images/*; do
+  if command -v storescu > /dev/null; then
+    storescu -aec CSPINE -aet DEMO-CT +sd +r 127.0.0.1 "$DICOM_PORT" "$study"
+  else
+    "$BIN" send "127.0.0.1:$DICOM_PORT" "$study" --called-ae CSPINE --calling-ae DEMO-CT
+  fi
+done
+
+echo "== waiting for both results"
+wait $WATCH_PID
+python3 - "$OUT/results.jsonl" <<'PY' 2>/dev/null || cat "$OUT/results.jsonl"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    flagged = [v for v, x in r.get("vertebrae", {}).items() if x["flagged"]]
+    p = r.get("patient") or {}
+    print(f'{r["status"]:>13}  p={p.get("probability", float("nan")):.3f}  flagged={",".join(flagged) or "-"}'
+          f'  series={r["series_instance_uid"]}  key_slice_z={(r.get("key_slice") or {}).get("z_mm")}')
+PY
+echo "results: $OUT/results.jsonl   key images: $OUT/keyimages/   daemon log: $OUT/serve.log"

@@ -1,0 +1,234 @@
+//! `cspine-triage serve`: start-up order, the stage tasks and the channels between them,
+//! and shutdown.
+//!
+//! ```text
+//! Scp ──StoredInstance──▶ assembler ──SeriesOutcome──▶ inference ──ResultMessage──▶ Alerts
+//!  ▲                                                                                  │
+//!  └──────────── spool janitor ◀── Committed (result durably in the outbox) ◀────────┘
+//! ```
+//!
+//! Every hand-over is a bounded channel, so a slow stage slows the one before it down
+//! (down to the SCU's C-STORE responses) instead of piling up memory. Everything in
+//! flight is also on disk (spool, outbox): a crash at any point loses nothing that was
+//! acknowledged; the restart re-indexes the spool and the outbox and carries on.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::health::{self, Health};
+use super::notify;
+use crate::alert::{self, Alerts, Committed};
+use crate::config::Config;
+use crate::dicom::{spool, Scp};
+use crate::inference::Pipeline;
+use crate::series::Skip;
+
+/// Instances waiting for the assembler: enough for a burst of several scanners.
+const INSTANCE_QUEUE: usize = 1024;
+/// Volumes waiting for inference: one, since a volume can be hundreds of MB.
+const VOLUME_QUEUE: usize = 1;
+/// Results waiting for the outbox.
+const RESULT_QUEUE: usize = 16;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn serve(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cspine")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> Result<()> {
+    // Start-up order: everything that can fail fails before READY=1, and the DICOM port
+    // opens last, so no scanner is told Success by a daemon that cannot analyse or publish.
+    let pipeline = tokio::task::spawn_blocking({
+        let config = config.inference.clone();
+        move || Pipeline::load(&config)
+    })
+    .await
+    .context("model loading panicked")??;
+    let pipeline = Arc::new(pipeline);
+    let model = pipeline.model_info();
+    log::info!(
+        "model {} {} loaded (sha256 {}), runtime {}",
+        model.name,
+        model.version,
+        model.sha256,
+        pipeline.engine.runtime()
+    );
+
+    let alerts = Alerts::open(&config.alert)?;
+    log::info!(
+        "outbox {} open; publishing to {}",
+        config.alert.outbox_dir.display(),
+        alerts.broker_url()
+    );
+
+    let recovered = spool::reindex(&config.dicom.spool_dir)?;
+    if !recovered.is_empty() {
+        log::info!(
+            "{} instances recovered from the spool; their series resume",
+            recovered.len()
+        );
+    }
+    let scp = Scp::bind(config.dicom.clone()).await?;
+    log::info!(
+        "DICOM SCP {} listening on {} (spool {})",
+        config.dicom.ae_title,
+        scp.local_addr()?,
+        config.dicom.spool_dir.display()
+    );
+
+    let health = Health::new(config.service.stall_secs.clone());
+    let (instance_tx, instance_rx) = mpsc::channel(INSTANCE_QUEUE);
+    let (volume_tx, volume_rx) = mpsc::channel(VOLUME_QUEUE);
+    let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);
+    let (committed_tx, committed_rx) = mpsc::channel(RESULT_QUEUE);
+    let (skipped_tx, skipped_rx) = mpsc::channel(RESULT_QUEUE);
+
+    let mut stages: Vec<(&'static str, JoinHandle<Result<()>>)> = Vec::new();
+    stages.push((
+        "alert",
+        tokio::spawn(alerts.run(
+            alert::StatusInfo::new(Some(model)),
+            result_rx,
+            Some(committed_tx),
+        )),
+    ));
+    stages.push((
+        "inference",
+        tokio::spawn(crate::inference::run_inference(
+            pipeline.clone(),
+            health.register("inference"),
+            volume_rx,
+            result_tx,
+        )),
+    ));
+    stages.push((
+        "series",
+        tokio::spawn(crate::series::run_assembler(
+            config.series.clone(),
+            health.register("series"),
+            instance_rx,
+            volume_tx,
+            Some(skipped_tx),
+        )),
+    ));
+    stages.push((
+        "janitor",
+        tokio::spawn(release_spool(
+            config.dicom.spool_dir.clone(),
+            committed_rx,
+            skipped_rx,
+        )),
+    ));
+    // Recovered instances go first, from their own task: the queue may be smaller than
+    // the spool.
+    let recovered_tx = instance_tx.clone();
+    tokio::spawn(async move {
+        for instance in recovered {
+            if recovered_tx.send(instance).await.is_err() {
+                break;
+            }
+        }
+    });
+    stages.push(("dicom", tokio::spawn(scp.run(instance_tx))));
+
+    notify::ready();
+    log::info!("ready");
+    let watchdog = tokio::spawn(health::run_watchdog(health));
+
+    let outcome = wait_for_stop_or_failure(&mut stages).await;
+    notify::stopping();
+    watchdog.abort();
+    // Stop taking work first; the alert stage then drains its outbox for a few seconds
+    // and marks the device offline. Whatever is unfinished stays in spool and outbox.
+    for (name, task) in &stages {
+        if *name != "alert" {
+            task.abort();
+        }
+    }
+    if let Some((_, alert_task)) = stages.into_iter().find(|(name, _)| *name == "alert") {
+        match alert_task.await {
+            Ok(Err(e)) => log::warn!("alert stage: {e:#}"),
+            Err(e) if !e.is_cancelled() => log::warn!("alert stage: {e}"),
+            _ => {}
+        }
+    }
+    log::info!("stopped");
+    outcome
+}
+
+/// Waits for SIGTERM/SIGINT (Ok) or for a stage to end, which is a failure: stages run
+/// until shutdown.
+async fn wait_for_stop_or_failure(
+    stages: &mut [(&'static str, JoinHandle<Result<()>>)],
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let first_to_end = first_to_finish(stages);
+    tokio::select! {
+        _ = term.recv() => { log::info!("SIGTERM: stopping"); Ok(()) }
+        _ = int.recv() => { log::info!("SIGINT: stopping"); Ok(()) }
+        (name, ended) = first_to_end => {
+            let err = match ended {
+                Ok(Ok(())) => anyhow::anyhow!("stage {name} ended unexpectedly"),
+                Ok(Err(e)) => e.context(format!("stage {name} failed")),
+                Err(e) => anyhow::anyhow!("stage {name} panicked: {e}"),
+            };
+            log::error!("{err:#}");
+            Err(err)
+        }
+    }
+}
+
+/// The first stage task to finish, with its name.
+async fn first_to_finish(
+    stages: &mut [(&'static str, JoinHandle<Result<()>>)],
+) -> (&'static str, Result<Result<()>, tokio::task::JoinError>) {
+    std::future::poll_fn(|cx| {
+        for (name, task) in stages.iter_mut() {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(task).poll(cx) {
+                return std::task::Poll::Ready((*name, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Deletes a series from the spool once nothing depends on it any more: its result is
+/// durably in the outbox (from then on the outbox guarantees delivery), or the assembler
+/// skipped it (a localizer, a reformat, a thicker duplicate: logged with the reason).
+async fn release_spool(
+    spool_dir: std::path::PathBuf,
+    mut committed: mpsc::Receiver<Committed>,
+    mut skipped: mpsc::Receiver<Skip>,
+) -> Result<()> {
+    loop {
+        let (study, series, why) = tokio::select! {
+            Some(c) = committed.recv() => (c.study_instance_uid, c.series_instance_uid, format!("result {} is in the outbox", c.id)),
+            Some(s) = skipped.recv() => (s.study_instance_uid, s.series_instance_uid, format!("skipped: {}", s.reason)),
+            else => return Ok(()),
+        };
+        let dir = spool_dir.clone();
+        let (study_uid, series_uid) = (study.clone(), series.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            spool::delete_series(&dir, &study_uid, &series_uid)
+        })
+        .await?;
+        match removed {
+            Ok(n) => log::info!("series {series} ({why}): {n} instances removed from the spool"),
+            // Not fatal: the files stay and the series is analysed again after a restart,
+            // giving the same result id, which the outbox and subscribers de-duplicate.
+            Err(e) => log::warn!("cannot remove series {series} from the spool: {e:#}"),
+        }
+    }
+}

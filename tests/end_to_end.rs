@@ -1,0 +1,155 @@
+//! End to end, as the users see it: DCMTK `storescu` sends generated studies to the daemon
+//! (the scanner's side); a subscriber on a real mosquitto receives schema-valid results
+//! (the dashboard's side).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Validates one result document against `docs/alert.schema.json` with python3 jsonschema.
+fn assert_schema_valid(result: &serde_json::Value) {
+    let schema = repo_root().join("docs/alert.schema.json");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json,sys,jsonschema; s=json.load(open(sys.argv[1])); \
+             jsonschema.validate(json.loads(sys.stdin.read()), s, \
+             format_checker=jsonschema.FormatChecker())",
+        )
+        .arg(&schema)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(result.to_string().as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("run python3 jsonschema (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "result does not validate against the schema: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        result
+    );
+}
+
+fn write_config(dir: &Path, dicom_port: u16, mqtt_url: &str) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[dicom]
+ae_title = "CSPINE"
+bind = "127.0.0.1"
+port = {dicom_port}
+spool_dir = "{spool}"
+
+[series]
+quiet_period_secs = 1.0
+
+[inference]
+model = "{model}"
+threads = 2
+
+[alert]
+mqtt_url = "{mqtt_url}"
+site = "testsite"
+device = "box1"
+outbox_dir = "{outbox}"
+"#,
+        spool = dir.join("spool").display(),
+        outbox = dir.join("outbox").display(),
+        model = repo_root().join("models/model.json").display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[test]
+fn storescu_study_in_schema_valid_result_out_with_the_fractured_vertebra_flagged() {
+    let storescu = require_tool("storescu");
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+
+    // Two studies a scanner would send: one with a C5 fracture, one without.
+    let fractured = synth(&tmp.path().join("fx"), 9101, "C5", &[]);
+    let clean = synth(&tmp.path().join("clean"), 9102, "none", &[]);
+
+    let dicom_port = free_port();
+    let config = write_config(tmp.path(), dicom_port, &broker.url());
+    let mut serve = Command::new(BIN);
+    serve.arg("serve").arg("--config").arg(&config);
+    let daemon = Proc::spawn(serve);
+    assert!(
+        wait_for_port(dicom_port, Duration::from_secs(60)),
+        "daemon did not open its DICOM port: {}",
+        daemon.log()
+    );
+
+    // The dashboard subscribes before anything is sent.
+    let watcher = Command::new(BIN)
+        .args([
+            "watch",
+            "--mqtt",
+            &broker.url(),
+            "--prefix",
+            "cspine/testsite/box1/",
+        ])
+        .args(["--count", "2", "--timeout", "600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    for study in fractured.iter().chain(&clean) {
+        let status = Command::new(&storescu)
+            .args(["-aec", "CSPINE", "-aet", "CTSCANNER", "+sd", "+r"])
+            .arg("127.0.0.1")
+            .arg(dicom_port.to_string())
+            .arg(study)
+            .status()
+            .unwrap();
+        assert!(status.success(), "storescu failed for {}", study.display());
+    }
+
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "no results arrived: {}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let results: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert_schema_valid(r);
+        assert_eq!(r["site"], "testsite");
+    }
+
+    let study_uid = |dir: &Path| dir.file_name().unwrap().to_string_lossy().to_string();
+    let by_study = |uid: &str| {
+        results
+            .iter()
+            .find(|r| r["study_instance_uid"] == uid)
+            .unwrap_or_else(|| panic!("no result for study {uid}: {results:?}"))
+    };
+    let fx = by_study(&study_uid(&fractured[0]));
+    assert_eq!(fx["status"], "positive", "{fx}");
+    assert_eq!(fx["vertebrae"]["C5"]["flagged"], true, "{fx}");
+    let ok = by_study(&study_uid(&clean[0]));
+    assert_eq!(ok["status"], "negative", "{ok}");
+}
