@@ -175,7 +175,6 @@ model = "{ROOT}/models/model.json"
 [alert]
 embedded_broker_port = {mqtt_port}
 outbox_dir = "{work}/outbox"
-patient_ref_key_file = "{work}/key"
 """)
     log = open(work / "serve.log", "w")
     daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stdout=log, stderr=log)

@@ -135,7 +135,6 @@ mqtt_url = "mqtt://127.0.0.1:{mqtt_port}"
 site = "bench"
 device = "box"
 outbox_dir = "{work}/outbox"
-patient_ref_key_file = "{work}/key"
 """)
     log = open(work / "serve.log", "w")
     daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=log, stdout=log,

@@ -35,7 +35,6 @@ site = "demo"
 device = "box1"
 outbox_dir = "$OUT/outbox"
 embedded_broker_port = $MQTT_PORT
-patient_ref_key_file = "$OUT/patient-ref.key"
 TOML
 "$BIN" check-config "$OUT/config.toml" > /dev/null
 

@@ -136,8 +136,12 @@ fn send(args: SendArgs) -> Result<()> {
     Ok(())
 }
 
+/// `RUST_LOG` overrides it. The embedded broker (rumqttd) logs routine traffic at ERROR
+/// level; our own MQTT client reports every real connection problem.
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=off";
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER)).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
