@@ -213,7 +213,7 @@ fn print_profile(profile: &[(String, String, Duration)]) {
         e.1 += 1;
     }
     let mut ops: Vec<_> = by_op.into_iter().collect();
-    ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    ops.sort_by_key(|o| std::cmp::Reverse(o.1 .0));
     eprintln!(
         "profile: {:.1} ms in {} nodes",
         total.as_secs_f64() * 1e3,
@@ -227,7 +227,7 @@ fn print_profile(profile: &[(String, String, Duration)]) {
         );
     }
     let mut nodes: Vec<_> = profile.iter().collect();
-    nodes.sort_by(|a, b| b.2.cmp(&a.2));
+    nodes.sort_by_key(|n| std::cmp::Reverse(n.2));
     for (name, op, t) in nodes.iter().take(12) {
         eprintln!(
             "  node {name:<40} {op:<24} {:>9.1} ms",

@@ -158,7 +158,9 @@ impl ModelContract {
             "outputs.segmentation.classes must be background + C1..C7"
         );
         ensure!(
-            seg.stride > 0 && i.height % seg.stride == 0 && i.width % seg.stride == 0,
+            seg.stride > 0
+                && i.height.is_multiple_of(seg.stride)
+                && i.width.is_multiple_of(seg.stride),
             "outputs.segmentation.stride must divide the input height and width"
         );
         for v in VERTEBRAE {

@@ -17,6 +17,9 @@ use tract_onnx::tract_hir;
 use super::contract::{ModelFiles, VERTEBRAE};
 use super::preprocess::ModelInput;
 
+/// `(node name, op name, time)` per node of a plan, in plan order.
+pub type NodeTimes = Vec<(String, String, Duration)>;
+
 /// Which runtime to prepare the model for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeChoice {
@@ -171,10 +174,7 @@ impl Engine {
 
     /// Runs the model once, timing every node of the plan (CPU runtime only). Returns the
     /// outputs and `(node name, op name, time)` per node, in plan order.
-    pub fn run_profiled(
-        &self,
-        input: ModelInput,
-    ) -> Result<(ModelOutputs, Vec<(String, String, Duration)>)> {
+    pub fn run_profiled(&self, input: ModelInput) -> Result<(ModelOutputs, NodeTimes)> {
         let plan = self
             .runnable
             .typed_plan()
@@ -284,7 +284,7 @@ fn load_decluttered(files: &ModelFiles) -> Result<TypedModel> {
         ])
         .into(),
     )?;
-    Ok(model.into_typed()?.into_decluttered()?)
+    model.into_typed()?.into_decluttered()
 }
 
 /// Finds the contract's four outputs by name.
