@@ -291,7 +291,14 @@ async fn assembler_task_emits_the_chosen_series_of_each_study() {
     };
     let (in_tx, in_rx) = mpsc::channel(4);
     let (out_tx, mut out_rx) = mpsc::channel(1);
-    let task = tokio::spawn(run_assembler(config, in_rx, out_tx));
+    let health = cspine_triage::service::health::Health::new(Default::default());
+    let task = tokio::spawn(run_assembler(
+        config,
+        health.register("series"),
+        in_rx,
+        out_tx,
+        None,
+    ));
     // Shuffled order: the assembler must not care.
     let mut instances = stored_instances(&["study_with_localizer", "two_candidates", "gap"]);
     instances.reverse();

@@ -23,6 +23,11 @@ pub const DEFAULT_STORAGE_SOP_CLASSES: &[&str] = &[
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 
+/// JPEG Extended (1.2.840.10008.1.2.4.51) is deliberately absent: CT uses it with 12-bit
+/// samples, which dicom-pixeldata 0.10 cannot decode. Accepting it would acknowledge
+/// instances the series stage must then fail; refused, the scanner falls back to a
+/// syntax we can decode.
+///
 /// Transfer syntaxes whose pixel data we can decode, in our order of preference
 /// (the SCU's order of proposal decides within one presentation context).
 pub const ACCEPTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
@@ -34,7 +39,6 @@ pub const ACCEPTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
     ),
     ("1.2.840.10008.1.2.5", "RLE Lossless"),
     ("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)"),
-    ("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 & 4)"),
     ("1.2.840.10008.1.2.4.57", "JPEG Lossless (Process 14)"),
     (
         "1.2.840.10008.1.2.4.70",
