@@ -23,7 +23,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "cspine-triage"
+BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
 
 
 def free_port():

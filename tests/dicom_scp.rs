@@ -36,6 +36,22 @@ impl Daemon {
             // Shared CI disks may be nearly full; the floor has its own test.
             toml.push_str("min_free_space_mb = 0\n");
         }
+        // The rest of the daemon runs too (model, outbox, embedded broker on a free port);
+        // series never complete here, so the spool holds exactly what was acknowledged.
+        let broker_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        toml.push_str(&format!(
+            "\n[series]\nquiet_period_secs = 3600.0\nmax_wait_secs = 7200.0\n\
+             \n[inference]\nmodel = \"{}\"\n\
+             \n[alert]\noutbox_dir = \"{}\"\nembedded_broker_port = {broker_port}\n",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/model.json")
+                .display(),
+            dir.join("outbox").display(),
+        ));
         std::fs::write(&config, toml).unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])

@@ -264,8 +264,12 @@ pub async fn run_inference(
     mut rx: mpsc::Receiver<SeriesOutcome>,
     tx: mpsc::Sender<ResultMessage>,
 ) -> Result<()> {
-    while let Some(outcome) = heartbeat.recv(&mut rx).await {
+    loop {
+        // Test hook (CSPINE_FAULT_STALL=inference): a stage stuck before its next input.
         heartbeat.fault_stall_point().await;
+        let Some(outcome) = heartbeat.recv(&mut rx).await else {
+            break;
+        };
         let pipeline = pipeline.clone();
         let message = tokio::task::spawn_blocking(move || pipeline.process(outcome))
             .await

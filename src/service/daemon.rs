@@ -92,42 +92,43 @@ async fn run(config: Config) -> Result<()> {
     let (committed_tx, committed_rx) = mpsc::channel(RESULT_QUEUE);
     let (skipped_tx, skipped_rx) = mpsc::channel(RESULT_QUEUE);
 
-    let mut stages: Vec<(&'static str, JoinHandle<Result<()>>)> = Vec::new();
-    stages.push((
-        "alert",
-        tokio::spawn(alerts.run(
-            alert::StatusInfo::new(Some(model)),
-            result_rx,
-            Some(committed_tx),
-        )),
-    ));
-    stages.push((
-        "inference",
-        tokio::spawn(crate::inference::run_inference(
-            pipeline.clone(),
-            health.register("inference"),
-            volume_rx,
-            result_tx,
-        )),
-    ));
-    stages.push((
-        "series",
-        tokio::spawn(crate::series::run_assembler(
-            config.series.clone(),
-            health.register("series"),
-            instance_rx,
-            volume_tx,
-            Some(skipped_tx),
-        )),
-    ));
-    stages.push((
-        "janitor",
-        tokio::spawn(release_spool(
-            config.dicom.spool_dir.clone(),
-            committed_rx,
-            skipped_rx,
-        )),
-    ));
+    let mut stages: Vec<(&'static str, JoinHandle<Result<()>>)> = vec![
+        (
+            "alert",
+            tokio::spawn(alerts.run(
+                alert::StatusInfo::new(Some(model)),
+                result_rx,
+                Some(committed_tx),
+            )),
+        ),
+        (
+            "inference",
+            tokio::spawn(crate::inference::run_inference(
+                pipeline.clone(),
+                health.register("inference"),
+                volume_rx,
+                result_tx,
+            )),
+        ),
+        (
+            "series",
+            tokio::spawn(crate::series::run_assembler(
+                config.series.clone(),
+                health.register("series"),
+                instance_rx,
+                volume_tx,
+                Some(skipped_tx),
+            )),
+        ),
+        (
+            "janitor",
+            tokio::spawn(release_spool(
+                config.dicom.spool_dir.clone(),
+                committed_rx,
+                skipped_rx,
+            )),
+        ),
+    ];
     // Recovered instances go first, from their own task: the queue may be smaller than
     // the spool.
     let recovered_tx = instance_tx.clone();
