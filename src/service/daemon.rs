@@ -71,6 +71,14 @@ async fn run(config: Config) -> Result<()> {
     );
 
     let recovered = spool::reindex(&config.dicom.spool_dir)?;
+    for instance in &recovered {
+        log::info!(
+            "recovered from spool: {} (series {}, from {})",
+            instance.path.display(),
+            instance.series_instance_uid,
+            instance.calling_ae
+        );
+    }
     if !recovered.is_empty() {
         log::info!(
             "{} instances recovered from the spool; their series resume",
