@@ -46,9 +46,9 @@ fi
 
 echo "== infer --json on the host-generated study"
 # synth writes OUT/train_images/<StudyInstanceUID>/...
-"$HOST" infer --json "$WORK"/study-host/train_images/* >"$WORK/host.json"
+"$HOST" infer --model models/model.json --json "$WORK"/study-host/train_images/* >"$WORK/host.json"
 start=$(date +%s)
-arm infer --json "$WORK"/study-host/train_images/* >"$WORK/arm.json"
+arm infer --model models/model.json --json "$WORK"/study-host/train_images/* >"$WORK/arm.json"
 echo "aarch64 infer under qemu: $(( $(date +%s) - start )) s"
 python3 - "$WORK/host.json" "$WORK/arm.json" "$TOL" <<'PY'
 import json, sys
