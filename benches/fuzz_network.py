@@ -150,7 +150,7 @@ def one_case(port, rng, seeds, kind):
 
 
 def echo_ok(port):
-    r = subprocess.run(["echoscu", "-aec", "CSPINE", "-to", "10", "127.0.0.1", str(port)],
+    r = subprocess.run(["/usr/bin/echoscu" if os.path.exists("/usr/bin/echoscu") else "echoscu", "-aec", "CSPINE", "-to", "10", "127.0.0.1", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
     return r.returncode == 0
 

@@ -103,7 +103,8 @@ def main():
     args = ap.parse_args()
     if not BIN.exists():
         raise SystemExit("build first: cargo build --release")
-    storescu = "storescu"
+    # DCMTK's storescu (pynetdicom installs another program of that name).
+    storescu = "/usr/bin/storescu" if os.path.exists("/usr/bin/storescu") else "storescu"
     work = Path(tempfile.mkdtemp(prefix="cspine-tta-"))
 
     studies = []

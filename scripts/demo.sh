@@ -9,9 +9,11 @@ OUT=${OUT:-demo-out}
 DICOM_PORT=${DICOM_PORT:-11112}
 MQTT_PORT=${MQTT_PORT:-18830}
 
-echo "== building (release)"
-cargo build --release --locked --quiet
-BIN=$PWD/target/release/cspine-triage
+# PROFILE=dev reuses a debug build (faster to build, slower to run).
+PROFILE=${PROFILE:-release}
+echo "== building ($PROFILE)"
+cargo build --profile "$PROFILE" --locked --quiet
+BIN=$PWD/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/cspine-triage
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -59,9 +61,17 @@ WATCH_PID=$!
 sleep 1
 
 echo "== sending both studies over DICOM"
+# DCMTK's storescu when installed (pynetdicom installs another program of that name).
+STORESCU=""
+for candidate in /usr/bin/storescu "$(command -v storescu || true)"; do
+  if [ -x "$candidate" ] && "$candidate" --version 2>&1 | grep -qi dcmtk; then
+    STORESCU=$candidate
+    break
+  fi
+done
 for study in "$OUT"/studies/train_images/* "$OUT"/studies-clean/train_images/*; do
-  if command -v storescu > /dev/null; then
-    storescu -aec CSPINE -aet DEMO-CT +sd +r 127.0.0.1 "$DICOM_PORT" "$study"
+  if [ -n "$STORESCU" ]; then
+    "$STORESCU" -aec CSPINE -aet DEMO-CT +sd +r 127.0.0.1 "$DICOM_PORT" "$study"
   else
     "$BIN" send "127.0.0.1:$DICOM_PORT" "$study" --called-ae CSPINE --calling-ae DEMO-CT
   fi

@@ -43,37 +43,6 @@ fn assert_schema_valid(result: &serde_json::Value) {
     );
 }
 
-fn write_config(dir: &Path, dicom_port: u16, mqtt_url: &str) -> std::path::PathBuf {
-    let config = format!(
-        r#"
-[dicom]
-ae_title = "CSPINE"
-bind = "127.0.0.1"
-port = {dicom_port}
-spool_dir = "{spool}"
-
-[series]
-quiet_period_secs = 1.0
-
-[inference]
-model = "{model}"
-threads = 2
-
-[alert]
-mqtt_url = "{mqtt_url}"
-site = "testsite"
-device = "box1"
-outbox_dir = "{outbox}"
-"#,
-        spool = dir.join("spool").display(),
-        outbox = dir.join("outbox").display(),
-        model = repo_root().join("models/model.json").display(),
-    );
-    let path = dir.join("config.toml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
 /// Sends a C5-fractured and a fracture-free phantom study with DCMTK `storescu` to a
 /// running daemon and returns the results a subscriber received, fractured first.
 fn send_two_studies_and_collect_results() -> (serde_json::Value, serde_json::Value) {
@@ -86,7 +55,7 @@ fn send_two_studies_and_collect_results() -> (serde_json::Value, serde_json::Val
     let clean = synth(&tmp.path().join("clean"), 9102, "none", &[]);
 
     let dicom_port = free_port();
-    let config = write_config(tmp.path(), dicom_port, &broker.url());
+    let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
     let mut serve = Command::new(BIN);
     serve.arg("serve").arg("--config").arg(&config);
     let daemon = Proc::spawn(serve);

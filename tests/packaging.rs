@@ -343,47 +343,17 @@ impl NotifySocket {
     }
 }
 
-/// A `serve` config on loopback ports with temp spool/outbox and a real mosquitto.
+/// A `serve` config on loopback ports with temp spool/outbox and a real mosquitto, with
+/// short stall limits so a stuck stage shows within the test.
 fn serve_config(dir: &Path, dicom_port: u16, mqtt_url: &str, inference_stall: f64) -> PathBuf {
-    let model = repo().join("models/model.json");
-    assert!(
-        model.exists(),
-        "{} missing: the daemon needs the model (merge the model branch)",
-        model.display()
-    );
-    let path = dir.join("config.toml");
-    fs::write(
-        &path,
-        format!(
-            r#"
-[dicom]
-bind = "127.0.0.1"
-port = {dicom_port}
-spool_dir = "{spool}"
-
-[series]
-quiet_period_secs = 1.0
-
-[inference]
-model = "{model}"
-
-[alert]
-mqtt_url = "{mqtt_url}"
-outbox_dir = "{outbox}"
-
-[service.stall_secs]
-dicom = 2.0
-series = 2.0
-inference = {inference_stall}
-alert = 2.0
-"#,
-            spool = dir.join("spool").display(),
-            outbox = dir.join("outbox").display(),
-            model = model.display(),
+    common::serve_config(
+        dir,
+        dicom_port,
+        mqtt_url,
+        &format!(
+            "\n[service.stall_secs]\ndicom = 2.0\nseries = 2.0\ninference = {inference_stall}\nalert = 2.0\n"
         ),
     )
-    .unwrap();
-    path
 }
 
 fn spawn_serve(

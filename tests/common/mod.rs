@@ -170,3 +170,39 @@ pub fn synth(out: &Path, seed: u64, fracture: &str, extra: &[&str]) -> Vec<PathB
     dirs.sort();
     dirs
 }
+
+/// A `serve` config for tests: loopback DICOM port, temp spool and outbox under `dir`, the
+/// repository's model, the given broker, a 1 s quiet period, site "testsite" and device
+/// "box1" (topics under `cspine/testsite/box1/`). `extra` is appended (further tables).
+pub fn serve_config(dir: &Path, dicom_port: u16, mqtt_url: &str, extra: &str) -> PathBuf {
+    let model = repo_root().join("models/model.json");
+    assert!(model.exists(), "{} missing", model.display());
+    let config = format!(
+        r#"
+[dicom]
+ae_title = "CSPINE"
+bind = "127.0.0.1"
+port = {dicom_port}
+spool_dir = "{spool}"
+
+[series]
+quiet_period_secs = 1.0
+
+[inference]
+model = "{model}"
+
+[alert]
+mqtt_url = "{mqtt_url}"
+site = "testsite"
+device = "box1"
+outbox_dir = "{outbox}"
+{extra}
+"#,
+        spool = dir.join("spool").display(),
+        outbox = dir.join("outbox").display(),
+        model = model.display(),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
