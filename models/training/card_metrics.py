@@ -10,16 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def finite(x):
-    """NaN (an AUC with one class only) is not JSON: write null."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [finite(v) for v in x]
-    if isinstance(x, float) and x != x:
-        return None
-    return x
+from metrics import finite
 
 
 def main():

@@ -23,18 +23,7 @@ import onnxruntime as ort
 import preprocess as pp
 from contract import VERSION, VERTEBRAE, write_model_json
 from data import read_train_csv
-from metrics import choose_threshold, summary
-
-
-def finite(x):
-    """NaN (an AUC with one class only) is not JSON: write null."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [finite(v) for v in x]
-    if isinstance(x, float) and x != x:
-        return None
-    return x
+from metrics import choose_threshold, finite, summary
 
 
 def sigmoid(x):

@@ -6,6 +6,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def finite(x):
+    """NaN (an AUC with one class only) is not JSON: write null."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U); NaN when only one class is present."""
     y = np.asarray(y).astype(bool)
