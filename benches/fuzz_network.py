@@ -21,19 +21,13 @@ from pathlib import Path
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_preamble
 
+from loopback import free_port, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def uid(u):
@@ -179,12 +173,7 @@ outbox_dir = "{work}/outbox"
 """)
     log = open(work / "serve.log", "w")
     daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stdout=log, stderr=log)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_port(port)
     crashes = hangs = 0
     t0 = time.time()
     batch = 250
