@@ -8,6 +8,8 @@
 //! running only the ignored test `child_alert_process`, configured through environment
 //! variables: the real library code in a real separate process, no extra binary.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{wait_until, Message, SubOptions, Subscriber};
 use cspine_triage::alert::result::{
     KeySlice, ModelInfo, PatientResult, Status, Timings, VertebraResult, SCHEMA_V1,
 };
@@ -54,17 +57,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A mosquitto process with a generated config; killed on drop.
@@ -143,123 +135,6 @@ impl Drop for Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Message {
-    topic: String,
-    retain: bool,
-    payload: Vec<u8>,
-    /// MQTT 5 subscribers only.
-    content_type: Option<String>,
-    expiry: Option<u64>,
-}
-
-/// A paho-mqtt subscriber process collecting every message it gets.
-struct Subscriber {
-    child: Child,
-    messages: Arc<Mutex<Vec<Message>>>,
-}
-
-#[derive(Default)]
-struct SubOptions<'a> {
-    v5: bool,
-    client_id: &'a str,
-    persistent: bool,
-    ca: Option<&'a Path>,
-    /// Client certificate and key.
-    cert: Option<(&'a Path, &'a Path)>,
-    login: Option<(&'a str, &'a str)>,
-}
-
-impl Subscriber {
-    fn start(port: u16, topic: &str) -> Subscriber {
-        Subscriber::start_with(port, topic, SubOptions::default())
-    }
-
-    fn start_with(port: u16, topic: &str, opts: SubOptions) -> Subscriber {
-        require("python3");
-        let mut cmd = Command::new("python3");
-        cmd.arg(repo().join("tests/python/alert_sub.py")).args([
-            "--port",
-            &port.to_string(),
-            "--topic",
-            topic,
-        ]);
-        if !opts.client_id.is_empty() {
-            cmd.args(["--client-id", opts.client_id]);
-        }
-        if opts.persistent {
-            cmd.arg("--persistent");
-        }
-        if opts.v5 {
-            cmd.arg("--v5");
-        }
-        if let Some(ca) = opts.ca {
-            cmd.arg("--ca").arg(ca);
-        }
-        if let Some((cert, key)) = opts.cert {
-            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-        }
-        if let Some((user, pass)) = opts.login {
-            cmd.args(["--username", user, "--password", pass]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start tests/python/alert_sub.py");
-        let stdout = child.stdout.take().unwrap();
-        let messages = Arc::new(Mutex::new(Vec::new()));
-        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
-        {
-            let messages = messages.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    match v["event"].as_str() {
-                        Some("subscribed") => {
-                            let _ = subscribed_tx.send(());
-                        }
-                        Some("message") => messages.lock().unwrap().push(Message {
-                            topic: v["topic"].as_str().unwrap().to_owned(),
-                            retain: v["retain"].as_bool().unwrap(),
-                            payload: hex::decode(v["payload_hex"].as_str().unwrap()).unwrap(),
-                            content_type: v["content_type"].as_str().map(str::to_owned),
-                            expiry: v["expiry"].as_u64(),
-                        }),
-                        _ => eprintln!("subscriber: {line}"),
-                    }
-                }
-            });
-        }
-        subscribed_rx
-            .recv_timeout(TIMEOUT)
-            .expect("subscriber did not get its SUBACK (is python3-paho-mqtt installed?)");
-        Subscriber { child, messages }
-    }
-
-    fn messages(&self) -> Vec<Message> {
-        self.messages.lock().unwrap().clone()
-    }
-
-    fn on(&self, topic: &str) -> Vec<Message> {
-        self.messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .collect()
-    }
-
-    fn wait_for(&self, what: &str, mut pred: impl FnMut(&[Message]) -> bool) {
-        wait_until(what, TIMEOUT, || pred(&self.messages()));
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

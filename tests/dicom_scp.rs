@@ -4,12 +4,15 @@
 //! Needs (CI installs them): DCMTK (`apt-get install dcmtk`), python3 with pydicom,
 //! pydicom-data, pynetdicom and numpy. A missing tool fails the test with a message.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::dcmtk;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cspine-triage");
@@ -129,34 +132,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// DCMTK's tool, not a same-named pyenv shim or pynetdicom app earlier on PATH.
-fn dcmtk(tool: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let mut dirs: Vec<PathBuf> = std::env::var_os("DCMTK_BIN")
-            .map(PathBuf::from)
-            .into_iter()
-            .collect();
-        dirs.push("/usr/bin".into());
-        dirs.extend(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ));
-        dirs.into_iter()
-            .find(|d| {
-                Command::new(d.join("echoscu"))
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|o| {
-                        String::from_utf8_lossy(&o.stdout)
-                            .to_lowercase()
-                            .contains("dcmtk")
-                    })
-            })
-            .expect("DCMTK not found: install it (apt-get install dcmtk) or set DCMTK_BIN")
-    });
-    dir.join(tool)
 }
 
 fn python() -> &'static str {

@@ -46,7 +46,7 @@ fn assert_schema_valid(result: &serde_json::Value) {
 /// Sends a C5-fractured and a fracture-free phantom study with DCMTK `storescu` to a
 /// running daemon and returns the results a subscriber received, fractured first.
 fn send_two_studies_and_collect_results() -> (serde_json::Value, serde_json::Value) {
-    let storescu = require_tool("storescu");
+    let storescu = dcmtk("storescu");
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
 
@@ -56,14 +56,7 @@ fn send_two_studies_and_collect_results() -> (serde_json::Value, serde_json::Val
 
     let dicom_port = free_port();
     let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
-    let mut serve = Command::new(BIN);
-    serve.arg("serve").arg("--config").arg(&config);
-    let daemon = Proc::spawn(serve);
-    assert!(
-        wait_for_port(dicom_port, Duration::from_secs(60)),
-        "daemon did not open its DICOM port: {}",
-        daemon.log()
-    );
+    let daemon = spawn_serve(&config, dicom_port, &[]);
 
     // The dashboard subscribes before anything is sent.
     let watcher = Command::new(BIN)
