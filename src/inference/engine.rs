@@ -398,24 +398,26 @@ fn prepare_cuda(model: TypedModel, cache_dir: &Path) -> Result<Arc<dyn Runnable>
 
 /// The CPU plan that runs slices in parallel.
 ///
-/// The network is per-slice convolutions followed by a recurrent op across slices. tract
+/// The network is per-slice convolutions followed by recurrent ops across slices. tract
 /// threads little besides matrix products, and with a symbolic slice count it cannot pick
-/// its fixed-shape convolution kernels. So the graph is cut at the input of its first
-/// recurrent op (GRU/LSTM/RNN): the part before it is prepared for one slice with
-/// concrete shapes and run slice by slice on every thread at once; the part after runs
-/// once over all slices. At load the cut plan is checked against the whole graph on a
-/// random input and dropped (with a warning) if they disagree.
+/// its fixed-shape convolution kernels. So the graph is cut in two: the *across-slices*
+/// part is every node downstream of a recurrent op (GRU/LSTM/RNN), the op included; the
+/// *per-slice* part is everything else, prepared for one slice with concrete shapes and run
+/// slice by slice on every thread at once. The cut tensors (per-slice tensors that the
+/// across part reads, e.g. the GRU input and the decoder features that the segmentation
+/// pools) are stacked over slices and fed to the across part, which runs once. At load the
+/// cut plan is checked against the whole graph on a random input and dropped (with a
+/// warning) if they disagree.
 struct SlicePlan {
     /// `[1, 3, H, W]` -> the whole graph's outputs that come from the per-slice part, then
     /// the cut tensors, each `[1, ...]`.
     per_slice: Arc<TypedRunnableModel>,
-    /// Cut tensors `[S, ...]` -> the remaining outputs.
+    /// Cut tensors `[S, ...]`, in the order of `per_slice`'s outputs -> the remaining outputs.
     across: Arc<TypedRunnableModel>,
     /// For each output of the whole graph: where it comes from.
     sources: Vec<OutputSource>,
     /// Number of outputs of `per_slice` that are whole-graph outputs (the cut tensors follow).
     direct: usize,
-    cuts: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -492,40 +494,49 @@ impl SlicePlan {
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(&files.onnx_path)?;
         let graph = proto.graph.as_ref().context("ONNX file has no graph")?;
-        let Some(recurrent) = graph
-            .node
-            .iter()
-            .find(|n| matches!(n.op_type.as_str(), "GRU" | "LSTM" | "RNN"))
-        else {
-            return Ok(None);
-        };
-        let cut_name = recurrent.input[0].clone();
         let spec = &files.contract.input;
-        let output_names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-
-        // Which whole-graph outputs the per-slice part produces: those computed without
-        // the cut tensor's consumers, i.e. that do not depend on the recurrent op.
+        // The one-slice typed graph says which candidate cut tensors really are per slice.
         let mut full = onnx.model_for_proto_model(&proto)?;
         full.set_input_fact(
             0,
             f32::fact([1, spec.channels, spec.height, spec.width]).into(),
         )?;
         let full = full.into_typed()?;
-        let cut_outlet = full
-            .find_outlet_label(&cut_name)
-            .with_context(|| format!("no tensor {cut_name:?} in the typed graph"))?;
-        let mut direct_names = vec![];
-        let mut across_names = vec![];
-        for name in &output_names {
-            let outlet = full
-                .find_outlet_label(name)
-                .with_context(|| format!("no output {name:?}"))?;
-            if depends_on(&full, outlet, cut_outlet)? {
-                across_names.push(name.clone());
-            } else {
-                direct_names.push(name.clone());
+        let per_slice_tensor = |name: &str| {
+            full.find_outlet_label(name)
+                .and_then(|o| full.outlet_fact(o).ok())
+                .is_some_and(|f| {
+                    f.datum_type == f32::datum_type() && f.shape.first() == Some(&TDim::from(1))
+                })
+        };
+        // A candidate that is not a float `[1, ...]` tensor (e.g. a recurrent op's initial
+        // state expanded to the batch size, or a shape computation) is computed in the
+        // across-slices part instead, and its own inputs become candidates.
+        let mut forced = std::collections::HashSet::new();
+        let split = loop {
+            let Some(split) = GraphSplit::of(graph, &forced) else {
+                return Ok(None);
+            };
+            let bad: Vec<String> = split
+                .cuts
+                .iter()
+                .filter(|n| !per_slice_tensor(n))
+                .cloned()
+                .collect();
+            if bad.is_empty() {
+                break split;
             }
-        }
+            ensure!(
+                bad.iter().any(|n| !forced.contains(n)),
+                "no per-slice cut exists (tensors {bad:?})"
+            );
+            forced.extend(bad);
+        };
+        let output_names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        let (across_names, direct_names): (Vec<String>, Vec<String>) = output_names
+            .iter()
+            .cloned()
+            .partition(|n| split.across.contains(n));
 
         // Per-slice part: one slice, concrete shapes.
         let mut per_slice = onnx.model_for_proto_model(&proto)?;
@@ -534,33 +545,43 @@ impl SlicePlan {
             f32::fact([1, spec.channels, spec.height, spec.width]).into(),
         )?;
         let mut outs = direct_names.clone();
-        outs.push(cut_name.clone());
+        outs.extend(split.cuts.iter().cloned());
         per_slice.select_outputs_by_name(&outs)?;
         let per_slice = per_slice.into_optimized()?;
-        let cut_fact = per_slice.output_fact(direct_names.len())?.clone();
+        let cut_facts: Vec<TypedFact> = (0..split.cuts.len())
+            .map(|i| per_slice.output_fact(direct_names.len() + i).cloned())
+            .collect::<TractResult<_>>()?;
         let per_slice = per_slice.into_runnable()?;
 
-        // Across-slices part: the cut tensor becomes the input, `S` symbolic again.
+        // Across-slices part: each cut tensor's producer becomes an input, `S` symbolic again.
         let mut across = onnx.model_for_proto_model(&proto)?;
         let s = across.symbols.sym("S");
-        let outlet = across
-            .find_outlet_label(&cut_name)
-            .with_context(|| format!("no tensor {cut_name:?} in the graph"))?;
-        for input in across.node(outlet.node).inputs.clone() {
-            across.node_mut(input.node).outputs[input.slot]
-                .successors
-                .retain(|succ| succ.node != outlet.node);
+        let mut cut_outlets = vec![];
+        for (name, fact) in split.cuts.iter().zip(&cut_facts) {
+            let outlet = across
+                .find_outlet_label(name)
+                .with_context(|| format!("no tensor {name:?} in the graph"))?;
+            ensure!(
+                across.node(outlet.node).outputs.len() == 1,
+                "cut tensor {name:?} comes from a node with several outputs"
+            );
+            for input in across.node(outlet.node).inputs.clone() {
+                across.node_mut(input.node).outputs[input.slot]
+                    .successors
+                    .retain(|succ| succ.node != outlet.node);
+            }
+            across.node_mut(outlet.node).inputs.clear();
+            across.node_mut(outlet.node).op = Box::new(tract_hir::ops::source::Source::new());
+            let mut shape: TVec<TDim> = fact.shape.iter().cloned().collect();
+            ensure!(
+                shape.first() == Some(&TDim::from(1)),
+                "cut tensor {name:?} is not per slice: shape {shape:?}"
+            );
+            shape[0] = s.clone().into();
+            across.set_outlet_fact(outlet, f32::fact(shape).into())?;
+            cut_outlets.push(outlet);
         }
-        across.node_mut(outlet.node).inputs.clear();
-        across.node_mut(outlet.node).op = Box::new(tract_hir::ops::source::Source::new());
-        let mut shape: TVec<TDim> = cut_fact.shape.iter().cloned().collect();
-        ensure!(
-            shape.first() == Some(&TDim::from(1)),
-            "cut tensor {cut_name:?} is not per slice: shape {shape:?}"
-        );
-        shape[0] = s.into();
-        across.set_input_outlets(&[outlet])?;
-        across.set_outlet_fact(outlet, f32::fact(shape).into())?;
+        across.set_input_outlets(&cut_outlets)?;
         across.select_outputs_by_name(&across_names)?;
         let across = across.into_optimized()?.into_runnable()?;
 
@@ -579,7 +600,6 @@ impl SlicePlan {
             across,
             sources,
             direct: direct_names.len(),
-            cuts: 1,
         }))
     }
 
@@ -589,7 +609,6 @@ impl SlicePlan {
     fn run(&self, input: ModelInput, threads: usize) -> TractResult<TVec<TValue>> {
         let s = input.slices;
         let slice_len = 3 * input.height * input.width;
-        let n_out = self.direct + self.cuts;
         let threads = threads.clamp(1, s);
         let per_thread = s.div_ceil(threads);
         let (h, w) = (input.height, input.width);
@@ -627,13 +646,16 @@ impl SlicePlan {
             per_slice.extend(part?);
         }
         // Stack every per-slice output along axis 0.
+        let n_out = per_slice.first().map_or(0, |outs| outs.len());
         let mut stacked: Vec<Tensor> = Vec::with_capacity(n_out);
         for o in 0..n_out {
             let views: Vec<&Tensor> = per_slice.iter().map(|outs| &*outs[o]).collect();
             stacked.push(Tensor::stack_tensors(0, &views)?);
         }
-        let cut = stacked.pop().expect("one cut tensor");
-        let across = self.across.run(tvec![cut.into_tvalue()])?;
+        let cuts = stacked.split_off(self.direct);
+        let across = self
+            .across
+            .run(cuts.into_iter().map(|t| t.into_tvalue()).collect())?;
         Ok(self
             .sources
             .iter()
@@ -645,17 +667,54 @@ impl SlicePlan {
     }
 }
 
-/// Whether `outlet` is computed from `from` in `model`.
-fn depends_on(model: &TypedModel, outlet: OutletId, from: OutletId) -> Result<bool> {
-    let mut stack = vec![outlet.node];
-    let mut seen = std::collections::HashSet::new();
-    while let Some(n) = stack.pop() {
-        if n == from.node {
-            return Ok(true);
+/// Where the ONNX graph is cut between its per-slice and across-slices parts (names of
+/// ONNX tensors; ONNX nodes are stored in topological order).
+struct GraphSplit {
+    /// Every tensor computed downstream of a recurrent op (its outputs included).
+    across: std::collections::HashSet<String>,
+    /// Tensors computed from the model input by per-slice nodes and read by across-slices
+    /// nodes, in the order the graph first reads them.
+    cuts: Vec<String>,
+}
+
+impl GraphSplit {
+    /// None when the graph has no recurrent op. Nodes writing a tensor of `forced` belong
+    /// to the across-slices part too.
+    fn of(
+        graph: &tract_onnx::pb::GraphProto,
+        forced: &std::collections::HashSet<String>,
+    ) -> Option<GraphSplit> {
+        use std::collections::HashSet;
+        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| &*t.name).collect();
+        // Tensors that depend on the model input (constants and weights do not).
+        let mut from_input: HashSet<&str> = graph
+            .input
+            .iter()
+            .map(|i| &*i.name)
+            .filter(|n| !initializers.contains(n))
+            .collect();
+        let mut across: HashSet<String> = HashSet::new();
+        let mut cuts: Vec<String> = vec![];
+        for node in &graph.node {
+            let recurrent = matches!(node.op_type.as_str(), "GRU" | "LSTM" | "RNN");
+            let is_across = recurrent
+                || node.input.iter().any(|i| across.contains(i.as_str()))
+                || node.output.iter().any(|o| forced.contains(o));
+            if is_across {
+                for i in &node.input {
+                    if from_input.contains(i.as_str())
+                        && !across.contains(i.as_str())
+                        && !cuts.contains(i)
+                    {
+                        cuts.push(i.clone());
+                    }
+                }
+                across.extend(node.output.iter().cloned());
+            }
+            if node.input.iter().any(|i| from_input.contains(i.as_str())) {
+                from_input.extend(node.output.iter().map(|o| &**o));
+            }
         }
-        if seen.insert(n) {
-            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
-        }
+        (!cuts.is_empty()).then_some(GraphSplit { across, cuts })
     }
-    Ok(false)
 }
