@@ -2,12 +2,15 @@
 """Network robustness run: thousands of mutated DICOM datasets and PDUs sent to a live
 daemon over loopback; after each batch the daemon must still answer C-ECHO.
 
-Counts crashes (daemon process gone) and hangs (no C-ECHO answer within 10 s).
+Counts crashes (daemon process gone) and hangs (no C-ECHO answer within 10 s), and
+tallies what each case got back (C-STORE status, A-ABORT, reject, nothing within the
+0.5 s socket timeout) with the slowest C-STORE answer.
 Usage: python3 benches/fuzz_network.py [--count 10000] [--seed 1]
 Needs a release build, DCMTK echoscu, pydicom + pydicom-data. Loopback only; bounded in
 count and time. Not a test: the cheap parts are tests in tests/dicom_scp.rs.
 """
 import argparse
+import collections
 import os
 import random
 import socket
@@ -116,18 +119,34 @@ def dataset_bytes(path):
     return raw[i:]
 
 
+PDU_NAMES = {2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA", 6: "A-RELEASE-RP", 7: "A-ABORT"}
+
+
+def describe_reply(t, body):
+    """What a reply PDU says: its type, and for a C-STORE-RSP its Status (0000,0900)."""
+    if t is None:
+        return "closed, no reply"
+    if t == 4:
+        i = body.find(b"\x00\x00\x00\x09\x02\x00\x00\x00")  # (0000,0900) US, length 2
+        if i >= 0 and i + 10 <= len(body):
+            return f"C-STORE status {struct.unpack('<H', body[i + 8:i + 10])[0]:04X}"
+    return PDU_NAMES.get(t, f"PDU type 0x{t:02X}")
+
+
 def one_case(port, rng, seeds, kind):
+    """Returns (what came back, seconds the C-STORE answer took or None)."""
     # Short: a mutated length can make either side wait for bytes that never come.
     s = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+    outcome, took = f"{'pdu' if kind == 'pdu' else 'data set'}: no reply within 0.5 s", None
     try:
         if kind == "pdu":
             s.sendall(mutate(rng, associate_rq()))
-            recv_pdu(s)
-            return
+            outcome = "pdu: " + describe_reply(*recv_pdu(s))
+            return outcome, None
         s.sendall(associate_rq())
         t, _ = recv_pdu(s)
         if t != 2:
-            return
+            return "data set: association not accepted", None
         ds = mutate(rng, rng.choice(seeds))
         s.sendall(pdata(1, 0x03, c_store_rq(f"1.2.826.0.1.3680043.10.99.{rng.randrange(10**9)}")))
         for off in range(0, len(ds), 16000):
@@ -135,13 +154,16 @@ def one_case(port, rng, seeds, kind):
             s.sendall(pdata(1, 0x02 if last else 0x00, ds[off:off + 16000]))
         if not ds:
             s.sendall(pdata(1, 0x02, b""))
-        recv_pdu(s)
+        sent = time.monotonic()
+        outcome = "data set: " + describe_reply(*recv_pdu(s))
+        took = time.monotonic() - sent
         s.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))
         recv_pdu(s)
     except (OSError, socket.timeout):
         pass
     finally:
         s.close()
+    return outcome, took
 
 
 def echo_ok(port):
@@ -175,11 +197,15 @@ outbox_dir = "{work}/outbox"
     daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stdout=log, stderr=log)
     wait_port(port)
     crashes = hangs = 0
+    seen = collections.Counter()
+    slowest = 0.0
     t0 = time.time()
     batch = 250
     for done in range(0, args.count, batch):
         for _ in range(min(batch, args.count - done)):
-            one_case(port, rng, seeds, rng.choice(["pdu", "dataset", "dataset"]))
+            outcome, took = one_case(port, rng, seeds, rng.choice(["pdu", "dataset", "dataset"]))
+            seen[outcome] += 1
+            slowest = max(slowest, took or 0.0)
         if daemon.poll() is not None:
             crashes += 1
             print(f"daemon exited with {daemon.returncode} after {done + batch} cases", file=sys.stderr)
@@ -189,8 +215,11 @@ outbox_dir = "{work}/outbox"
             print(f"no C-ECHO answer after {done + batch} cases", file=sys.stderr)
     daemon.terminate()
     daemon.wait(timeout=30)
-    print(f"{args.count} mutated PDUs/datasets in {time.time() - t0:.0f} s: "
-          f"{crashes} crashes, {hangs} hangs (log {work}/serve.log)")
+    print(f"{sum(seen.values())} mutated PDUs/datasets in {time.time() - t0:.0f} s: "
+          f"{crashes} crashes, {hangs} hangs, slowest C-STORE answer {slowest:.2f} s "
+          f"(log {work}/serve.log)")
+    for outcome, n in sorted(seen.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:6d}  {outcome}")
     sys.exit(1 if crashes or hangs else 0)
 
 

@@ -409,6 +409,53 @@ fn malformed_input_gets_an_error_status_or_abort_and_the_daemon_keeps_serving() 
     );
 }
 
+/// Regression (benches/fuzz_network.py, docs/RELIABILITY.md): a C-STORE whose Pixel Data
+/// declares gigabytes but carries 32 KiB made the SCP allocate and zero-fill the declared
+/// length first (about 4 s per 2 GB on an idle machine, minutes on a loaded one). Now:
+/// C000 at once, a log line naming the element and its offset, nothing spooled, and the
+/// association and the daemon keep working.
+#[test]
+fn a_declared_length_beyond_the_data_gets_c000_at_once_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let r = helper(&["lying-length", &d.port()]);
+    let stores = r["stores"].as_array().unwrap();
+    assert_eq!(stores.len(), 3, "{r}");
+    for s in stores {
+        assert_eq!(s["status"], 0xC000, "{s}");
+        let secs = s["seconds"].as_f64().unwrap();
+        assert!(secs < 2.0, "refusal took {secs:.1} s: {s}");
+        d.assert_log(&format!(
+            "element (7FE0,0010) OW at offset {} of the data set declares {} bytes, but only",
+            s["pixel_data_offset"], s["declared"]
+        ));
+    }
+    assert_eq!(
+        r["echo"], 0,
+        "association not usable after the refusals: {r}"
+    );
+    assert_eq!(
+        tmp_files(&d),
+        0,
+        "temp files of refused instances left behind"
+    );
+    assert!(
+        cspine_triage::dicom::spool::reindex(&d.spool)
+            .unwrap()
+            .is_empty(),
+        "a refused instance is in the spool"
+    );
+    // A valid store on a new association still succeeds.
+    let good = helper(&["store", &d.port(), &ct_small()]);
+    assert_eq!(good["status"], 0, "{good}");
+    assert_eq!(
+        cspine_triage::dicom::spool::reindex(&d.spool)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 #[test]
 fn unknown_calling_ae_and_wrong_called_ae_are_rejected_with_their_reasons() {
     let dir = tempfile::tempdir().unwrap();

@@ -44,6 +44,9 @@ pub struct Command {
 impl Command {
     /// Decodes a complete command set (all its P-DATA fragments concatenated).
     pub fn parse(bytes: &[u8]) -> Result<Command> {
+        // A peer's lengths are checked first: dicom-object allocates what they declare.
+        super::lengths::check_bytes(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .context("command set is not valid Implicit VR Little Endian")?;
         let obj =
             InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
                 .context("command set is not valid Implicit VR Little Endian")?;
@@ -145,6 +148,32 @@ fn even_uid(uid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lying_command_sets_are_refused_before_parsing() {
+        let rq = Command {
+            command_field: C_ECHO_RQ,
+            message_id: 1,
+            affected_sop_class_uid: "1.2.840.10008.1.1".into(),
+            affected_sop_instance_uid: String::new(),
+            has_data_set: false,
+        };
+        let good = response(&rq, status::SUCCESS, None);
+        Command::parse(&good).unwrap();
+        // Affected SOP Class UID (the first element after the group length) claims 2 GB.
+        let mut bad = good.clone();
+        bad[12 + 4..12 + 8].copy_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
+        let e = format!("{:#}", Command::parse(&bad).unwrap_err());
+        assert!(e.contains("element (0000,0002) UI"), "{e}");
+        // Thousands of nested undefined-length sequences would overflow the stack.
+        let mut deep = good;
+        for _ in 0..5000 {
+            deep.extend_from_slice(&[0x09, 0, 0x10, 0, 0xff, 0xff, 0xff, 0xff]);
+            deep.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff]);
+        }
+        let e = format!("{:#}", Command::parse(&deep).unwrap_err());
+        assert!(e.contains("nested more than"), "{e}");
+    }
 
     #[test]
     fn response_round_trips() {

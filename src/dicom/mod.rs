@@ -3,12 +3,15 @@
 //! - [`scp`]: the Storage SCP (bind, accept, negotiate, receive C-STORE, answer).
 //! - [`access`]: who may associate (called AE, calling-AE allow-list, peer address).
 //! - [`dimse`]: the DIMSE command sets we read and write, and their status codes.
+//! - [`lengths`]: declared element lengths checked against the bytes received, before
+//!   anything is parsed (a lying length must not cost gigabytes and minutes).
 //! - [`scu`]: a minimal C-STORE SCU (`cspine-triage send`).
 //! - [`spool`]: the durable on-disk spool (atomic, fsynced writes; re-index; deletion).
 //! - [`syntax`]: which SOP classes and transfer syntaxes we accept, and why.
 
 pub mod access;
 pub mod dimse;
+pub mod lengths;
 pub mod scp;
 pub mod scu;
 pub mod spool;

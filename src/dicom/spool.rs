@@ -7,7 +7,10 @@
 //! Write protocol (what makes "Success" true after a crash or power loss):
 //! 1. the data set is streamed, exactly as received, behind our file meta group into a
 //!    temp file in `.tmp/` (same file system as the final place);
-//! 2. the file is parsed back: an unreadable or mismatching data set is refused;
+//! 2. the declared length of every element, sequence and item is checked against the
+//!    bytes received ([`super::lengths`]: a lying length must not make the parse-back
+//!    allocate gigabytes), then the file is parsed back: an unreadable or mismatching
+//!    data set is refused;
 //! 3. `fsync(file)`; missing directories are created and their parents fsynced;
 //! 4. `link(temp, final)` (atomic, never overwrites: a second copy of the same SOP Instance
 //!    UID is a no-op), `fsync(final directory)`, then the temp name is removed;
@@ -18,7 +21,7 @@
 //! restart can rebuild every [`StoredInstance`] from the files alone ([`reindex`]).
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,6 +33,7 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::lengths;
 use super::syntax::{is_valid_uid, trim_uid};
 use super::StoredInstance;
 
@@ -39,8 +43,9 @@ pub const PRIVATE_INFORMATION_CREATOR_UID: &str = "2.25.163204738215046281437019
 const RECEIVED_AT_PREFIX: &str = "received_at=";
 const TMP_DIR: &str = ".tmp";
 const REJECTED_DIR: &str = ".rejected";
-/// Data sets up to this size are parsed completely before acceptance (catches truncated
-/// pixel data); larger ones (multi-frame) are parsed up to the pixel data only.
+/// Data sets up to this size (inflated, for the deflated syntax) are parsed completely
+/// before acceptance; larger ones (multi-frame) are parsed up to the pixel data only,
+/// which the length check has walked (truncated pixel data is refused either way).
 const FULL_PARSE_LIMIT: u64 = 64 << 20;
 /// Received bytes are buffered in memory up to this size before being written out.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -146,17 +151,20 @@ impl Spool {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{}.part", std::process::id(), n));
         let meta = file_meta(&header, &self.our_ae)?;
-        let file =
+        let mut file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut w = BufWriter::with_capacity(64 * 1024, file);
-        w.write_all(&[0u8; 128])?;
-        w.write_all(b"DICM")?;
-        meta.write(&mut w)
+        let mut head = vec![0u8; 128];
+        head.extend_from_slice(b"DICM");
+        meta.write(&mut head)
             .map_err(|e| anyhow!("cannot encode file meta group: {e}"))?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
+        if let Err(e) = file.write_all(&head) {
+            let _ = fs::remove_file(&path);
+            return Err(anyhow!("cannot write {}: {e}", path.display()));
+        }
         Ok(Incoming {
             header,
             tmp_path: path,
+            data_set_offset: head.len() as u64,
             file: Some(file),
             pending: Vec::new(),
             failed: None,
@@ -181,11 +189,20 @@ impl Spool {
             .flush_blocking()
             .map_err(|e| StoreError::OutOfResources(e.context("cannot write temp file")))?;
         let file = incoming.file.take().expect("flushed file");
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-
-        let (info, received_at) = read_instance(&incoming.tmp_path, size <= FULL_PARSE_LIMIT)
-            .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
         let h = &incoming.header;
+
+        // Before dicom-object sees the data set: every declared length must fit in the
+        // bytes received (see `lengths`), else the parse-back would allocate what a peer
+        // claims (2 GiB, minutes of CPU) instead of failing.
+        let data_set_len = lengths::check_file(
+            &incoming.tmp_path,
+            incoming.data_set_offset,
+            &h.transfer_syntax_uid,
+        )
+        .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
+        let (info, received_at) =
+            read_instance(&incoming.tmp_path, data_set_len <= FULL_PARSE_LIMIT)
+                .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
         if info.sop_instance_uid != h.sop_instance_uid {
             return Err(StoreError::Mismatch(format!(
                 "SOP Instance UID in the data set is {:?}, the command says {:?}",
@@ -259,6 +276,8 @@ impl Spool {
 pub struct Incoming {
     header: InstanceHeader,
     tmp_path: PathBuf,
+    /// Where the data set starts in the temp file (after preamble and file meta group).
+    data_set_offset: u64,
     file: Option<File>,
     pending: Vec<u8>,
     /// First write error; reported as A700 once the whole data set has been drained.
@@ -654,6 +673,29 @@ mod tests {
 
         assert_eq!(spool.delete_series("1.2.3", "1.2.3.4").unwrap(), 2);
         assert!(!dir.path().join("1.2.3").exists());
+        assert!(reindex(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_declared_length_beyond_the_data_is_refused_quickly_and_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        let mut ds = dataset("1.2.3", "1.2.3.4", "1.2.3.4.5");
+        // Pixel Data, OB, declared 0x7FFFFFFE bytes, 4 present (benches/fuzz_network.py).
+        ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+        ds.extend_from_slice(&0x7FFF_FFFEu32.to_le_bytes());
+        ds.extend_from_slice(b"abcd");
+        let t = std::time::Instant::now();
+        let Err(StoreError::CannotUnderstand(why)) = store(&spool, "1.2.3.4.5", &ds) else {
+            panic!("accepted")
+        };
+        assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+        assert!(
+            why.contains("element (7FE0,0010) OB at offset")
+                && why.contains("declares 2147483646 bytes, but only 4 follow"),
+            "{why}"
+        );
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
         assert!(reindex(dir.path()).unwrap().is_empty());
     }
 

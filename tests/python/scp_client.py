@@ -226,6 +226,35 @@ def bad_stores(port):
     out(res)
 
 
+def lying_length(port):
+    """On ONE association: CT_small whose Pixel Data declares 2, 3 and 4 GB (its 32 KiB
+    are sent), each timed; then a C-ECHO (the association must still work). The bug
+    found by benches/fuzz_network.py: the SCP allocated and zero-filled the declared
+    length before noticing the data was short (about 4 s per 2 GB on an idle machine,
+    minutes on a loaded one, and that much memory)."""
+    ct = pydicom.dcmread(testdata("CT_small.dcm"))
+    assoc = associate(port, [(CT, [EXPLICIT_LE]), (VERIFICATION, [IMPLICIT_LE])])
+    assert assoc.is_established, "association refused"
+    ct_cx = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    stores = []
+    base = ct.SOPInstanceUID
+    for i, declared in enumerate([0x7FFFFFFE, 0xC0000000, 0xFFFFFFF0]):
+        uid = f"{base}.{77 + i}"
+        ct.SOPInstanceUID = uid
+        data = bytearray(encode(ct))
+        at = data.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) OW, 2 reserved, u32 length
+        assert at >= 0 and data[at + 4:at + 6] == b"OW", "no Pixel Data OW found"
+        data[at + 8:at + 12] = struct.pack("<I", declared)
+        started = time.monotonic()
+        res = raw_store(assoc, ct_cx, CT, uid, bytes(data), i + 1) or {"status": None}
+        res.update(seconds=time.monotonic() - started, declared=declared, sop_instance=uid,
+                   pixel_data_offset=at)
+        stores.append(res)
+    echo = assoc.send_c_echo()
+    assoc.release()
+    out({"stores": stores, "echo": int(echo.Status) if "Status" in echo else None})
+
+
 def store(port, path, calling, hold):
     """Stores one file; prints the status. With --hold, keeps the association open
     (without releasing) until stdin closes, so the test can kill the SCP mid-association."""
@@ -337,6 +366,8 @@ def main():
     n.add_argument("syntaxes", nargs="+")
     b = sub.add_parser("bad-stores")
     b.add_argument("port")
+    ll = sub.add_parser("lying-length")
+    ll.add_argument("port")
     s = sub.add_parser("store")
     s.add_argument("port")
     s.add_argument("file")
@@ -355,6 +386,8 @@ def main():
         negotiate(a.port, a.syntaxes)
     elif a.cmd == "bad-stores":
         bad_stores(a.port)
+    elif a.cmd == "lying-length":
+        lying_length(a.port)
     elif a.cmd == "store":
         store(a.port, a.file, a.calling, a.hold)
     elif a.cmd == "garbage":
