@@ -539,8 +539,13 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     wait_until("the outbox to drain", RESULT_TIMEOUT, || {
         outbox_ids(&tmp.path().join("outbox")).is_empty()
     });
+    // The release is logged after its files are gone (and its directories removed and
+    // fsynced): wait for the log line too, or the check below races with it.
     wait_until("the spool to be released", RESULT_TIMEOUT, || {
         spooled(&spool).is_empty()
+            && sizes
+                .keys()
+                .all(|series| !releases(&daemon.log(), series).is_empty())
     });
     logs.push_str(&daemon.log());
     assert!(
