@@ -424,6 +424,10 @@ mod tests {
                     flagged: i == 2,
                     z_range_mm: (i != 7)
                         .then_some([-120.0 + 18.0 * i as f64, -103.5 + 18.0 * i as f64]),
+                    key_slice: (i == 2).then(|| KeySlice {
+                        sop_instance_uid: "1.2.826.0.1.3680043.8.498.10.2.77".into(),
+                        z_mm: -84.5,
+                    }),
                 };
                 (format!("C{i}"), v)
             })
@@ -520,7 +524,10 @@ mod tests {
         bad_time["timings"]["published"] = "yesterday".into();
         let mut extra = docs[0].clone();
         extra["surprise"] = 1.into();
-        let bad = [no_reason, bad_vertebra, bad_time, extra];
+        let mut bad_vertebra_key = docs[0].clone();
+        bad_vertebra_key["vertebrae"]["C2"]["key_slice"] =
+            serde_json::json!({ "sop_instance_uid": "1.2.3" });
+        let bad = [no_reason, bad_vertebra, bad_time, extra, bad_vertebra_key];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");
         }

@@ -23,6 +23,8 @@ pub struct VertebraResult {
     pub flagged: bool,
     /// [from, to] along the slice normal in mm; None when the vertebra was not found.
     pub z_range_mm: Option<[f64; 2]>,
+    /// Peak-attention slice of this vertebra; None unless it is flagged and localised.
+    pub key_slice: Option<KeySlice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
