@@ -174,6 +174,7 @@ fn full_result(id: &str, status: Status) -> TriageResult {
         reason: None,
         study_instance_uid: "1.2.826.0.1.3680043.8.498.1".into(),
         series_instance_uid: format!("1.2.826.0.1.3680043.8.498.1.{}", id.len()),
+        instances: 120,
         accession_number: "ACC0001".into(),
         patient_ref: String::new(),
         vertebrae,

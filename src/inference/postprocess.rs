@@ -121,11 +121,17 @@ fn base_result(
 ) -> TriageResult {
     TriageResult {
         schema: SCHEMA_V1.to_string(),
-        id: result_id(&meta.series_instance_uid, &run.model.sha256),
+        id: result_id(
+            &meta.series_instance_uid,
+            &run.model.sha256,
+            status,
+            &meta.sop_instance_uids,
+        ),
         status,
         reason,
         study_instance_uid: meta.study_instance_uid.clone(),
         series_instance_uid: meta.series_instance_uid.clone(),
+        instances: meta.sop_instance_uids.len(),
         accession_number: meta.accession_number.clone(),
         patient_ref: String::new(),
         vertebrae: BTreeMap::new(),
@@ -235,6 +241,12 @@ pub fn interpret(
     });
     if flagged {
         result.status = Status::Positive;
+        result.id = result_id(
+            &meta.series_instance_uid,
+            &run.model.sha256,
+            result.status,
+            &meta.sop_instance_uids,
+        );
     }
     // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
     let any_flagged = flagged_v.iter().any(|&f| f);
@@ -321,7 +333,10 @@ mod tests {
         for (name, v) in &r.vertebrae {
             assert_eq!(v.key_slice.is_some(), name == "C5", "{name}: {v:?}");
         }
-        assert_eq!(r.id, result_id("", "ab"));
+        // The id names the series, the model and the 40 instances analysed.
+        let sops: Vec<String> = (0..40).map(|k| format!("1.2.3.{k}")).collect();
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Positive, &sops));
+        assert_eq!(r.instances, 40);
     }
 
     #[test]
@@ -377,6 +392,28 @@ mod tests {
         assert_eq!(v.result.status, Status::Negative);
         assert!(v.result.key_slice.is_some());
         assert!(v.result.vertebrae.values().all(|v| v.key_slice.is_none()));
+    }
+
+    #[test]
+    fn failed_and_indeterminate_results_name_their_instances_too() {
+        let c = contract();
+        let run = RunInfo::new(&c, "cpu");
+        let mut meta = SeriesMeta {
+            series_instance_uid: "1.2.9".into(),
+            sop_instance_uids: vec!["1.2.9.1".into(), "1.2.9.2".into()],
+            ..SeriesMeta::default()
+        };
+        let failed = failed_result(&meta, &run, "broken");
+        assert_eq!(failed.instances, 2);
+        let sops = ["1.2.9.1", "1.2.9.2"];
+        assert_eq!(failed.id, result_id("1.2.9", "ab", Status::Failed, &sops));
+        let indeterminate = indeterminate_result(&meta, &run, "too short");
+        assert_eq!(
+            indeterminate.id,
+            result_id("1.2.9", "ab", Status::Indeterminate, &sops)
+        );
+        meta.sop_instance_uids.push("1.2.9.3".into());
+        assert_ne!(failed_result(&meta, &run, "broken").id, failed.id);
     }
 
     #[test]
