@@ -160,6 +160,10 @@ fn full_result(id: &str, status: Status) -> TriageResult {
                 } else {
                     Some([-100.0 + 20.0 * i as f64, -81.5 + 20.0 * i as f64])
                 },
+                key_slice: flagged.then(|| KeySlice {
+                    sop_instance_uid: "1.2.826.0.1.3680043.8.498.1.7.42".into(),
+                    z_mm: -78.25,
+                }),
             },
         );
     }
@@ -170,6 +174,7 @@ fn full_result(id: &str, status: Status) -> TriageResult {
         reason: None,
         study_instance_uid: "1.2.826.0.1.3680043.8.498.1".into(),
         series_instance_uid: format!("1.2.826.0.1.3680043.8.498.1.{}", id.len()),
+        instances: 120,
         accession_number: "ACC0001".into(),
         patient_ref: String::new(),
         vertebrae,

@@ -162,3 +162,127 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     assert_eq!(fx["vertebrae"]["C5"]["flagged"], true, "{fx}");
     assert_eq!(ok["status"], "negative", "{ok}");
 }
+
+/// Sends a ~90-slice series without its last 8 slices, waits for its result and for its
+/// release from the spool, then sends the 8 late slices and waits for the second result.
+/// Returns the first result, the second one, the number of instances of the series and the
+/// daemon log.
+fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value, usize, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let topic = "cspine/testsite/box1/result";
+    let sub = Subscriber::start(broker.port, topic);
+    // 256x256 slices 1.5 mm apart: small enough to be quick.
+    let study = synth(
+        &tmp.path().join("s"),
+        9103,
+        "C3",
+        &["--matrix", "256", "--slice-thickness", "1.5"],
+    );
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&study[0])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    // Files are named by Instance Number, which synth assigns along z.
+    let number = |p: &std::path::PathBuf| -> u64 {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    files.sort_by_key(number);
+    // The last slices (one end of the stack, so the first part has no gap) come late.
+    let (early, late) = files.split_at(files.len() - 8);
+
+    let dicom_port = free_port();
+    let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
+    let daemon = spawn_serve(&config, dicom_port, &[]);
+    let send = |files: &[std::path::PathBuf]| {
+        let status = Command::new(dcmtk("storescu"))
+            .args(["-aec", "CSPINE", "-aet", "CTSCANNER"])
+            .arg("127.0.0.1")
+            .arg(dicom_port.to_string())
+            .args(files)
+            .status()
+            .unwrap();
+        assert!(status.success(), "storescu failed");
+    };
+    let results = || -> Vec<serde_json::Value> {
+        sub.on(topic)
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
+    };
+    let distinct_ids = || {
+        results()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let timeout = Duration::from_secs(300);
+
+    send(early);
+    sub.wait_for_within("the first result", timeout, |_| distinct_ids().len() == 1);
+    let first = results()[0].clone();
+    // The spool copy of the series is released once its result is in the outbox: the late
+    // slices arrive after that.
+    assert!(
+        daemon.wait_for_log("instances removed from the spool", timeout),
+        "{}",
+        daemon.log()
+    );
+
+    send(late);
+    sub.wait_for_within("the revised result", timeout, |_| distinct_ids().len() == 2);
+    let second = results()
+        .into_iter()
+        .find(|r| r["id"] != first["id"])
+        .unwrap();
+    assert_eq!(first["instances"], early.len(), "{first}");
+    (first, second, files.len(), daemon.log())
+}
+
+/// Late instances: a series whose result was published receives more instances (a scanner
+/// that sends the last slices late, a PACS that forwards them again). The series is
+/// assembled again and the dashboard gets a second result for the same series under a new
+/// id (the id names the instances analysed, docs/ALERTS.md), with the larger instance count
+/// and a later `timings.published`, so that de-duplicating by id cannot drop it.
+#[test]
+fn late_instances_give_a_revised_result_under_a_new_id() {
+    let (first, second, instances, log) = send_a_series_then_its_late_slices();
+    for r in [&first, &second] {
+        assert_schema_valid(r);
+    }
+    assert_ne!(first["status"], "failed", "{first}");
+    assert_eq!(second["series_instance_uid"], first["series_instance_uid"]);
+    assert_eq!(second["instances"], instances, "{second}\n{log}");
+    let published = |r: &serde_json::Value| {
+        time::OffsetDateTime::parse(
+            r["timings"]["published"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert!(published(&second) > published(&first), "{first}\n{second}");
+    eprintln!(
+        "first result: {} ({} instances); revised result: {} ({} instances{})",
+        first["status"],
+        first["instances"],
+        second["status"],
+        second["instances"],
+        second["reason"]
+            .as_str()
+            .map(|r| format!(", {r}"))
+            .unwrap_or_default()
+    );
+}
+
+/// The revised result of late instances analyses the whole series. Known gap
+/// (docs/RELIABILITY.md): the spool copy of the series was released when its first result
+/// was committed, so the revision cannot read the earlier instances and is `failed`.
+#[test]
+#[ignore = "known gap (docs/RELIABILITY.md): the earlier instances of a series are released from the spool once its result is committed, so a revision for late instances fails to read them"]
+fn late_instances_revision_analyses_the_whole_series() {
+    let (_, second, _, log) = send_a_series_then_its_late_slices();
+    assert_ne!(second["status"], "failed", "{second}\n{log}");
+}

@@ -379,6 +379,20 @@ fn synthetic_c5_fracture_is_positive_with_c5_flagged_and_key_slice_in_c5() -> Re
         z >= lo - 2.0 && z <= hi + 2.0,
         "key slice z {z} outside C5 [{lo}, {hi}]: {r}"
     );
+    // C5's own key slice, also inside C5; vertebrae not flagged have none.
+    let z5 = c5["key_slice"]["z_mm"]
+        .as_f64()
+        .context("no key slice for C5")?;
+    ensure!(
+        z5 >= lo - 2.0 && z5 <= hi + 2.0,
+        "C5 key slice z {z5} outside C5 [{lo}, {hi}]: {r}"
+    );
+    for (name, v) in r["vertebrae"].as_object().unwrap() {
+        ensure!(
+            v["flagged"] == true || v["key_slice"].is_null(),
+            "{name} is not flagged but has a key slice: {r}"
+        );
+    }
     Ok(())
 }
 

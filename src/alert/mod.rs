@@ -424,6 +424,10 @@ mod tests {
                     flagged: i == 2,
                     z_range_mm: (i != 7)
                         .then_some([-120.0 + 18.0 * i as f64, -103.5 + 18.0 * i as f64]),
+                    key_slice: (i == 2).then(|| KeySlice {
+                        sop_instance_uid: "1.2.826.0.1.3680043.8.498.10.2.77".into(),
+                        z_mm: -84.5,
+                    }),
                 };
                 (format!("C{i}"), v)
             })
@@ -435,6 +439,7 @@ mod tests {
             reason: None,
             study_instance_uid: "1.2.826.0.1.3680043.8.498.10".into(),
             series_instance_uid: "1.2.826.0.1.3680043.8.498.10.2".into(),
+            instances: 212,
             accession_number: "A123".into(),
             patient_ref: PatientRefs::with_key(b"0123456789abcdef0123".to_vec()).reference("P1"),
             vertebrae,
@@ -520,7 +525,22 @@ mod tests {
         bad_time["timings"]["published"] = "yesterday".into();
         let mut extra = docs[0].clone();
         extra["surprise"] = 1.into();
-        let bad = [no_reason, bad_vertebra, bad_time, extra];
+        let mut bad_vertebra_key = docs[0].clone();
+        bad_vertebra_key["vertebrae"]["C2"]["key_slice"] =
+            serde_json::json!({ "sop_instance_uid": "1.2.3" });
+        let mut no_instances = docs[0].clone();
+        no_instances.as_object_mut().unwrap().remove("instances");
+        let mut negative_instances = docs[0].clone();
+        negative_instances["instances"] = (-1).into();
+        let bad = [
+            no_reason,
+            bad_vertebra,
+            bad_time,
+            extra,
+            bad_vertebra_key,
+            no_instances,
+            negative_instances,
+        ];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");
         }

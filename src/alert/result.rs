@@ -17,12 +17,26 @@ pub enum Status {
     Failed,
 }
 
+impl Status {
+    /// The name in the JSON document.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Positive => "positive",
+            Status::Negative => "negative",
+            Status::Indeterminate => "indeterminate",
+            Status::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VertebraResult {
     pub probability: f32,
     pub flagged: bool,
     /// [from, to] along the slice normal in mm; None when the vertebra was not found.
     pub z_range_mm: Option<[f64; 2]>,
+    /// Peak-attention slice of this vertebra; None unless it is flagged and localised.
+    pub key_slice: Option<KeySlice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +82,7 @@ pub struct Timings {
 pub struct TriageResult {
     /// Always [`SCHEMA_V1`].
     pub schema: String,
-    /// Stable id: derived from Series Instance UID + model sha256.
+    /// Id of this analysis: see [`result_id`].
     pub id: String,
     pub status: Status,
     /// Why, when status is indeterminate or failed.
@@ -76,6 +90,9 @@ pub struct TriageResult {
     pub reason: Option<String>,
     pub study_instance_uid: String,
     pub series_instance_uid: String,
+    /// Number of instances (distinct SOP Instance UIDs) of the series that were analysed
+    /// (or, for a failed series, that analysis was attempted on).
+    pub instances: usize,
     pub accession_number: String,
     /// Pseudonymised patient reference (keyed hash) unless raw IDs are configured.
     pub patient_ref: String,
@@ -91,14 +108,79 @@ pub struct TriageResult {
     pub timings: Timings,
 }
 
-/// Stable result id: hex sha256 of `"<series_instance_uid>\n<model sha256>"`, so the
-/// same series analysed by the same model always gets the same id (re-deliveries and
-/// re-runs deduplicate) and a new model gives a new one.
-pub fn result_id(series_instance_uid: &str, model_sha256: &str) -> String {
+/// Result id: hex sha256 of
+/// `"<series_instance_uid>\n<model sha256>\n<status>\n<sop_1>\n<sop_2>\n...<sop_n>"`,
+/// where `status` is the JSON name of the status (`positive`, `negative`,
+/// `indeterminate`, `failed`) and `sop_1..sop_n` are the distinct SOP Instance UIDs of
+/// the instances analysed, sorted (byte order) and joined by `\n` (nothing after the last
+/// one; nothing at all for none).
+///
+/// It names the analysis: the same instances of a series analysed by the same model
+/// always get the same id (re-deliveries, re-runs and restarts deduplicate), while a
+/// series analysed again with more (or other) instances, or by another model, gets a new
+/// one (a revised result), and so does a re-analysis that reaches another status (e.g. a
+/// success after a transient failure), which must not be de-duplicated away either.
+pub fn result_id<S: AsRef<str>>(
+    series_instance_uid: &str,
+    model_sha256: &str,
+    status: Status,
+    sop_instance_uids: &[S],
+) -> String {
     use sha2::{Digest, Sha256};
+    let mut sops: Vec<&str> = sop_instance_uids.iter().map(AsRef::as_ref).collect();
+    sops.sort_unstable();
+    sops.dedup();
     let mut h = Sha256::new();
-    h.update(series_instance_uid.as_bytes());
-    h.update(b"\n");
-    h.update(model_sha256.as_bytes());
+    for part in [series_instance_uid, model_sha256, status.as_str()] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    h.update(sops.join("\n").as_bytes());
     hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Status::*;
+
+    #[test]
+    fn id_names_the_analysis_not_the_order_of_its_instances() {
+        let a = result_id("1.2.3", "ab", Positive, &["1.2.3.2", "1.2.3.1"]);
+        // Order and repeats of the instances do not matter: a re-run gives the same id.
+        assert_eq!(
+            a,
+            result_id("1.2.3", "ab", Positive, &["1.2.3.1", "1.2.3.2", "1.2.3.1"])
+        );
+        // The documented formula.
+        use sha2::{Digest, Sha256};
+        let expected = hex::encode(Sha256::digest(b"1.2.3\nab\npositive\n1.2.3.1\n1.2.3.2"));
+        assert_eq!(a, expected);
+        // A revised analysis (one more instance, one less), another series, model or
+        // status: a new id.
+        let sops = ["1.2.3.1", "1.2.3.2"];
+        for other in [
+            result_id("1.2.3", "ab", Positive, &["1.2.3.1", "1.2.3.2", "1.2.3.3"]),
+            result_id("1.2.3", "ab", Positive, &["1.2.3.1"]),
+            result_id("1.2.4", "ab", Positive, &sops),
+            result_id("1.2.3", "cd", Positive, &sops),
+            result_id("1.2.3", "ab", Negative, &sops),
+            result_id("1.2.3", "ab", Failed, &sops),
+        ] {
+            assert_ne!(a, other);
+        }
+        // No instances at all is still a well-defined id.
+        let none: [&str; 0] = [];
+        assert_eq!(
+            result_id("1.2.3", "ab", Failed, &none),
+            hex::encode(Sha256::digest(b"1.2.3\nab\nfailed\n"))
+        );
+    }
+
+    #[test]
+    fn status_names_are_the_json_ones() {
+        for s in [Positive, Negative, Indeterminate, Failed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 }

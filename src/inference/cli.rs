@@ -186,9 +186,15 @@ fn summary(r: &TriageResult, timing: &str) -> String {
         .vertebrae
         .iter()
         .filter(|(_, v)| v.flagged)
-        .map(|(name, v)| match v.z_range_mm {
-            Some([a, b]) => format!("{name} p={:.3} z {a:.1}..{b:.1} mm", v.probability),
-            None => format!("{name} p={:.3}", v.probability),
+        .map(|(name, v)| {
+            let mut s = match v.z_range_mm {
+                Some([a, b]) => format!("{name} p={:.3} z {a:.1}..{b:.1} mm", v.probability),
+                None => format!("{name} p={:.3}", v.probability),
+            };
+            if let Some(k) = &v.key_slice {
+                s += &format!(" (key z {:.1} mm)", k.z_mm);
+            }
+            s
         })
         .collect();
     if !flagged.is_empty() {

@@ -121,11 +121,17 @@ fn base_result(
 ) -> TriageResult {
     TriageResult {
         schema: SCHEMA_V1.to_string(),
-        id: result_id(&meta.series_instance_uid, &run.model.sha256),
+        id: result_id(
+            &meta.series_instance_uid,
+            &run.model.sha256,
+            status,
+            &meta.sop_instance_uids,
+        ),
         status,
         reason,
         study_instance_uid: meta.study_instance_uid.clone(),
         series_instance_uid: meta.series_instance_uid.clone(),
+        instances: meta.sop_instance_uids.len(),
         accession_number: meta.accession_number.clone(),
         patient_ref: String::new(),
         vertebrae: BTreeMap::new(),
@@ -166,6 +172,25 @@ pub struct Verdict {
     pub key_vertebra: Option<usize>,
 }
 
+/// The model slice where vertebra `v` (0 = C1) has its highest attention (the first one
+/// on ties).
+pub fn peak_attention_slice(out: &ModelOutputs, v: usize) -> usize {
+    let row = &out.attention[v * out.slices..(v + 1) * out.slices];
+    (0..out.slices)
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+        .unwrap_or(0)
+}
+
+/// Model slice `k` as the result reports it: the source slice nearest in z, its SOP
+/// Instance UID and patient z.
+fn key_slice(volume: &CtVolume, grid: &ModelGrid, k: usize) -> KeySlice {
+    let source = nearest_source_slice(volume, grid.z_mm[k]);
+    KeySlice {
+        sop_instance_uid: volume.slices[source].sop_instance_uid.clone(),
+        z_mm: source_slice_z(volume, source),
+    }
+}
+
 /// Turns model outputs into the result, as `docs/model-contract.md` specifies.
 pub fn interpret(
     volume: &CtVolume,
@@ -190,14 +215,20 @@ pub fn interpret(
         };
     }
     let probs: Vec<f32> = out.vertebra_logits.iter().map(|&l| sigmoid(l)).collect();
+    let flagged_v: Vec<bool> = (0..7)
+        .map(|v| probs[v] >= thresholds.vertebrae[v])
+        .collect();
     let mut result = base_result(meta, run, Status::Negative, None);
     for (v, name) in VERTEBRAE.iter().enumerate() {
         result.vertebrae.insert(
             name.to_string(),
             VertebraResult {
                 probability: probs[v],
-                flagged: probs[v] >= thresholds.vertebrae[v],
+                flagged: flagged_v[v],
                 z_range_mm: extent[v].map(|(a, b)| [grid.z_mm[a], grid.z_mm[b]]),
+                // Only where a dashboard should look: flagged and found in the series.
+                key_slice: (flagged_v[v] && extent[v].is_some())
+                    .then(|| key_slice(volume, grid, peak_attention_slice(out, v))),
             },
         );
     }
@@ -210,22 +241,21 @@ pub fn interpret(
     });
     if flagged {
         result.status = Status::Positive;
+        result.id = result_id(
+            &meta.series_instance_uid,
+            &run.model.sha256,
+            result.status,
+            &meta.sop_instance_uids,
+        );
     }
     // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
-    let any_flagged = (0..7).any(|v| probs[v] >= thresholds.vertebrae[v]);
+    let any_flagged = flagged_v.iter().any(|&f| f);
     let key_vertebra = (0..7)
-        .filter(|&v| !any_flagged || probs[v] >= thresholds.vertebrae[v])
+        .filter(|&v| !any_flagged || flagged_v[v])
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
         .expect("seven vertebrae");
-    let row = &out.attention[key_vertebra * out.slices..(key_vertebra + 1) * out.slices];
-    let key = (0..out.slices)
-        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
-        .unwrap_or(0);
-    let source = nearest_source_slice(volume, grid.z_mm[key]);
-    result.key_slice = Some(KeySlice {
-        sop_instance_uid: volume.slices[source].sop_instance_uid.clone(),
-        z_mm: source_slice_z(volume, source),
-    });
+    let key = peak_attention_slice(out, key_vertebra);
+    result.key_slice = Some(key_slice(volume, grid, key));
     Verdict {
         result,
         key_model_slice: Some(key),
@@ -298,7 +328,92 @@ mod tests {
         // Model slice 18 is at z = 46 mm; source slices are 2.5 mm apart from z = 10.
         let key = r.key_slice.as_ref().unwrap();
         assert!((key.z_mm - 46.0).abs() <= 1.25, "{key:?}");
-        assert_eq!(r.id, result_id("", "ab"));
+        // The flagged vertebra has the same key slice; the others have none.
+        assert_eq!(r.vertebrae["C5"].key_slice.as_ref(), Some(key));
+        for (name, v) in &r.vertebrae {
+            assert_eq!(v.key_slice.is_some(), name == "C5", "{name}: {v:?}");
+        }
+        // The id names the series, the model and the 40 instances analysed.
+        let sops: Vec<String> = (0..40).map(|k| format!("1.2.3.{k}")).collect();
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Positive, &sops));
+        assert_eq!(r.instances, 40);
+    }
+
+    #[test]
+    fn each_flagged_vertebra_has_its_own_key_slice() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        // C2 and C5 flagged, C5 the more probable.
+        let out = outputs(30, [-3.0, 1.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let r = &v.result;
+        // Attention peaks (see `outputs`): C2 at model slice 6 (z = 22 mm), C5 at 18 (46 mm),
+        // each reported as the nearest source slice (2.5 mm apart from z = 10 mm).
+        let c2 = r.vertebrae["C2"].key_slice.as_ref().expect("C2 is flagged");
+        let c5 = r.vertebrae["C5"].key_slice.as_ref().expect("C5 is flagged");
+        assert_eq!((c2.z_mm, c2.sop_instance_uid.as_str()), (22.5, "1.2.3.5"));
+        assert_eq!((c5.z_mm, c5.sop_instance_uid.as_str()), (45.0, "1.2.3.14"));
+        // Each within its vertebra's z range.
+        for (key, name) in [(c2, "C2"), (c5, "C5")] {
+            let [a, b] = r.vertebrae[name].z_range_mm.unwrap();
+            assert!((a - 1.25..=b + 1.25).contains(&key.z_mm), "{name}: {key:?}");
+        }
+        // The overall key slice is the most probable flagged vertebra's.
+        assert_eq!(r.key_slice.as_ref(), Some(c5));
+        assert_eq!(v.key_vertebra, Some(4));
+        for name in ["C1", "C3", "C4", "C6", "C7"] {
+            assert_eq!(r.vertebrae[name].key_slice, None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_flagged_vertebra_not_found_in_the_series_has_no_key_slice() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        // 24 model slices: C1..C6 present (at least 5 needed), C7 not found.
+        let out = outputs(24, [-3.0, -3.0, 1.0, -3.0, -3.0, -3.0, 2.0], 3.0);
+        let v = interpret(&vol, &grid(24), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let r = &v.result;
+        assert_eq!(r.status, Status::Positive);
+        let c7 = &r.vertebrae["C7"];
+        assert!(c7.flagged && c7.z_range_mm.is_none() && c7.key_slice.is_none());
+        assert!(r.vertebrae["C3"].key_slice.is_some());
+    }
+
+    #[test]
+    fn negative_result_has_an_overall_key_slice_but_no_vertebra_key_slice() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let out = outputs(30, [-3.0, -2.0, -3.0, -3.0, -3.0, -3.0, -3.0], -3.0);
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Negative);
+        assert!(v.result.key_slice.is_some());
+        assert!(v.result.vertebrae.values().all(|v| v.key_slice.is_none()));
+    }
+
+    #[test]
+    fn failed_and_indeterminate_results_name_their_instances_too() {
+        let c = contract();
+        let run = RunInfo::new(&c, "cpu");
+        let mut meta = SeriesMeta {
+            series_instance_uid: "1.2.9".into(),
+            sop_instance_uids: vec!["1.2.9.1".into(), "1.2.9.2".into()],
+            ..SeriesMeta::default()
+        };
+        let failed = failed_result(&meta, &run, "broken");
+        assert_eq!(failed.instances, 2);
+        let sops = ["1.2.9.1", "1.2.9.2"];
+        assert_eq!(failed.id, result_id("1.2.9", "ab", Status::Failed, &sops));
+        let indeterminate = indeterminate_result(&meta, &run, "too short");
+        assert_eq!(
+            indeterminate.id,
+            result_id("1.2.9", "ab", Status::Indeterminate, &sops)
+        );
+        meta.sop_instance_uids.push("1.2.9.3".into());
+        assert_ne!(failed_result(&meta, &run, "broken").id, failed.id);
     }
 
     #[test]

@@ -362,8 +362,14 @@ pub(crate) mod tests {
                 column_direction: col_dir,
                 normal,
             },
+            meta: SeriesMeta {
+                series_instance_uid: "1.2.3".into(),
+                sop_instance_uids: crate::series::sorted_unique_uids(
+                    slices.iter().map(|s| s.sop_instance_uid.as_str()),
+                ),
+                ..SeriesMeta::default()
+            },
             slices,
-            meta: SeriesMeta::default(),
         }
     }
 

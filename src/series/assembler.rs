@@ -422,6 +422,7 @@ fn make_job(
             first_received: Some(series.first_received),
             last_received: Some(series.last_received),
             completed: None,
+            sop_instance_uids: Vec::new(),
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),

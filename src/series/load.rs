@@ -115,7 +115,10 @@ pub fn load_series_report<P: AsRef<Path>>(
 /// outcome is the failure of the best one, with the fallbacks' reasons appended.
 pub fn build_best(ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>) -> SeriesOutcome {
     let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
-    for (meta, headers) in ranked {
+    for (mut meta, headers) in ranked {
+        // Also for a failure: its result names the instances it was built from.
+        meta.sop_instance_uids =
+            super::sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
         match build_volume(headers, meta.clone()) {
             Ok(volume) => {
                 if let Some((best, reason)) = failures.first() {

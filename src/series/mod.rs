@@ -158,6 +158,19 @@ pub struct SeriesMeta {
     pub first_received: Option<OffsetDateTime>,
     pub last_received: Option<OffsetDateTime>,
     pub completed: Option<OffsetDateTime>,
+    /// The distinct SOP Instance UIDs the series is built from, sorted (byte order):
+    /// what the result id names (see [`crate::alert::result::result_id`]). Filled when
+    /// the volume is built ([`build_volume`], [`load::build_best`]), also for a series
+    /// that fails to build.
+    pub sop_instance_uids: Vec<String>,
+}
+
+/// `uids` sorted (byte order) without repeats, as [`SeriesMeta::sop_instance_uids`] holds them.
+pub fn sorted_unique_uids<'a>(uids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut v: Vec<&str> = uids.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    v.into_iter().map(str::to_owned).collect()
 }
 
 /// One slice of a volume, in volume order.

@@ -38,7 +38,7 @@ const IN_PLANE_TOLERANCE_PX: f64 = 0.25;
 
 /// Builds the volume of one series. Every error is a reason for
 /// [`super::SeriesOutcome::Failed`]; it names the slice (SOP Instance UID) at fault.
-pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<CtVolume> {
+pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Result<CtVolume> {
     let plan = plan_volume(headers)?;
     let [n, rows, cols] = plan.dims;
     let slice_len = rows * cols;
@@ -75,7 +75,9 @@ pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<Ct
             sop_instance_uid: h.sop_instance_uid.clone(),
             z_mm,
         })
-        .collect();
+        .collect::<Vec<SliceInfo>>();
+    meta.sop_instance_uids =
+        super::sorted_unique_uids(slices.iter().map(|s| s.sop_instance_uid.as_str()));
     Ok(CtVolume {
         voxels,
         dims: plan.dims,
@@ -446,6 +448,7 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         first_received: None,
         last_received: None,
         completed: Some(OffsetDateTime::now_utc()),
+        sop_instance_uids: Vec::new(),
     }
 }
 

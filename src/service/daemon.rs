@@ -236,7 +236,8 @@ async fn release_spool(
         match removed {
             Ok(n) => log::info!("series {series} ({why}): {n} instances removed from the spool"),
             // Not fatal: the files stay and the series is analysed again after a restart,
-            // giving the same result id, which the outbox and subscribers de-duplicate.
+            // giving the same result id (same instances, model and status), which the outbox
+            // and subscribers de-duplicate.
             Err(e) => log::warn!("cannot remove series {series} from the spool: {e:#}"),
         }
     }
