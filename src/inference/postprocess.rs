@@ -69,22 +69,41 @@ pub fn seg_argmax(out: &ModelOutputs, k: usize) -> Vec<u8> {
         .collect()
 }
 
-/// First and last model slice where each vertebra is present (at least `min_pixels`
-/// cells of the slice have it as argmax class).
+/// Slices with no cell of a vertebra that may still lie inside its run (a 2 mm slice through
+/// a disc or a crack can lose the label for a slice or two).
+const MAX_GAP_SLICES: usize = 2;
+
+/// First and last model slice of each vertebra: the run of slices where it is present (at
+/// least `min_pixels` cells of the slice have it as argmax class), gaps of up to
+/// [`MAX_GAP_SLICES`] bridged, with the most cells. A vertebra is one compact object along
+/// z: stray cells of its class far away (in the skull, in the thorax) must not stretch its
+/// range, as a first-to-last span would.
 pub fn vertebra_extent(out: &ModelOutputs, coverage: &Coverage) -> [Option<(usize, usize)>; 7] {
-    let mut extent = [None; 7];
+    // Per vertebra: the best run so far and the current one, as (first, last, cells).
+    let mut best: [Option<(usize, usize, usize)>; 7] = [None; 7];
+    let mut current: [Option<(usize, usize, usize)>; 7] = [None; 7];
     for k in 0..out.slices {
         let mut counts = [0usize; 8];
         for class in seg_argmax(out, k) {
             counts[class as usize] += 1;
         }
-        for (v, e) in extent.iter_mut().enumerate() {
-            if counts[v + 1] >= coverage.min_pixels.max(1) {
-                *e = Some(e.map_or((k, k), |(first, _): (usize, usize)| (first, k)));
+        for v in 0..7 {
+            let n = counts[v + 1];
+            if n < coverage.min_pixels.max(1) {
+                continue;
+            }
+            current[v] = match current[v] {
+                Some((first, last, cells)) if k - last <= MAX_GAP_SLICES + 1 => {
+                    Some((first, k, cells + n))
+                }
+                _ => Some((k, k, n)),
+            };
+            if best[v].is_none_or(|b| current[v].unwrap().2 > b.2) {
+                best[v] = current[v];
             }
         }
     }
-    extent
+    best.map(|b| b.map(|(first, last, _)| (first, last)))
 }
 
 /// Who ran the model, for the result.
@@ -305,6 +324,34 @@ mod tests {
             centre: [0.0; 3],
             z_mm: (0..slices).map(|k| 10.0 + 2.0 * k as f64).collect(),
         }
+    }
+
+    /// Sets `cells` cells of model slice `k` to class `class` (the rest stays as it was).
+    fn paint(out: &mut ModelOutputs, k: usize, class: usize, cells: usize) {
+        let plane = out.seg_h * out.seg_w;
+        for cell in 100..100 + cells {
+            for c in 0..out.seg_classes {
+                out.seg_logits[(k * out.seg_classes + c) * plane + cell] =
+                    if c == class { 5.0 } else { 0.0 };
+            }
+        }
+    }
+
+    #[test]
+    fn vertebra_extent_is_its_main_run_not_first_to_last_cell() {
+        let c = contract();
+        let mut out = outputs(60, [0.0; 7], 0.0);
+        // C1 is at slices 0..=3 (10 cells each); a stray C1 blob far below at slice 50,
+        // and C3 (slices 8..=11) loses its label on slice 10 (a 2 mm slice through a crack).
+        paint(&mut out, 50, 1, 5);
+        paint(&mut out, 10, 0, 10);
+        for cell in 0..10 {
+            let plane = out.seg_h * out.seg_w;
+            out.seg_logits[(10 * out.seg_classes + 3) * plane + cell] = 0.0;
+        }
+        let extent = vertebra_extent(&out, &c.coverage);
+        assert_eq!(extent[0], Some((0, 3)), "stray cells do not stretch C1");
+        assert_eq!(extent[2], Some((8, 11)), "a one-slice gap is bridged");
     }
 
     #[test]
