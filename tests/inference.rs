@@ -2,8 +2,8 @@
 //! and real CT, the CPU fallback of the CUDA build.
 //!
 //! Needs python3 with numpy, pydicom, pydicom-data and onnxruntime (CI installs them).
-//! The verdict tests (`synthetic_*`) need the trained model: against the untrained
-//! stand-in they fail, by design.
+//! The fracture verdict tests need a model that detects fractures: the committed one
+//! localises the vertebrae but does not (models/MODEL_CARD.md), so they are ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -362,9 +362,66 @@ fn synth_verdict(fracture: &str, seed: &str) -> Result<Value> {
     Ok(results[0].clone())
 }
 
-/// Needs the trained model: the committed weights do not find the vertebrae yet.
+/// The segmentation side of the committed model: a phantom neck (seed 9102, never used in
+/// training) is found and every vertebra is localised where the generator put it.
 #[test]
-#[ignore = "needs weights trained to the model card targets; the committed ones are under-trained (models/MODEL_CARD.md): run with --ignored after models/training/run_all.sh"]
+fn synthetic_study_is_localised_c1_to_c7_where_the_phantom_has_them() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = synth_study(&tmp.path().join("synth"), "none", "9102")?;
+    let out = infer(&["--json", "--runtime", "cpu", dir.to_str().unwrap()])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = json_lines(&out)?;
+    ensure!(results.len() == 1, "one study, {} results", results.len());
+    let r = &results[0];
+    ensure!(
+        r["status"] != "indeterminate" && r["status"] != "failed",
+        "{r}"
+    );
+    let gt_file = std::fs::read_dir(dir.join("ground_truth"))?
+        .next()
+        .context("no ground truth written")??
+        .path();
+    let gt: Value = serde_json::from_str(&std::fs::read_to_string(gt_file)?)?;
+    let mut previous_centre = f64::INFINITY;
+    for v in gt["vertebrae"]
+        .as_array()
+        .context("ground truth vertebrae")?
+    {
+        let name = v["name"].as_str().unwrap();
+        if !name.starts_with('C') {
+            continue;
+        }
+        let (lo, hi) = (
+            v["extent_min_mm"][2].as_f64().unwrap(),
+            v["extent_max_mm"][2].as_f64().unwrap(),
+        );
+        let range = r["vertebrae"][name]["z_range_mm"]
+            .as_array()
+            .with_context(|| format!("{name} not localised: {r}"))?;
+        let (got_lo, got_hi) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+        let centre = 0.5 * (got_lo + got_hi);
+        // The vertebra's found centre lies inside its true extent (a vertebra is 15-40 mm
+        // tall along z with its processes), and C1..C7 come in order from the head down.
+        ensure!(
+            centre >= lo && centre <= hi,
+            "{name}: found z {got_lo:.1}..{got_hi:.1}, centre {centre:.1} outside the phantom's {lo:.1}..{hi:.1}"
+        );
+        ensure!(
+            centre < previous_centre,
+            "{name} is not below the vertebra above it: {r}"
+        );
+        previous_centre = centre;
+    }
+    Ok(())
+}
+
+/// Needs a model that detects fractures; the committed one localises but does not detect.
+#[test]
+#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures at chance level (models/MODEL_CARD.md)"]
 fn synthetic_c5_fracture_is_positive_with_c5_flagged_and_key_slice_in_c5() -> Result<()> {
     // Seed 9100: not among the training seeds of models/training.
     let r = synth_verdict("C5", "9100")?;
@@ -396,9 +453,9 @@ fn synthetic_c5_fracture_is_positive_with_c5_flagged_and_key_slice_in_c5() -> Re
     Ok(())
 }
 
-/// Needs the trained model: the committed weights do not find the vertebrae yet.
+/// Needs a model that detects fractures; the committed one localises but does not detect.
 #[test]
-#[ignore = "needs weights trained to the model card targets; the committed ones are under-trained (models/MODEL_CARD.md): run with --ignored after models/training/run_all.sh"]
+#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures at chance level (models/MODEL_CARD.md)"]
 fn synthetic_fracture_free_study_is_negative() -> Result<()> {
     let r = synth_verdict("none", "9101")?;
     ensure!(r["status"] == "negative", "{r}");

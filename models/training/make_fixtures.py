@@ -20,13 +20,31 @@ FIX = MODELS / "fixtures"
 
 # Stated tolerances for tract vs onnxruntime (CPU, same graph). Both are float32 with different
 # summation orders; the int8 convs use identical integer arithmetic, so differences come
-# from float requantisation rounding only. A max-abs bound on logits plus a relative L2 bound.
+# from float requantisation rounding only: a value on a rounding boundary can land one
+# quantum apart, and a flip in an earlier int8 layer can move a later one by a quantum or
+# two more. A max-abs bound on logits plus a relative L2 bound; for the segmentation logits
+# (the int8 seg head's output, dequantised) the max-abs bound is three output quanta of that
+# head (`seg_quantum`, read from the graph; measured: up to two), the relative L2 bound
+# stays tight (measured: 2e-4).
 TOLERANCES = {
     "seg_logits": {"max_abs": 0.05, "rel_l2": 1e-3},
     "vertebra_logits": {"max_abs": 0.02, "rel_l2": 1e-3},
     "patient_logit": {"max_abs": 0.02, "rel_l2": 1e-3},
     "attention": {"max_abs": 2e-3, "rel_l2": 1e-3},
 }
+
+
+def seg_quantum(onnx_path) -> float | None:
+    """Output scale of the QLinearConv of the segmentation head (None for a float model)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    init = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "QLinearConv" and "seg_head" in n.name and n.input[6] in init:
+            return float(numpy_helper.to_array(init[n.input[6]]))
+    return None
 
 
 def main():
@@ -48,6 +66,10 @@ def main():
         x = np.load(args.input).astype(np.float32)
     else:
         raise SystemExit("give --study DIR or --input FILE.npy")
+    tolerances = {k: dict(v) for k, v in TOLERANCES.items()}
+    quantum = seg_quantum(args.onnx)
+    if quantum:
+        tolerances["seg_logits"]["max_abs"] = max(tolerances["seg_logits"]["max_abs"], round(3.01 * quantum, 4))
     FIX.mkdir(exist_ok=True)
     np.save(FIX / "input.npy", x)
     sess = ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
@@ -61,7 +83,8 @@ def main():
             {
                 "onnx_sha256": sha256_file(args.onnx),
                 "reference": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-                "tolerances": TOLERANCES,
+                "seg_quantum": quantum,
+                "tolerances": tolerances,
             },
             indent=2,
         )

@@ -1,5 +1,6 @@
-"""The triage network: a 2.5D slice encoder, a stride-4 UNet decoder, per-vertebra pooling
-through the predicted segmentation, a bidirectional GRU across slices and attention pooling.
+"""The triage network: a 2.5D slice encoder, a stride-4 UNet decoder, a slice-level BiGRU that
+tells which vertebra each slice shows, per-vertebra pooling through the predicted segmentation,
+a bidirectional GRU across slices and attention pooling.
 
 Designed for tract on a couple of CPU cores: tract only multithreads matmul and im2col at high
 resolution dominates, so the first conv is strided, the decoder stops at stride 4 (32x32) and
@@ -53,7 +54,14 @@ class Block(nn.Module):
 
 
 class TriageNet(nn.Module):
-    def __init__(self, widths: dict | None = None, mids: dict | None = None, gru_hidden: int = 32):
+    """Per slice: encoder -> stride-4 decoder -> pixel class logits and a fracture-evidence map.
+    Across slices: a small BiGRU over the global encoder descriptor gives each slice a *level*
+    (which of C1..C7 it belongs to). An axial slice of C4 looks like one of C5: the level can
+    only be told by counting from the skull base or the thorax, so it comes from the sequence,
+    and the segmentation is pixel evidence + the slice's level prior (log-softmax)."""
+
+    def __init__(self, widths: dict | None = None, mids: dict | None = None, gru_hidden: int = 32,
+                 level_hidden: int = 24, frac_hires: int = 0):
         super().__init__()
         w = dict(DEFAULT_WIDTHS)
         if widths:
@@ -61,7 +69,8 @@ class TriageNet(nn.Module):
         m = dict(w)
         if mids:
             m.update(mids)
-        self.widths, self.mids, self.gru_hidden = w, m, gru_hidden
+        self.widths, self.mids, self.gru_hidden, self.level_hidden = w, m, gru_hidden, level_hidden
+        self.frac_hires = frac_hires
         self.enc1 = ConvBNReLU(3, w["enc1"], stride=2)  # one conv only at 64x64: im2col cost
         self.enc2 = Block(w["enc1"], w["enc2"], 2, m["enc2"])
         self.enc3 = Block(w["enc2"], w["enc3"], 2, m["enc3"])
@@ -69,7 +78,16 @@ class TriageNet(nn.Module):
         self.dec3 = Block(w["enc4"] + w["enc3"], w["dec3"], 1, m["dec3"])
         self.dec2 = Block(w["dec3"] + w["enc2"], w["dec2"], 1, m["dec2"])
         self.seg_head = nn.Conv2d(w["dec2"], N_CLASSES, 1)
-        c = w["dec2"] + 1  # pooled features + log vertebra mass on the slice
+        # Fracture evidence per 32x32 cell. A crack is 1-3 pixels wide at 1.25 mm: with
+        # `frac_hires` > 0 a small branch reads the stride-2 (64x64) features and strides
+        # down itself, so the head sees the crack before the encoder has blurred it away.
+        if frac_hires:
+            self.frac_branch = nn.Sequential(ConvBNReLU(w["enc1"], frac_hires),
+                                             ConvBNReLU(frac_hires, frac_hires, stride=2))
+        self.frac_head = nn.Conv2d(w["dec2"] + frac_hires, 1, 1)
+        self.level_gru = nn.GRU(w["enc4"], level_hidden, batch_first=False, bidirectional=True)
+        self.level_out = nn.Linear(2 * level_hidden, N_VERT)
+        c = w["dec2"] + 2  # pooled features + max fracture evidence + log vertebra mass
         self.gru = nn.GRU(c, gru_hidden, batch_first=False, bidirectional=True)
         h2 = 2 * gru_hidden
         self.att = nn.Linear(h2, 1)
@@ -79,30 +97,63 @@ class TriageNet(nn.Module):
         self.pat_bias = nn.Parameter(torch.zeros(1))
         self.pat_head = nn.Linear(h2, 1)
 
-    def features(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor):
         """Per-slice part. x: [S, 3, 128, 128] windowed slices (channels = slices k-1, k, k+1).
-        Returns seg_logits [S,8,32,32] and the per-vertebra sequence [S,7,C+1]."""
+        Returns pixel logits [S,8,32,32], fracture logits [S,1,32,32], decoder features
+        [S,C,32,32] and the slice descriptor [S,C4]."""
         e1 = self.enc1(x)  # [S, c1, 64, 64]
         e2 = self.enc2(e1)  # [S, c2, 32, 32]
         e3 = self.enc3(e2)  # [S, c3, 16, 16]
         e4 = self.enc4(e3)  # [S, c4, 8, 8]
         d3 = self.dec3(torch.cat([F.interpolate(e4, scale_factor=2.0, mode="nearest"), e3], 1))
         d2 = self.dec2(torch.cat([F.interpolate(d3, scale_factor=2.0, mode="nearest"), e2], 1))
-        seg_logits = self.seg_head(d2)  # [S, 8, 32, 32]
+        frac_in = torch.cat([d2, self.frac_branch(e1)], 1) if self.frac_hires else d2
+        return self.seg_head(d2), self.frac_head(frac_in), d2, e4.mean(dim=(2, 3))
 
-        # Pool the 32x32 features per vertebra with the soft segmentation.
-        s = x.shape[0]
+    def level(self, desc: torch.Tensor) -> torch.Tensor:
+        """Slice descriptors [S,C4] -> level logits [S,7] (which vertebra each slice shows)."""
+        h, _ = self.level_gru(desc.unsqueeze(1), self._h0(1, self.level_hidden))  # [S,1,2L]
+        return self.level_out(h.squeeze(1))
+
+    @staticmethod
+    def _h0(batch: int, hidden: int) -> torch.Tensor:
+        """A constant zero initial state. Left implicit, the exporter derives it from the
+        input's shape, which ties it to the per-slice part of the graph and stops tract's
+        engine from cutting the graph into per-slice and across-slices parts."""
+        return torch.zeros(2, batch, hidden)
+
+    @staticmethod
+    def segment(pix: torch.Tensor, level_logits: torch.Tensor) -> torch.Tensor:
+        """Pixel evidence + the slice's level prior -> seg logits [S,8,32,32]."""
+        prior = torch.log_softmax(level_logits, dim=1).unsqueeze(2).unsqueeze(3)  # [S,7,1,1]
+        return torch.cat([pix[:, :1], pix[:, 1:] + prior], 1)
+
+    @staticmethod
+    def pool(seg_logits: torch.Tensor, frac_logits: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        """Per-vertebra sequence [S,7,C+2]: the decoder features averaged over the soft
+        segmentation, the strongest fracture evidence inside the vertebra (a crack covers a
+        few cells: an average would drown it) and 0.1 * log vertebra mass (last)."""
+        s = seg_logits.shape[0]
         prob = torch.softmax(seg_logits, dim=1)[:, 1:].reshape(s, N_VERT, -1)  # [S,7,1024]
         feat = d2.reshape(s, d2.shape[1], -1)  # [S,C,1024]
         mass = prob.sum(-1, keepdim=True)  # [S,7,1] expected cells of the vertebra
         pooled = torch.bmm(prob, feat.transpose(1, 2)) / (mass + 1.0)  # [S,7,C]
-        seq = torch.cat([pooled, torch.log(mass + 1e-3) * 0.1], dim=2)  # [S,7,C+1]
-        return seg_logits, seq
+        frac = torch.sigmoid(frac_logits).reshape(s, 1, -1)  # [S,1,1024]
+        frac_max = (prob * frac).amax(dim=2, keepdim=True)  # [S,7,1]
+        return torch.cat([pooled, frac_max, torch.log(mass + 1e-3) * 0.1], dim=2)
+
+    def features(self, x: torch.Tensor):
+        """seg logits [S,8,32,32], fracture logits [S,1,32,32], level logits [S,7] and the
+        per-vertebra sequence [S,7,C+2] of a whole study (or a window of it)."""
+        pix, frac, d2, desc = self.encode(x)
+        lev = self.level(desc)
+        seg_logits = self.segment(pix, lev)
+        return seg_logits, frac, lev, self.pool(seg_logits, frac, d2)
 
     def head(self, seq: torch.Tensor):
-        """Across slices. seq: [S,7,C+1] (last feature = 0.1 * log vertebra mass)."""
+        """Across slices. seq: [S,7,C+2] (last feature = 0.1 * log vertebra mass)."""
         # Sequence over slices, the 7 vertebrae as the batch.
-        h, _ = self.gru(seq)  # [S,7,2H]
+        h, _ = self.gru(seq, self._h0(N_VERT, self.gru_hidden))  # [S,7,2H]
         # Attention over slices, biased by where the vertebra is (log of its mass).
         score = self.att(h).squeeze(2) + seq[:, :, -1] * 10.0  # [S,7]
         attention = torch.softmax(score.transpose(0, 1), dim=1)  # [7,S]
@@ -116,12 +167,13 @@ class TriageNet(nn.Module):
         return vertebra_logits, patient_logit, attention
 
     def forward(self, x: torch.Tensor):
-        seg_logits, seq = self.features(x)
+        seg_logits, _, _, seq = self.features(x)
         vertebra_logits, patient_logit, attention = self.head(seq)
         return seg_logits, vertebra_logits, patient_logit, attention
 
     def config(self) -> dict:
-        return {"widths": self.widths, "mids": self.mids, "gru_hidden": self.gru_hidden}
+        return {"widths": self.widths, "mids": self.mids, "gru_hidden": self.gru_hidden,
+                "level_hidden": self.level_hidden, "frac_hires": self.frac_hires}
 
 
 def save_checkpoint(model: "TriageNet", path, **extra) -> None:
@@ -133,6 +185,23 @@ def load_checkpoint(path) -> "TriageNet":
     m = TriageNet(**ck["config"])
     m.load_state_dict(ck["state_dict"])
     return m
+
+
+def add_frac_branch(model: "TriageNet", width: int) -> "TriageNet":
+    """The same network with a new high-resolution fracture branch (fresh weights); every
+    other weight is kept, and the fracture head keeps its decoder columns."""
+    cfg = model.config()
+    cfg["frac_hires"] = width
+    new = TriageNet(**cfg)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("frac_")}
+    missing, _ = new.load_state_dict(sd, strict=False)
+    assert all(k.startswith("frac_") for k in missing), missing
+    with torch.no_grad():
+        c = model.frac_head.weight.shape[1]
+        new.frac_head.weight.zero_()
+        new.frac_head.weight[:, :c] = model.frac_head.weight
+        new.frac_head.bias.copy_(model.frac_head.bias)
+    return new
 
 
 OUTPUT_NAMES = ["seg_logits", "vertebra_logits", "patient_logit", "attention"]

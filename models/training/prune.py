@@ -2,7 +2,7 @@
 |BatchNorm gamma| (a channel with small gamma is nearly constant after BN), the top fraction is
 kept, and a NEW, narrower TriageNet is built with the same code and the kept weights copied in
 (every consumer's input channels sliced to match: the next conv, the UNet skip concats, the
-segmentation head and the GRU input). Nothing is masked: the dense kernels really shrink.
+segmentation and fracture heads, the slice-level GRU and the sequence GRU input). Nothing is masked: the dense kernels really shrink.
 Fine-tune afterwards with `train.py --init`.
 
   python3 prune.py runs/fp32/model.pt runs/pruned/pruned.pt --keep 0.5
@@ -64,7 +64,8 @@ def prune(model: TriageNet, keep: float) -> TriageNet:
     for blk in ("enc2", "enc3", "enc4", "dec3", "dec2"):
         mids[blk] = len(idx[f"{blk}.a"])
         widths[blk] = len(idx[f"{blk}.b"])
-    new = TriageNet(widths=widths, mids=mids, gru_hidden=model.gru_hidden)
+    new = TriageNet(widths=widths, mids=mids, gru_hidden=model.gru_hidden, level_hidden=model.level_hidden,
+                    frac_hires=model.frac_hires)
     for g in GROUPS:
         src, dst = _cbr(model, g), _cbr(new, g)
         o, i = torch.from_numpy(idx[g]), torch.from_numpy(inp[g])
@@ -74,14 +75,26 @@ def prune(model: TriageNet, keep: float) -> TriageNet:
     o = torch.from_numpy(idx["dec2.b"])
     new.seg_head.weight.copy_(model.seg_head.weight[:, o])
     new.seg_head.bias.copy_(model.seg_head.bias)
-    # GRU input = [pooled dec2 features (pruned), log mass (kept)]
-    cols = torch.cat([o, torch.tensor([model.widths["dec2"]])])
-    sd = model.gru.state_dict()
-    for k, v in sd.items():
-        if k.startswith("weight_ih"):
-            v = v[:, cols]
-        getattr(new.gru, k).copy_(v)
-    for name in ("att", "vert_head", "pat_head"):
+    # fracture head input = [dec2 (pruned), high-resolution branch (kept)]
+    frac_cols = torch.cat([o, model.widths["dec2"] + torch.arange(model.frac_hires)])
+    new.frac_head.weight.copy_(model.frac_head.weight[:, frac_cols])
+    new.frac_head.bias.copy_(model.frac_head.bias)
+    if model.frac_hires:  # its first conv reads enc1 (pruned)
+        src, dst = model.frac_branch, new.frac_branch
+        dst[0][0].weight.copy_(src[0][0].weight[:, torch.from_numpy(idx["enc1"])])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst[0][1], name).copy_(getattr(src[0][1], name))
+        dst[1].load_state_dict(src[1].state_dict())
+    # slice-level GRU input = mean of enc4 (pruned); sequence GRU input = [pooled dec2
+    # features (pruned), max fracture evidence, log mass (both kept)]
+    c = model.widths["dec2"]
+    for gru, cols in (("level_gru", torch.from_numpy(idx["enc4.b"])),
+                      ("gru", torch.cat([o, torch.tensor([c, c + 1])]))):
+        for k, v in getattr(model, gru).state_dict().items():
+            if k.startswith("weight_ih"):
+                v = v[:, cols]
+            getattr(getattr(new, gru), k).copy_(v)
+    for name in ("level_out", "att", "vert_head", "pat_head"):
         getattr(new, name).load_state_dict(getattr(model, name).state_dict())
     for name in ("vert_bias", "pat_scale", "pat_bias"):
         getattr(new, name).copy_(getattr(model, name))
@@ -103,9 +116,10 @@ def macs(model: TriageNet, s: int = 64) -> dict:
     for h in hs:
         h.remove()
     c = model.widths["dec2"]
-    hdim, inp = model.gru_hidden, c + 1
-    pool = s * 7 * 1024 * c
-    gru = s * 7 * 2 * 3 * (inp * hdim + hdim * hdim)
+    hdim, inp = model.gru_hidden, c + 2
+    pool = s * 7 * 1024 * (c + 1)
+    lh = model.level_hidden
+    gru = s * 7 * 2 * 3 * (inp * hdim + hdim * hdim) + s * 2 * 3 * (model.widths["enc4"] * lh + lh * lh)
     return {"conv": conv[0], "pool": pool, "gru": gru, "total": conv[0] + pool + gru, "slices": s}
 
 

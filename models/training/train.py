@@ -1,13 +1,16 @@
 """Training on the RSNA layout (our phantoms or the real Kaggle data).
 
 Two stages, because 2 CPU cores cannot push whole studies end to end often enough:
-  A. end to end on windows of W model slices: segmentation cross-entropy on every slice with
-     a mask, plus RSNA-weighted BCE for each vertebra that lies entirely inside the window
-     (its label is then known; vertebrae cut by the window edge are ignored). Studies without
-     a segmentation are used whole (all 7 vertebra labels + patient label).
-  B. the slice encoder frozen, its per-vertebra features computed once per study, the
-     GRU/attention/heads trained on WHOLE studies with vertebra + patient BCE
-     (RSNA weights: vertebra neg 1 / pos 2, patient neg 7 / pos 14).
+  A. end to end on windows of W model slices (randomly mirrored left-right): segmentation
+     cross-entropy and slice-level cross-entropy on every slice with a mask, fracture-evidence
+     BCE where fractures are localised (phantom ground truth or RSNA boxes), plus RSNA-weighted
+     BCE for each vertebra that lies entirely inside the window (its label is then known;
+     vertebrae cut by the window edge are ignored). Studies without a segmentation are used
+     whole (all 7 vertebra labels + patient label).
+  B. the slice encoder frozen and run once per study; the slice-level GRU (it needs the whole
+     neck to count vertebrae) and the GRU/attention/heads trained on WHOLE studies with level
+     cross-entropy + vertebra + patient BCE (RSNA weights: vertebra neg 1 / pos 2, patient
+     neg 7 / pos 14).
 Curves go to OUT/train_log.csv; the checkpoint to OUT/model.pt.
 
   python3 train.py --data TRAIN_ROOT --val-data VAL_ROOT --cache CACHE --out runs/fp32
@@ -28,13 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Study, load_dataset
+from data import FRACTURE_TARGETS, Study, load_dataset
 from metrics import summary
-from model import N_VERT, TriageNet, load_checkpoint, save_checkpoint
+from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint
 
 VERT_W = (1.0, 2.0)  # RSNA weights (negative, positive) for vertebra rows
 PAT_W = (7.0, 14.0)  # and for the patient row
 SEG_WEIGHT = torch.tensor([0.3] + [1.0] * N_VERT)
+FRAC_POS_WEIGHT = torch.tensor(20.0)  # fracture cells are ~0.1 % of the cells of a window
+HEAD_MODULES = ("level_gru", "level_out", "gru", "att", "vert_head", "vert_bias", "pat_scale", "pat_bias",
+                "pat_head")
 
 
 def wbce(logits: torch.Tensor, y: torch.Tensor, w: tuple) -> torch.Tensor:
@@ -52,6 +58,19 @@ def vertebra_spans(seg: np.ndarray) -> list[tuple[int, int] | None]:
     return spans
 
 
+def slice_levels(seg: np.ndarray) -> np.ndarray:
+    """Per model slice: index 0..6 of the vertebra with the most cells, -1 without any."""
+    counts = np.stack([(seg == v + 1).sum(axis=(1, 2)) for v in range(N_VERT)], 1)  # [S,7]
+    return np.where(counts.max(1) > 0, counts.argmax(1), -1)
+
+
+def level_loss(level_logits: torch.Tensor, seg: np.ndarray) -> torch.Tensor | None:
+    target = torch.from_numpy(slice_levels(seg))
+    if (target >= 0).sum() == 0:
+        return None
+    return F.cross_entropy(level_logits, target, ignore_index=-1)
+
+
 class Logger:
     def __init__(self, path: Path):
         self.f = open(path, "a", newline="")
@@ -64,10 +83,18 @@ class Logger:
         self.f.flush()
 
 
-def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
+def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
+                 frac_weight: float):
     s = st.v.shape[0]
+    fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
     if st.seg is None:  # no mask: the whole study, study-level labels only
         lo, hi = 0, s
+    elif fracture_slices.size and rng.random() < fracture_window_p:
+        # Fractures are a few cells of a few slices: show them more often than uniform
+        # windows would, anywhere inside the window.
+        k = int(fracture_slices[rng.randrange(fracture_slices.size)])
+        lo = max(0, min(k - rng.randint(2, max(2, window - 3)), s - window))
+        hi = min(s, lo + window)
     else:
         spans = [sp for sp in vertebra_spans(st.seg) if sp]
         lo_c = min(sp[0] for sp in spans) if spans else 0
@@ -78,14 +105,25 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
         lo = rng.randint(a, b)
         hi = min(s, lo + window)
     x = torch.from_numpy(st.slices(lo, hi))
-    seg_logits, vlog, plog, _ = model(x)
+    seg = None if st.seg is None else st.seg[lo:hi]
+    frac = None if st.frac is None else st.frac[lo:hi]
+    if rng.random() < 0.5:  # left-right mirror: a neck is (nearly) symmetric
+        x = x.flip(3)
+        seg = None if seg is None else seg[:, :, ::-1].copy()
+        frac = None if frac is None else frac[:, :, ::-1].copy()
+    seg_logits, frac_logits, lev, seq = model.features(x)
+    vlog, plog, _ = model.head(seq)
     loss = torch.zeros(())
     parts = {}
-    if st.seg is not None:
-        tgt = torch.from_numpy(st.seg[lo:hi].astype(np.int64))
+    if seg is not None:
+        tgt = torch.from_numpy(seg.astype(np.int64))
         seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT)
         loss = loss + seg_loss
         parts["seg_ce"] = float(seg_loss.detach())
+        ll = level_loss(lev, seg)
+        if ll is not None:
+            loss = loss + 0.5 * ll
+            parts["level_ce"] = float(ll.detach())
         spans = vertebra_spans(st.seg)
         inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
         if inside:
@@ -99,6 +137,11 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
         pl = wbce(plog, torch.from_numpy(st.labels[:1]), PAT_W)
         loss = loss + vl + pl
         parts["vert_bce"], parts["pat_bce"] = float(vl.detach()), float(pl.detach())
+    if frac is not None:
+        fl = F.binary_cross_entropy_with_logits(
+            frac_logits.squeeze(1), torch.from_numpy(frac.astype(np.float32)), pos_weight=FRAC_POS_WEIGHT)
+        loss = loss + frac_weight * fl
+        parts["frac_bce"] = float(fl.detach())
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -108,14 +151,22 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random):
 
 
 @torch.no_grad()
-def study_features(model: TriageNet, st: Study, chunk: int = 64):
-    """Frozen encoder: seg logits and per-vertebra sequence of the whole study."""
-    segs, seqs = [], []
-    for lo in range(0, st.v.shape[0], chunk):
-        s, q = model.features(torch.from_numpy(st.slices(lo, min(st.v.shape[0], lo + chunk))))
-        segs.append(s)
-        seqs.append(q)
-    return torch.cat(segs), torch.cat(seqs)
+def encode_study(model: TriageNet, st: Study, chunk: int = 64) -> dict:
+    """Frozen per-slice part of a whole study: pixel and fracture logits, decoder features
+    (float16 to keep a few hundred studies in memory) and slice descriptors."""
+    parts = [model.encode(torch.from_numpy(st.slices(lo, min(st.v.shape[0], lo + chunk))))
+             for lo in range(0, st.v.shape[0], chunk)]
+    pix, frac, d2, desc = (torch.cat([p[i] for p in parts]) for i in range(4))
+    return {"pix": pix.half(), "frac": frac.half(), "d2": d2.half(), "desc": desc}
+
+
+def head_outputs(model: TriageNet, enc: dict):
+    """Everything after the per-slice encoder, from `encode_study` tensors."""
+    lev = model.level(enc["desc"])
+    seg_logits = model.segment(enc["pix"].float(), lev)
+    seq = model.pool(seg_logits, enc["frac"].float(), enc["d2"].float())
+    vlog, plog, _ = model.head(seq)
+    return lev, vlog, plog
 
 
 @torch.no_grad()
@@ -124,8 +175,7 @@ def predict(model: TriageNet, studies: list[Study]) -> np.ndarray:
     model.eval()
     out = []
     for st in studies:
-        _, seq = study_features(model, st)
-        vlog, plog, _ = model.head(seq)
+        _, vlog, plog = head_outputs(model, encode_study(model, st))
         out.append(torch.sigmoid(torch.cat([plog, vlog])).numpy())
     return np.stack(out)
 
@@ -142,9 +192,17 @@ def main():
     ap.add_argument("--steps-a", type=int, default=900)
     ap.add_argument("--steps-b", type=int, default=1500)
     ap.add_argument("--lr-a", type=float, default=2e-3)
+    ap.add_argument("--fracture-window-p", type=float, default=0.6,
+                    help="stage A: chance that a window of a fractured study is placed on a fracture")
+    ap.add_argument("--frac-weight", type=float, default=3.0, help="stage A: weight of the fracture-evidence loss")
+    ap.add_argument("--fracture-target", choices=FRACTURE_TARGETS, default="crack",
+                    help="phantom fracture targets: cells on the crack (default) or a 10 mm ball (first design)")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--frac-hires", type=int, default=16,
+                    help="width of the high-resolution fracture branch (0: none); added to an --init model without one")
     ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--eval-every-b", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
     ap.add_argument("--cached-only", action="store_true", help="train only on studies already in the cache")
     args = ap.parse_args()
@@ -159,14 +217,21 @@ def main():
     t0 = time.time()
 
     limit = 2 if args.smoke else None
+    def cache_dir(root: Path) -> Path:  # one cache per kind of fracture target
+        return args.cache / (root.name if args.fracture_target == "crack" else f"{root.name}-{args.fracture_target}")
+
     train = [st for root in args.data
-             for st in load_dataset(root, args.cache / root.name, limit=limit, cached_only=args.cached_only)]
-    val = [st for root in args.val_data for st in load_dataset(root, args.cache / root.name, limit=limit)]
+             for st in load_dataset(root, cache_dir(root), limit=limit, cached_only=args.cached_only,
+                                    fracture_target=args.fracture_target)]
+    val = [st for root in args.val_data
+           for st in load_dataset(root, cache_dir(root), limit=limit, fracture_target=args.fracture_target)]
     print(f"{len(train)} training, {len(val)} validation studies ({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
     (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train))
 
-    model = load_checkpoint(args.init) if args.init else TriageNet()
+    model = load_checkpoint(args.init) if args.init else TriageNet(frac_hires=args.frac_hires)
+    if args.init and args.frac_hires and not model.frac_hires:
+        model = add_frac_branch(model, args.frac_hires)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
     def evaluate(stage, step):
@@ -186,7 +251,8 @@ def main():
     run = {}
     for step in range(1, args.steps_a + 1):
         model.train()
-        parts = stage_a_step(model, opt, rng.choice(train), args.window, rng)
+        parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
+                             args.frac_weight)
         sched.step()
         for k, v in parts.items():
             run[k] = 0.95 * run.get(k, v) + 0.05 * v
@@ -204,34 +270,41 @@ def main():
         print(f"saved {args.out / 'model.pt'} after stage A only ({time.time() - t0:.0f} s)")
         return
 
-    # Stage B: frozen encoder, whole studies through GRU/attention/heads.
+    # Stage B: frozen encoder, whole studies through the slice-level GRU and the heads.
     model.eval()
-    feats = [study_features(model, st)[1] for st in train]
-    print(f"stage B features cached ({time.time() - t0:.0f} s)", flush=True)
-    head_params = [p for n, p in model.named_parameters()
-                   if n.split(".")[0] in ("gru", "att", "vert_head", "vert_bias", "pat_scale", "pat_bias", "pat_head")]
+    encs = [encode_study(model, st) for st in train]
+    print(f"stage B: encoder outputs of {len(encs)} studies cached ({time.time() - t0:.0f} s)", flush=True)
+    head_params = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES]
     opt = torch.optim.AdamW(head_params, lr=args.lr_b, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.steps_b))
     run = {}
     for step in range(1, args.steps_b + 1):
         i = rng.randrange(len(train))
-        seq = feats[i]
-        vlog, plog, _ = model.head(seq)
+        lev, vlog, plog = head_outputs(model, encs[i])
         y = torch.from_numpy(train[i].labels)
         vl, pl = wbce(vlog, y[1:], VERT_W), wbce(plog, y[:1], PAT_W)
         loss = vl + pl
+        parts = {"vert_bce": float(vl.detach()), "pat_bce": float(pl.detach())}
+        if train[i].seg is not None:
+            ll = level_loss(lev, train[i].seg)
+            if ll is not None:
+                loss = loss + 0.5 * ll
+                parts["level_ce"] = float(ll.detach())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head_params, 5.0)
         opt.step()
         sched.step()
-        for k, v in (("vert_bce", float(vl)), ("pat_bce", float(pl))):
+        for k, v in parts.items():
             run[k] = 0.98 * run.get(k, v) + 0.02 * v
         if step % 50 == 0 or step == args.steps_b:
             for k, v in run.items():
                 log.log("B", step, t0, "train", k, v)
         if step % 500 == 0 or step == args.steps_b:
-            print(f"[B {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()), flush=True)
+            print(f"[B {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()) + f" {time.time() - t0:.0f}s",
+                  flush=True)
+        if step % args.eval_every_b == 0 and step != args.steps_b:
+            evaluate("B", step)
     evaluate("B", args.steps_b)
     save_checkpoint(model, args.out / "model.pt", seed=args.seed)
     print(f"saved {args.out / 'model.pt'} ({time.time() - t0:.0f} s)")
