@@ -163,10 +163,10 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     assert_eq!(ok["status"], "negative", "{ok}");
 }
 
-/// Sends a ~90-slice series without its last 8 slices, waits for its result and for its
-/// release from the spool, then sends the 8 late slices and waits for the second result.
-/// Returns the first result, the second one, the number of instances of the series and the
-/// daemon log.
+/// Sends a ~90-slice series without its last 8 slices, waits for its result and for the
+/// spool's analysed mark of the series, then sends the 8 late slices and waits for the
+/// second result. Returns the first result, the second one, the number of instances of the
+/// series and the daemon log.
 fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value, usize, String) {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
@@ -224,10 +224,10 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
     send(early);
     sub.wait_for_within("the first result", timeout, |_| distinct_ids().len() == 1);
     let first = results()[0].clone();
-    // The spool copy of the series is released once its result is in the outbox: the late
-    // slices arrive after that.
+    // The series is marked analysed in the spool once its result is in the outbox (and
+    // kept there while its study is remembered): the late slices arrive after that.
     assert!(
-        daemon.wait_for_log("instances removed from the spool", timeout),
+        daemon.wait_for_log("analysed instances marked in the spool", timeout),
         "{}",
         daemon.log()
     );
@@ -277,12 +277,17 @@ fn late_instances_give_a_revised_result_under_a_new_id() {
     );
 }
 
-/// The revised result of late instances analyses the whole series. Known gap
-/// (docs/RELIABILITY.md): the spool copy of the series was released when its first result
-/// was committed, so the revision cannot read the earlier instances and is `failed`.
+/// The revised result of late instances analyses the whole series: the spool keeps the
+/// earlier instances of an analysed series while its study is remembered
+/// (`series.completed_retention_secs`), so the revision reads them all, and nothing of the
+/// series was removed from the spool.
 #[test]
-#[ignore = "known gap (docs/RELIABILITY.md): the earlier instances of a series are released from the spool once its result is committed, so a revision for late instances fails to read them"]
 fn late_instances_revision_analyses_the_whole_series() {
-    let (_, second, _, log) = send_a_series_then_its_late_slices();
+    let (_, second, instances, log) = send_a_series_then_its_late_slices();
     assert_ne!(second["status"], "failed", "{second}\n{log}");
+    assert_eq!(second["instances"], instances, "{second}");
+    assert!(
+        !log.contains("instances removed from the spool"),
+        "released within the retention:\n{log}"
+    );
 }

@@ -297,7 +297,7 @@ async fn assembler_task_emits_the_chosen_series_of_each_study() {
         health.register("series"),
         in_rx,
         out_tx,
-        None,
+        Default::default(),
     ));
     // Shuffled order: the assembler must not care.
     let mut instances = stored_instances(&["study_with_localizer", "two_candidates", "gap"]);

@@ -233,6 +233,7 @@ impl Pipeline {
                     result: a.result,
                     patient_id: volume.meta.patient_id.clone(),
                     key_image_png: a.key_image_png,
+                    sop_instance_uids: volume.meta.sop_instance_uids.clone(),
                 },
                 Err(e) => {
                     log::error!(
@@ -251,6 +252,7 @@ impl Pipeline {
             result: postprocess::failed_result(meta, &self.run_info(), reason),
             patient_id: meta.patient_id.clone(),
             key_image_png: None,
+            sop_instance_uids: meta.sop_instance_uids.clone(),
         }
     }
 }

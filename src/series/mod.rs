@@ -13,7 +13,7 @@ pub mod load;
 pub mod selection;
 pub mod volume;
 
-pub use assembler::{run_assembler, Assembler, SeriesJob};
+pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport};
 pub use selection::Skip;
@@ -51,8 +51,11 @@ pub struct AssemblyConfig {
     /// Extra case-insensitive substrings of ConvolutionKernel that mark a bone kernel,
     /// on top of the built-in rule (BONE, EDGE, Siemens B/H/I/J/U60 and sharper).
     pub bone_kernels: Vec<String>,
-    /// How long a decided study is remembered, so that late instances re-open its series
-    /// instead of starting a new, partial one.
+    /// How long a decided study is remembered (counted from its last instance, and at
+    /// least until its results are committed to the outbox), so that late instances
+    /// re-open its series instead of starting a new, partial one. Its instances stay in the
+    /// spool as long (marked analysed, so that a restart does not analyse them again; a
+    /// restart counts the time from the mark): size the spool's disk for this much traffic.
     pub completed_retention_secs: f64,
     /// Complete a series as soon as it covers the cervical spine. Not implemented yet:
     /// must stay `false`.
