@@ -239,7 +239,11 @@ pub fn interpret(
         threshold: thresholds.patient,
         flagged,
     });
-    if flagged {
+    let any_flagged = flagged_v.iter().any(|&f| f);
+    // A triage tool errs on the side of sensitivity: any flag, patient-level or on a
+    // vertebra, makes the result positive (an alert), never a `negative` with a flagged
+    // vertebra in it.
+    if flagged || any_flagged {
         result.status = Status::Positive;
         result.id = result_id(
             &meta.series_instance_uid,
@@ -249,7 +253,6 @@ pub fn interpret(
         );
     }
     // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
-    let any_flagged = flagged_v.iter().any(|&f| f);
     let key_vertebra = (0..7)
         .filter(|&v| !any_flagged || flagged_v[v])
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
@@ -414,6 +417,32 @@ mod tests {
         );
         meta.sop_instance_uids.push("1.2.9.3".into());
         assert_ne!(failed_result(&meta, &run, "broken").id, failed.id);
+    }
+
+    #[test]
+    fn a_flagged_vertebra_makes_the_result_positive_without_the_patient_flag() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let run = RunInfo::new(&c, "cpu");
+        // C5 flagged (p = 0.88), the patient not (p = 0.05).
+        let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], -3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert!(!r.patient.as_ref().unwrap().flagged);
+        assert!(r.vertebrae["C5"].flagged);
+        assert_eq!(r.status, Status::Positive, "a flagged vertebra is an alert");
+        let sops: Vec<String> = (0..40).map(|k| format!("1.2.3.{k}")).collect();
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Positive, &sops));
+        // The patient flag alone is positive too.
+        let out = outputs(30, [-3.0; 7], 3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert!(r.vertebrae.values().all(|v| !v.flagged));
+        assert_eq!(r.status, Status::Positive);
+        // Neither: negative.
+        let out = outputs(30, [-3.0; 7], -3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert_eq!(r.status, Status::Negative);
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Negative, &sops));
     }
 
     #[test]
