@@ -594,6 +594,10 @@ impl Assembler {
                         .filter(|h| !s.released.contains(&h.sop_instance_uid))
                         .map(|h| h.path.clone())
                         .collect();
+                    if paths.is_empty() {
+                        // Released when filtered out; its directory went with its files.
+                        continue;
+                    }
                     releases.push(Release {
                         study_instance_uid: uid.clone(),
                         series_instance_uid: series_uid.clone(),
