@@ -45,9 +45,10 @@ use crate::service::health::Heartbeat;
 use super::header::InstanceHeader;
 use super::load::build_best;
 use super::selection::{
-    choose_candidate, filter_series, instance_rejection, rank_key, CandidateSummary, Skip,
+    choose_candidate, contiguous_slab, filter_series, instance_rejection, rank_key,
+    CandidateSummary, Skip,
 };
-use super::{AssemblyConfig, SeriesMeta, SeriesOutcome};
+use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::StoredInstance;
 
@@ -59,6 +60,9 @@ pub enum Completion {
     MaxWait,
     /// Restored after a restart from the spool's analysed mark.
     Restored,
+    /// Not complete: an early analysis of the contiguous slab received so far (the
+    /// anatomy-coverage trigger).
+    AnatomyCoverage,
 }
 
 /// A series chosen for volume building: its instances (headers, with their spool paths)
@@ -135,6 +139,14 @@ struct SeriesState {
     released: HashSet<String>,
     /// The instances analysed by the committed results of this series (union).
     analysed: BTreeSet<String>,
+    /// Anatomy-coverage trigger: when the series' slab was last checked, how many
+    /// instances it had then, when the last early analysis was sent, the size of its slab,
+    /// and whether it is still in flight (its feedback not in yet).
+    early_checked_at: Option<Instant>,
+    early_checked_n: usize,
+    early_sent_at: Option<Instant>,
+    early_slab: usize,
+    early_in_flight: bool,
 }
 
 impl SeriesState {
@@ -152,7 +164,35 @@ impl SeriesState {
             evaluated: false,
             released: HashSet::new(),
             analysed: BTreeSet::new(),
+            early_checked_at: None,
+            early_checked_n: 0,
+            early_sent_at: None,
+            early_slab: 0,
+            early_in_flight: false,
         }
+    }
+
+    /// Whether the anatomy-coverage trigger may check this series now: still arriving,
+    /// no result yet, no early analysis in flight, grown since the last check, and the
+    /// last check at least `interval` ago.
+    fn early_due(&self, now: Instant, interval: Duration) -> bool {
+        self.early_pending() && self.early_next(interval).is_none_or(|t| now >= t)
+    }
+
+    /// When the next check may run: [`SLAB_CHECK_SECS`] after the last check and
+    /// `interval` after the last early analysis.
+    fn early_next(&self, interval: Duration) -> Option<Instant> {
+        let check = self.early_checked_at.map(|t| t + secs(SLAB_CHECK_SECS));
+        let analysis = self.early_sent_at.map(|t| t + interval);
+        check.max(analysis)
+    }
+
+    /// [`SeriesState::early_due`] but for the time.
+    fn early_pending(&self) -> bool {
+        self.completion.is_none()
+            && self.analysed.is_empty()
+            && !self.early_in_flight
+            && self.instances.len() > self.early_checked_n
     }
 
     /// Whether a committed result already analysed exactly these instances.
@@ -216,6 +256,10 @@ pub struct Assembler {
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
+
+/// The anatomy-coverage trigger looks at a growing series' slab at most this often (the
+/// slab is cheap to measure; the model runs at most every `coverage_check_secs`).
+const SLAB_CHECK_SECS: f64 = 0.25;
 
 /// Releases the spool files of the instances of `series` that can never be analysed
 /// (filtered out by [`instance_rejection`]) and are not released yet.
@@ -411,6 +455,19 @@ impl Assembler {
             return;
         };
         study.in_flight = study.in_flight.saturating_sub(1);
+        let series_uid = match &feedback {
+            Feedback::Committed {
+                series_instance_uid,
+                ..
+            }
+            | Feedback::Dropped {
+                series_instance_uid,
+                ..
+            } => series_instance_uid,
+        };
+        if let Some(series) = study.series.get_mut(series_uid) {
+            series.early_in_flight = false;
+        }
         match feedback {
             Feedback::Committed {
                 series_instance_uid,
@@ -425,7 +482,7 @@ impl Assembler {
                 series_instance_uid,
                 reason,
                 ..
-            } => log::warn!("no result for series {series_instance_uid}: {reason}"),
+            } => log::info!("no result for series {series_instance_uid}: {reason}"),
         }
     }
 
@@ -493,10 +550,24 @@ impl Assembler {
                     series.completion = Some(c);
                 }
             }
+            // After the completions: a series complete now is analysed whole, not early.
+            if self.config.anatomy_coverage_trigger {
+                jobs.extend(early_job(
+                    study_uid,
+                    study,
+                    now,
+                    &self.config,
+                    self.feedback,
+                ));
+            }
 
             if !study.decided {
                 let all_complete = study.series.values().all(|s| s.completion.is_some());
-                let settled = all_complete && now >= study.last_at + study_quiet;
+                // An early analysis in flight is waited for: if it is published, and no
+                // instance arrived since, its series need not be analysed again.
+                let early_in_flight = study.series.values().any(|s| s.early_in_flight);
+                let settled =
+                    all_complete && !early_in_flight && now >= study.last_at + study_quiet;
                 let forced = now >= study.first_at + max_wait;
                 if settled || forced {
                     study.decided = true;
@@ -512,7 +583,7 @@ impl Assembler {
             } else {
                 // Decided study: series completed since are compared with the chosen one.
                 for (series_uid, series) in study.series.iter_mut() {
-                    if series.completion.is_none() || series.evaluated {
+                    if series.completion.is_none() || series.evaluated || series.early_in_flight {
                         continue;
                     }
                     series.evaluated = true;
@@ -630,6 +701,8 @@ impl Assembler {
         let max_wait = secs(self.config.max_wait_secs);
         let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
+        let check = secs(self.config.coverage_check_secs);
+        let trigger = self.config.anatomy_coverage_trigger;
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for study in self.studies.values() {
@@ -638,11 +711,19 @@ impl Assembler {
                 if series.completion.is_none() {
                     all_complete = false;
                     consider((series.last_at + quiet).min(series.first_at + max_wait));
+                    // Instances arrived since the last check, which came too early for
+                    // another one.
+                    if trigger && series.early_pending() {
+                        if let Some(t) = series.early_next(check) {
+                            consider(t);
+                        }
+                    }
                 }
             }
             if !study.decided {
                 consider(study.first_at + max_wait);
-                if all_complete {
+                // An early analysis in flight is waited for: its feedback wakes us.
+                if all_complete && !study.series.values().any(|s| s.early_in_flight) {
                     consider(study.last_at + study_quiet);
                 }
             } else if all_complete && study.in_flight == 0 {
@@ -666,6 +747,106 @@ impl Assembler {
     pub fn studies_held(&self) -> usize {
         self.studies.len()
     }
+}
+
+/// The anatomy-coverage trigger ([`AssemblyConfig::anatomy_coverage_trigger`]) on one
+/// study: an early job for its best candidate series so far, if that series is due for a
+/// check and its contiguous slab is at least `min_coverage_mm` long and grew since the
+/// last early analysis.
+fn early_job(
+    study_uid: &str,
+    study: &mut StudyState,
+    now: Instant,
+    config: &AssemblyConfig,
+    feedback: bool,
+) -> Option<SeriesJob> {
+    let interval = secs(config.coverage_check_secs);
+    let mut any_due = false;
+    for series in study.series.values_mut() {
+        if series.early_due(now, interval) {
+            series.early_checked_at = Some(now);
+            series.early_checked_n = series.instances.len();
+            any_due = true;
+        }
+    }
+    if !any_due {
+        return None;
+    }
+    // The study's best candidate so far (the chosen series of a decided study counts).
+    let mut best: Option<(CandidateSummary, Vec<InstanceHeader>)> = None;
+    for (uid, series) in &study.series {
+        let (accepted, _) = filter_series(series.instances.clone());
+        if accepted.is_empty() {
+            continue;
+        }
+        let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+        let summary = CandidateSummary::from_headers(uid, &refs, &config.bone_kernels);
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| rank_key(&summary, b) == std::cmp::Ordering::Less)
+        {
+            best = Some((summary, accepted));
+        }
+    }
+    let (summary, accepted) = best?;
+    if let Some(chosen) = &study.chosen {
+        if chosen.series_instance_uid != summary.series_instance_uid
+            && rank_key(chosen, &summary) != std::cmp::Ordering::Greater
+        {
+            return None;
+        }
+    }
+    let series_uid = summary.series_instance_uid.clone();
+    let series = study
+        .series
+        .get_mut(&series_uid)
+        .expect("a series of the study");
+    if series.completion.is_some()
+        || !series.analysed.is_empty()
+        || series.early_in_flight
+        || series.early_checked_at != Some(now)
+    {
+        return None;
+    }
+    let (slab, length_mm) = contiguous_slab(&accepted);
+    if length_mm < config.min_coverage_mm || slab.len() <= series.early_slab {
+        return None;
+    }
+    // Quiet for half its quiet period already: it completes soon, and the whole series
+    // is analysed then; an early analysis now would only delay that one.
+    if now >= series.last_at + secs(config.quiet_period_secs / 2.0) {
+        return None;
+    }
+    let expected = series.expected.as_ref().map(|(n, _)| *n as i64);
+    let is_final = |h: &InstanceHeader| {
+        h.instance_number
+            .is_some_and(|n| n == 1 || Some(n) == expected)
+    };
+    let patient_z = |h: &InstanceHeader| h.image_position_patient.map_or(0.0, |p| p[2]);
+    let inferior = slab
+        .iter()
+        .min_by(|a, b| patient_z(a).total_cmp(&patient_z(b)))
+        .expect("a slab of at least min_coverage_mm has slices");
+    let superior = slab
+        .iter()
+        .max_by(|a, b| patient_z(a).total_cmp(&patient_z(b)))
+        .expect("a slab of at least min_coverage_mm has slices");
+    let check = EarlyCheck {
+        inferior_end_final: is_final(inferior),
+        superior_end_final: is_final(superior),
+    };
+    log::info!(
+        "series {series_uid} of study {study_uid}: contiguous slab of {} slice(s), {length_mm:.0} mm (of {} received): analysing it early (anatomy-coverage trigger)",
+        slab.len(),
+        series.instances.len()
+    );
+    series.early_slab = slab.len();
+    series.early_sent_at = Some(now);
+    series.early_in_flight = feedback;
+    let mut job = make_job(study_uid, &series_uid, series, slab);
+    job.completion = Completion::AnatomyCoverage;
+    job.meta.early = Some(check);
+    Some(job)
 }
 
 /// Selection over the complete series of a study being decided.
@@ -748,6 +929,7 @@ fn make_job(
             last_received: Some(series.last_received),
             completed: None,
             sop_instance_uids: Vec::new(),
+            early: None,
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
@@ -1396,5 +1578,146 @@ mod tests {
             paths_of(&a.take_releases()),
             BTreeSet::from(["/spool/1.2.3.1.scout.dcm".to_string()])
         );
+    }
+
+    fn trigger_config() -> AssemblyConfig {
+        AssemblyConfig {
+            anatomy_coverage_trigger: true,
+            min_coverage_mm: 10.0,
+            coverage_check_secs: 1.0,
+            ..config()
+        }
+    }
+
+    /// Adds slices `from..to` of `series` (1 mm apart), one every 100 ms from `t0 + from *
+    /// 100 ms`, polling after each; returns the jobs.
+    fn stream(
+        a: &mut Assembler,
+        series: &str,
+        kernel: &str,
+        range: std::ops::Range<usize>,
+        t0: Instant,
+    ) -> Vec<SeriesJob> {
+        let mut jobs = Vec::new();
+        for k in range {
+            let now = t0 + ms(100) * k as u32;
+            let (s, mut h) = instance(series, k, kernel, 1.0);
+            h.instance_number = Some(k as i64 + 1);
+            a.add(&s, h, now);
+            jobs.extend(a.poll(now));
+        }
+        jobs
+    }
+
+    fn dropped(series: &str) -> Feedback {
+        Feedback::Dropped {
+            study_instance_uid: STUDY.into(),
+            series_instance_uid: series.into(),
+            reason: "coverage".into(),
+        }
+    }
+
+    #[test]
+    fn the_trigger_analyses_a_long_enough_contiguous_slab_early() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        // 10 slices 1 mm apart are 10 mm; the slab is measured every 250 ms at most (here
+        // at 0, 300, 600 and 900 ms).
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 0..9, t0);
+        assert!(jobs.is_empty(), "9 mm is not enough");
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 9..10, t0);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::AnatomyCoverage);
+        assert_eq!(jobs[0].instances.len(), 10);
+        assert_eq!(
+            jobs[0].meta.early,
+            Some(EarlyCheck {
+                // Instance 1 is the lowest slice; the highest is not the last one known.
+                inferior_end_final: true,
+                superior_end_final: false,
+            })
+        );
+        // In flight: no second early analysis, however much arrives.
+        assert!(stream(&mut a, "1.2.3.1", "BONE", 10..30, t0).is_empty());
+        // Not published (the model did not see C1-C7 with margins): the next check, with
+        // a grown slab and coverage_check_secs after the last early analysis, tries again.
+        a.feedback(dropped("1.2.3.1"));
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 30..31, t0);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].instances.len(), 31);
+        // No early analysis once the series has been quiet for half its quiet period.
+        let mut b = Assembler::new(trigger_config()).with_feedback(true);
+        stream(&mut b, "1.2.3.1", "BONE", 0..9, t0);
+        let (s, mut h) = instance("1.2.3.1", 9, "BONE", 1.0);
+        h.instance_number = Some(10);
+        b.add(&s, h, t0 + ms(850));
+        assert!(b.poll(t0 + ms(850) + ms(1500)).is_empty());
+        // Published: no more early checks; the series completes with more instances than
+        // the early result named, so it is analysed again whole.
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert!(stream(&mut a, "1.2.3.1", "BONE", 31..40, t0).is_empty());
+        let last = t0 + ms(3900);
+        assert!(a.poll(last + ms(2999)).is_empty());
+        let jobs = a.poll(last + ms(3000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::QuietPeriod);
+        assert_eq!(jobs[0].instances.len(), 40);
+        assert_eq!(jobs[0].meta.early, None);
+    }
+
+    #[test]
+    fn a_published_early_result_of_the_whole_series_is_not_repeated() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 0..10, t0);
+        assert_eq!(jobs.len(), 1);
+        // The series completes while its early analysis is in flight: the decision waits
+        // (for the feedback, or at most until the study's max wait).
+        assert!(a.poll(t0 + ms(5000)).is_empty());
+        assert_eq!(a.next_deadline(), Some(t0 + ms(10_000)));
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert!(
+            a.poll(t0 + ms(5000)).is_empty(),
+            "the early result named every instance: not analysed again"
+        );
+        assert!(a.take_skips().is_empty());
+    }
+
+    #[test]
+    fn the_trigger_waits_for_a_contiguous_slab_and_the_best_series() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        // Every other slice: 2 mm steps, contiguous (no step above 1.5x the median).
+        // A soft-tissue series long enough, but a bone one is arriving: not the best.
+        for k in 0..12 {
+            let (s, h) = instance("1.2.3.2", k, "SOFT", 1.0);
+            a.add(&s, h, t0 + ms(10) * k as u32);
+        }
+        let (s, h) = instance("1.2.3.1", 0, "BONE", 1.0);
+        a.add(&s, h, t0 + ms(200));
+        assert!(
+            a.poll(t0 + ms(200)).is_empty(),
+            "the soft series is not the best"
+        );
+        // The bone series with a gap: 0..=5 and 8..=11 (5 and 4 mm): no 10 mm slab.
+        for k in (1..6).chain(8..12) {
+            let (s, h) = instance("1.2.3.1", k, "BONE", 1.0);
+            a.add(&s, h, t0 + ms(1500) + ms(10) * k as u32);
+        }
+        assert!(a.poll(t0 + ms(1700)).is_empty(), "no slab of 10 mm");
+        // The gap filled: 12 mm, checked again after the rate limit.
+        for k in 6..8 {
+            let (s, h) = instance("1.2.3.1", k, "BONE", 1.0);
+            a.add(&s, h, t0 + ms(1800));
+        }
+        assert!(
+            a.poll(t0 + ms(1800)).is_empty(),
+            "checked less than 250 ms ago"
+        );
+        assert_eq!(a.next_deadline(), Some(t0 + ms(1950)));
+        let jobs = a.poll(t0 + ms(1950));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.1");
+        assert_eq!(jobs[0].instances.len(), 12);
     }
 }

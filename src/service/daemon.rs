@@ -138,6 +138,7 @@ async fn run(config: Config) -> Result<()> {
                 health.register("inference"),
                 volume_rx,
                 result_tx,
+                Some(feedback_tx.clone()),
             )),
         ),
         (
