@@ -532,8 +532,13 @@ pub fn read_mark(series_dir: &Path) -> Option<AnalysedMark> {
             return None;
         }
     };
-    match serde_json::from_slice(&bytes) {
-        Ok(mark) => Some(mark),
+    match serde_json::from_slice::<AnalysedMark>(&bytes) {
+        Ok(mut mark) => {
+            // Sorted for `covers`, whoever wrote it.
+            mark.sop_instance_uids.sort_unstable();
+            mark.sop_instance_uids.dedup();
+            Some(mark)
+        }
         Err(e) => {
             log::warn!(
                 "{} is not a valid analysed mark ({e}); the series is analysed again",
