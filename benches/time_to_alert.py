@@ -5,6 +5,15 @@ study to the result arriving at a dashboard's MQTT subscriber, broken down by st
 Also: 4 scanners sending 4 studies at once (throughput, daemon peak RSS).
 
 Usage: python3 benches/time_to_alert.py [--slices-thickness 0.6] [--matrix 512]
+       [--coverage-trigger [--min-coverage-mm 150] [--coverage-check-secs 2]
+        [--force-early-accept]] [--in-order] [--scanners 0]
+--coverage-trigger turns on series.anatomy_coverage_trigger: a result can then come before
+the last slice (an early analysis of the slab received), and the whole series follows as
+a revised result; both are reported. --force-early-accept sets the daemon's test hook
+CSPINE_TEST_EARLY_ACCEPT=1 (every early analysis published, coverage check or not): it
+measures the trigger's plumbing with a model that cannot find C1-C7, not a real decision.
+--in-order sends the files in Instance Number order (synth numbers them along z), as a
+scanner does, instead of storescu's directory scan order.
 Needs: a release build (cargo build --release), DCMTK storescu, mosquitto, paho-mqtt.
 Prints a Markdown table for BENCHMARKS.md. Not a test: numbers vary with the machine.
 """
@@ -44,6 +53,7 @@ class Subscriber:
     def __init__(self, port, prefix):
         self.arrivals = {}
         self.results = {}
+        self.all = {}
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
         self.client.on_message = self.on_message
@@ -57,22 +67,33 @@ class Subscriber:
         with self.lock:
             self.arrivals.setdefault(r["study_instance_uid"], now)
             self.results.setdefault(r["study_instance_uid"], r)
+            self.all.setdefault(r["study_instance_uid"], []).append((now, r))
 
-    def wait(self, study_uids, timeout=900):
+    def wait(self, study_uids, timeout=900, instances=None):
+        """Until each study has a result (with `instances` instances, when given)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             with self.lock:
-                if all(u in self.arrivals for u in study_uids):
+                if all(any(instances is None or r["instances"] == instances for _, r in self.all.get(u, []))
+                       for u in study_uids):
                     return
             time.sleep(0.02)
         raise SystemExit(f"results missing after {timeout} s")
+
+
+IN_ORDER = False
 
 
 def send(storescu, port, study_dir):
     """storescu with TCP_NODELAY; returns the time its last C-STORE was answered
     (storescu exits right after the release)."""
     env = dict(os.environ, TCP_NODELAY="1")
-    subprocess.run([storescu, "-aec", "CSPINE", "-aet", "BENCH", "+sd", "+r", "127.0.0.1", str(port), str(study_dir)],
+    if IN_ORDER:
+        files = sorted(study_dir.iterdir(), key=lambda p: int(p.stem) if p.stem.isdigit() else 1 << 40)
+        what = [str(f) for f in files]
+    else:
+        what = ["+sd", "+r", str(study_dir)]
+    subprocess.run([storescu, "-aec", "CSPINE", "-aet", "BENCH", "127.0.0.1", str(port)] + what,
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.time()
 
@@ -83,7 +104,18 @@ def main():
     ap.add_argument("--matrix", default="512")
     ap.add_argument("--quiet-period", default="2.0")
     ap.add_argument("--scanners", type=int, default=4)
+    ap.add_argument("--coverage-trigger", action="store_true")
+    ap.add_argument("--min-coverage-mm", default="150.0")
+    ap.add_argument("--coverage-check-secs", default="2.0")
+    ap.add_argument("--force-early-accept", action="store_true")
+    ap.add_argument("--in-order", action="store_true")
     args = ap.parse_args()
+    global IN_ORDER
+    IN_ORDER = args.in_order
+    trigger = ""
+    if args.coverage_trigger:
+        trigger = (f"anatomy_coverage_trigger = true\nmin_coverage_mm = {args.min_coverage_mm}\n"
+                   f"coverage_check_secs = {args.coverage_check_secs}\n")
     if not BIN.exists():
         raise SystemExit("build first: cargo build --release")
     # DCMTK's storescu (pynetdicom installs another program of that name).
@@ -111,7 +143,7 @@ port = {dicom_port}
 spool_dir = "{work}/spool"
 [series]
 quiet_period_secs = {args.quiet_period}
-[inference]
+{trigger}[inference]
 model = "{ROOT}/models/model.json"
 threads = 2
 [alert]
@@ -121,8 +153,10 @@ device = "box"
 outbox_dir = "{work}/outbox"
 """)
     log = open(work / "serve.log", "w")
-    daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=log, stdout=log,
-                              env=dict(os.environ, RUST_LOG="info"))
+    env = dict(os.environ, RUST_LOG="info")
+    if args.force_early_accept:
+        env["CSPINE_TEST_EARLY_ACCEPT"] = "1"
+    daemon = subprocess.Popen([BIN, "serve", "--config", cfg], stderr=log, stdout=log, env=env)
     try:
         wait_port(dicom_port)
         sub = Subscriber(mqtt_port, "cspine/bench/box/")
@@ -131,8 +165,11 @@ outbox_dir = "{work}/outbox"
         # 1. One study, nothing else running.
         t_sent = send(storescu, dicom_port, studies[0])
         uid = studies[0].name
-        sub.wait([uid])
-        r, t_arrival = sub.results[uid], sub.arrivals[uid]
+        sub.wait([uid], instances=n_slices)
+        with sub.lock:
+            got = list(sub.all[uid])
+        first_arrival, first = got[0]
+        t_arrival, r = next((t, x) for t, x in got if x["instances"] == n_slices)
         t = r["timings"]
         rows = [
             ("last C-STORE answered -> last instance received (spool)", ts(t["last_instance_received"]) - t_sent),
@@ -142,8 +179,18 @@ outbox_dir = "{work}/outbox"
             ("outbox commit (-> published)", ts(t["published"]) - ts(t["inference_end"])),
             ("MQTT to the subscriber", t_arrival - ts(t["published"])),
         ]
+        mode = "trigger off"
+        if args.coverage_trigger:
+            mode = (f"anatomy-coverage trigger on (min_coverage_mm {args.min_coverage_mm}, "
+                    f"coverage_check_secs {args.coverage_check_secs}"
+                    f"{', CSPINE_TEST_EARLY_ACCEPT=1' if args.force_early_accept else ''})")
         print(f"\n### Time to alert: one study, {n_slices} slices of {args.matrix}x{args.matrix}, "
-              f"quiet period {args.quiet_period} s, status {r['status']}\n")
+              f"quiet period {args.quiet_period} s, {mode}, "
+              f"{'in Instance Number order' if IN_ORDER else 'storescu +sd order'}, status {r['status']}\n")
+        print("| result | instances | last C-STORE response -> arrival (s) |\n| --- | ---: | ---: |")
+        print(f"| first result | {first['instances']} | {first_arrival - t_sent:.3f} |")
+        print(f"| whole series | {r['instances']} | {t_arrival - t_sent:.3f} |")
+        print(f"\nresults received: {len(got)}; breakdown of the whole-series result:\n")
         print("| stage | seconds |\n| --- | ---: |")
         for name, secs in rows:
             print(f"| {name} | {secs:.3f} |")
@@ -151,6 +198,8 @@ outbox_dir = "{work}/outbox"
         print(f"| of which the quiet period (configured) | {float(args.quiet_period):.3f} |")
 
         # 2. Several scanners at once.
+        if args.scanners == 0:
+            return
         uids = [s.name for s in studies[1:]]
         t0 = time.time()
         threads = [threading.Thread(target=send, args=(storescu, dicom_port, s)) for s in studies[1:]]

@@ -215,6 +215,7 @@ fn message(id: &str, status: Status, png: Option<&[u8]>) -> ResultMessage {
         result: full_result(id, status),
         patient_id: "PAT-0042".into(),
         key_image_png: png.map(<[u8]>::to_vec),
+        sop_instance_uids: Vec::new(),
     }
 }
 

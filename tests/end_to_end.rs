@@ -163,10 +163,10 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     assert_eq!(ok["status"], "negative", "{ok}");
 }
 
-/// Sends a ~90-slice series without its last 8 slices, waits for its result and for its
-/// release from the spool, then sends the 8 late slices and waits for the second result.
-/// Returns the first result, the second one, the number of instances of the series and the
-/// daemon log.
+/// Sends a ~90-slice series without its last 8 slices, waits for its result and for the
+/// spool's analysed mark of the series, then sends the 8 late slices and waits for the
+/// second result. Returns the first result, the second one, the number of instances of the
+/// series and the daemon log.
 fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value, usize, String) {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
@@ -224,10 +224,10 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
     send(early);
     sub.wait_for_within("the first result", timeout, |_| distinct_ids().len() == 1);
     let first = results()[0].clone();
-    // The spool copy of the series is released once its result is in the outbox: the late
-    // slices arrive after that.
+    // The series is marked analysed in the spool once its result is in the outbox (and
+    // kept there while its study is remembered): the late slices arrive after that.
     assert!(
-        daemon.wait_for_log("instances removed from the spool", timeout),
+        daemon.wait_for_log("analysed instances marked in the spool", timeout),
         "{}",
         daemon.log()
     );
@@ -277,12 +277,196 @@ fn late_instances_give_a_revised_result_under_a_new_id() {
     );
 }
 
-/// The revised result of late instances analyses the whole series. Known gap
-/// (docs/RELIABILITY.md): the spool copy of the series was released when its first result
-/// was committed, so the revision cannot read the earlier instances and is `failed`.
+/// The revised result of late instances analyses the whole series: the spool keeps the
+/// earlier instances of an analysed series while its study is remembered
+/// (`series.completed_retention_secs`), so the revision reads them all, and nothing of the
+/// series was removed from the spool.
 #[test]
-#[ignore = "known gap (docs/RELIABILITY.md): the earlier instances of a series are released from the spool once its result is committed, so a revision for late instances fails to read them"]
 fn late_instances_revision_analyses_the_whole_series() {
-    let (_, second, _, log) = send_a_series_then_its_late_slices();
+    let (_, second, instances, log) = send_a_series_then_its_late_slices();
     assert_ne!(second["status"], "failed", "{second}\n{log}");
+    assert_eq!(second["instances"], instances, "{second}");
+    assert!(
+        !log.contains("instances removed from the spool"),
+        "released within the retention:\n{log}"
+    );
+}
+
+/// A synthetic study's files in Instance Number order (synth numbers them along z), as a
+/// scanner sends them.
+fn files_in_z_order(study: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(study)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort_by_key(|p| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    files
+}
+
+fn storescu_send(port: u16, files: &[std::path::PathBuf]) {
+    let status = Command::new(dcmtk("storescu"))
+        .args(["-aec", "CSPINE", "-aet", "CTSCANNER"])
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .args(files)
+        .status()
+        .unwrap();
+    assert!(status.success(), "storescu failed");
+}
+
+/// `[series]` keys of the trigger tests: a short slab and frequent checks, so that the
+/// 256x256 test study (1.5 mm slices) is checked several times while it arrives.
+const TRIGGER_ON: &str =
+    "anatomy_coverage_trigger = true\nmin_coverage_mm = 40.0\ncoverage_check_secs = 0.3";
+
+/// The anatomy-coverage trigger's plumbing through the daemon: the committed model is
+/// under-trained and never finds C1-C7, so the test hook `CSPINE_TEST_EARLY_ACCEPT=1`
+/// publishes every early analysis. The first two thirds of a series arrive, the quiet
+/// period is long (20 s): an early result of that slab is published before the rest is
+/// even sent, i.e. earlier than any result without the trigger (which needs the series to
+/// be quiet for the quiet period after its last instance). The rest arrives: when the
+/// series completes it is analysed again, whole, under a new id.
+#[test]
+fn anatomy_coverage_trigger_publishes_early_then_the_whole_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let topic = "cspine/testsite/box1/result";
+    let sub = Subscriber::start(broker.port, topic);
+    let study = synth(
+        &tmp.path().join("s"),
+        9104,
+        "C4",
+        &["--matrix", "256", "--slice-thickness", "1.5"],
+    );
+    let files = files_in_z_order(&study[0]);
+    let (first, rest) = files.split_at(files.len() * 2 / 3);
+    let port = free_port();
+    let config = serve_config_full(tmp.path(), port, &broker.url(), "", TRIGGER_ON, "");
+    let mut serve = serve_command(&config, &["--quiet-period", "20"]);
+    serve.env("CSPINE_TEST_EARLY_ACCEPT", "1");
+    let daemon = Proc::spawn(serve);
+    assert!(
+        wait_for_port(port, Duration::from_secs(60)),
+        "{}",
+        daemon.log()
+    );
+    let results = || -> Vec<serde_json::Value> {
+        sub.on(topic)
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
+    };
+    let timeout = Duration::from_secs(300);
+
+    storescu_send(port, first);
+    let first_sent = std::time::Instant::now();
+    sub.wait_for_within("the early result", timeout, |_| !results().is_empty());
+    let early_after = first_sent.elapsed();
+    let early = results()[0].clone();
+    assert!(
+        daemon
+            .log()
+            .contains("analysing it early (anatomy-coverage trigger)"),
+        "{}",
+        daemon.log()
+    );
+    // The slab is what had arrived: contiguous, all of the first part at most.
+    let early_n = early["instances"].as_u64().unwrap() as usize;
+    assert!(early_n > 0 && early_n <= first.len(), "{early}");
+    assert!(
+        early_after < Duration::from_secs(20),
+        "the early result came {early_after:?} after the first part: the quiet period, not \
+         the trigger"
+    );
+
+    storescu_send(port, rest);
+    sub.wait_for_within("the result of the whole series", timeout, |_| {
+        results().iter().any(|r| r["instances"] == files.len())
+    });
+    let whole = results()
+        .into_iter()
+        .find(|r| r["instances"] == files.len())
+        .unwrap();
+    assert_ne!(whole["id"], early["id"]);
+    assert_eq!(whole["series_instance_uid"], early["series_instance_uid"]);
+    assert_schema_valid(&early);
+    assert_schema_valid(&whole);
+    eprintln!(
+        "early result ({} of {} instances, {}) {:.1} s after the first part was sent, before \
+         the rest; then the whole series ({})",
+        early_n,
+        files.len(),
+        early["status"],
+        early_after.as_secs_f64(),
+        whole["status"]
+    );
+}
+
+/// With the trigger on and a model that does not find C1-C7 (the committed one), the early
+/// analyses are not published; the one result is the whole series, and it comes no later
+/// than without the trigger, up to one early analysis that may still be running when the
+/// series completes (measured: printed).
+#[test]
+fn anatomy_coverage_trigger_without_coverage_publishes_the_whole_series_no_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let topic = "cspine/testsite/box1/result";
+    let study = synth(
+        &tmp.path().join("s"),
+        9105,
+        "none",
+        &["--matrix", "256", "--slice-thickness", "1.5"],
+    );
+    let files = files_in_z_order(&study[0]);
+    let timeout = Duration::from_secs(300);
+    // Last C-STORE response to the first result, trigger off then on; the results.
+    let run = |name: &str, series_extra: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sub = Subscriber::start(broker.port, topic);
+        let port = free_port();
+        let config = serve_config_full(&dir, port, &broker.url(), "", series_extra, "");
+        let daemon = spawn_serve(&config, port, &[]);
+        storescu_send(port, &files);
+        let sent = std::time::Instant::now();
+        sub.wait_for_within("a result", timeout, |m| !m.is_empty());
+        let took = sent.elapsed();
+        // Anything else (an early result) would have come first; wait for stragglers.
+        std::thread::sleep(Duration::from_secs(2));
+        let results: Vec<serde_json::Value> = sub
+            .on(topic)
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect();
+        (took, results, daemon.log())
+    };
+    let (off, off_results, _) = run("off", "");
+    let (on, on_results, log) = run("on", TRIGGER_ON);
+    assert_eq!(off_results.len(), 1, "{off_results:?}");
+    assert_eq!(on_results.len(), 1, "{on_results:?}\n{log}");
+    assert_eq!(on_results[0]["instances"], files.len(), "{log}");
+    assert_eq!(
+        on_results[0]["id"], off_results[0]["id"],
+        "the same analysis"
+    );
+    assert!(
+        log.contains("analysing it early") && log.contains("not published"),
+        "the trigger ran and its early analyses were withheld:\n{log}"
+    );
+    eprintln!(
+        "last response -> result: {:.2} s without the trigger, {:.2} s with it (early \
+         analyses withheld: {})",
+        off.as_secs_f64(),
+        on.as_secs_f64(),
+        log.matches("not published").count()
+    );
+    assert!(
+        on <= off + Duration::from_secs(3),
+        "trigger on: {on:?}, off: {off:?}"
+    );
 }

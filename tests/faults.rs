@@ -30,6 +30,10 @@ const ALERT_TOPIC: &str = "cspine/testsite/box1/alert";
 /// revision under another id (the known "late instances" gap of docs/RELIABILITY.md),
 /// which these tests would report.
 const QUIET_PERIOD: &str = "8";
+/// `[series]` key for the tests that want the spool to end empty: an analysed series is
+/// kept in the spool until its study is forgotten, 2 s after its last instance here (one
+/// hour by default) once its result is committed.
+const RETENTION_2S: &str = "completed_retention_secs = 2.0";
 /// For results and outbox drains: generous, the machine may be busy.
 const RESULT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -100,6 +104,17 @@ fn sources(study_dirs: &[PathBuf]) -> Vec<Source> {
         }
     }
     out
+}
+
+/// Study Instance UID of a generated instance (synth writes `train_images/<study>/<n>.dcm`).
+fn study_of(source: &Source) -> String {
+    source
+        .path
+        .parent()
+        .and_then(|d| d.file_name())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Series Instance UID -> number of instances.
@@ -260,21 +275,35 @@ fn outbox_ids(outbox: &Path) -> Vec<String> {
         .collect()
 }
 
-/// What the daemon logs say about `series`: how many instances each release of it from the
-/// spool removed (one entry per result committed for it), and how often a result for `id`
-/// was committed to the outbox.
-fn releases(logs: &str, series: &str) -> Vec<usize> {
+/// What the daemon logs say about `series`: how many instances each result committed for
+/// it analysed (one entry per result, logged when the spool marks the series analysed).
+fn analyses(logs: &str, series: &str) -> Vec<usize> {
     let head = format!("series {series} (result ");
     logs.lines()
         .filter_map(|l| {
             let rest = &l[l.find(&head)?..];
             let n = rest.split("): ").nth(1)?.split(' ').next()?;
-            rest.contains("instances removed from the spool")
+            rest.contains("analysed instances marked in the spool")
                 .then(|| n.parse().ok())?
         })
         .collect()
 }
 
+/// How many instances each release of `series` from the spool removed once its study was
+/// forgotten (`series.completed_retention_secs` after its last instance, its results
+/// committed).
+fn releases(logs: &str, series: &str) -> Vec<usize> {
+    let head = format!("series {series} (study forgotten): ");
+    logs.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(&head)? + head.len()..];
+            rest.contains("instances removed from the spool")
+                .then(|| rest.split(' ').next()?.parse().ok())?
+        })
+        .collect()
+}
+
+/// How often a result for `id` was committed to the outbox.
 fn commits(logs: &str, id: &str) -> usize {
     let needle = format!("result {id} (");
     logs.lines()
@@ -434,7 +463,9 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
         all.iter().map(|s| (s.path.clone(), s.clone())).collect();
     let spool = tmp.path().join("spool");
     let port = free_port();
-    let config = serve_config(tmp.path(), port, &broker.url(), "");
+    // A short retention: the analysed series leave the spool soon after their results, so
+    // that the test sees the spool end empty.
+    let config = serve_config_full(tmp.path(), port, &broker.url(), "", RETENTION_2S, "");
     let serve_args = ["--quiet-period", QUIET_PERIOD];
 
     let seed: u64 = std::env::var("FAULTS_SEED")
@@ -507,7 +538,7 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
         acked.extend(report.acked.iter().map(|p| series_of[p].sop.clone()));
 
         // The crash state: every instance acknowledged so far is in the spool, intact
-        // (unless its series was already analysed and released: not expected here).
+        // (unless its series was already analysed and forgotten: not expected here).
         let on_disk = spooled(&spool);
         for sop in &acked {
             let source = all.iter().find(|s| &s.sop == sop).unwrap();
@@ -537,7 +568,7 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     assert!(acked.len() < all.len(), "the stream ended during the kills");
     for series in sizes.keys() {
         assert!(
-            releases(&logs, series).is_empty(),
+            analyses(&logs, series).is_empty(),
             "series {series} was analysed during the kills (a restart gap longer than the \
              {QUIET_PERIOD} s quiet period?): a partial result"
         );
@@ -546,8 +577,8 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     // Final start: the re-index keeps every acknowledged instance (none was rejected as
     // unreadable), and the scanner sends what it still has no Success for.
     let daemon = spawn_serve(&config, port, &serve_args);
-    // (A series already analysed and released has its instances in its result instead:
-    // checked below against the instance count of the release.)
+    // (A series already analysed and forgotten has its instances in its result instead:
+    // checked below against the instance count of the analysis.)
     let in_spool = |acked: &BTreeSet<String>, log: &dyn Fn() -> String| {
         let on_disk = spooled(&spool);
         let missing: Vec<&Source> = all
@@ -593,8 +624,10 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     wait_until("the outbox to drain", RESULT_TIMEOUT, || {
         outbox_ids(&tmp.path().join("outbox")).is_empty()
     });
-    // The release is logged after its files are gone (and its directories removed and
-    // fsynced): wait for the log line too, or the check below races with it.
+    // The analysed series stay in the spool until their study is forgotten (2 s after its
+    // last instance here, once its result is committed). The release is logged after its
+    // files are gone (and its directories removed and fsynced): wait for the log line
+    // too, or the check below races with it.
     wait_until("the spool to be released", RESULT_TIMEOUT, || {
         spooled(&spool).is_empty()
             && sizes
@@ -608,8 +641,9 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
         spool_rejected(&spool)
     );
 
-    // Each series analysed once, with every instance, committed once, delivered as one
-    // result (byte-identical copies allowed) under its documented id; nothing else.
+    // Each series analysed once, with every instance, committed once, kept in the spool
+    // until its study was forgotten, then released whole; delivered as one result
+    // (byte-identical copies allowed) under its documented id; nothing else.
     assert_eq!(
         ids_on(&sub, RESULT_TOPIC),
         ids.values().cloned().collect::<BTreeSet<_>>()
@@ -617,9 +651,15 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     let mut copies = Vec::new();
     for (series, id) in &ids {
         assert_eq!(
-            releases(&logs, series),
+            analyses(&logs, series),
             vec![sizes[series]],
             "series {series}: one analysis of all {} instances",
+            sizes[series]
+        );
+        assert_eq!(
+            releases(&logs, series),
+            vec![sizes[series]],
+            "series {series}: one release of all {} instances",
             sizes[series]
         );
         assert_eq!(commits(&logs, id), 1, "result {id} committed once");
@@ -647,10 +687,11 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
 // ---------------------------------------------------------------- broker down
 
 /// The broker is down from before the daemon starts: two studies arrive, one before and
-/// one after a kill -9 of the daemon, their results wait in the outbox (the spool already
-/// released), and both reach a dashboard with a persistent session once the broker is up,
-/// in order, under their documented ids, the first one exactly as committed before the
-/// restart.
+/// one after a kill -9 of the daemon, their results wait in the outbox (the spool keeps
+/// the analysed series, marked analysed), and both reach a dashboard with a persistent
+/// session once the broker is up, in order, under their documented ids, the first one
+/// exactly as committed before the restart: the restarted daemon finds the first series
+/// marked analysed in the spool and does not analyse it again.
 #[test]
 fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
     let _serial = one_at_a_time();
@@ -696,9 +737,14 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
     });
     let id1 = queued(&ids1).unwrap();
     wait_until(
-        "the first series released from the spool",
+        "the first series marked analysed in the spool",
         RESULT_TIMEOUT,
-        || spooled(&spool).is_empty(),
+        || !analyses(&daemon.log(), &first[0].series).is_empty(),
+    );
+    assert_eq!(
+        spooled(&spool).len(),
+        first.len(),
+        "the analysed series stays in the spool while its study is remembered"
     );
     assert!(
         daemon.wait_for_log("cannot connect to MQTT broker", RESULT_TIMEOUT),
@@ -715,6 +761,21 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
         outbox_ids(&outbox),
         std::slice::from_ref(&id1),
         "the outbox survives kill -9"
+    );
+    // The spool's analysed mark survives it too: the series is remembered, not analysed
+    // again (checked below: result 1 committed once).
+    assert!(
+        daemon.wait_for_log(
+            &format!(
+                "series {} of study {}: {} instance(s) already analysed",
+                first[0].series,
+                study_of(&first[0]),
+                first.len()
+            ),
+            RESULT_TIMEOUT
+        ),
+        "{}",
+        daemon.log()
     );
     let report = store(port, &paths(&second));
     assert!(report.status.success(), "{}", report.log);
@@ -766,7 +827,7 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
     assert_documented_id(&r1, &first);
     assert_documented_id(&r2, &second);
     // Result 1 is the one committed before the kill, replayed from the outbox: not
-    // analysed again by the second daemon (its spool copy was gone).
+    // analysed again by the second daemon (its spool copy is marked analysed).
     let published = |r: &serde_json::Value| {
         time::OffsetDateTime::parse(
             r["timings"]["published"].as_str().unwrap(),
@@ -778,6 +839,13 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
     assert!(published(&r2) > restarted_at, "{r2}");
     assert_eq!(commits(&logs, &id1), 1);
     assert_eq!(commits(&logs, &id2), 1);
+    assert_eq!(analyses(&logs, &first[0].series), vec![first.len()]);
+    assert_eq!(analyses(&logs, &second[0].series), vec![second.len()]);
+    assert_eq!(
+        spooled(&spool).len(),
+        first.len() + second.len(),
+        "both analysed series are kept while their studies are remembered"
+    );
     eprintln!(
         "broker down {:.1} s (daemon killed and restarted meanwhile, {} failed connects after \
          the restart); both results delivered {:.2} s after the broker came up, copies {n1} \
@@ -896,14 +964,16 @@ fn assert_recovers(
     });
     let id = one_of(&ids_on(sub, RESULT_TOPIC), &candidates).unwrap();
     let took = last.elapsed().as_secs_f64();
+    // Released once its study is forgotten (a short retention in these tests).
     wait_until("the series to be released", RESULT_TIMEOUT, || {
         !releases(&logs(), series).is_empty()
     });
     assert_eq!(
-        releases(&logs(), series),
+        analyses(&logs(), series),
         vec![all.len()],
         "one analysis, every instance"
     );
+    assert_eq!(releases(&logs(), series), vec![all.len()]);
     let (result, _) = delivered(sub, &id);
     assert_eq!(result["series_instance_uid"], series.as_str());
     assert_documented_id(&result, all);
@@ -931,8 +1001,15 @@ fn disk_full_on_a_tmpfs_spool_answers_a700_and_recovers_when_space_returns() {
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, TOPICS);
     let port = free_port();
-    // No floor: the write itself must fail.
-    let config = serve_config_with(tmp.path(), port, &broker.url(), "min_free_space_mb = 0", "");
+    // No floor: the write itself must fail. A short retention: the spool ends empty.
+    let config = serve_config_full(
+        tmp.path(),
+        port,
+        &broker.url(),
+        "min_free_space_mb = 0",
+        RETENTION_2S,
+        "",
+    );
     let daemon = spawn_serve(&config, port, &["--quiet-period", QUIET_PERIOD]);
 
     // Another writer leaves ~6 MiB.
@@ -991,11 +1068,12 @@ fn below_the_free_space_floor_a700_keeps_what_was_acknowledged_and_recovers() {
     let spool = tmp.path().join("spool");
     let serve_args = ["--quiet-period", QUIET_PERIOD];
     let floor = |mb: u64| {
-        serve_config_with(
+        serve_config_full(
             tmp.path(),
             port,
             &broker.url(),
             &format!("min_free_space_mb = {mb}"),
+            RETENTION_2S,
             "",
         )
     };

@@ -297,7 +297,7 @@ async fn assembler_task_emits_the_chosen_series_of_each_study() {
         health.register("series"),
         in_rx,
         out_tx,
-        None,
+        Default::default(),
     ));
     // Shuffled order: the assembler must not care.
     let mut instances = stored_instances(&["study_with_localizer", "two_candidates", "gap"]);
@@ -350,7 +350,8 @@ fn series_config_is_validated_by_check_config() {
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        "[series]\nquiet_period_secs = 2.0\nbone_kernels = [\"FC30\"]\n\n\
+        "[series]\nquiet_period_secs = 2.0\nbone_kernels = [\"FC30\"]\n\
+         anatomy_coverage_trigger = true\nmin_coverage_mm = 140.0\n\n\
          [[series.expected_count]]\ncalling_ae = \"CT_NECK\"\nimages = 320\n",
     )
     .unwrap();
@@ -366,17 +367,25 @@ fn series_config_is_validated_by_check_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("calling_ae = \"CT_NECK\"") && stdout.contains("images = 320"),
+        stdout.contains("calling_ae = \"CT_NECK\"")
+            && stdout.contains("images = 320")
+            && stdout.contains("anatomy_coverage_trigger = true")
+            && stdout.contains("min_coverage_mm = 140.0")
+            && stdout.contains("coverage_check_secs = 2.0"),
         "{stdout}"
     );
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[series]\nanatomy_coverage_trigger = true\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[series]\nanatomy_coverage_trigger = true\nmin_coverage_mm = 0.0\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cspine-triage"))
         .args(["check-config"])
         .arg(&bad)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("series.min_coverage_mm must be > 0"));
 }

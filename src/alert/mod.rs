@@ -50,6 +50,9 @@ pub struct ResultMessage {
     pub patient_id: String,
     /// Key image (PNG), published on `keyimage/<id>`.
     pub key_image_png: Option<Vec<u8>>,
+    /// The SOP Instance UIDs the result analysed (what its id names), passed on in
+    /// [`Committed`] for the spool's analysed mark; not published.
+    pub sop_instance_uids: Vec<String>,
 }
 
 /// Sent on the `committed` channel of [`Alerts::run`] once a result is durably in the
@@ -63,6 +66,8 @@ pub struct Committed {
     pub seq: u64,
     /// An undelivered entry with the same id was already in the outbox and was kept.
     pub already_queued: bool,
+    /// The instances the result analysed ([`ResultMessage::sop_instance_uids`]).
+    pub sop_instance_uids: Vec<String>,
 }
 
 /// `[alert]` section: where results go.
@@ -320,6 +325,7 @@ impl Alerts {
                 mut result,
                 patient_id,
                 key_image_png,
+                sop_instance_uids,
             } = message;
             if !id_is_topic_safe(&result.id) {
                 // Still published (never dropped); the key image topic replaces the
@@ -375,6 +381,7 @@ impl Alerts {
                         series_instance_uid: series,
                         seq: outcome.seq(),
                         already_queued,
+                        sop_instance_uids,
                     })
                     .await;
             }

@@ -19,6 +19,15 @@
 //! The calling AE and the receive time travel inside the file: Source Application Entity
 //! Title (0002,0016) and Private Information (0002,0102) of the file meta group, so a
 //! restart can rebuild every [`StoredInstance`] from the files alone ([`reindex`]).
+//!
+//! Analysed series stay: once a result of a series is committed to the outbox, the daemon
+//! writes the series' *analysed mark* (`<series dir>/.analysed.json`: the SOP Instance
+//! UIDs analysed, written to a temp file, fsynced, renamed, directory fsynced:
+//! [`mark_analysed`]) and keeps its instances, so that late instances can be analysed
+//! together with the earlier ones. The assembler releases them ([`release`]) when it
+//! forgets the study (`series.completed_retention_secs`). After a restart [`recover`]
+//! tells the instances covered by a mark (analysed: remembered, not analysed again) from
+//! the others (to assemble: new series, and instances that arrived after the mark).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -29,6 +38,7 @@ use anyhow::{anyhow, Context, Result};
 use dicom_dictionary_std::tags;
 use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileMetaTable, OpenFileOptions};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -43,6 +53,9 @@ pub const PRIVATE_INFORMATION_CREATOR_UID: &str = "2.25.163204738215046281437019
 const RECEIVED_AT_PREFIX: &str = "received_at=";
 const TMP_DIR: &str = ".tmp";
 const REJECTED_DIR: &str = ".rejected";
+/// The analysed mark of a series, in its directory.
+pub const MARK_FILE: &str = ".analysed.json";
+const MARK_TMP: &str = ".analysed.json.tmp";
 /// Data sets up to this size (inflated, for the deflated syntax) are parsed completely
 /// before acceptance; larger ones (multi-frame) are parsed up to the pixel data only,
 /// which the length check has walked (truncated pixel data is refused either way).
@@ -476,6 +489,263 @@ pub fn reindex(root: &Path) -> Result<Vec<StoredInstance>> {
     Ok(out)
 }
 
+/// The durable "analysed" mark of a series (`<series dir>/.analysed.json`): the instances
+/// of the series that a result committed to the outbox has analysed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysedMark {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    /// When the (last) result was committed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub analysed_at: OffsetDateTime,
+    /// Id of the last result committed for the series.
+    pub result_id: String,
+    /// Every SOP Instance UID analysed by a committed result of the series (the union over
+    /// its results), sorted, without repeats.
+    pub sop_instance_uids: Vec<String>,
+}
+
+impl AnalysedMark {
+    pub fn covers(&self, sop_instance_uid: &str) -> bool {
+        self.sop_instance_uids
+            .binary_search_by(|s| s.as_str().cmp(sop_instance_uid))
+            .is_ok()
+    }
+}
+
+fn series_dir(root: &Path, study_uid: &str, series_uid: &str) -> PathBuf {
+    root.join(safe_name(study_uid)).join(safe_name(series_uid))
+}
+
+/// Reads the analysed mark in `series_dir`; `None` when there is none or it is unreadable
+/// (logged: the series is then analysed again, which is the safe side).
+pub fn read_mark(series_dir: &Path) -> Option<AnalysedMark> {
+    let path = series_dir.join(MARK_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            log::warn!(
+                "cannot read {}: {e}; the series is analysed again",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match serde_json::from_slice::<AnalysedMark>(&bytes) {
+        Ok(mut mark) => {
+            // Sorted for `covers`, whoever wrote it.
+            mark.sop_instance_uids.sort_unstable();
+            mark.sop_instance_uids.dedup();
+            Some(mark)
+        }
+        Err(e) => {
+            log::warn!(
+                "{} is not a valid analysed mark ({e}); the series is analysed again",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Records durably that a result analysing `sop_instance_uids` of a series is committed:
+/// the series' mark becomes the union of its previous instances and these (temp file,
+/// fsync, rename, directory fsync). Returns how many instances the mark names, or `None`
+/// when the series is not in the spool (nothing to keep).
+pub fn mark_analysed(
+    root: &Path,
+    study_uid: &str,
+    series_uid: &str,
+    result_id: &str,
+    sop_instance_uids: &[String],
+    analysed_at: OffsetDateTime,
+) -> Result<Option<usize>> {
+    let dir = series_dir(root, study_uid, series_uid);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut sops: Vec<String> = read_mark(&dir)
+        .map(|m| m.sop_instance_uids)
+        .unwrap_or_default();
+    sops.extend(sop_instance_uids.iter().cloned());
+    sops.sort_unstable();
+    sops.dedup();
+    let mark = AnalysedMark {
+        study_instance_uid: study_uid.to_string(),
+        series_instance_uid: series_uid.to_string(),
+        analysed_at,
+        result_id: result_id.to_string(),
+        sop_instance_uids: sops,
+    };
+    let tmp = dir.join(MARK_TMP);
+    let json = serde_json::to_vec(&mark).context("cannot encode the analysed mark")?;
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, dir.join(MARK_FILE))
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    fsync_dir(&dir)?;
+    Ok(Some(mark.sop_instance_uids.len()))
+}
+
+/// Removes instance files of one series (`paths`, which must lie in the series
+/// directory; missing ones are fine). With `forget`, or once no instance is left, the
+/// series' analysed mark goes too, after the files (a crash in between leaves a mark that
+/// covers what is left: remembered as analysed, not analysed again), and an empty series
+/// (and study) directory is removed. Returns how many files were removed.
+pub fn release(
+    root: &Path,
+    study_uid: &str,
+    series_uid: &str,
+    paths: &[PathBuf],
+    forget: bool,
+) -> Result<usize> {
+    let dir = series_dir(root, study_uid, series_uid);
+    let mut n = 0;
+    for path in paths {
+        if path.parent() != Some(dir.as_path()) {
+            log::warn!(
+                "not removing {}: not in the spool directory of series {series_uid}",
+                path.display()
+            );
+            continue;
+        }
+        match fs::remove_file(path) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow!("cannot remove {}: {e}", path.display())),
+        }
+    }
+    if !dir.is_dir() {
+        return Ok(n);
+    }
+    if n > 0 {
+        fsync_dir(&dir)?;
+    }
+    let instances_left = fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().and_then(|x| x.to_str()) == Some("dcm"));
+    if forget || !instances_left {
+        for name in [MARK_FILE, MARK_TMP] {
+            match fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow!("cannot remove {}: {e}", dir.join(name).display())),
+            }
+        }
+    }
+    if !instances_left {
+        remove_empty_series_dir(root, &dir)?;
+    } else {
+        fsync_dir(&dir)?;
+    }
+    Ok(n)
+}
+
+/// Removes an empty series directory, and its study directory once empty too.
+fn remove_empty_series_dir(root: &Path, dir: &Path) -> Result<()> {
+    match fs::remove_dir(dir) {
+        Ok(()) => {}
+        // Something arrived meanwhile: it stays, and so does the directory.
+        Err(_)
+            if fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false) =>
+        {
+            return fsync_dir(dir)
+        }
+        Err(e) => return Err(anyhow!("cannot remove {}: {e}", dir.display())),
+    }
+    let study_dir = dir.parent().context("series directory without parent")?;
+    // Another series of the study may still be arriving: only remove an empty study dir.
+    if fs::remove_dir(study_dir).is_ok() {
+        fsync_dir(root)
+    } else {
+        fsync_dir(study_dir)
+    }
+}
+
+/// A series whose instances in the spool are all analysed (see [`recover`]).
+#[derive(Debug, Clone)]
+pub struct AnalysedSeries {
+    pub mark: AnalysedMark,
+    /// Its instances in the spool, all covered by the mark.
+    pub instances: Vec<StoredInstance>,
+}
+
+/// What a restart finds in the spool.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Instances to assemble, oldest first: those of series without a mark, and those that
+    /// arrived after their series' mark (the series is then analysed again, whole).
+    pub instances: Vec<StoredInstance>,
+    /// Instances covered by their series' analysed mark, by series: already analysed,
+    /// their results are in the outbox (or delivered). Kept, not analysed again.
+    pub analysed: Vec<AnalysedSeries>,
+}
+
+/// [`reindex`], then sorts the instances by their series' analysed marks (see
+/// [`Recovered`]). A mark left without any instance (a crash during a release) is removed.
+pub fn recover(root: &Path) -> Result<Recovered> {
+    let all = reindex(root)?;
+    let mut marks: std::collections::BTreeMap<PathBuf, Option<AnalysedSeries>> = Default::default();
+    let mut out = Recovered::default();
+    for instance in all {
+        let dir = instance
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let entry = marks.entry(dir.clone()).or_insert_with(|| {
+            read_mark(&dir).map(|mark| AnalysedSeries {
+                mark,
+                instances: Vec::new(),
+            })
+        });
+        match entry {
+            Some(series) if series.mark.covers(&instance.sop_instance_uid) => {
+                series.instances.push(instance)
+            }
+            _ => out.instances.push(instance),
+        }
+    }
+    out.analysed = marks
+        .into_values()
+        .flatten()
+        .filter(|s| !s.instances.is_empty())
+        .collect();
+    // Marks of series without any instance left.
+    if root.is_dir() {
+        for study in sorted_dirs(root)? {
+            for series in sorted_dirs(&study)? {
+                if series.join(MARK_FILE).exists() && !has_instances(&series)? {
+                    log::info!(
+                        "removing the analysed mark of released series {}",
+                        series.display()
+                    );
+                    for name in [MARK_FILE, MARK_TMP] {
+                        let _ = fs::remove_file(series.join(name));
+                    }
+                    remove_empty_series_dir(root, &series)?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn has_instances(dir: &Path) -> Result<bool> {
+    Ok(fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().and_then(|x| x.to_str()) == Some("dcm")))
+}
+
 /// Deletes one series directory from the spool at `root` (and its study directory
 /// once empty). Returns how many instance files were removed.
 pub fn delete_series(root: &Path, study_uid: &str, series_uid: &str) -> Result<usize> {
@@ -716,5 +986,151 @@ mod tests {
         fs::write(dir.path().join(TMP_DIR).join("1-1.part"), b"partial").unwrap();
         Spool::open(dir.path(), "CSPINE", 0).unwrap();
         assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn analysed_mark_recover_and_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let spool = Spool::open(root, "CSPINE", 0).unwrap();
+        let sops = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"];
+        let mut paths = Vec::new();
+        for sop in &sops[..2] {
+            let Ok(Stored::New(i)) = store(&spool, sop, &dataset("1.2.3", "1.2.3.4", sop)) else {
+                panic!("not stored")
+            };
+            paths.push(i.path);
+        }
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_100).unwrap();
+        let two: Vec<String> = sops[..2].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            mark_analysed(root, "1.2.3", "1.2.3.4", "id1", &two, at).unwrap(),
+            Some(2)
+        );
+        // No spool directory for it: nothing to mark.
+        assert_eq!(
+            mark_analysed(root, "1.2.3", "9.9", "id0", &two, at).unwrap(),
+            None
+        );
+        let series_dir = root.join("1.2.3").join("1.2.3.4");
+        let mark = read_mark(&series_dir).unwrap();
+        assert_eq!(mark.result_id, "id1");
+        assert_eq!(mark.analysed_at, at);
+        assert!(mark.covers("1.2.3.4.1") && !mark.covers("1.2.3.4.3"));
+
+        // Everything in the spool is analysed: remembered, nothing to assemble.
+        let r = recover(root).unwrap();
+        assert!(r.instances.is_empty(), "{:?}", r.instances);
+        assert_eq!(r.analysed.len(), 1);
+        assert_eq!(r.analysed[0].instances.len(), 2);
+        assert_eq!(r.analysed[0].mark, mark);
+
+        // A late instance after the mark: it is to be assembled (the series re-opens).
+        let Ok(Stored::New(late)) = store(&spool, sops[2], &dataset("1.2.3", "1.2.3.4", sops[2]))
+        else {
+            panic!("not stored")
+        };
+        let r = recover(root).unwrap();
+        assert_eq!(r.instances.len(), 1);
+        assert_eq!(r.instances[0].sop_instance_uid, sops[2]);
+        assert_eq!(r.analysed[0].instances.len(), 2);
+
+        // The revision's mark is the union of what was analysed.
+        let at2 = at + time::Duration::seconds(5);
+        assert_eq!(
+            mark_analysed(root, "1.2.3", "1.2.3.4", "id2", &[sops[2].to_string()], at2).unwrap(),
+            Some(3)
+        );
+        let r = recover(root).unwrap();
+        assert!(r.instances.is_empty());
+        assert_eq!(r.analysed[0].instances.len(), 3);
+        assert_eq!(r.analysed[0].mark.result_id, "id2");
+        assert_eq!(
+            fs::read_dir(&series_dir).unwrap().count(),
+            4,
+            "3 instances + mark"
+        );
+
+        // A partial release (not forgetting) keeps the mark while instances are left.
+        assert_eq!(
+            release(root, "1.2.3", "1.2.3.4", &paths[..1], false).unwrap(),
+            1
+        );
+        assert!(series_dir.join(MARK_FILE).is_file());
+        // A path outside the series directory is never removed.
+        let outside = root.join("elsewhere.dcm");
+        fs::write(&outside, b"x").unwrap();
+        assert_eq!(
+            release(
+                root,
+                "1.2.3",
+                "1.2.3.4",
+                std::slice::from_ref(&outside),
+                true
+            )
+            .unwrap(),
+            0
+        );
+        assert!(outside.is_file());
+        // Forgetting: files, then the mark, then the empty directories.
+        let rest = [paths[1].clone(), late.path.clone(), paths[0].clone()];
+        assert_eq!(release(root, "1.2.3", "1.2.3.4", &rest, true).unwrap(), 2);
+        assert!(!root.join("1.2.3").exists());
+        assert!(recover(root).unwrap().analysed.is_empty());
+    }
+
+    #[test]
+    fn forgetting_keeps_an_instance_that_arrived_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let spool = Spool::open(root, "CSPINE", 0).unwrap();
+        let store_one = |sop: &str| match store(&spool, sop, &dataset("1.2.3", "1.2.3.4", sop)) {
+            Ok(Stored::New(i)) => i,
+            _ => panic!("not stored"),
+        };
+        let known = store_one("1.2.3.4.1");
+        let at = OffsetDateTime::now_utc();
+        mark_analysed(root, "1.2.3", "1.2.3.4", "id", &["1.2.3.4.1".into()], at).unwrap();
+        // Stored after the assembler decided to forget the study: not in the release.
+        store_one("1.2.3.4.2");
+        assert_eq!(
+            release(root, "1.2.3", "1.2.3.4", &[known.path], true).unwrap(),
+            1
+        );
+        let r = recover(root).unwrap();
+        assert!(r.analysed.is_empty(), "the mark went with the study");
+        assert_eq!(r.instances.len(), 1, "the newcomer is assembled");
+        assert_eq!(r.instances[0].sop_instance_uid, "1.2.3.4.2");
+    }
+
+    #[test]
+    fn recover_cleans_a_mark_without_instances_and_ignores_a_bad_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let spool = Spool::open(root, "CSPINE", 0).unwrap();
+        // A crash after the files of a forgotten series were removed, before its mark.
+        let gone = root.join("1.2.3").join("1.2.3.5");
+        fs::create_dir_all(&gone).unwrap();
+        fs::write(gone.join(MARK_FILE), b"{}").unwrap();
+        // An unreadable mark: the series is assembled (analysed again), the safe side.
+        let Ok(Stored::New(_)) = store(
+            &spool,
+            "1.2.3.4.1",
+            &dataset("1.2.3", "1.2.3.4", "1.2.3.4.1"),
+        ) else {
+            panic!("not stored")
+        };
+        fs::write(
+            root.join("1.2.3").join("1.2.3.4").join(MARK_FILE),
+            b"not json",
+        )
+        .unwrap();
+        let r = recover(root).unwrap();
+        assert!(r.analysed.is_empty());
+        assert_eq!(r.instances.len(), 1);
+        assert!(
+            !gone.exists(),
+            "the orphan mark and its directory are removed"
+        );
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::service::health::Heartbeat;
 
 use crate::alert::{ResultMessage, TriageResult};
-use crate::series::{CtVolume, SeriesMeta, SeriesOutcome};
+use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
 use engine::{Engine, EngineOptions, RuntimeChoice};
 use postprocess::{RunInfo, Thresholds};
@@ -121,6 +121,39 @@ pub struct Analysis {
     pub model_time: Duration,
     /// `(node, op, time)` per node of the plan, when asked for.
     pub profile: Option<Vec<(String, String, Duration)>>,
+    /// For an early analysis (`meta.early`, the anatomy-coverage trigger): why it must not
+    /// be published; `None` when it may (or for an ordinary analysis).
+    pub early_rejection: Option<String>,
+}
+
+/// What [`Pipeline::process_early`] decided.
+#[derive(Debug)]
+pub enum Processed {
+    /// Publish it.
+    Publish(ResultMessage),
+    /// An early analysis (anatomy-coverage trigger) that did not pass the coverage check:
+    /// not published; the series is analysed again when it completes.
+    Withhold {
+        message: ResultMessage,
+        reason: String,
+    },
+}
+
+/// Test hook: `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis of the
+/// anatomy-coverage trigger whatever the coverage check says, so that tests can exercise
+/// the trigger's plumbing with an under-trained model. Production units never set it.
+fn early_accept_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        let forced = std::env::var("CSPINE_TEST_EARLY_ACCEPT").is_ok_and(|v| v == "1");
+        if forced {
+            log::warn!(
+                "CSPINE_TEST_EARLY_ACCEPT=1: every early analysis is published, coverage \
+                 check or not (test hook)"
+            );
+        }
+        forced
+    })
 }
 
 /// The engine plus the thresholds in effect: loaded once, used for every series.
@@ -173,6 +206,7 @@ impl Pipeline {
                     contract.input.spacing_mm.slice
                 );
                 return Ok(Analysis {
+                    early_rejection: volume.meta.early.map(|_| reason.clone()),
                     result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
                     key_image_png: None,
                     preprocess_time,
@@ -202,6 +236,24 @@ impl Pipeline {
         );
         let verdict =
             postprocess::interpret(volume, &grid, &outputs, contract, &self.thresholds, &run);
+        let early_rejection = volume.meta.early.and_then(|check| {
+            use crate::alert::result::Status;
+            match verdict.result.status {
+                Status::Positive | Status::Negative => {
+                    postprocess::early_coverage(&outputs, &grid, &contract.coverage, &check).err()
+                }
+                status => Some(format!(
+                    "{}{}",
+                    status.as_str(),
+                    verdict
+                        .result
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                )),
+            }
+        });
         let key_image_png = match verdict.key_model_slice {
             Some(k) => {
                 let plane = preprocess::model_plane(volume, &contract.input, &grid, k);
@@ -222,27 +274,53 @@ impl Pipeline {
             preprocess_time,
             model_time,
             profile,
+            early_rejection,
         })
     }
 
     /// A series outcome to a result message; never fails (errors become `failed`).
     pub fn process(&self, outcome: SeriesOutcome) -> ResultMessage {
-        match outcome {
+        match self.process_early(outcome) {
+            Processed::Publish(message) | Processed::Withhold { message, .. } => message,
+        }
+    }
+
+    /// [`Pipeline::process`], plus the decision on an early analysis of the
+    /// anatomy-coverage trigger (`meta.early`): published only if it is `positive` or
+    /// `negative` and covers C1 to C7 with a margin
+    /// ([`postprocess::early_coverage`]); a failure is never published early.
+    pub fn process_early(&self, outcome: SeriesOutcome) -> Processed {
+        let early = match &outcome {
+            SeriesOutcome::Volume(v) => v.meta.early.is_some(),
+            SeriesOutcome::Failed { meta, .. } => meta.early.is_some(),
+        };
+        let (message, rejection) = match outcome {
             SeriesOutcome::Volume(volume) => match self.analyze(&volume) {
-                Ok(a) => ResultMessage {
-                    result: a.result,
-                    patient_id: volume.meta.patient_id.clone(),
-                    key_image_png: a.key_image_png,
-                },
+                Ok(a) => (
+                    ResultMessage {
+                        result: a.result,
+                        patient_id: volume.meta.patient_id.clone(),
+                        key_image_png: a.key_image_png,
+                        sop_instance_uids: volume.meta.sop_instance_uids.clone(),
+                    },
+                    a.early_rejection,
+                ),
                 Err(e) => {
                     log::error!(
                         "inference failed for series {}: {e:#}",
                         volume.meta.series_instance_uid
                     );
-                    self.failed(&volume.meta, &format!("inference failed: {e:#}"))
+                    let reason = format!("inference failed: {e:#}");
+                    (self.failed(&volume.meta, &reason), Some(reason))
                 }
             },
-            SeriesOutcome::Failed { meta, reason } => self.failed(&meta, &reason),
+            SeriesOutcome::Failed { meta, reason } => (self.failed(&meta, &reason), Some(reason)),
+        };
+        match rejection {
+            Some(reason) if early && !early_accept_forced() => {
+                Processed::Withhold { message, reason }
+            }
+            _ => Processed::Publish(message),
         }
     }
 
@@ -251,6 +329,7 @@ impl Pipeline {
             result: postprocess::failed_result(meta, &self.run_info(), reason),
             patient_id: meta.patient_id.clone(),
             key_image_png: None,
+            sop_instance_uids: meta.sop_instance_uids.clone(),
         }
     }
 }
@@ -263,6 +342,7 @@ pub async fn run_inference(
     heartbeat: Heartbeat,
     mut rx: mpsc::Receiver<SeriesOutcome>,
     tx: mpsc::Sender<ResultMessage>,
+    feedback: Option<mpsc::UnboundedSender<Feedback>>,
 ) -> Result<()> {
     loop {
         // Test hook (CSPINE_FAULT_STALL=inference): a stage stuck before its next input.
@@ -271,9 +351,29 @@ pub async fn run_inference(
             break;
         };
         let pipeline = pipeline.clone();
-        let message = tokio::task::spawn_blocking(move || pipeline.process(outcome))
+        let message = match tokio::task::spawn_blocking(move || pipeline.process_early(outcome))
             .await
-            .context("inference task panicked")?;
+            .context("inference task panicked")?
+        {
+            Processed::Publish(message) => message,
+            Processed::Withhold { message, reason } => {
+                let r = &message.result;
+                log::info!(
+                    "series {}: early analysis of {} instance(s) (anatomy-coverage trigger) not \
+                     published: {reason}; the series is analysed again when it completes",
+                    r.series_instance_uid,
+                    r.instances
+                );
+                if let Some(feedback) = &feedback {
+                    let _ = feedback.send(Feedback::Dropped {
+                        study_instance_uid: r.study_instance_uid.clone(),
+                        series_instance_uid: r.series_instance_uid.clone(),
+                        reason: format!("early analysis not published: {reason}"),
+                    });
+                }
+                continue;
+            }
+        };
         log::info!(
             "series {}: {:?}{}",
             message.result.series_instance_uid,

@@ -12,6 +12,7 @@ use crate::alert::result::{
     result_id, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult, VertebraResult,
     SCHEMA_V1,
 };
+use crate::series::EarlyCheck;
 use crate::series::{CtVolume, SeriesMeta};
 
 pub const REASON_NOT_CERVICAL: &str = "series does not cover the cervical spine";
@@ -104,6 +105,74 @@ pub fn vertebra_extent(out: &ModelOutputs, coverage: &Coverage) -> [Option<(usiz
         }
     }
     best.map(|b| b.map(|(first, last, _)| (first, last)))
+}
+
+/// The coverage check of an early analysis (the anatomy-coverage trigger,
+/// [`crate::series::AssemblyConfig::anatomy_coverage_trigger`]): the segmentation found
+/// C1 and C7, and the slab goes on beyond each by at least one vertebra height (the mean
+/// z extent of the vertebrae found) unless the slab ends there with an end of the series
+/// (`check`). `Err` says why the early result must not be published.
+pub fn early_coverage(
+    out: &ModelOutputs,
+    grid: &ModelGrid,
+    coverage: &Coverage,
+    check: &EarlyCheck,
+) -> Result<(), String> {
+    let extent = vertebra_extent(out, coverage);
+    let z = &grid.z_mm;
+    let (Some(c1), Some(c7)) = (extent[0], extent[6]) else {
+        let found: Vec<&str> = VERTEBRAE
+            .iter()
+            .zip(&extent)
+            .filter(|(_, e)| e.is_some())
+            .map(|(v, _)| *v)
+            .collect();
+        return Err(format!(
+            "the slab does not show both C1 and C7 (found: {})",
+            if found.is_empty() {
+                "none".to_string()
+            } else {
+                found.join(", ")
+            }
+        ));
+    };
+    let dz = if z.len() > 1 {
+        (z[z.len() - 1] - z[0]) / (z.len() - 1) as f64
+    } else {
+        0.0
+    };
+    let heights: Vec<f64> = extent
+        .iter()
+        .flatten()
+        .map(|&(a, b)| z[b] - z[a] + dz)
+        .collect();
+    let height = heights.iter().sum::<f64>() / heights.len() as f64;
+    let (lowest, highest) = (z[0], z[z.len() - 1]);
+    let centre = |(a, b): (usize, usize)| (z[a] + z[b]) / 2.0;
+    // C1 is superior (higher patient z) in any sane segmentation; do not rely on it.
+    let c1_superior = centre(c1) >= centre(c7);
+    let (c1_margin, c1_end_final, c1_side) = if c1_superior {
+        (highest - z[c1.1], check.superior_end_final, "superior")
+    } else {
+        (z[c1.0] - lowest, check.inferior_end_final, "inferior")
+    };
+    let (c7_margin, c7_end_final, c7_side) = if c1_superior {
+        (z[c7.0] - lowest, check.inferior_end_final, "inferior")
+    } else {
+        (highest - z[c7.1], check.superior_end_final, "superior")
+    };
+    for (name, margin, end_final, side) in [
+        ("C1", c1_margin, c1_end_final, c1_side),
+        ("C7", c7_margin, c7_end_final, c7_side),
+    ] {
+        if margin < height && !end_final {
+            return Err(format!(
+                "{name} ends {margin:.1} mm from the slab's {side} end, less than a vertebra \
+                 ({height:.1} mm), and more slices may come there"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Who ran the model, for the result.
@@ -258,7 +327,11 @@ pub fn interpret(
         threshold: thresholds.patient,
         flagged,
     });
-    if flagged {
+    let any_flagged = flagged_v.iter().any(|&f| f);
+    // A triage tool errs on the side of sensitivity: any flag, patient-level or on a
+    // vertebra, makes the result positive (an alert), never a `negative` with a flagged
+    // vertebra in it.
+    if flagged || any_flagged {
         result.status = Status::Positive;
         result.id = result_id(
             &meta.series_instance_uid,
@@ -268,7 +341,6 @@ pub fn interpret(
         );
     }
     // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
-    let any_flagged = flagged_v.iter().any(|&f| f);
     let key_vertebra = (0..7)
         .filter(|&v| !any_flagged || flagged_v[v])
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
@@ -461,6 +533,82 @@ mod tests {
         );
         meta.sop_instance_uids.push("1.2.9.3".into());
         assert_ne!(failed_result(&meta, &run, "broken").id, failed.id);
+    }
+
+    #[test]
+    fn a_flagged_vertebra_makes_the_result_positive_without_the_patient_flag() {
+        let c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let run = RunInfo::new(&c, "cpu");
+        // C5 flagged (p = 0.88), the patient not (p = 0.05).
+        let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], -3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert!(!r.patient.as_ref().unwrap().flagged);
+        assert!(r.vertebrae["C5"].flagged);
+        assert_eq!(r.status, Status::Positive, "a flagged vertebra is an alert");
+        let sops: Vec<String> = (0..40).map(|k| format!("1.2.3.{k}")).collect();
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Positive, &sops));
+        // The patient flag alone is positive too.
+        let out = outputs(30, [-3.0; 7], 3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert!(r.vertebrae.values().all(|v| !v.flagged));
+        assert_eq!(r.status, Status::Positive);
+        // Neither: negative.
+        let out = outputs(30, [-3.0; 7], -3.0);
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        assert_eq!(r.status, Status::Negative);
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Negative, &sops));
+    }
+
+    #[test]
+    fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
+        let c = contract();
+        let open = EarlyCheck::default();
+        // `outputs`: vertebra v on model slices [4v, 4v + 3], 2 mm apart: each vertebra is
+        // 8 mm high; C1 on 0..=3 (lowest z), C7 on 24..=27.
+        // 30 slices: C7 ends 2 slices (4 mm) below the highest end; C1 starts at the lowest.
+        let out = outputs(30, [-3.0; 7], -3.0);
+        let why = early_coverage(&out, &grid(30), &c.coverage, &open).unwrap_err();
+        assert!(why.contains("C1 ends 0.0 mm"), "{why}");
+        // Both ends final (first and last instance of the series): nothing more can come.
+        let both = EarlyCheck {
+            inferior_end_final: true,
+            superior_end_final: true,
+        };
+        early_coverage(&out, &grid(30), &c.coverage, &both).unwrap();
+        // Only the C1 side final: C7 still lacks its margin (4 mm < 8 mm).
+        let c1_final = EarlyCheck {
+            inferior_end_final: true,
+            superior_end_final: false,
+        };
+        let why = early_coverage(&out, &grid(30), &c.coverage, &c1_final).unwrap_err();
+        assert!(why.contains("C7 ends 4.0 mm"), "{why}");
+        // Margins: shift everything up by 4 slices (8 mm) and extend the slab by 4 more
+        // above C7 (12 mm = 6 slices): both margins at least one vertebra.
+        let mut wide = outputs(38, [-3.0; 7], -3.0);
+        let cells = wide.seg_h * wide.seg_w;
+        let base = outputs(28, [-3.0; 7], -3.0);
+        wide.seg_logits.iter_mut().for_each(|v| *v = 0.0);
+        for k in 0..38 {
+            // Background everywhere, then copy slices 0..28 of `base` to 4..32.
+            for cell in 0..cells {
+                wide.seg_logits[(k * 8) * cells + cell] = 5.0;
+            }
+        }
+        for k in 0..28 {
+            let (src, dst) = (k * 8 * cells, (k + 4) * 8 * cells);
+            wide.seg_logits[dst..dst + 8 * cells]
+                .copy_from_slice(&base.seg_logits[src..src + 8 * cells]);
+        }
+        early_coverage(&wide, &grid(38), &c.coverage, &open).unwrap();
+        // A slab without C7: never published early.
+        let short = outputs(20, [-3.0; 7], -3.0);
+        let why = early_coverage(&short, &grid(20), &c.coverage, &both).unwrap_err();
+        assert!(
+            why.contains("C1 and C7") && why.contains("C1, C2, C3, C4, C5"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -19,10 +19,21 @@
 //! 4. After the decision, a series that completes later (a late recon, or late instances
 //!    re-opening a complete series) is compared with the series already chosen: it is built
 //!    if it is the chosen series itself (now with more instances) or a better candidate,
-//!    otherwise skipped ("study already analysed with a better series").
-//! 5. A decided study is forgotten `completed_retention_secs` after its last instance.
+//!    otherwise skipped ("study already analysed with a better series"). A series whose
+//!    instances are exactly the ones a committed result already analysed is not built
+//!    again.
+//! 5. A decided study is forgotten `completed_retention_secs` after its last instance, once
+//!    every result of it is committed downstream (see [`Feedback`]).
+//!
+//! The spool follows the assembler ([`Release`]): instances that can never be analysed
+//! (a localizer, a reformat, ...) are released as soon as they are filtered out; every
+//! other instance (the analysed series, its fallbacks, series skipped for a better one)
+//! is kept while the study is remembered, so that late instances are analysed with the
+//! earlier ones, and released when the study is forgotten. A restart restores what the
+//! spool marks as analysed ([`Assembler::restore`]): remembered, not analysed again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -33,8 +44,12 @@ use crate::service::health::Heartbeat;
 
 use super::header::InstanceHeader;
 use super::load::build_best;
-use super::selection::{choose_candidate, filter_series, rank_key, CandidateSummary, Skip};
-use super::{AssemblyConfig, SeriesMeta, SeriesOutcome};
+use super::selection::{
+    choose_candidate, contiguous_slab, filter_series, instance_rejection, rank_key,
+    CandidateSummary, Skip,
+};
+use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome};
+use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::StoredInstance;
 
 /// Why a series was considered complete.
@@ -43,6 +58,11 @@ pub enum Completion {
     QuietPeriod,
     ExpectedCount,
     MaxWait,
+    /// Restored after a restart from the spool's analysed mark.
+    Restored,
+    /// Not complete: an early analysis of the contiguous slab received so far (the
+    /// anatomy-coverage trigger).
+    AnatomyCoverage,
 }
 
 /// A series chosen for volume building: its instances (headers, with their spool paths)
@@ -55,6 +75,50 @@ pub struct SeriesJob {
     /// Other candidate series of the study, best first: built only if this one cannot be
     /// (a gap, a corrupt slice), so that the study still gets a result.
     pub fallbacks: Vec<SeriesJob>,
+}
+
+/// Instance files the spool no longer needs to keep (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    /// Spool files to remove.
+    pub paths: Vec<PathBuf>,
+    /// The study is forgotten: the series' analysed mark goes too.
+    pub forgotten: bool,
+    /// For the log.
+    pub why: String,
+}
+
+/// What happened downstream to a job the assembler sent ([`Assembler::feedback`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feedback {
+    /// A result analysing these instances of the series is durably in the outbox (and the
+    /// spool holds the series' analysed mark).
+    Committed {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        sop_instance_uids: Vec<String>,
+    },
+    /// A job of this study ended without a result (its build panicked).
+    Dropped {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        reason: String,
+    },
+}
+
+impl Feedback {
+    fn study(&self) -> &str {
+        match self {
+            Feedback::Committed {
+                study_instance_uid, ..
+            }
+            | Feedback::Dropped {
+                study_instance_uid, ..
+            } => study_instance_uid,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -71,6 +135,74 @@ struct SeriesState {
     completion: Option<Completion>,
     /// Whether the current completion has been through selection.
     evaluated: bool,
+    /// Instances whose spool files were released (filtered out: never analysed).
+    released: HashSet<String>,
+    /// The instances analysed by the committed results of this series (union).
+    analysed: BTreeSet<String>,
+    /// Anatomy-coverage trigger: when the series' slab was last checked, how many
+    /// instances it had then, when the last early analysis was sent, the size of its slab,
+    /// and whether it is still in flight (its feedback not in yet).
+    early_checked_at: Option<Instant>,
+    early_checked_n: usize,
+    early_sent_at: Option<Instant>,
+    early_slab: usize,
+    early_in_flight: bool,
+}
+
+impl SeriesState {
+    fn new(stored: &StoredInstance, now: Instant) -> SeriesState {
+        SeriesState {
+            instances: Vec::new(),
+            sop_uids: HashSet::new(),
+            calling_ae: stored.calling_ae.clone(),
+            first_at: now,
+            last_at: now,
+            first_received: stored.received_at,
+            last_received: stored.received_at,
+            expected: None,
+            completion: None,
+            evaluated: false,
+            released: HashSet::new(),
+            analysed: BTreeSet::new(),
+            early_checked_at: None,
+            early_checked_n: 0,
+            early_sent_at: None,
+            early_slab: 0,
+            early_in_flight: false,
+        }
+    }
+
+    /// Whether the anatomy-coverage trigger may check this series now: still arriving,
+    /// no result yet, no early analysis in flight, grown since the last check, and the
+    /// last check at least `interval` ago.
+    fn early_due(&self, now: Instant, interval: Duration) -> bool {
+        self.early_pending() && self.early_next(interval).is_none_or(|t| now >= t)
+    }
+
+    /// When the next check may run: [`SLAB_CHECK_SECS`] after the last check and
+    /// `interval` after the last early analysis.
+    fn early_next(&self, interval: Duration) -> Option<Instant> {
+        let check = self.early_checked_at.map(|t| t + secs(SLAB_CHECK_SECS));
+        let analysis = self.early_sent_at.map(|t| t + interval);
+        check.max(analysis)
+    }
+
+    /// [`SeriesState::early_due`] but for the time.
+    fn early_pending(&self) -> bool {
+        self.completion.is_none()
+            && self.analysed.is_empty()
+            && !self.early_in_flight
+            && self.instances.len() > self.early_checked_n
+    }
+
+    /// Whether a committed result already analysed exactly these instances.
+    fn already_analysed(&self, accepted: &[InstanceHeader]) -> bool {
+        !self.analysed.is_empty()
+            && accepted.len() == self.analysed.len()
+            && accepted
+                .iter()
+                .all(|h| self.analysed.contains(&h.sop_instance_uid))
+    }
 }
 
 #[derive(Debug)]
@@ -81,20 +213,83 @@ struct StudyState {
     decided: bool,
     /// The series built for this study (after the decision), to compare late series with.
     chosen: Option<CandidateSummary>,
+    /// Jobs sent whose result is not committed yet (only counted with feedback on).
+    in_flight: usize,
+    /// Restored after a restart: forgotten at this instant (the mark's age counted) unless
+    /// an instance arrives first.
+    remembered_until: Option<Instant>,
+}
+
+impl StudyState {
+    fn new(now: Instant) -> StudyState {
+        StudyState {
+            series: BTreeMap::new(),
+            first_at: now,
+            last_at: now,
+            decided: false,
+            chosen: None,
+            in_flight: 0,
+            remembered_until: None,
+        }
+    }
+
+    fn forget_at(&self, retention: Duration) -> Instant {
+        self.remembered_until.unwrap_or(self.last_at + retention)
+    }
 }
 
 /// The assembly state machine. Feed it with [`Assembler::add`], call
 /// [`Assembler::poll`] at [`Assembler::next_deadline`] (or any time) to get the series to
-/// build; read the skips with [`Assembler::take_skips`].
+/// build; read the skips with [`Assembler::take_skips`] and the spool files to remove with
+/// [`Assembler::take_releases`].
 #[derive(Debug)]
 pub struct Assembler {
     config: AssemblyConfig,
     studies: BTreeMap<String, StudyState>,
     skipped: Vec<Skip>,
+    releases: Vec<Release>,
+    /// Whether [`Assembler::feedback`] reports committed results: a study is then only
+    /// forgotten once every job sent for it has its result committed (or was dropped).
+    feedback: bool,
 }
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
+}
+
+/// The anatomy-coverage trigger looks at a growing series' slab at most this often (the
+/// slab is cheap to measure; the model runs at most every `coverage_check_secs`).
+const SLAB_CHECK_SECS: f64 = 0.25;
+
+/// Releases the spool files of the instances of `series` that can never be analysed
+/// (filtered out by [`instance_rejection`]) and are not released yet.
+fn release_rejected(
+    study_uid: &str,
+    series_uid: &str,
+    series: &mut SeriesState,
+    releases: &mut Vec<Release>,
+) {
+    let mut paths = Vec::new();
+    let mut reason = None;
+    for h in &series.instances {
+        if series.released.contains(&h.sop_instance_uid) {
+            continue;
+        }
+        if let Some(why) = instance_rejection(h) {
+            series.released.insert(h.sop_instance_uid.clone());
+            paths.push(h.path.clone());
+            reason.get_or_insert(why);
+        }
+    }
+    if let Some(reason) = reason {
+        releases.push(Release {
+            study_instance_uid: study_uid.to_string(),
+            series_instance_uid: series_uid.to_string(),
+            paths,
+            forgotten: false,
+            why: format!("not analysable: {reason}"),
+        });
+    }
 }
 
 impl Assembler {
@@ -103,7 +298,17 @@ impl Assembler {
             config,
             studies: BTreeMap::new(),
             skipped: Vec::new(),
+            releases: Vec::new(),
+            feedback: false,
         }
+    }
+
+    /// With feedback on, the caller reports every job's fate with [`Assembler::feedback`]
+    /// (the daemon does); a study is forgotten (and its spool released) only once its
+    /// results are committed. Off (the default), a job counts as done once sent.
+    pub fn with_feedback(mut self, on: bool) -> Self {
+        self.feedback = on;
+        self
     }
 
     /// Records one stored instance (its header already read) received at `now`.
@@ -116,36 +321,36 @@ impl Assembler {
         let study = self
             .studies
             .entry(stored.study_instance_uid.clone())
-            .or_insert_with(|| StudyState {
-                series: BTreeMap::new(),
-                first_at: now,
-                last_at: now,
-                decided: false,
-                chosen: None,
-            });
+            .or_insert_with(|| StudyState::new(now));
         study.last_at = study.last_at.max(now);
         let series = study
             .series
             .entry(stored.series_instance_uid.clone())
-            .or_insert_with(|| SeriesState {
-                instances: Vec::new(),
-                sop_uids: HashSet::new(),
-                calling_ae: stored.calling_ae.clone(),
-                first_at: now,
-                last_at: now,
-                first_received: stored.received_at,
-                last_received: stored.received_at,
-                expected: None,
-                completion: None,
-                evaluated: false,
-            });
+            .or_insert_with(|| SeriesState::new(stored, now));
         if !series.sop_uids.insert(stored.sop_instance_uid.clone()) {
-            log::debug!(
-                "instance {} received again: ignored",
-                stored.sop_instance_uid
-            );
+            if series.released.contains(&stored.sop_instance_uid) {
+                // Sent again after its file was released: the spool stored it again, and
+                // it is no more analysable than the first time.
+                log::info!(
+                    "instance {} received again after its release: releasing it again",
+                    stored.sop_instance_uid
+                );
+                self.releases.push(Release {
+                    study_instance_uid: stored.study_instance_uid.clone(),
+                    series_instance_uid: stored.series_instance_uid.clone(),
+                    paths: vec![stored.path.clone()],
+                    forgotten: false,
+                    why: "received again after its release".into(),
+                });
+            } else {
+                log::debug!(
+                    "instance {} received again: ignored",
+                    stored.sop_instance_uid
+                );
+            }
             return;
         }
+        study.remembered_until = None;
         if series.completion.is_some() {
             log::info!(
                 "late instance {} for complete series {}: re-opening it",
@@ -164,6 +369,121 @@ impl Assembler {
             series.expected = expected;
         }
         series.instances.push(header);
+    }
+
+    /// Restores, after a restart, a series whose spool instances are all analysed (the
+    /// spool's analysed mark covers them, [`crate::dicom::spool::recover`]): its study is
+    /// remembered as decided, with this series analysed, for what is left of
+    /// `completed_retention_secs` counted from the mark, so that late instances re-open it
+    /// and it is analysed again whole; otherwise it is not analysed again. `headers` are
+    /// the headers of `analysed.instances` (same order; unreadable ones left out).
+    pub fn restore(
+        &mut self,
+        analysed: &AnalysedSeries,
+        headers: Vec<(StoredInstance, InstanceHeader)>,
+        now: Instant,
+    ) {
+        let Some((first, _)) = headers.first() else {
+            return;
+        };
+        let first = first.clone();
+        let age = (OffsetDateTime::now_utc() - analysed.mark.analysed_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        let keep = secs(self.config.completed_retention_secs).saturating_sub(age);
+        let extra_bone = self.config.bone_kernels.clone();
+        let study_uid = first.study_instance_uid.clone();
+        let series_uid = first.series_instance_uid.clone();
+        let study = self
+            .studies
+            .entry(study_uid.clone())
+            .or_insert_with(|| StudyState::new(now));
+        study.decided = true;
+        study.remembered_until = Some(
+            study
+                .remembered_until
+                .map_or(now + keep, |t| t.max(now + keep)),
+        );
+        let series = study
+            .series
+            .entry(series_uid.clone())
+            .or_insert_with(|| SeriesState::new(&first, now));
+        for (stored, mut header) in headers {
+            if !series.sop_uids.insert(stored.sop_instance_uid.clone()) {
+                continue;
+            }
+            header.path = stored.path.clone();
+            header.study_instance_uid = stored.study_instance_uid.clone();
+            header.series_instance_uid = stored.series_instance_uid.clone();
+            series.first_received = series.first_received.min(stored.received_at);
+            series.last_received = series.last_received.max(stored.received_at);
+            series.instances.push(header);
+        }
+        series.completion = Some(Completion::Restored);
+        series.evaluated = true;
+        series
+            .analysed
+            .extend(analysed.mark.sop_instance_uids.iter().cloned());
+        release_rejected(&study_uid, &series_uid, series, &mut self.releases);
+        let (accepted, _) = filter_series(series.instances.clone());
+        if !accepted.is_empty() {
+            let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+            let summary = CandidateSummary::from_headers(&series_uid, &refs, &extra_bone);
+            let better = study
+                .chosen
+                .as_ref()
+                .is_none_or(|c| rank_key(&summary, c) == std::cmp::Ordering::Less);
+            if better {
+                study.chosen = Some(summary);
+            }
+        }
+        log::info!(
+            "series {series_uid} of study {study_uid}: {} instance(s) already analysed \
+             (result {} committed at {}); remembered for {:.0} s more, not analysed again \
+             unless instances arrive",
+            series.instances.len(),
+            analysed.mark.result_id,
+            analysed.mark.analysed_at,
+            keep.as_secs_f64()
+        );
+    }
+
+    /// What happened to a job sent earlier (only with [`Assembler::with_feedback`]).
+    pub fn feedback(&mut self, feedback: Feedback) {
+        let Some(study) = self.studies.get_mut(feedback.study()) else {
+            log::debug!("feedback for a study no longer held: {feedback:?}");
+            return;
+        };
+        study.in_flight = study.in_flight.saturating_sub(1);
+        let series_uid = match &feedback {
+            Feedback::Committed {
+                series_instance_uid,
+                ..
+            }
+            | Feedback::Dropped {
+                series_instance_uid,
+                ..
+            } => series_instance_uid,
+        };
+        if let Some(series) = study.series.get_mut(series_uid) {
+            series.early_in_flight = false;
+        }
+        match feedback {
+            Feedback::Committed {
+                series_instance_uid,
+                sop_instance_uids,
+                ..
+            } => {
+                if let Some(series) = study.series.get_mut(&series_instance_uid) {
+                    series.analysed.extend(sop_instance_uids);
+                }
+            }
+            Feedback::Dropped {
+                series_instance_uid,
+                reason,
+                ..
+            } => log::info!("no result for series {series_instance_uid}: {reason}"),
+        }
     }
 
     /// Config rule (calling AE / station name) first, then Images in Acquisition.
@@ -201,8 +521,10 @@ impl Assembler {
         let extra_bone = self.config.bone_kernels.clone();
         let mut jobs = Vec::new();
         let mut skips = Vec::new();
+        let releases = &mut self.releases;
 
         for (study_uid, study) in self.studies.iter_mut() {
+            let jobs_before = jobs.len();
             for (series_uid, series) in study.series.iter_mut() {
                 if series.completion.is_some() {
                     continue;
@@ -228,74 +550,133 @@ impl Assembler {
                     series.completion = Some(c);
                 }
             }
+            // After the completions: a series complete now is analysed whole, not early.
+            if self.config.anatomy_coverage_trigger {
+                jobs.extend(early_job(
+                    study_uid,
+                    study,
+                    now,
+                    &self.config,
+                    self.feedback,
+                ));
+            }
 
             if !study.decided {
                 let all_complete = study.series.values().all(|s| s.completion.is_some());
-                let settled = all_complete && now >= study.last_at + study_quiet;
+                // An early analysis in flight is waited for: if it is published, and no
+                // instance arrived since, its series need not be analysed again.
+                let early_in_flight = study.series.values().any(|s| s.early_in_flight);
+                let settled =
+                    all_complete && !early_in_flight && now >= study.last_at + study_quiet;
                 let forced = now >= study.first_at + max_wait;
                 if settled || forced {
                     study.decided = true;
                     let (job, study_skips) = decide_study(study_uid, study, &extra_bone);
                     skips.extend(study_skips);
                     jobs.extend(job);
-                }
-                continue;
-            }
-
-            // Decided study: series completed since are compared with the chosen one.
-            for (series_uid, series) in study.series.iter_mut() {
-                if series.completion.is_none() || series.evaluated {
-                    continue;
-                }
-                series.evaluated = true;
-                let (accepted, series_skips) = filter_series(series.instances.clone());
-                skips.extend(series_skips);
-                if accepted.is_empty() {
-                    continue;
-                }
-                let refs: Vec<&InstanceHeader> = accepted.iter().collect();
-                let summary = CandidateSummary::from_headers(series_uid, &refs, &extra_bone);
-                let better = match &study.chosen {
-                    None => true,
-                    Some(chosen) => {
-                        chosen.series_instance_uid == *series_uid
-                            || rank_key(&summary, chosen) == std::cmp::Ordering::Less
+                    for (series_uid, series) in study.series.iter_mut() {
+                        if series.evaluated {
+                            release_rejected(study_uid, series_uid, series, releases);
+                        }
                     }
-                };
-                if better {
-                    log::info!(
-                        "series {series_uid} of already decided study {study_uid} completed late ({}): building it",
-                        summary.describe()
-                    );
-                    jobs.push(make_job(study_uid, series_uid, series, accepted));
-                    study.chosen = Some(summary);
-                } else {
-                    let chosen = study.chosen.as_ref().expect("checked above");
-                    skips.push(Skip {
-                        study_instance_uid: study_uid.clone(),
-                        series_instance_uid: series_uid.clone(),
-                        instances: accepted.len(),
-                        reason: format!(
-                            "study already analysed with series {} ({}), preferred over this late one ({})",
-                            chosen.series_instance_uid,
-                            chosen.describe(),
-                            summary.describe()
-                        ),
-                    });
                 }
+            } else {
+                // Decided study: series completed since are compared with the chosen one.
+                for (series_uid, series) in study.series.iter_mut() {
+                    if series.completion.is_none() || series.evaluated || series.early_in_flight {
+                        continue;
+                    }
+                    series.evaluated = true;
+                    release_rejected(study_uid, series_uid, series, releases);
+                    let (accepted, series_skips) = filter_series(series.instances.clone());
+                    skips.extend(series_skips);
+                    if accepted.is_empty() {
+                        continue;
+                    }
+                    if series.already_analysed(&accepted) {
+                        log::info!(
+                            "series {series_uid} of study {study_uid}: its {} instance(s) are \
+                             the ones already analysed; not analysed again",
+                            accepted.len()
+                        );
+                        continue;
+                    }
+                    let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+                    let summary = CandidateSummary::from_headers(series_uid, &refs, &extra_bone);
+                    let better = match &study.chosen {
+                        None => true,
+                        Some(chosen) => {
+                            chosen.series_instance_uid == *series_uid
+                                || rank_key(&summary, chosen) == std::cmp::Ordering::Less
+                        }
+                    };
+                    if better {
+                        log::info!(
+                            "series {series_uid} of already decided study {study_uid} completed late ({}): building it",
+                            summary.describe()
+                        );
+                        jobs.push(make_job(study_uid, series_uid, series, accepted));
+                        study.chosen = Some(summary);
+                    } else {
+                        let chosen = study.chosen.as_ref().expect("checked above");
+                        skips.push(Skip {
+                            study_instance_uid: study_uid.clone(),
+                            series_instance_uid: series_uid.clone(),
+                            instances: accepted.len(),
+                            reason: format!(
+                                "study already analysed with series {} ({}), preferred over this late one ({})",
+                                chosen.series_instance_uid,
+                                chosen.describe(),
+                                summary.describe()
+                            ),
+                        });
+                    }
+                }
+            }
+            if self.feedback {
+                study.in_flight += jobs.len() - jobs_before;
             }
         }
 
-        // Forget decided studies long quiet, once everything in them was evaluated.
+        // Forget decided studies long quiet, once everything in them was evaluated and
+        // every result of them is committed; their spool files go with them.
         self.studies.retain(|uid, study| {
             let finished = study.decided
+                && study.in_flight == 0
                 && study
                     .series
                     .values()
                     .all(|s| s.completion.is_some() && s.evaluated);
-            let keep = !(finished && now >= study.last_at + retention);
+            let keep = !(finished && now >= study.forget_at(retention));
             if !keep {
-                log::debug!("forgetting study {uid}");
+                log::info!(
+                    "forgetting study {uid} (series.completed_retention_secs = {}): releasing \
+                     its instances",
+                    retention.as_secs_f64()
+                );
+                // Series without a committed result first: a crash half-way through leaves
+                // the analysed ones, remembered by their marks after the restart.
+                let mut series: Vec<(&String, &SeriesState)> = study.series.iter().collect();
+                series.sort_by_key(|(_, s)| !s.analysed.is_empty());
+                for (series_uid, s) in series {
+                    let paths: Vec<PathBuf> = s
+                        .instances
+                        .iter()
+                        .filter(|h| !s.released.contains(&h.sop_instance_uid))
+                        .map(|h| h.path.clone())
+                        .collect();
+                    if paths.is_empty() {
+                        // Released when filtered out; its directory went with its files.
+                        continue;
+                    }
+                    releases.push(Release {
+                        study_instance_uid: uid.clone(),
+                        series_instance_uid: series_uid.clone(),
+                        paths,
+                        forgotten: true,
+                        why: "study forgotten".into(),
+                    });
+                }
             }
             keep
         });
@@ -313,12 +694,15 @@ impl Assembler {
         jobs
     }
 
-    /// The next instant at which [`Assembler::poll`] may have something to do.
+    /// The next instant at which [`Assembler::poll`] may have something to do (besides
+    /// after [`Assembler::add`] and [`Assembler::feedback`]).
     pub fn next_deadline(&self) -> Option<Instant> {
         let quiet = secs(self.config.quiet_period_secs);
         let max_wait = secs(self.config.max_wait_secs);
         let study_quiet = secs(self.config.study_quiet_period());
         let retention = secs(self.config.completed_retention_secs);
+        let check = secs(self.config.coverage_check_secs);
+        let trigger = self.config.anatomy_coverage_trigger;
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for study in self.studies.values() {
@@ -327,15 +711,23 @@ impl Assembler {
                 if series.completion.is_none() {
                     all_complete = false;
                     consider((series.last_at + quiet).min(series.first_at + max_wait));
+                    // Instances arrived since the last check, which came too early for
+                    // another one.
+                    if trigger && series.early_pending() {
+                        if let Some(t) = series.early_next(check) {
+                            consider(t);
+                        }
+                    }
                 }
             }
             if !study.decided {
                 consider(study.first_at + max_wait);
-                if all_complete {
+                // An early analysis in flight is waited for: its feedback wakes us.
+                if all_complete && !study.series.values().any(|s| s.early_in_flight) {
                     consider(study.last_at + study_quiet);
                 }
-            } else if all_complete {
-                consider(study.last_at + retention);
+            } else if all_complete && study.in_flight == 0 {
+                consider(study.forget_at(retention));
             }
         }
         next
@@ -346,10 +738,115 @@ impl Assembler {
         std::mem::take(&mut self.skipped)
     }
 
+    /// Spool files to remove, recorded since the last call.
+    pub fn take_releases(&mut self) -> Vec<Release> {
+        std::mem::take(&mut self.releases)
+    }
+
     /// Number of studies still held (assembling, or remembered for late instances).
     pub fn studies_held(&self) -> usize {
         self.studies.len()
     }
+}
+
+/// The anatomy-coverage trigger ([`AssemblyConfig::anatomy_coverage_trigger`]) on one
+/// study: an early job for its best candidate series so far, if that series is due for a
+/// check and its contiguous slab is at least `min_coverage_mm` long and grew since the
+/// last early analysis.
+fn early_job(
+    study_uid: &str,
+    study: &mut StudyState,
+    now: Instant,
+    config: &AssemblyConfig,
+    feedback: bool,
+) -> Option<SeriesJob> {
+    let interval = secs(config.coverage_check_secs);
+    let mut any_due = false;
+    for series in study.series.values_mut() {
+        if series.early_due(now, interval) {
+            series.early_checked_at = Some(now);
+            series.early_checked_n = series.instances.len();
+            any_due = true;
+        }
+    }
+    if !any_due {
+        return None;
+    }
+    // The study's best candidate so far (the chosen series of a decided study counts).
+    let mut best: Option<(CandidateSummary, Vec<InstanceHeader>)> = None;
+    for (uid, series) in &study.series {
+        let (accepted, _) = filter_series(series.instances.clone());
+        if accepted.is_empty() {
+            continue;
+        }
+        let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+        let summary = CandidateSummary::from_headers(uid, &refs, &config.bone_kernels);
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| rank_key(&summary, b) == std::cmp::Ordering::Less)
+        {
+            best = Some((summary, accepted));
+        }
+    }
+    let (summary, accepted) = best?;
+    if let Some(chosen) = &study.chosen {
+        if chosen.series_instance_uid != summary.series_instance_uid
+            && rank_key(chosen, &summary) != std::cmp::Ordering::Greater
+        {
+            return None;
+        }
+    }
+    let series_uid = summary.series_instance_uid.clone();
+    let series = study
+        .series
+        .get_mut(&series_uid)
+        .expect("a series of the study");
+    if series.completion.is_some()
+        || !series.analysed.is_empty()
+        || series.early_in_flight
+        || series.early_checked_at != Some(now)
+    {
+        return None;
+    }
+    let (slab, length_mm) = contiguous_slab(&accepted);
+    if length_mm < config.min_coverage_mm || slab.len() <= series.early_slab {
+        return None;
+    }
+    // Quiet for half its quiet period already: it completes soon, and the whole series
+    // is analysed then; an early analysis now would only delay that one.
+    if now >= series.last_at + secs(config.quiet_period_secs / 2.0) {
+        return None;
+    }
+    let expected = series.expected.as_ref().map(|(n, _)| *n as i64);
+    let is_final = |h: &InstanceHeader| {
+        h.instance_number
+            .is_some_and(|n| n == 1 || Some(n) == expected)
+    };
+    let patient_z = |h: &InstanceHeader| h.image_position_patient.map_or(0.0, |p| p[2]);
+    let inferior = slab
+        .iter()
+        .min_by(|a, b| patient_z(a).total_cmp(&patient_z(b)))
+        .expect("a slab of at least min_coverage_mm has slices");
+    let superior = slab
+        .iter()
+        .max_by(|a, b| patient_z(a).total_cmp(&patient_z(b)))
+        .expect("a slab of at least min_coverage_mm has slices");
+    let check = EarlyCheck {
+        inferior_end_final: is_final(inferior),
+        superior_end_final: is_final(superior),
+    };
+    log::info!(
+        "series {series_uid} of study {study_uid}: contiguous slab of {} slice(s), {length_mm:.0} mm (of {} received): analysing it early (anatomy-coverage trigger)",
+        slab.len(),
+        series.instances.len()
+    );
+    series.early_slab = slab.len();
+    series.early_sent_at = Some(now);
+    series.early_in_flight = feedback;
+    let mut job = make_job(study_uid, &series_uid, series, slab);
+    job.completion = Completion::AnatomyCoverage;
+    job.meta.early = Some(check);
+    Some(job)
 }
 
 /// Selection over the complete series of a study being decided.
@@ -386,12 +883,21 @@ fn decide_study(
     let (order, choice_skips) = choose_candidate(&summaries, study_uid);
     skips.extend(choice_skips);
     let best = order[0];
+    study.chosen = Some(summaries[best].clone());
+    let (best_uid, best_accepted) = &candidates[best];
+    if study.series[best_uid].already_analysed(best_accepted) {
+        log::info!(
+            "study {study_uid}: series {best_uid} ({}) is the best, and its instances are the \
+             ones already analysed; not analysed again",
+            summaries[best].describe()
+        );
+        return (None, skips);
+    }
     log::info!(
         "study {study_uid}: analysing series {} ({})",
         summaries[best].series_instance_uid,
         summaries[best].describe()
     );
-    study.chosen = Some(summaries[best].clone());
     let mut slots: Vec<Option<(String, Vec<InstanceHeader>)>> =
         candidates.into_iter().map(Some).collect();
     let mut ranked = order.into_iter().map(|i| {
@@ -423,6 +929,7 @@ fn make_job(
             last_received: Some(series.last_received),
             completed: None,
             sop_instance_uids: Vec::new(),
+            early: None,
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
@@ -454,6 +961,20 @@ pub fn build_job(job: SeriesJob) -> SeriesOutcome {
 /// and headers). When full, assembly waits, which in turn slows the SCP down.
 const BUILD_QUEUE: usize = 16;
 
+/// What connects the series stage to the spool (the daemon's); [`Default`]: nothing
+/// (instances are never released, jobs count as done once sent).
+#[derive(Debug, Default)]
+pub struct SpoolLinks {
+    /// Series the spool holds as analysed at start-up ([`crate::dicom::spool::recover`]):
+    /// restored before any instance is read.
+    pub analysed: Vec<AnalysedSeries>,
+    /// Where spool files no longer needed go.
+    pub releases: Option<mpsc::Sender<Release>>,
+    /// What happened to the jobs sent (results committed). With it, a study is forgotten,
+    /// and its spool files released, only once its results are committed.
+    pub feedback: Option<mpsc::UnboundedReceiver<Feedback>>,
+}
+
 /// The series stage: reads [`StoredInstance`]s from `rx`, sends a [`SeriesOutcome`] per
 /// analysed series to `tx`. Volumes are built one at a time on a blocking thread (memory
 /// bound: one volume in construction). Returns when `rx` is closed (after building what
@@ -464,17 +985,32 @@ pub async fn run_assembler(
     heartbeat: Heartbeat,
     mut rx: mpsc::Receiver<StoredInstance>,
     tx: mpsc::Sender<SeriesOutcome>,
-    skipped: Option<mpsc::Sender<Skip>>,
+    links: SpoolLinks,
 ) -> Result<()> {
     config.validate()?;
+    let SpoolLinks {
+        analysed,
+        releases,
+        mut feedback,
+    } = links;
+    // Jobs that end without an outcome (a panic) are reported like the others.
+    let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<Feedback>();
     let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
     let builder = tokio::spawn(async move {
         while let Some(job) = job_rx.recv().await {
-            let series = job.meta.series_instance_uid.clone();
+            let (study, series) = (
+                job.meta.study_instance_uid.clone(),
+                job.meta.series_instance_uid.clone(),
+            );
             let outcome = match tokio::task::spawn_blocking(move || build_job(job)).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     log::error!("volume building of series {series} panicked: {e}");
+                    let _ = dropped_tx.send(Feedback::Dropped {
+                        study_instance_uid: study,
+                        series_instance_uid: series,
+                        reason: format!("volume building panicked: {e}"),
+                    });
                     continue;
                 }
             };
@@ -485,7 +1021,27 @@ pub async fn run_assembler(
         }
     });
 
-    let mut assembler = Assembler::new(config);
+    let mut assembler = Assembler::new(config).with_feedback(feedback.is_some());
+    for series in analysed {
+        heartbeat.beat();
+        let headers = tokio::task::spawn_blocking(move || {
+            let mut headers = Vec::with_capacity(series.instances.len());
+            for stored in &series.instances {
+                match InstanceHeader::read(&stored.path) {
+                    Ok(h) => headers.push((stored.clone(), h)),
+                    Err(e) => log::error!(
+                        "instance {} of series {} not restored: {e:#}",
+                        stored.sop_instance_uid,
+                        stored.series_instance_uid
+                    ),
+                }
+            }
+            (series, headers)
+        })
+        .await?;
+        let (series, headers) = headers;
+        assembler.restore(&series, headers, Instant::now());
+    }
     loop {
         heartbeat.beat();
         let deadline = assembler.next_deadline();
@@ -493,6 +1049,16 @@ pub async fn run_assembler(
         let deadline = Some(deadline.map_or(idle, |d| d.min(idle)));
         let received = tokio::select! {
             msg = rx.recv() => Some(msg),
+            Some(f) = recv_feedback(&mut feedback) => {
+                assembler.feedback(f);
+                None
+            }
+            Some(f) = dropped_rx.recv() => {
+                if assembler.feedback {
+                    assembler.feedback(f);
+                }
+                None
+            }
             _ = sleep_until(deadline) => None,
         };
         match received {
@@ -516,16 +1082,24 @@ pub async fn run_assembler(
                 return Ok(());
             }
         }
-        // Skips were logged when recorded; the daemon removes their instances from the spool.
-        for skip in assembler.take_skips() {
-            if let Some(skipped) = &skipped {
-                let _ = skipped.send(skip).await;
+        // Skips were logged when recorded.
+        assembler.take_skips();
+        for release in assembler.take_releases() {
+            if let Some(releases) = &releases {
+                let _ = releases.send(release).await;
             }
         }
     }
     drop(job_tx);
     builder.await?;
     Ok(())
+}
+
+async fn recv_feedback(rx: &mut Option<mpsc::UnboundedReceiver<Feedback>>) -> Option<Feedback> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -774,5 +1348,376 @@ mod tests {
         a.poll(t0 + ms(60_100));
         assert_eq!(a.studies_held(), 0);
         assert_eq!(a.next_deadline(), None);
+    }
+
+    fn committed(series: &str, sops: &[String]) -> Feedback {
+        Feedback::Committed {
+            study_instance_uid: STUDY.into(),
+            series_instance_uid: series.into(),
+            sop_instance_uids: sops.to_vec(),
+        }
+    }
+
+    fn uids(job: &SeriesJob) -> Vec<String> {
+        job.instances
+            .iter()
+            .map(|h| h.sop_instance_uid.clone())
+            .collect()
+    }
+
+    fn paths_of(releases: &[Release]) -> BTreeSet<String> {
+        releases
+            .iter()
+            .flat_map(|r| r.paths.iter().map(|p| p.display().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_analysed_series_is_kept_until_its_study_is_forgotten_and_its_result_committed() {
+        let mut a = Assembler::new(AssemblyConfig {
+            completed_retention_secs: 60.0,
+            ..config()
+        })
+        .with_feedback(true);
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(100));
+        let jobs = a.poll(t0 + ms(5000));
+        assert_eq!(jobs.len(), 1);
+        assert!(
+            a.take_releases().is_empty(),
+            "nothing released at the decision"
+        );
+        // Retention is over but the result is not committed yet: the study stays, and no
+        // deadline is due until the feedback comes.
+        assert!(a.poll(t0 + ms(120_000)).is_empty());
+        assert_eq!(a.studies_held(), 1);
+        assert!(a.take_releases().is_empty());
+        assert_eq!(a.next_deadline(), None);
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert_eq!(a.next_deadline(), Some(t0 + ms(60_200)));
+        a.poll(t0 + ms(120_000));
+        assert_eq!(a.studies_held(), 0);
+        let releases = a.take_releases();
+        assert_eq!(releases.len(), 1);
+        assert!(releases[0].forgotten);
+        assert_eq!(
+            paths_of(&releases),
+            (0..3).map(|k| format!("/spool/1.2.3.1.{k}.dcm")).collect()
+        );
+    }
+
+    #[test]
+    fn late_instances_within_retention_rebuild_with_the_kept_ones() {
+        let mut a = Assembler::new(config()).with_feedback(true);
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 4, "BONE", 1.0, t0, ms(100));
+        let jobs = a.poll(t0 + ms(5000));
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        let (s, h) = instance("1.2.3.1", 4, "BONE", 1.0);
+        a.add(&s, h, t0 + ms(30_000));
+        let jobs = a.poll(t0 + ms(33_000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].instances.len(), 5);
+        assert!(a.take_releases().is_empty(), "nothing released yet");
+    }
+
+    #[test]
+    fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
+        let mut a = Assembler::new(AssemblyConfig {
+            completed_retention_secs: 60.0,
+            ..config()
+        })
+        .with_feedback(true);
+        let t0 = Instant::now();
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(100));
+        // A scout inside the axial series, a soft-tissue series (a fallback) and a
+        // localizer series.
+        let (mut s, _) = instance("1.2.3.1", 9, "", 1.0);
+        s.path = "/spool/1.2.3.1.scout.dcm".into();
+        s.sop_instance_uid = "1.2.3.1.scout".into();
+        let mut h = scout();
+        h.sop_instance_uid = s.sop_instance_uid.clone();
+        a.add(&s, h, t0 + ms(300));
+        add_series(&mut a, "1.2.3.2", 3, "SOFT", 1.0, t0, ms(100));
+        a.add(&instance("1.2.3.9", 0, "", 1.0).0, scout(), t0 + ms(400));
+        let jobs = a.poll(t0 + ms(5000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].fallbacks.len(), 1, "the soft series is a fallback");
+        let releases = a.take_releases();
+        assert!(releases.iter().all(|r| !r.forgotten));
+        assert_eq!(
+            paths_of(&releases),
+            BTreeSet::from([
+                "/spool/1.2.3.1.scout.dcm".to_string(),
+                "/spool/1.2.3.9.0.dcm".to_string()
+            ]),
+            "only what can never be analysed; the fallback stays"
+        );
+        // A released instance sent again is stored again: released again.
+        a.add(&instance("1.2.3.9", 0, "", 1.0).0, scout(), t0 + ms(6000));
+        let again = a.take_releases();
+        assert_eq!(
+            paths_of(&again),
+            BTreeSet::from(["/spool/1.2.3.9.0.dcm".to_string()])
+        );
+        // The analysed series sent again while remembered: its files are still in the
+        // spool (the SCP answers from them), nothing to release.
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0 + ms(7000), ms(10));
+        assert!(a.take_releases().is_empty());
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        a.poll(t0 + ms(70_000));
+        assert_eq!(a.studies_held(), 0);
+        let forgotten = a.take_releases();
+        assert!(forgotten.iter().all(|r| r.forgotten));
+        let expected: BTreeSet<String> = ["1.2.3.1.0", "1.2.3.1.1", "1.2.3.1.2"]
+            .iter()
+            .chain(&["1.2.3.2.0", "1.2.3.2.1", "1.2.3.2.2"])
+            .map(|s| format!("/spool/{s}.dcm"))
+            .collect();
+        assert_eq!(paths_of(&forgotten), expected);
+        // Not analysed (the fallback) before the analysed one.
+        assert_eq!(forgotten[0].series_instance_uid, "1.2.3.2");
+        assert_eq!(forgotten.last().unwrap().series_instance_uid, "1.2.3.1");
+    }
+
+    fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
+        use crate::dicom::spool::AnalysedMark;
+        let instances: Vec<StoredInstance> =
+            (0..n).map(|k| instance(series, k, "BONE", 1.0).0).collect();
+        AnalysedSeries {
+            mark: AnalysedMark {
+                study_instance_uid: STUDY.into(),
+                series_instance_uid: series.into(),
+                analysed_at: OffsetDateTime::now_utc() - time::Duration::seconds(age_secs),
+                result_id: "ab".into(),
+                sop_instance_uids: crate::series::sorted_unique_uids(
+                    instances.iter().map(|i| i.sop_instance_uid.as_str()),
+                ),
+            },
+            instances,
+        }
+    }
+
+    fn restore(a: &mut Assembler, series: &AnalysedSeries, now: Instant) {
+        let headers = series
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                (
+                    s.clone(),
+                    instance(&s.series_instance_uid, k, "BONE", 1.0).1,
+                )
+            })
+            .collect();
+        a.restore(series, headers, now);
+    }
+
+    #[test]
+    fn a_restored_series_is_not_analysed_again_but_late_instances_reopen_it() {
+        let mut a = Assembler::new(AssemblyConfig {
+            completed_retention_secs: 600.0,
+            ..config()
+        })
+        .with_feedback(true);
+        let t0 = Instant::now();
+        restore(&mut a, &analysed("1.2.3.1", 4, 100), t0);
+        assert!(a.poll(t0 + ms(60_000)).is_empty(), "not analysed again");
+        assert_eq!(a.studies_held(), 1);
+        // Forgotten by the mark's age: 600 s retention, 100 s already spent.
+        let due = a.next_deadline().unwrap();
+        assert!(
+            due > t0 + ms(499_000) && due <= t0 + ms(500_000),
+            "{:?}",
+            due - t0
+        );
+        // A late instance re-opens the series: analysed again, whole.
+        let (s, h) = instance("1.2.3.1", 4, "BONE", 1.0);
+        a.add(&s, h, t0 + ms(61_000));
+        let jobs = a.poll(t0 + ms(64_000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].instances.len(), 5);
+        assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.1");
+        // From now on retention counts from the late instance, once its result is in.
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert_eq!(a.next_deadline(), Some(t0 + ms(661_000)));
+    }
+
+    #[test]
+    fn a_restored_series_past_its_retention_is_released() {
+        let mut a = Assembler::new(AssemblyConfig {
+            completed_retention_secs: 60.0,
+            ..config()
+        })
+        .with_feedback(true);
+        let t0 = Instant::now();
+        restore(&mut a, &analysed("1.2.3.1", 3, 120), t0);
+        assert!(a.poll(t0).is_empty());
+        assert_eq!(a.studies_held(), 0);
+        let releases = a.take_releases();
+        assert_eq!(releases.len(), 1);
+        assert!(releases[0].forgotten && releases[0].paths.len() == 3);
+    }
+
+    #[test]
+    fn an_unchanged_instance_set_is_not_analysed_again() {
+        // After a restart, an instance the mark does not name but that is not analysable
+        // (a scout in the series) re-opens the series: the candidate instances are the
+        // ones already analysed, so no second analysis.
+        let mut a = Assembler::new(config()).with_feedback(true);
+        let t0 = Instant::now();
+        restore(&mut a, &analysed("1.2.3.1", 3, 0), t0);
+        let (mut s, _) = instance("1.2.3.1", 9, "", 1.0);
+        s.sop_instance_uid = "1.2.3.1.scout".into();
+        s.path = "/spool/1.2.3.1.scout.dcm".into();
+        let mut h = scout();
+        h.sop_instance_uid = s.sop_instance_uid.clone();
+        a.add(&s, h, t0);
+        assert!(a.poll(t0 + ms(10_000)).is_empty());
+        assert_eq!(
+            paths_of(&a.take_releases()),
+            BTreeSet::from(["/spool/1.2.3.1.scout.dcm".to_string()])
+        );
+    }
+
+    fn trigger_config() -> AssemblyConfig {
+        AssemblyConfig {
+            anatomy_coverage_trigger: true,
+            min_coverage_mm: 10.0,
+            coverage_check_secs: 1.0,
+            ..config()
+        }
+    }
+
+    /// Adds slices `from..to` of `series` (1 mm apart), one every 100 ms from `t0 + from *
+    /// 100 ms`, polling after each; returns the jobs.
+    fn stream(
+        a: &mut Assembler,
+        series: &str,
+        kernel: &str,
+        range: std::ops::Range<usize>,
+        t0: Instant,
+    ) -> Vec<SeriesJob> {
+        let mut jobs = Vec::new();
+        for k in range {
+            let now = t0 + ms(100) * k as u32;
+            let (s, mut h) = instance(series, k, kernel, 1.0);
+            h.instance_number = Some(k as i64 + 1);
+            a.add(&s, h, now);
+            jobs.extend(a.poll(now));
+        }
+        jobs
+    }
+
+    fn dropped(series: &str) -> Feedback {
+        Feedback::Dropped {
+            study_instance_uid: STUDY.into(),
+            series_instance_uid: series.into(),
+            reason: "coverage".into(),
+        }
+    }
+
+    #[test]
+    fn the_trigger_analyses_a_long_enough_contiguous_slab_early() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        // 10 slices 1 mm apart are 10 mm; the slab is measured every 250 ms at most (here
+        // at 0, 300, 600 and 900 ms).
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 0..9, t0);
+        assert!(jobs.is_empty(), "9 mm is not enough");
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 9..10, t0);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::AnatomyCoverage);
+        assert_eq!(jobs[0].instances.len(), 10);
+        assert_eq!(
+            jobs[0].meta.early,
+            Some(EarlyCheck {
+                // Instance 1 is the lowest slice; the highest is not the last one known.
+                inferior_end_final: true,
+                superior_end_final: false,
+            })
+        );
+        // In flight: no second early analysis, however much arrives.
+        assert!(stream(&mut a, "1.2.3.1", "BONE", 10..30, t0).is_empty());
+        // Not published (the model did not see C1-C7 with margins): the next check, with
+        // a grown slab and coverage_check_secs after the last early analysis, tries again.
+        a.feedback(dropped("1.2.3.1"));
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 30..31, t0);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].instances.len(), 31);
+        // No early analysis once the series has been quiet for half its quiet period.
+        let mut b = Assembler::new(trigger_config()).with_feedback(true);
+        stream(&mut b, "1.2.3.1", "BONE", 0..9, t0);
+        let (s, mut h) = instance("1.2.3.1", 9, "BONE", 1.0);
+        h.instance_number = Some(10);
+        b.add(&s, h, t0 + ms(850));
+        assert!(b.poll(t0 + ms(850) + ms(1500)).is_empty());
+        // Published: no more early checks; the series completes with more instances than
+        // the early result named, so it is analysed again whole.
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert!(stream(&mut a, "1.2.3.1", "BONE", 31..40, t0).is_empty());
+        let last = t0 + ms(3900);
+        assert!(a.poll(last + ms(2999)).is_empty());
+        let jobs = a.poll(last + ms(3000));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].completion, Completion::QuietPeriod);
+        assert_eq!(jobs[0].instances.len(), 40);
+        assert_eq!(jobs[0].meta.early, None);
+    }
+
+    #[test]
+    fn a_published_early_result_of_the_whole_series_is_not_repeated() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        let jobs = stream(&mut a, "1.2.3.1", "BONE", 0..10, t0);
+        assert_eq!(jobs.len(), 1);
+        // The series completes while its early analysis is in flight: the decision waits
+        // (for the feedback, or at most until the study's max wait).
+        assert!(a.poll(t0 + ms(5000)).is_empty());
+        assert_eq!(a.next_deadline(), Some(t0 + ms(10_000)));
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        assert!(
+            a.poll(t0 + ms(5000)).is_empty(),
+            "the early result named every instance: not analysed again"
+        );
+        assert!(a.take_skips().is_empty());
+    }
+
+    #[test]
+    fn the_trigger_waits_for_a_contiguous_slab_and_the_best_series() {
+        let mut a = Assembler::new(trigger_config()).with_feedback(true);
+        let t0 = Instant::now();
+        // Every other slice: 2 mm steps, contiguous (no step above 1.5x the median).
+        // A soft-tissue series long enough, but a bone one is arriving: not the best.
+        for k in 0..12 {
+            let (s, h) = instance("1.2.3.2", k, "SOFT", 1.0);
+            a.add(&s, h, t0 + ms(10) * k as u32);
+        }
+        let (s, h) = instance("1.2.3.1", 0, "BONE", 1.0);
+        a.add(&s, h, t0 + ms(200));
+        assert!(
+            a.poll(t0 + ms(200)).is_empty(),
+            "the soft series is not the best"
+        );
+        // The bone series with a gap: 0..=5 and 8..=11 (5 and 4 mm): no 10 mm slab.
+        for k in (1..6).chain(8..12) {
+            let (s, h) = instance("1.2.3.1", k, "BONE", 1.0);
+            a.add(&s, h, t0 + ms(1500) + ms(10) * k as u32);
+        }
+        assert!(a.poll(t0 + ms(1700)).is_empty(), "no slab of 10 mm");
+        // The gap filled: 12 mm, checked again after the rate limit.
+        for k in 6..8 {
+            let (s, h) = instance("1.2.3.1", k, "BONE", 1.0);
+            a.add(&s, h, t0 + ms(1800));
+        }
+        assert!(
+            a.poll(t0 + ms(1800)).is_empty(),
+            "checked less than 250 ms ago"
+        );
+        assert_eq!(a.next_deadline(), Some(t0 + ms(1950)));
+        let jobs = a.poll(t0 + ms(1950));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].meta.series_instance_uid, "1.2.3.1");
+        assert_eq!(jobs[0].instances.len(), 12);
     }
 }

@@ -13,7 +13,7 @@ pub mod load;
 pub mod selection;
 pub mod volume;
 
-pub use assembler::{run_assembler, Assembler, SeriesJob};
+pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport};
 pub use selection::Skip;
@@ -51,12 +51,41 @@ pub struct AssemblyConfig {
     /// Extra case-insensitive substrings of ConvolutionKernel that mark a bone kernel,
     /// on top of the built-in rule (BONE, EDGE, Siemens B/H/I/J/U60 and sharper).
     pub bone_kernels: Vec<String>,
-    /// How long a decided study is remembered, so that late instances re-open its series
-    /// instead of starting a new, partial one.
+    /// How long a decided study is remembered (counted from its last instance, and at
+    /// least until its results are committed to the outbox), so that late instances
+    /// re-open its series instead of starting a new, partial one. Its instances stay in the
+    /// spool as long (marked analysed, so that a restart does not analyse them again; a
+    /// restart counts the time from the mark): size the spool's disk for this much traffic.
     pub completed_retention_secs: f64,
-    /// Complete a series as soon as it covers the cervical spine. Not implemented yet:
-    /// must stay `false`.
+    /// Anatomy-coverage trigger: while a series is still arriving, analyse early the
+    /// contiguous slab received so far (no gap along the slice normal) once it is
+    /// `min_coverage_mm` long, at most every `coverage_check_secs`, if the series is the
+    /// study's best candidate so far. The early result is published only if it is
+    /// `positive` or `negative` and the model's segmentation found C1 and C7 with a margin
+    /// (at least one mean vertebra height of slab beyond C1's top and C7's bottom, unless
+    /// the slab ends there with the first or last instance of the series); otherwise it is
+    /// dropped. When the series completes (quiet period), it is analysed again if
+    /// instances arrived after the published slab: a revised result under a new id.
     pub anatomy_coverage_trigger: bool,
+    /// Slab length (mm along the slice normal) at which the trigger tries an early
+    /// analysis. C1 top to C7 bottom is about 110-130 mm in adults; with a vertebra of
+    /// margin on each side, 150 mm.
+    pub min_coverage_mm: f64,
+    /// At most one early check per series per this many seconds; a check runs the model
+    /// only when the slab grew since the last one.
+    pub coverage_check_secs: f64,
+}
+
+/// An early analysis (the anatomy-coverage trigger, [`AssemblyConfig`]) of a contiguous
+/// slab of a series still arriving: published only if the model finds C1 to C7 with a
+/// margin ([`crate::inference::postprocess::early_coverage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EarlyCheck {
+    /// The slab's inferior end (lowest patient z) is an end of the whole series (its
+    /// first or last instance by Instance Number): no margin is needed beyond it.
+    pub inferior_end_final: bool,
+    /// The same for the superior end (highest patient z).
+    pub superior_end_final: bool,
 }
 
 /// Expected number of instances per series for a sender: every given field must match.
@@ -84,6 +113,8 @@ impl Default for AssemblyConfig {
             bone_kernels: Vec::new(),
             completed_retention_secs: 3600.0,
             anatomy_coverage_trigger: false,
+            min_coverage_mm: 150.0,
+            coverage_check_secs: 2.0,
         }
     }
 }
@@ -123,8 +154,12 @@ impl AssemblyConfig {
             );
         }
         ensure!(
-            !self.anatomy_coverage_trigger,
-            "series.anatomy_coverage_trigger is not implemented yet: set it to false"
+            self.min_coverage_mm > 0.0,
+            "series.min_coverage_mm must be > 0"
+        );
+        ensure!(
+            self.coverage_check_secs >= 0.0,
+            "series.coverage_check_secs must be >= 0"
         );
         Ok(())
     }
@@ -163,6 +198,9 @@ pub struct SeriesMeta {
     /// the volume is built ([`build_volume`], [`load::build_best`]), also for a series
     /// that fails to build.
     pub sop_instance_uids: Vec<String>,
+    /// Set for an early analysis by the anatomy-coverage trigger: the result is published
+    /// only if the coverage check passes.
+    pub early: Option<EarlyCheck>,
 }
 
 /// `uids` sorted (byte order) without repeats, as [`SeriesMeta::sop_instance_uids`] holds them.

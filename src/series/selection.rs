@@ -243,6 +243,46 @@ pub fn filter_series(headers: Vec<InstanceHeader>) -> (Vec<InstanceHeader>, Vec<
     (accepted, skips)
 }
 
+/// The longest contiguous slab of a series still arriving: its slices (sorted along the
+/// slice normal, one per position) without a step larger than
+/// [`super::volume::GAP_FACTOR`] times the median step, and its length in mm (first to
+/// last position, plus one step). Slices without a position are left out. What the
+/// anatomy-coverage trigger analyses early: volume building accepts it (no gap).
+pub fn contiguous_slab(accepted: &[InstanceHeader]) -> (Vec<InstanceHeader>, f64) {
+    let Some(normal) = accepted.iter().find_map(|h| h.normal()) else {
+        return (Vec::new(), 0.0);
+    };
+    let mut stack: Vec<(f64, &InstanceHeader)> = accepted
+        .iter()
+        .filter_map(|h| Some((super::header::dot(h.image_position_patient?, normal), h)))
+        .collect();
+    stack.sort_by(|a, b| a.0.total_cmp(&b.0));
+    stack.dedup_by(|b, a| (b.0 - a.0).abs() < 0.01);
+    if stack.len() < 2 {
+        return (stack.into_iter().map(|(_, h)| h.clone()).collect(), 0.0);
+    }
+    let mut steps: Vec<f64> = stack.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    let step_at = steps.clone();
+    steps.sort_by(f64::total_cmp);
+    let median = steps[steps.len() / 2];
+    // Runs between gaps: (first index, last index).
+    let mut best = (0, 0);
+    let mut start = 0;
+    for (i, &step) in step_at.iter().enumerate() {
+        if step > super::volume::GAP_FACTOR * median {
+            start = i + 1;
+        } else if stack[i + 1].0 - stack[start].0 > stack[best.1].0 - stack[best.0].0 {
+            best = (start, i + 1);
+        }
+    }
+    let length = stack[best.1].0 - stack[best.0].0 + median;
+    let slab = stack[best.0..=best.1]
+        .iter()
+        .map(|(_, h)| (*h).clone())
+        .collect();
+    (slab, length)
+}
+
 /// Candidate indices best first, and a skip for every candidate but the best. The others
 /// stay fallbacks, built in this order only if the better ones cannot be.
 pub fn choose_candidate(
@@ -349,5 +389,28 @@ mod tests {
         mr.modality = "MR".into();
         mr.sop_class_uid = "1.2.840.10008.5.1.4.1.1.4".into();
         assert!(instance_rejection(&mr).unwrap().contains("not CT"));
+    }
+
+    #[test]
+    fn contiguous_slab_is_the_longest_run_without_a_gap() {
+        let slice = |z: f64| InstanceHeader {
+            sop_instance_uid: format!("1.2.{z}"),
+            image_position_patient: Some([0.0, 0.0, z]),
+            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            ..Default::default()
+        };
+        // 0..=4 and 7..=14 mm, 1 mm apart, shuffled, one position twice.
+        let mut hs: Vec<InstanceHeader> = (0..5).chain(7..15).map(|z| slice(z as f64)).collect();
+        hs.reverse();
+        hs.push(slice(9.0));
+        let (slab, mm) = contiguous_slab(&hs);
+        let z: Vec<f64> = slab
+            .iter()
+            .map(|h| h.image_position_patient.unwrap()[2])
+            .collect();
+        assert_eq!(z, (7..15).map(f64::from).collect::<Vec<_>>());
+        assert!((mm - 8.0).abs() < 1e-9, "{mm}");
+        assert_eq!(contiguous_slab(&hs[..1]).1, 0.0);
+        assert!(contiguous_slab(&[]).0.is_empty());
     }
 }

@@ -449,6 +449,7 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         last_received: None,
         completed: Some(OffsetDateTime::now_utc()),
         sop_instance_uids: Vec::new(),
+        early: None,
     }
 }
 

@@ -3,9 +3,17 @@
 //!
 //! ```text
 //! Scp ──StoredInstance──▶ assembler ──SeriesOutcome──▶ inference ──ResultMessage──▶ Alerts
-//!  ▲                                                                                  │
-//!  └──────────── spool janitor ◀── Committed (result durably in the outbox) ◀────────┘
+//!                          │     ▲                                                    │
+//!                  Release │     │ Feedback (committed)                               │
+//!                          ▼     │                                                    │
+//!                      spool janitor ◀────── Committed (result durably in the outbox) ◀┘
 //! ```
+//!
+//! The janitor writes a series' analysed mark once its result is committed and tells the
+//! assembler; it removes spool files when the assembler releases them: at once for
+//! instances that can never be analysed, otherwise when the assembler forgets the study
+//! (`series.completed_retention_secs` after its last instance, and only once its results
+//! are committed), so that late instances are analysed with the earlier ones.
 //!
 //! Every hand-over is a bounded channel, so a slow stage slows the one before it down
 //! (down to the SCU's C-STORE responses) instead of piling up memory. Everything in
@@ -25,7 +33,7 @@ use crate::alert::{self, Alerts, Committed};
 use crate::config::Config;
 use crate::dicom::{spool, Scp};
 use crate::inference::Pipeline;
-use crate::series::Skip;
+use crate::series::{Feedback, Release, SpoolLinks};
 
 /// Instances waiting for the assembler: enough for a burst of several scanners.
 const INSTANCE_QUEUE: usize = 1024;
@@ -70,7 +78,10 @@ async fn run(config: Config) -> Result<()> {
         alerts.broker_url()
     );
 
-    let recovered = spool::reindex(&config.dicom.spool_dir)?;
+    let spool::Recovered {
+        instances: recovered,
+        analysed,
+    } = spool::recover(&config.dicom.spool_dir)?;
     for instance in &recovered {
         log::info!(
             "recovered from spool: {} (series {}, from {})",
@@ -83,6 +94,13 @@ async fn run(config: Config) -> Result<()> {
         log::info!(
             "{} instances recovered from the spool; their series resume",
             recovered.len()
+        );
+    }
+    if !analysed.is_empty() {
+        log::info!(
+            "{} analysed series ({} instances) kept in the spool for late instances",
+            analysed.len(),
+            analysed.iter().map(|s| s.instances.len()).sum::<usize>()
         );
     }
     let scp = Scp::bind(config.dicom.clone()).await?;
@@ -98,7 +116,11 @@ async fn run(config: Config) -> Result<()> {
     let (volume_tx, volume_rx) = mpsc::channel(VOLUME_QUEUE);
     let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);
     let (committed_tx, committed_rx) = mpsc::channel(RESULT_QUEUE);
-    let (skipped_tx, skipped_rx) = mpsc::channel(RESULT_QUEUE);
+    let (release_tx, release_rx) = mpsc::channel(RESULT_QUEUE);
+    // Unbounded: the janitor must never wait on the assembler, which may be waiting on
+    // the stages downstream (a cycle of bounded channels could deadlock). One message per
+    // result.
+    let (feedback_tx, feedback_rx) = mpsc::unbounded_channel();
 
     let mut stages: Vec<(&'static str, JoinHandle<Result<()>>)> = vec![
         (
@@ -116,6 +138,7 @@ async fn run(config: Config) -> Result<()> {
                 health.register("inference"),
                 volume_rx,
                 result_tx,
+                Some(feedback_tx.clone()),
             )),
         ),
         (
@@ -125,15 +148,20 @@ async fn run(config: Config) -> Result<()> {
                 health.register("series"),
                 instance_rx,
                 volume_tx,
-                Some(skipped_tx),
+                SpoolLinks {
+                    analysed,
+                    releases: Some(release_tx),
+                    feedback: Some(feedback_rx),
+                },
             )),
         ),
         (
             "janitor",
-            tokio::spawn(release_spool(
+            tokio::spawn(keep_spool(
                 config.dicom.spool_dir.clone(),
                 committed_rx,
-                skipped_rx,
+                release_rx,
+                feedback_tx,
             )),
         ),
     ];
@@ -213,32 +241,68 @@ async fn first_to_finish(
     .await
 }
 
-/// Deletes a series from the spool once nothing depends on it any more: its result is
-/// durably in the outbox (from then on the outbox guarantees delivery), or the assembler
-/// skipped it (a localizer, a reformat, a thicker duplicate: logged with the reason).
-async fn release_spool(
+/// The spool janitor. A committed result (from then on the outbox guarantees delivery)
+/// gets its series' analysed mark written (fsynced) and is reported to the assembler; the
+/// instances stay for late instances. Files are removed when the assembler releases them.
+async fn keep_spool(
     spool_dir: std::path::PathBuf,
     mut committed: mpsc::Receiver<Committed>,
-    mut skipped: mpsc::Receiver<Skip>,
+    mut released: mpsc::Receiver<Release>,
+    feedback: mpsc::UnboundedSender<Feedback>,
 ) -> Result<()> {
     loop {
-        let (study, series, why) = tokio::select! {
-            Some(c) = committed.recv() => (c.study_instance_uid, c.series_instance_uid, format!("result {} is in the outbox", c.id)),
-            Some(s) = skipped.recv() => (s.study_instance_uid, s.series_instance_uid, format!("skipped: {}", s.reason)),
+        tokio::select! {
+            Some(c) = committed.recv() => {
+                let dir = spool_dir.clone();
+                let (study, series, id, sops) = (
+                    c.study_instance_uid.clone(),
+                    c.series_instance_uid.clone(),
+                    c.id.clone(),
+                    c.sop_instance_uids.clone(),
+                );
+                let marked = tokio::task::spawn_blocking(move || {
+                    spool::mark_analysed(&dir, &study, &series, &id, &sops, time::OffsetDateTime::now_utc())
+                })
+                .await?;
+                let series = &c.series_instance_uid;
+                match marked {
+                    Ok(Some(n)) => log::info!(
+                        "series {series} (result {} is in the outbox): {} analysed instances \
+                         marked in the spool ({n} in its mark); kept until its study is forgotten",
+                        c.id,
+                        c.sop_instance_uids.len()
+                    ),
+                    Ok(None) => log::info!(
+                        "series {series} (result {} is in the outbox): not in the spool",
+                        c.id
+                    ),
+                    // Not fatal: after a restart the series is analysed again, giving the
+                    // same result id (same instances, model and status), which the outbox
+                    // and subscribers de-duplicate.
+                    Err(e) => log::warn!("cannot mark series {series} analysed in the spool: {e:#}"),
+                }
+                let _ = feedback.send(Feedback::Committed {
+                    study_instance_uid: c.study_instance_uid,
+                    series_instance_uid: c.series_instance_uid,
+                    sop_instance_uids: c.sop_instance_uids,
+                });
+            }
+            Some(r) = released.recv() => {
+                let dir = spool_dir.clone();
+                let Release { study_instance_uid: study, series_instance_uid: series, paths, forgotten, why } = r;
+                let study_uid = study.clone();
+                let series_uid = series.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    spool::release(&dir, &study_uid, &series_uid, &paths, forgotten)
+                })
+                .await?;
+                match removed {
+                    Ok(n) => log::info!("series {series} ({why}): {n} instances removed from the spool"),
+                    // Not fatal: the files stay, and are found again after a restart.
+                    Err(e) => log::warn!("cannot remove instances of series {series} from the spool: {e:#}"),
+                }
+            }
             else => return Ok(()),
-        };
-        let dir = spool_dir.clone();
-        let (study_uid, series_uid) = (study.clone(), series.clone());
-        let removed = tokio::task::spawn_blocking(move || {
-            spool::delete_series(&dir, &study_uid, &series_uid)
-        })
-        .await?;
-        match removed {
-            Ok(n) => log::info!("series {series} ({why}): {n} instances removed from the spool"),
-            // Not fatal: the files stay and the series is analysed again after a restart,
-            // giving the same result id (same instances, model and status), which the outbox
-            // and subscribers de-duplicate.
-            Err(e) => log::warn!("cannot remove series {series} from the spool: {e:#}"),
         }
     }
 }

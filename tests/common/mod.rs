@@ -294,6 +294,19 @@ pub fn serve_config_with(
     dicom_extra: &str,
     alert_extra: &str,
 ) -> PathBuf {
+    serve_config_full(dir, dicom_port, mqtt_url, dicom_extra, "", alert_extra)
+}
+
+/// [`serve_config_with`] with extra keys for the `[series]` table too (e.g.
+/// `completed_retention_secs = 2`).
+pub fn serve_config_full(
+    dir: &Path,
+    dicom_port: u16,
+    mqtt_url: &str,
+    dicom_extra: &str,
+    series_extra: &str,
+    alert_extra: &str,
+) -> PathBuf {
     let model = repo_root().join("models/model.json");
     assert!(model.exists(), "{} missing", model.display());
     let config = format!(
@@ -307,6 +320,7 @@ spool_dir = "{spool}"
 
 [series]
 quiet_period_secs = 1.0
+{series_extra}
 
 [inference]
 model = "{model}"
