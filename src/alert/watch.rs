@@ -41,8 +41,14 @@ pub fn run(args: &WatchArgs) -> Result<()> {
             std::process::id()
         )
     };
-    let options = MqttOptions::parse_url(&url)
+    let mut options = MqttOptions::parse_url(&url)
         .with_context(|| format!("invalid broker URL {}", args.mqtt))?;
+    // rumqttc refuses incoming packets over 10 KiB by default and drops the connection
+    // (losing what follows): key images are up to `keyimage::MAX_BYTES`.
+    options.set_max_packet_size(
+        2 * crate::inference::keyimage::MAX_BYTES + 64 * 1024,
+        64 * 1024,
+    );
     let (client, mut connection) = Client::new(options, 64);
     let filter = format!("{}#", args.prefix);
     client.subscribe(&filter, QoS::AtLeastOnce)?;
