@@ -155,7 +155,7 @@ fn storescu_studies_in_schema_valid_results_out() {
 
 /// The clinical point of the pipeline: the fractured vertebra is flagged.
 #[test]
-#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures at chance level (models/MODEL_CARD.md)"]
+#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures weakly (patient AUC 0.80) and their thresholds flag nearly every study (models/MODEL_CARD.md)"]
 fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     let (fx, ok) = send_two_studies_and_collect_results();
     assert_eq!(fx["status"], "positive", "{fx}");
@@ -407,12 +407,14 @@ fn anatomy_coverage_trigger_publishes_early_then_the_whole_series() {
     );
 }
 
-/// With the trigger on and a model that does not find C1-C7 (the committed one), the early
-/// analyses are not published; the one result is the whole series, and it comes no later
-/// than without the trigger, up to one early analysis that may still be running when the
-/// series completes (measured: printed).
+/// Trigger on against trigger off on one whole series sent at once, with the committed
+/// model: whether an early analysis of a partial slab passes the coverage check depends on
+/// the model (the withheld path is covered by the unit tests of the check), so at most one
+/// early result may come first; the whole-series result is the same analysis (same id) as
+/// without the trigger, and the first result comes no later than without it, up to one
+/// early analysis that may still be running when the series completes (measured: printed).
 #[test]
-fn anatomy_coverage_trigger_without_coverage_publishes_the_whole_series_no_later() {
+fn anatomy_coverage_trigger_keeps_the_whole_series_result_and_is_no_later() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
     let topic = "cspine/testsite/box1/result";
@@ -448,21 +450,26 @@ fn anatomy_coverage_trigger_without_coverage_publishes_the_whole_series_no_later
     let (off, off_results, _) = run("off", "");
     let (on, on_results, log) = run("on", TRIGGER_ON);
     assert_eq!(off_results.len(), 1, "{off_results:?}");
-    assert_eq!(on_results.len(), 1, "{on_results:?}\n{log}");
-    assert_eq!(on_results[0]["instances"], files.len(), "{log}");
-    assert_eq!(
-        on_results[0]["id"], off_results[0]["id"],
-        "the same analysis"
+    let whole: Vec<_> = on_results
+        .iter()
+        .filter(|r| r["instances"] == files.len())
+        .collect();
+    assert_eq!(whole.len(), 1, "{on_results:?}\n{log}");
+    assert_eq!(whole[0]["id"], off_results[0]["id"], "the same analysis");
+    assert!(
+        on_results.len() <= 2,
+        "at most one early result before the whole series: {on_results:?}"
     );
     assert!(
-        log.contains("analysing it early") && log.contains("not published"),
-        "the trigger ran and its early analyses were withheld:\n{log}"
+        log.contains("analysing it early"),
+        "the trigger ran:\n{log}"
     );
     eprintln!(
-        "last response -> result: {:.2} s without the trigger, {:.2} s with it (early \
-         analyses withheld: {})",
+        "last response -> first result: {:.2} s without the trigger, {:.2} s with it ({} \
+         early result(s) published, {} withheld)",
         off.as_secs_f64(),
         on.as_secs_f64(),
+        on_results.len() - 1,
         log.matches("not published").count()
     );
     assert!(

@@ -44,8 +44,10 @@ python3 prune.py $R/fp32/model.pt $R/pruned/pruned.pt --keep "$KEEP" > $R/prune_
 python3 train.py "${TRAIN_ARGS[@]}" --init $R/pruned/pruned.pt --out $R/pruned --steps-a 3000 --steps-b 1500 \
   --eval-every 1000 --fracture-target ball --frac-hires 0 --threads 1 --seed 4
 # ... the high-resolution fracture branch added (16 channels), crack targets.
-python3 train.py "${TRAIN_ARGS[@]}" --init $R/pruned/model.pt --out $R/final --steps-a 2500 --steps-b 1500 \
+python3 train.py "${TRAIN_ARGS[@]}" --init $R/pruned/model.pt --out $R/branch --steps-a 2500 --steps-b 1500 \
   --lr-a 1.5e-3 --eval-every 1250 --frac-hires 16 --threads 1 --seed 6
+python3 train.py "${TRAIN_ARGS[@]}" --init $R/branch/model.pt --out $R/final --steps-a 3000 --steps-b 1500 \
+  --lr-a 1.5e-3 --eval-every 1250 --frac-hires 16 --threads 1 --seed 7
 python3 export.py $R/final/model.pt $R/final/model_fp32.onnx
 python3 size_report.py $R/fp32/model.pt $R/final/model.pt $R/prune_report.json $R/size_report.json
 
