@@ -348,9 +348,8 @@ fn synth_study(out: &Path, fracture: &str, seed: &str) -> Result<PathBuf> {
     Ok(out.to_path_buf())
 }
 
-fn synth_verdict(fracture: &str, seed: &str) -> Result<Value> {
-    let tmp = tempfile::tempdir()?;
-    let dir = synth_study(&tmp.path().join("synth"), fracture, seed)?;
+/// The one result of `infer --json` on a folder holding one study.
+fn infer_one(dir: &Path) -> Result<Value> {
     let out = infer(&["--json", "--runtime", "cpu", dir.to_str().unwrap()])?;
     ensure!(
         out.status.success(),
@@ -362,21 +361,18 @@ fn synth_verdict(fracture: &str, seed: &str) -> Result<Value> {
     Ok(results[0].clone())
 }
 
+fn synth_verdict(fracture: &str, seed: &str) -> Result<Value> {
+    let tmp = tempfile::tempdir()?;
+    infer_one(&synth_study(&tmp.path().join("synth"), fracture, seed)?)
+}
+
 /// The segmentation side of the committed model: a phantom neck (seed 9102, never used in
 /// training) is found and every vertebra is localised where the generator put it.
 #[test]
 fn synthetic_study_is_localised_c1_to_c7_where_the_phantom_has_them() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = synth_study(&tmp.path().join("synth"), "none", "9102")?;
-    let out = infer(&["--json", "--runtime", "cpu", dir.to_str().unwrap()])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results = json_lines(&out)?;
-    ensure!(results.len() == 1, "one study, {} results", results.len());
-    let r = &results[0];
+    let r = &infer_one(&dir)?;
     ensure!(
         r["status"] != "indeterminate" && r["status"] != "failed",
         "{r}"
