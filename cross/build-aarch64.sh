@@ -11,7 +11,7 @@
 # via the openjp2 crate, aws-lc for MQTT TLS) are compiled by the same zig toolchain.
 #
 # Usage: cross/build-aarch64.sh [--glibc 2.31|2.35] [--profile release|dev] [-- cargo args...]
-#   e.g. cross/build-aarch64.sh --glibc 2.35 -- --features cuda,tract-cuda/cuda-12060
+#   e.g. cross/build-aarch64.sh --glibc 2.35 -- --features cuda-12060
 # Prints the path of the built binary on the last line. Then runs cross/check-glibc.sh.
 # Honours CARGO_TARGET_DIR (a separate one lets host builds run meanwhile without waiting
 # for cargo's build-directory lock).

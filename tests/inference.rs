@@ -240,7 +240,7 @@ fn gpu_or_cpu_falls_back_to_cpu_with_a_log_line() -> Result<()> {
     let r = &results[0];
     ensure!(r["runtime"] == "cpu", "{r}");
     ensure!(r["schema"] == "cspine-triage/result/v1", "{r}");
-    let expected_log = if cfg!(feature = "cuda") {
+    let expected_log = if cfg!(feature = "gpu") {
         "CUDA is not usable"
     } else {
         "this build has no CUDA support"

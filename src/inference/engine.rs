@@ -322,7 +322,7 @@ fn prepare_cpu(model: TypedModel) -> Result<Arc<dyn Runnable>> {
     Ok(Arc::new(plan))
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "gpu"))]
 fn prepare(
     model: TypedModel,
     options: &EngineOptions,
@@ -341,7 +341,7 @@ fn prepare(
     Ok(("cpu", prepare_cpu(model)?))
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "gpu")]
 fn prepare(
     model: TypedModel,
     options: &EngineOptions,
@@ -362,7 +362,7 @@ fn prepare(
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "gpu")]
 fn prepare_cuda(model: TypedModel, cache_dir: &Path) -> Result<Arc<dyn Runnable>> {
     let rt = tract_onnx::tract_core::runtime::runtimes()
         .find(|rt| rt.name() == "cuda")

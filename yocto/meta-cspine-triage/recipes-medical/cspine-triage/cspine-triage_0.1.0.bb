@@ -46,7 +46,7 @@ inherit cargo_bin cargo-update-recipe-crates systemd useradd
 # (= ${CARGO_HOME}/bitbake with cargo_bin).
 CSPINE_TRIAGE_CRATES_DIR ?= "${WORKDIR}/cargo_home/bitbake"
 EXTRA_CARGO_FLAGS = "--frozen --bin cspine-triage"
-# CPU build by default. GPU: CARGO_FEATURES = "cuda tract-cuda/cuda-12060" for JetPack 6
+# CPU build by default. GPU: CARGO_FEATURES = "cuda-12060" for JetPack 6
 # (see docs/DEPLOYMENT.md for the CUDA API levels tract-cuda supports).
 CARGO_FEATURES ??= ""
 
