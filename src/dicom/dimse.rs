@@ -15,6 +15,23 @@ pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
 /// Command Data Set Type value meaning "no data set follows".
 pub const NO_DATA_SET: u16 = 0x0101;
+/// Largest command set we collect. A command set is a handful of short elements (a
+/// C-STORE-RQ is about 150 bytes), but its fragments are gathered in memory until the
+/// last one: without a cap a peer that never sends the last fragment grows the
+/// association's memory without limit.
+pub const MAX_COMMAND_SET_LEN: usize = 64 * 1024;
+
+/// `Err` (the reason, for the log and the A-ABORT) when a command set would grow to
+/// `len` bytes, more than [`MAX_COMMAND_SET_LEN`]. Called before each fragment is kept.
+pub fn check_command_set_len(len: usize) -> Result<(), String> {
+    if len > MAX_COMMAND_SET_LEN {
+        return Err(format!(
+            "command set of more than {MAX_COMMAND_SET_LEN} bytes ({len} received so far); \
+             a command set is a few hundred bytes"
+        ));
+    }
+    Ok(())
+}
 
 /// C-STORE / C-ECHO status codes (PS3.4 B.2.3, PS3.7 C).
 pub mod status {
@@ -173,6 +190,17 @@ mod tests {
         }
         let e = format!("{:#}", Command::parse(&deep).unwrap_err());
         assert!(e.contains("nested more than"), "{e}");
+    }
+
+    #[test]
+    fn command_sets_are_capped() {
+        check_command_set_len(0).unwrap();
+        check_command_set_len(MAX_COMMAND_SET_LEN).unwrap();
+        let e = check_command_set_len(MAX_COMMAND_SET_LEN + 1).unwrap_err();
+        assert!(
+            e.contains("command set of more than 65536 bytes (65537 received so far)"),
+            "{e}"
+        );
     }
 
     #[test]
