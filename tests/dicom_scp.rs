@@ -396,6 +396,13 @@ fn malformed_input_gets_an_error_status_or_abort_and_the_daemon_keeps_serving() 
         );
     }
     d.assert_log("unrecognized PDU");
+    // Command set fragments that never end: aborted at 64 KiB, not collected forever.
+    let g = helper(&["garbage", &d.port(), "big-command"]);
+    assert_eq!(
+        g["reply_type"], 0x07,
+        "endless command set: expected A-ABORT, got {g}"
+    );
+    d.assert_log("command set of more than 65536 bytes");
     let echo = echoscu(&d, "ECHOSCU", "CSPINE");
     assert!(
         echo.status.success(),

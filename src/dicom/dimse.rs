@@ -15,6 +15,23 @@ pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
 /// Command Data Set Type value meaning "no data set follows".
 pub const NO_DATA_SET: u16 = 0x0101;
+/// Largest command set we collect. A command set is a handful of short elements (a
+/// C-STORE-RQ is about 150 bytes), but its fragments are gathered in memory until the
+/// last one: without a cap a peer that never sends the last fragment grows the
+/// association's memory without limit.
+pub const MAX_COMMAND_SET_LEN: usize = 64 * 1024;
+
+/// `Err` (the reason, for the log and the A-ABORT) when a command set would grow to
+/// `len` bytes, more than [`MAX_COMMAND_SET_LEN`]. Called before each fragment is kept.
+pub fn check_command_set_len(len: usize) -> Result<(), String> {
+    if len > MAX_COMMAND_SET_LEN {
+        return Err(format!(
+            "command set of more than {MAX_COMMAND_SET_LEN} bytes ({len} received so far); \
+             a command set is a few hundred bytes"
+        ));
+    }
+    Ok(())
+}
 
 /// C-STORE / C-ECHO status codes (PS3.4 B.2.3, PS3.7 C).
 pub mod status {
@@ -82,13 +99,17 @@ impl Command {
 
 /// Encodes the response to `rq` (C-STORE-RSP, C-ECHO-RSP, or a generic response with the
 /// request's command field | 0x8000) with `status` and an optional error comment.
+///
+/// A response has no Specific Character Set, so its text must encode in the default
+/// repertoire. The request's UIDs were decoded with whatever character set the *peer*
+/// declared (a command set may carry (0008,0005) too): a UID that is not plain ASCII is
+/// left out of the response (the SCU matches responses by message ID). Before this, such
+/// a request made the encoder fail and the association task panic without an answer
+/// (found by the `command_set` fuzz target; `tests/fixtures/fuzz/command_set-latin2-uid.bin`).
+/// Error comments quote peer values too (the SOP class of a refused command, parse
+/// errors): their characters outside ASCII become `?`.
 pub fn response(rq: &Command, status: u16, error_comment: Option<&str>) -> Vec<u8> {
     let mut elements = vec![
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(even_uid(&rq.affected_sop_class_uid)),
-        ),
         DataElement::new(
             tags::COMMAND_FIELD,
             VR::US,
@@ -106,7 +127,14 @@ pub fn response(rq: &Command, status: u16, error_comment: Option<&str>) -> Vec<u
         ),
         DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
     ];
-    if !rq.affected_sop_instance_uid.is_empty() {
+    if echoable(&rq.affected_sop_class_uid) {
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(even_uid(&rq.affected_sop_class_uid)),
+        ));
+    }
+    if !rq.affected_sop_instance_uid.is_empty() && echoable(&rq.affected_sop_instance_uid) {
         elements.push(DataElement::new(
             tags::AFFECTED_SOP_INSTANCE_UID,
             VR::UI,
@@ -114,10 +142,11 @@ pub fn response(rq: &Command, status: u16, error_comment: Option<&str>) -> Vec<u
         ));
     }
     if let Some(comment) = error_comment {
-        // LO: at most 64 characters, no backslash.
+        // LO: at most 64 characters, no backslash, default repertoire.
         let mut c: String = comment
             .chars()
             .filter(|c| *c != '\\' && !c.is_control())
+            .map(|c| if c.is_ascii() { c } else { '?' })
             .take(64)
             .collect();
         if c.len() % 2 == 1 {
@@ -132,8 +161,13 @@ pub fn response(rq: &Command, status: u16, error_comment: Option<&str>) -> Vec<u
     let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::with_capacity(256);
     obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .expect("encoding a command set in memory cannot fail");
+        .expect("a command set of ASCII text and numbers always encodes");
     out
+}
+
+/// A request UID we can echo: printable ASCII, one value (no backslash).
+fn echoable(uid: &str) -> bool {
+    uid.chars().all(|c| c.is_ascii_graphic() && c != '\\')
 }
 
 /// UI values are padded to even length with a NUL.
@@ -173,6 +207,54 @@ mod tests {
         }
         let e = format!("{:#}", Command::parse(&deep).unwrap_err());
         assert!(e.contains("nested more than"), "{e}");
+    }
+
+    #[test]
+    fn command_sets_are_capped() {
+        check_command_set_len(0).unwrap();
+        check_command_set_len(MAX_COMMAND_SET_LEN).unwrap();
+        let e = check_command_set_len(MAX_COMMAND_SET_LEN + 1).unwrap_err();
+        assert!(
+            e.contains("command set of more than 65536 bytes (65537 received so far)"),
+            "{e}"
+        );
+    }
+
+    /// Regression: the `command_set` fuzz target's crash, minimised. A command set that
+    /// declares Specific Character Set "ISO_IR 101" (Latin-2) and carries bytes >= 0x80
+    /// in its Affected SOP Class UID parses into characters the default repertoire cannot
+    /// encode; `response` panicked ("unrepresentable character") instead of answering.
+    #[test]
+    fn requests_with_non_ascii_uids_or_comments_still_get_a_response() {
+        let bytes = include_bytes!("../../tests/fixtures/fuzz/command_set-latin2-uid.bin");
+        let rq = Command::parse(bytes).unwrap();
+        assert!(!rq.affected_sop_class_uid.is_ascii(), "{rq:?}");
+        let rsp = Command::parse(&response(&rq, status::SUCCESS, None)).unwrap();
+        assert_eq!(rsp.command_field, rq.command_field | 0x8000);
+        assert_eq!(rsp.affected_sop_class_uid, ""); // left out, not mangled
+
+        // An error comment quoting a data set value decoded as UTF-8 (ISO_IR 192).
+        let rq = Command {
+            command_field: C_STORE_RQ,
+            message_id: 3,
+            affected_sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            affected_sop_instance_uid: "1.2.3".into(),
+            has_data_set: true,
+        };
+        let comment = "SOP Instance UID in the data set is \"1.2.\u{20ac}\u{3b1}\", the command says \"1.2.3\"";
+        let bytes = response(&rq, status::DATA_SET_DOES_NOT_MATCH, Some(comment));
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+                .unwrap();
+        let echoed = obj.element(tags::ERROR_COMMENT).unwrap().to_str().unwrap();
+        assert!(
+            echoed.starts_with("SOP Instance UID in the data set is \"1.2.??\""),
+            "{echoed}"
+        );
+        assert_eq!(
+            Command::parse(&bytes).unwrap().affected_sop_instance_uid,
+            "1.2.3"
+        );
     }
 
     #[test]

@@ -511,6 +511,7 @@ impl<'a> Session<'a> {
         } = pdv;
         match (&mut self.state, value_type) {
             (Receiving::Idle, PDataValueType::Command) => {
+                dimse::check_command_set_len(data.len())?;
                 self.state = Receiving::Command {
                     context_id: id,
                     bytes: data,
@@ -522,6 +523,7 @@ impl<'a> Session<'a> {
             (Receiving::Command { context_id, bytes }, PDataValueType::Command)
                 if *context_id == id =>
             {
+                dimse::check_command_set_len(bytes.len() + data.len())?;
                 bytes.extend_from_slice(&data);
                 if is_last {
                     self.on_command().await?;

@@ -195,47 +195,9 @@ impl Spool {
     }
 
     fn commit_inner(&self, incoming: &mut Incoming) -> Result<Stored, StoreError> {
-        if let Some(e) = incoming.failed.take() {
-            return Err(StoreError::OutOfResources(e));
-        }
-        incoming
-            .flush_blocking()
-            .map_err(|e| StoreError::OutOfResources(e.context("cannot write temp file")))?;
+        let (info, received_at) = incoming.prepare()?;
         let file = incoming.file.take().expect("flushed file");
         let h = &incoming.header;
-
-        // Before dicom-object sees the data set: every declared length must fit in the
-        // bytes received (see `lengths`), else the parse-back would allocate what a peer
-        // claims (2 GiB, minutes of CPU) instead of failing.
-        let data_set_len = lengths::check_file(
-            &incoming.tmp_path,
-            incoming.data_set_offset,
-            &h.transfer_syntax_uid,
-        )
-        .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
-        let (info, received_at) =
-            read_instance(&incoming.tmp_path, data_set_len <= FULL_PARSE_LIMIT)
-                .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
-        if info.sop_instance_uid != h.sop_instance_uid {
-            return Err(StoreError::Mismatch(format!(
-                "SOP Instance UID in the data set is {:?}, the command says {:?}",
-                info.sop_instance_uid, h.sop_instance_uid
-            )));
-        }
-        if info.sop_class_uid != h.sop_class_uid {
-            return Err(StoreError::Mismatch(format!(
-                "SOP Class UID in the data set is {:?}, the command says {:?}",
-                info.sop_class_uid, h.sop_class_uid
-            )));
-        }
-        for (name, v) in [
-            ("Study Instance UID", &info.study_instance_uid),
-            ("Series Instance UID", &info.series_instance_uid),
-        ] {
-            if v.is_empty() {
-                return Err(StoreError::Mismatch(format!("{name} is missing")));
-            }
-        }
 
         let series_dir = self
             .root
@@ -328,6 +290,56 @@ impl Incoming {
                 Err(e) => self.failed = Some(anyhow!("write task failed: {e}")),
             }
         }
+    }
+
+    /// Steps 1-2 of the write protocol: the last bytes written out, every declared
+    /// length checked against the bytes received, the data set parsed back, its UIDs
+    /// compared with the command's. Nothing is made durable here.
+    fn prepare(&mut self) -> Result<(InstanceInfo, Option<OffsetDateTime>), StoreError> {
+        if let Some(e) = self.failed.take() {
+            return Err(StoreError::OutOfResources(e));
+        }
+        self.flush_blocking()
+            .map_err(|e| StoreError::OutOfResources(e.context("cannot write temp file")))?;
+        let h = &self.header;
+        // Before dicom-object sees the data set: every declared length must fit in the
+        // bytes received (see `lengths`), else the parse-back would allocate what a peer
+        // claims (2 GiB, minutes of CPU) instead of failing.
+        let data_set_len =
+            lengths::check_file(&self.tmp_path, self.data_set_offset, &h.transfer_syntax_uid)
+                .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
+        let (info, received_at) = read_instance(&self.tmp_path, data_set_len <= FULL_PARSE_LIMIT)
+            .map_err(|e| StoreError::CannotUnderstand(format!("{e:#}")))?;
+        if info.sop_instance_uid != h.sop_instance_uid {
+            return Err(StoreError::Mismatch(format!(
+                "SOP Instance UID in the data set is {:?}, the command says {:?}",
+                info.sop_instance_uid, h.sop_instance_uid
+            )));
+        }
+        if info.sop_class_uid != h.sop_class_uid {
+            return Err(StoreError::Mismatch(format!(
+                "SOP Class UID in the data set is {:?}, the command says {:?}",
+                info.sop_class_uid, h.sop_class_uid
+            )));
+        }
+        for (name, v) in [
+            ("Study Instance UID", &info.study_instance_uid),
+            ("Series Instance UID", &info.series_instance_uid),
+        ] {
+            if v.is_empty() {
+                return Err(StoreError::Mismatch(format!("{name} is missing")));
+            }
+        }
+        Ok((info, received_at))
+    }
+
+    /// What [`Spool::commit`] does to a received data set before anything is made
+    /// durable (flush, declared lengths, parse-back, UID checks), without the fsync and
+    /// link; the temp file stays until [`Incoming::discard`]. For the cargo-fuzz target
+    /// `fuzz/fuzz_targets/store_data_set.rs`; the SCP always calls [`Spool::commit`].
+    #[doc(hidden)]
+    pub fn check_received(&mut self) -> Result<(), StoreError> {
+        self.prepare().map(|_| ())
     }
 
     fn flush_blocking(&mut self) -> Result<()> {

@@ -276,9 +276,10 @@ def store(port, path, calling, hold):
 
 def garbage(port, when):
     """Sends an invalid PDU before or after association (or, "idle", associates and then
-    stays silent); reports what came back."""
+    stays silent; or, "big-command", associates and sends command set fragments that
+    never end, 80,000 bytes of them); reports what came back."""
     s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
-    if when in ("after", "idle"):
+    if when in ("after", "idle", "big-command"):
         # A minimal valid A-ASSOCIATE-RQ for Verification, then garbage.
         def item(t, payload):
             return struct.pack(">BBH", t, 0, len(payload)) + payload
@@ -293,6 +294,15 @@ def garbage(port, when):
         assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
     if when == "idle":
         s.settimeout(30)
+    elif when == "big-command":
+        # P-DATA-TF, one PDV each: length, context 1, control 0x01 (command, not last).
+        fragment = bytes(16000)
+        pdv = struct.pack(">IBB", len(fragment) + 2, 1, 0x01) + fragment
+        try:
+            for _ in range(5):
+                s.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        except OSError:
+            pass  # the SCP may abort and close before the last fragment
     else:
         # PDU type 0x99 does not exist; the length is plausible so the peer reads it whole.
         s.sendall(struct.pack(">BBI", 0x99, 0, 16) + b"garbage-garbage!")
@@ -375,7 +385,7 @@ def main():
     s.add_argument("--hold", action="store_true")
     g = sub.add_parser("garbage")
     g.add_argument("port")
-    g.add_argument("when", choices=["before", "after", "idle"])
+    g.add_argument("when", choices=["before", "after", "idle", "big-command"])
     c = sub.add_parser("compare")
     c.add_argument("sent")
     c.add_argument("stored")
