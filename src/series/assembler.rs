@@ -1334,6 +1334,15 @@ mod tests {
         assert_eq!(jobs[0].instances.len(), 6, "rebuilt with every instance");
     }
 
+    /// An assembler that keeps decided studies 60 s and waits for results to be committed.
+    fn retaining_with_feedback() -> Assembler {
+        Assembler::new(AssemblyConfig {
+            completed_retention_secs: 60.0,
+            ..config()
+        })
+        .with_feedback(true)
+    }
+
     #[test]
     fn decided_studies_are_forgotten_after_retention() {
         let mut a = Assembler::new(AssemblyConfig {
@@ -1374,11 +1383,7 @@ mod tests {
 
     #[test]
     fn an_analysed_series_is_kept_until_its_study_is_forgotten_and_its_result_committed() {
-        let mut a = Assembler::new(AssemblyConfig {
-            completed_retention_secs: 60.0,
-            ..config()
-        })
-        .with_feedback(true);
+        let mut a = retaining_with_feedback();
         let t0 = Instant::now();
         add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(100));
         let jobs = a.poll(t0 + ms(5000));
@@ -1423,11 +1428,7 @@ mod tests {
 
     #[test]
     fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
-        let mut a = Assembler::new(AssemblyConfig {
-            completed_retention_secs: 60.0,
-            ..config()
-        })
-        .with_feedback(true);
+        let mut a = retaining_with_feedback();
         let t0 = Instant::now();
         add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(100));
         // A scout inside the axial series, a soft-tissue series (a fallback) and a
@@ -1545,11 +1546,7 @@ mod tests {
 
     #[test]
     fn a_restored_series_past_its_retention_is_released() {
-        let mut a = Assembler::new(AssemblyConfig {
-            completed_retention_secs: 60.0,
-            ..config()
-        })
-        .with_feedback(true);
+        let mut a = retaining_with_feedback();
         let t0 = Instant::now();
         restore(&mut a, &analysed("1.2.3.1", 3, 120), t0);
         assert!(a.poll(t0).is_empty());
