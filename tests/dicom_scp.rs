@@ -403,6 +403,13 @@ fn malformed_input_gets_an_error_status_or_abort_and_the_daemon_keeps_serving() 
         "endless command set: expected A-ABORT, got {g}"
     );
     d.assert_log("command set of more than 65536 bytes");
+    // A C-ECHO whose UID decodes outside ASCII (it declares UTF-8) used to panic the
+    // association task (no answer); now it gets its C-ECHO-RSP (P-DATA-TF).
+    let g = helper(&["garbage", &d.port(), "non-ascii-echo"]);
+    assert_eq!(
+        g["reply_type"], 0x04,
+        "non-ASCII C-ECHO: expected P-DATA-TF, got {g}"
+    );
     let echo = echoscu(&d, "ECHOSCU", "CSPINE");
     assert!(
         echo.status.success(),

@@ -7,18 +7,22 @@
 //!
 //! Input: first byte picks the transfer syntax the presentation context was accepted
 //! with (`ACCEPTED_TRANSFER_SYNTAXES`, modulo its length); the rest is the data set.
+//!
+//! With `CSPINE_FUZZ_SHOW=1` every input prints the status the SCP would answer
+//! (`-runs=0` over a corpus, piped through `sort | uniq -c`, tallies how far inputs get).
 #![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use cspine_triage::dicom::spool::{InstanceHeader, Spool};
+use cspine_triage::dicom::spool::{InstanceHeader, Spool, StoreError};
 use cspine_triage::dicom::syntax::{ACCEPTED_TRANSFER_SYNTAXES, CT_IMAGE_STORAGE};
 use libfuzzer_sys::fuzz_target;
 
 struct Env {
     spool: Spool,
     rt: tokio::runtime::Runtime,
+    show: bool,
 }
 
 fn env() -> &'static Env {
@@ -33,6 +37,7 @@ fn env() -> &'static Env {
             rt: tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("tokio runtime"),
+            show: std::env::var_os("CSPINE_FUZZ_SHOW").is_some(),
         }
     })
 }
@@ -54,6 +59,22 @@ fuzz_target!(|input: &[u8]| {
     env.rt.block_on(incoming.push(data_set));
     // Refusals (C000, A900) are the expected outcome for most inputs; only a panic,
     // an abort, a leak past -rss_limit_mb or a timeout is a finding.
-    let _ = incoming.check_received();
+    let outcome = incoming.check_received();
     incoming.discard();
+    if env.show {
+        eprintln!(
+            "cspine-fuzz outcome: {}",
+            match &outcome {
+                // Parsed back, and the UIDs happen to match the command's.
+                Ok(()) => "accepted (parsed back, UIDs match)",
+                // Parsed back completely; only the UID comparison refused it.
+                Err(StoreError::Mismatch(_)) => "A900 (parsed back, UIDs differ)",
+                Err(StoreError::CannotUnderstand(why)) if why.contains("but only") => {
+                    "C000 (a declared length runs past the data)"
+                }
+                Err(StoreError::CannotUnderstand(_)) => "C000 (other parse error)",
+                Err(StoreError::OutOfResources(_)) => "A700 (write failed)",
+            }
+        );
+    }
 });

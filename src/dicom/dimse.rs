@@ -221,7 +221,7 @@ mod tests {
     }
 
     /// Regression: the `command_set` fuzz target's crash, minimised. A command set that
-    /// declares Specific Character Set "ISO_IR 101" (Latin-2) and carries bytes >= 0x80
+    /// declares Specific Character Set "ISO_IR_101" (Latin-2) and carries bytes >= 0x80
     /// in its Affected SOP Class UID parses into characters the default repertoire cannot
     /// encode; `response` panicked ("unrepresentable character") instead of answering.
     #[test]

@@ -277,9 +277,11 @@ def store(port, path, calling, hold):
 def garbage(port, when):
     """Sends an invalid PDU before or after association (or, "idle", associates and then
     stays silent; or, "big-command", associates and sends command set fragments that
-    never end, 80,000 bytes of them); reports what came back."""
+    never end, 80,000 bytes of them; or, "non-ascii-echo", associates and sends a C-ECHO-RQ
+    whose command set declares UTF-8 and whose Affected SOP Class UID ends in a euro
+    sign); reports what came back."""
     s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
-    if when in ("after", "idle", "big-command"):
+    if when in ("after", "idle", "big-command", "non-ascii-echo"):
         # A minimal valid A-ASSOCIATE-RQ for Verification, then garbage.
         def item(t, payload):
             return struct.pack(">BBH", t, 0, len(payload)) + payload
@@ -294,6 +296,21 @@ def garbage(port, when):
         assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
     if when == "idle":
         s.settimeout(30)
+    elif when == "non-ascii-echo":
+        # Implicit VR LE elements; Specific Character Set first, so that it applies to the
+        # UID (a command set has no business carrying it, but a peer can send it).
+        def el(group, elem, value):
+            return struct.pack("<HHI", group, elem, len(value)) + value
+
+        body = (
+            el(0x0000, 0x0002, (VERIFICATION + "\u20ac").encode() + b"\0")
+            + el(0x0000, 0x0100, struct.pack("<H", 0x0030))
+            + el(0x0000, 0x0110, struct.pack("<H", 1))
+            + el(0x0000, 0x0800, struct.pack("<H", 0x0101))
+        )
+        command = el(0x0008, 0x0005, b"ISO_IR 192") + el(0x0000, 0x0000, struct.pack("<I", len(body))) + body
+        pdv = struct.pack(">IBB", len(command) + 2, 1, 0x03) + command  # command, last
+        s.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
     elif when == "big-command":
         # P-DATA-TF, one PDV each: length, context 1, control 0x01 (command, not last).
         fragment = bytes(16000)
@@ -385,7 +402,7 @@ def main():
     s.add_argument("--hold", action="store_true")
     g = sub.add_parser("garbage")
     g.add_argument("port")
-    g.add_argument("when", choices=["before", "after", "idle", "big-command"])
+    g.add_argument("when", choices=["before", "after", "idle", "big-command", "non-ascii-echo"])
     c = sub.add_parser("compare")
     c.add_argument("sent")
     c.add_argument("stored")
