@@ -73,11 +73,7 @@ fn load_model(onnx: &Path) -> Result<Arc<TypedRunnableModel>> {
     // As `Engine::load` does: tract 0.23.9's AMX int8 kernel crashes (SIGSEGV) off the
     // process's main thread, and test functions run on worker threads.
     static AVOID_AMX_INT8: std::sync::Once = std::sync::Once::new();
-    AVOID_AMX_INT8.call_once(|| {
-        if std::env::var_os("TRACT_CPU_ISA").is_none() {
-            std::env::set_var("TRACT_CPU_ISA", "-amx-int8");
-        }
-    });
+    AVOID_AMX_INT8.call_once(cspine_triage::inference::engine::avoid_amx_int8);
     tract_onnx::onnx()
         .model_for_path(onnx)
         .with_context(|| format!("loading {}", onnx.display()))?

@@ -254,8 +254,9 @@ impl Engine {
 /// SIGSEGV when it runs on any thread but the process's main one, and the daemon runs the
 /// model on worker threads. So AMX int8 is taken out of tract's kernel choice (AVX-512 VNNI
 /// and AVX2 kernels remain) unless `TRACT_CPU_ISA` is already set. Must run before tract
-/// probes the CPU, i.e. before the first model is loaded.
-fn avoid_amx_int8() {
+/// probes the CPU, i.e. before the first model is loaded (public for code that loads
+/// models with tract directly, such as tests/model.rs).
+pub fn avoid_amx_int8() {
     #[cfg(target_arch = "x86_64")]
     if std::env::var_os("TRACT_CPU_ISA").is_none() {
         std::env::set_var("TRACT_CPU_ISA", "-amx-int8");
