@@ -145,7 +145,10 @@ class TriageNet(nn.Module):
     def features(self, x: torch.Tensor):
         """seg logits [S,8,32,32], fracture logits [S,1,32,32], level logits [S,7] and the
         per-vertebra sequence [S,7,C+2] of a whole study (or a window of it)."""
-        pix, frac, d2, desc = self.encode(x)
+        return self.from_encoding(*self.encode(x))
+
+    def from_encoding(self, pix, frac, d2, desc):
+        """`features` from `encode`'s outputs (training caches those of a frozen encoder)."""
         lev = self.level(desc)
         seg_logits = self.segment(pix, lev)
         return seg_logits, frac, lev, self.pool(seg_logits, frac, d2)

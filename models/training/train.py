@@ -162,9 +162,7 @@ def encode_study(model: TriageNet, st: Study, chunk: int = 64) -> dict:
 
 def head_outputs(model: TriageNet, enc: dict):
     """Everything after the per-slice encoder, from `encode_study` tensors."""
-    lev = model.level(enc["desc"])
-    seg_logits = model.segment(enc["pix"].float(), lev)
-    seq = model.pool(seg_logits, enc["frac"].float(), enc["d2"].float())
+    _, _, lev, seq = model.from_encoding(enc["pix"].float(), enc["frac"].float(), enc["d2"].float(), enc["desc"])
     vlog, plog, _ = model.head(seq)
     return lev, vlog, plog
 
