@@ -112,15 +112,16 @@ class TriageNet(nn.Module):
 
     def level(self, desc: torch.Tensor) -> torch.Tensor:
         """Slice descriptors [S,C4] -> level logits [S,7] (which vertebra each slice shows)."""
-        h, _ = self.level_gru(desc.unsqueeze(1), self._h0(1, self.level_hidden))  # [S,1,2L]
+        h, _ = self.level_gru(desc.unsqueeze(1), self._h0(1, self.level_hidden, desc))  # [S,1,2L]
         return self.level_out(h.squeeze(1))
 
     @staticmethod
-    def _h0(batch: int, hidden: int) -> torch.Tensor:
-        """A constant zero initial state. Left implicit, the exporter derives it from the
-        input's shape, which ties it to the per-slice part of the graph and stops tract's
-        engine from cutting the graph into per-slice and across-slices parts."""
-        return torch.zeros(2, batch, hidden)
+    def _h0(batch: int, hidden: int, like: torch.Tensor) -> torch.Tensor:
+        """A constant zero initial state (on `like`'s device). Left implicit, the exporter
+        derives it from the input's shape, which ties it to the per-slice part of the graph
+        and stops tract's engine from cutting the graph into per-slice and across-slices
+        parts."""
+        return torch.zeros(2, batch, hidden, device=like.device)
 
     @staticmethod
     def segment(pix: torch.Tensor, level_logits: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,7 @@ class TriageNet(nn.Module):
     def head(self, seq: torch.Tensor):
         """Across slices. seq: [S,7,C+2] (last feature = 0.1 * log vertebra mass)."""
         # Sequence over slices, the 7 vertebrae as the batch.
-        h, _ = self.gru(seq, self._h0(N_VERT, self.gru_hidden))  # [S,7,2H]
+        h, _ = self.gru(seq, self._h0(N_VERT, self.gru_hidden, seq))  # [S,7,2H]
         # Attention over slices, biased by where the vertebra is (log of its mass).
         score = self.att(h).squeeze(2) + seq[:, :, -1] * 10.0  # [S,7]
         attention = torch.softmax(score.transpose(0, 1), dim=1)  # [7,S]
@@ -180,7 +181,8 @@ class TriageNet(nn.Module):
 
 
 def save_checkpoint(model: "TriageNet", path, **extra) -> None:
-    torch.save({"config": model.config(), "state_dict": model.state_dict(), **extra}, path)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}  # loadable without a GPU
+    torch.save({"config": model.config(), "state_dict": state, **extra}, path)
 
 
 def load_checkpoint(path) -> "TriageNet":

@@ -16,6 +16,7 @@ Curves go to OUT/train_log.csv; the checkpoint to OUT/model.pt.
   python3 train.py --data TRAIN_ROOT --val-data VAL_ROOT --cache CACHE --out runs/fp32
   python3 train.py --init runs/pruned/pruned.pt ... --steps-a 300 --steps-b 400   (fine-tune)
   python3 train.py --smoke --data TINY_ROOT --cache /tmp/c --out /tmp/smoke          (CI)
+  python3 train.py --device cuda --minutes-a 4 ...   (a GPU; the step count it chose is logged)
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def slice_levels(seg: np.ndarray) -> np.ndarray:
 
 
 def level_loss(level_logits: torch.Tensor, seg: np.ndarray) -> torch.Tensor | None:
-    target = torch.from_numpy(slice_levels(seg))
+    target = torch.from_numpy(slice_levels(seg)).to(level_logits.device)
     if (target >= 0).sum() == 0:
         return None
     return F.cross_entropy(level_logits, target, ignore_index=-1)
@@ -85,6 +86,7 @@ class Logger:
 
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float):
+    dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
     if st.seg is None:  # no mask: the whole study, study-level labels only
@@ -104,7 +106,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         b = max(a, min(hi_c - window // 2, s - window))
         lo = rng.randint(a, b)
         hi = min(s, lo + window)
-    x = torch.from_numpy(st.slices(lo, hi))
+    x = torch.from_numpy(st.slices(lo, hi)).to(dev)
     seg = None if st.seg is None else st.seg[lo:hi]
     frac = None if st.frac is None else st.frac[lo:hi]
     if rng.random() < 0.5:  # left-right mirror: a neck is (nearly) symmetric
@@ -113,11 +115,11 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         frac = None if frac is None else frac[:, :, ::-1].copy()
     seg_logits, frac_logits, lev, seq = model.features(x)
     vlog, plog, _ = model.head(seq)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=dev)
     parts = {}
     if seg is not None:
-        tgt = torch.from_numpy(seg.astype(np.int64))
-        seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT)
+        tgt = torch.from_numpy(seg.astype(np.int64)).to(dev)
+        seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT.to(dev))
         loss = loss + seg_loss
         parts["seg_ce"] = float(seg_loss.detach())
         ll = level_loss(lev, seg)
@@ -127,19 +129,20 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         spans = vertebra_spans(st.seg)
         inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
         if inside:
-            idx = torch.tensor(inside)
-            y = torch.from_numpy(st.labels[1:])[idx]
+            idx = torch.tensor(inside, device=dev)
+            y = torch.from_numpy(st.labels[1:]).to(dev)[idx]
             vl = wbce(vlog[idx], y, VERT_W)
             loss = loss + vl
             parts["vert_bce"] = float(vl.detach())
     else:
-        vl = wbce(vlog, torch.from_numpy(st.labels[1:]), VERT_W)
-        pl = wbce(plog, torch.from_numpy(st.labels[:1]), PAT_W)
+        vl = wbce(vlog, torch.from_numpy(st.labels[1:]).to(dev), VERT_W)
+        pl = wbce(plog, torch.from_numpy(st.labels[:1]).to(dev), PAT_W)
         loss = loss + vl + pl
         parts["vert_bce"], parts["pat_bce"] = float(vl.detach()), float(pl.detach())
     if frac is not None:
         fl = F.binary_cross_entropy_with_logits(
-            frac_logits.squeeze(1), torch.from_numpy(frac.astype(np.float32)), pos_weight=FRAC_POS_WEIGHT)
+            frac_logits.squeeze(1), torch.from_numpy(frac.astype(np.float32)).to(dev),
+            pos_weight=FRAC_POS_WEIGHT.to(dev))
         loss = loss + frac_weight * fl
         parts["frac_bce"] = float(fl.detach())
     opt.zero_grad()
@@ -154,7 +157,8 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
 def encode_study(model: TriageNet, st: Study, chunk: int = 64) -> dict:
     """Frozen per-slice part of a whole study: pixel and fracture logits, decoder features
     (float16 to keep a few hundred studies in memory) and slice descriptors."""
-    parts = [model.encode(torch.from_numpy(st.slices(lo, min(st.v.shape[0], lo + chunk))))
+    dev = next(model.parameters()).device
+    parts = [model.encode(torch.from_numpy(st.slices(lo, min(st.v.shape[0], lo + chunk))).to(dev))
              for lo in range(0, st.v.shape[0], chunk)]
     pix, frac, d2, desc = (torch.cat([p[i] for p in parts]) for i in range(4))
     return {"pix": pix.half(), "frac": frac.half(), "d2": d2.half(), "desc": desc}
@@ -174,7 +178,7 @@ def predict(model: TriageNet, studies: list[Study]) -> np.ndarray:
     out = []
     for st in studies:
         _, vlog, plog = head_outputs(model, encode_study(model, st))
-        out.append(torch.sigmoid(torch.cat([plog, vlog])).numpy())
+        out.append(torch.sigmoid(torch.cat([plog, vlog])).cpu().numpy())
     return np.stack(out)
 
 
@@ -197,6 +201,11 @@ def main():
                     help="phantom fracture targets: cells on the crack (default) or a 10 mm ball (first design)")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda): the same recipe, faster on a GPU")
+    ap.add_argument("--minutes-a", type=float,
+                    help="fit stage A's step count to this wall-clock budget (rate measured over its first "
+                         "steps); the count chosen is printed and logged, so --steps-a repeats the run")
+    ap.add_argument("--workers", type=int, default=2, help="processes that build the cache")
     ap.add_argument("--frac-hires", type=int, default=16,
                     help="width of the high-resolution fracture branch (0: none); added to an --init model without one")
     ap.add_argument("--eval-every", type=int, default=300)
@@ -208,6 +217,8 @@ def main():
         args.steps_a, args.steps_b, args.window, args.eval_every = 4, 6, 12, 1000
 
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed window shapes: let cuDNN pick its kernels
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     rng = random.Random(args.seed)
@@ -219,10 +230,11 @@ def main():
         return args.cache / (root.name if args.fracture_target == "crack" else f"{root.name}-{args.fracture_target}")
 
     train = [st for root in args.data
-             for st in load_dataset(root, cache_dir(root), limit=limit, cached_only=args.cached_only,
-                                    fracture_target=args.fracture_target)]
+             for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
+                                    cached_only=args.cached_only, fracture_target=args.fracture_target)]
     val = [st for root in args.val_data
-           for st in load_dataset(root, cache_dir(root), limit=limit, fracture_target=args.fracture_target)]
+           for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
+                                  fracture_target=args.fracture_target)]
     print(f"{len(train)} training, {len(val)} validation studies ({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
     (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train))
@@ -230,6 +242,7 @@ def main():
     model = load_checkpoint(args.init) if args.init else TriageNet(frac_hires=args.frac_hires)
     if args.init and args.frac_hires and not model.frac_hires:
         model = add_frac_branch(model, args.frac_hires)
+    model.to(dev)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
     def evaluate(stage, step):
@@ -246,8 +259,23 @@ def main():
     # Stage A: end to end on windows.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr_a, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=max(1, args.steps_a), pct_start=0.1)
+    t_a = time.time()
     run = {}
-    for step in range(1, args.steps_a + 1):
+    rate_from = (10, time.time())  # steps before this are warm-up (allocator, cuDNN autotuning)
+    step = 0
+    while step < args.steps_a:
+        step += 1
+        if step == rate_from[0]:
+            rate_from = (step, time.time())
+        if args.minutes_a and step == rate_from[0] + 40:
+            per_step = (time.time() - rate_from[1]) / 40
+            args.steps_a = max(step, int(step + (args.minutes_a * 60 - (time.time() - t_a)) / per_step))
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=args.steps_a, pct_start=0.1)
+            for _ in range(step - 1):  # where the old schedule was (it steps after each step)
+                sched.step()
+            log.log("A", step, t0, "train", "steps_a_chosen", args.steps_a)
+            print(f"--minutes-a {args.minutes_a}: {per_step * 1000:.1f} ms/step, stage A runs {args.steps_a} steps",
+                  flush=True)
         model.train()
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
                              args.frac_weight)
@@ -263,6 +291,7 @@ def main():
     if args.steps_b:
         evaluate("A", args.steps_a)
 
+    save_checkpoint(model, args.out / "model_a.pt", seed=args.seed)  # stage B can be redone from here
     if args.steps_b == 0:  # stage A only (time-limited runs): heads trained on windows only
         save_checkpoint(model, args.out / "model.pt", seed=args.seed)
         print(f"saved {args.out / 'model.pt'} after stage A only ({time.time() - t0:.0f} s)")
@@ -277,9 +306,10 @@ def main():
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, args.steps_b))
     run = {}
     for step in range(1, args.steps_b + 1):
+        model.train()  # cuDNN's GRU backward needs training mode; the encoder does not run here
         i = rng.randrange(len(train))
         lev, vlog, plog = head_outputs(model, encs[i])
-        y = torch.from_numpy(train[i].labels)
+        y = torch.from_numpy(train[i].labels).to(dev)
         vl, pl = wbce(vlog, y[1:], VERT_W), wbce(plog, y[:1], PAT_W)
         loss = vl + pl
         parts = {"vert_bce": float(vl.detach()), "pat_bce": float(pl.detach())}
@@ -310,6 +340,7 @@ def main():
         from export import check_against_torch
         from model import export_onnx
 
+        model.cpu()
         export_onnx(model, str(args.out / "smoke.onnx"))
         worst = check_against_torch(model, str(args.out / "smoke.onnx"))
         print(f"smoke export: max |torch - onnxruntime| = {worst:.2e}")
