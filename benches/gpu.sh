@@ -5,6 +5,8 @@
 #   benches/gpu.sh                      # builds target/release/cspine-triage --features cuda
 #   CSPINE_BIN=path/to/binary benches/gpu.sh   # use a binary built elsewhere (--features cuda)
 #
+# cuDNN and cuBLAS must be loadable (ldconfig, or LD_LIBRARY_PATH: on the machine measured in
+# BENCHMARKS.md, the lib folders of the pip nvidia-* wheels next to PyTorch).
 # Self-contained: needs only the tree, a CUDA driver + toolkit (NVRTC headers) and either
 # cargo with the dependencies already fetched (CARGO_OFFLINE=1 adds --offline) or CSPINE_BIN.
 # The study comes from `cspine-triage synth` (python3 + pydicom as a fallback).
