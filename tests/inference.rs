@@ -2,8 +2,6 @@
 //! and real CT, the CPU fallback of the CUDA build.
 //!
 //! Needs python3 with numpy, pydicom, pydicom-data and onnxruntime (CI installs them).
-//! The fracture verdict tests need a model that detects fractures: the committed one
-//! localises the vertebrae but does not (models/MODEL_CARD.md), so they are ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -415,9 +413,7 @@ fn synthetic_study_is_localised_c1_to_c7_where_the_phantom_has_them() -> Result<
     Ok(())
 }
 
-/// Needs a model that detects fractures; the committed one localises, and detects only weakly.
 #[test]
-#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures weakly (patient AUC 0.80) and their thresholds flag nearly every study (models/MODEL_CARD.md)"]
 fn synthetic_c5_fracture_is_positive_with_c5_flagged_and_key_slice_in_c5() -> Result<()> {
     // Seed 9100: not among the training seeds of models/training.
     let r = synth_verdict("C5", "9100")?;
@@ -449,9 +445,7 @@ fn synthetic_c5_fracture_is_positive_with_c5_flagged_and_key_slice_in_c5() -> Re
     Ok(())
 }
 
-/// Needs a model that detects fractures; the committed one localises, and detects only weakly.
 #[test]
-#[ignore = "needs weights that meet the model card's fracture targets; the committed ones localise the vertebrae but detect fractures weakly (patient AUC 0.80) and their thresholds flag nearly every study (models/MODEL_CARD.md)"]
 fn synthetic_fracture_free_study_is_negative() -> Result<()> {
     let r = synth_verdict("none", "9101")?;
     ensure!(r["status"] == "negative", "{r}");

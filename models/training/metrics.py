@@ -84,6 +84,9 @@ def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[flo
     ss_p = sens_spec(y[:, 0], p[:, 0], thr_patient)
     vflag = np.stack([p[:, 1 + v] >= thr_vert[v] for v in range(7)], 1).ravel()
     vy = y[:, 1:].ravel() > 0.5
+    # What the daemon publishes: `positive` when the patient OR any vertebra is flagged.
+    status = (p[:, 0] >= thr_patient) | vflag.reshape(-1, 7).any(1)
+    py = y[:, 0] > 0.5
     return {
         "n": int(len(y)),
         "n_positive": int((y[:, 0] > 0.5).sum()),
@@ -96,4 +99,6 @@ def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[flo
         "patient_spec": ss_p[1],
         "vertebra_sens": float((vflag & vy).sum() / max(1, vy.sum())),
         "vertebra_spec": float((~vflag & ~vy).sum() / max(1, (~vy).sum())),
+        "status_sens": float((status & py).sum() / max(1, py.sum())),
+        "status_spec": float((~status & ~py).sum() / max(1, (~py).sum())),
     }
