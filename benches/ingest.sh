@@ -49,7 +49,7 @@ wait_echo() { # port
         "$DCMTK_BIN/echoscu" -aec CSPINE 127.0.0.1 "$1" >/dev/null 2>&1 && return 0
         sleep 0.05
     done
-    echo "receiver on port $1 did not come up" >&2; exit 1
+    echo "receiver on port $1 did not come up" >&2; return 1
 }
 now() { date +%s.%N; }
 
@@ -71,10 +71,15 @@ port = $port
 spool_dir = "$dir/spool"
 max_pdu_length = $PDU
 min_free_space_mb = 0
+
+[inference]
+model = "$ROOT/models/model.json"
 EOF
-    RUST_LOG=warn "$BIN" serve --config "$dir/cspine.toml" 2>"$dir/log" &
+    # A shell with RUST_BACKTRACE=1 makes every end-of-data-set EOF inside dicom-parser
+    # capture a backtrace (a few % of the receive path); the service runs without it.
+    RUST_LOG=warn env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$BIN" serve --config "$dir/cspine.toml" 2>"$dir/log" &
     pid=$!; PIDS+=("$pid")
-    wait_echo "$port"
+    wait_echo "$port" || { cat "$dir/log" >&2; exit 1; }
     secs=$(send "$port")
     kill "$pid"; wait "$pid" 2>/dev/null || true
     local n; n=$(find "$dir/spool" -name '*.dcm' | wc -l)
