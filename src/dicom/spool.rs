@@ -425,6 +425,9 @@ struct InstanceInfo {
     sop_instance_uid: String,
     sop_class_uid: String,
     calling_ae: String,
+    /// Of the file meta group: how the data set is encoded, and where it starts.
+    transfer_syntax_uid: String,
+    data_set_offset: u64,
 }
 
 /// Where a Part 10 file (preamble, meta group, data set) is read from.
@@ -484,8 +487,44 @@ fn read_instance_from(
             .source_application_entity_title()
             .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
             .unwrap_or_default(),
+        transfer_syntax_uid: trim_uid(meta.transfer_syntax()).to_string(),
+        // Preamble, "DICM", the group length element (12 bytes), then the group.
+        data_set_offset: 128 + 4 + 12 + u64::from(meta.information_group_length),
     };
     Ok((info, received_at))
+}
+
+/// What the re-index asks of a spool file before it trusts it again: the file meta group
+/// and the data set up to the pixel data parse, and every declared length of the whole
+/// data set fits in the file ([`lengths::check_file`]), so a file cut short (a failing
+/// disk, a copy or a crash outside the write protocol) is caught here and not halfway
+/// through a series' analysis.
+fn recheck_instance(path: &Path) -> Result<(InstanceInfo, Option<OffsetDateTime>)> {
+    let (info, received_at) = read_instance(path, false)?;
+    lengths::check_file(path, info.data_set_offset, &info.transfer_syntax_uid)?;
+    Ok((info, received_at))
+}
+
+/// Moves a spool file that failed its re-check to `.rejected/`, under a name not taken
+/// there yet: rejected files are kept for a human, never overwritten.
+fn quarantine(root: &Path, path: &Path) -> Result<PathBuf> {
+    let rejected = root.join(REJECTED_DIR);
+    fs::create_dir_all(&rejected)
+        .with_context(|| format!("cannot create {}", rejected.display()))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut dest = rejected.join(&*name);
+    let mut n = 1;
+    while dest.exists() {
+        dest = rejected.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    fs::rename(path, &dest)
+        .with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))?;
+    fsync_dir(&rejected)?;
+    if let Some(parent) = path.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(dest)
 }
 
 /// File-system-safe name for a UID: the UID itself when it is a clean UID, else a hash.
@@ -499,8 +538,10 @@ pub fn safe_name(uid: &str) -> String {
 }
 
 /// Recovers every finished instance in the spool, oldest first. Leftover temp files
-/// are removed (never acknowledged); files that cannot be read are moved to
-/// `.rejected/` (kept for a human, not fed to the pipeline). Safe after `kill -9`.
+/// are removed (never acknowledged). Every instance file is re-checked (parsed, and its
+/// declared lengths checked against its size: [`recheck_instance`]); one that fails is
+/// logged as an error and moved to `.rejected/` (kept for a human under a unique name,
+/// not fed to the pipeline). Safe after `kill -9`.
 pub fn reindex(root: &Path) -> Result<Vec<StoredInstance>> {
     let tmp = root.join(TMP_DIR);
     if tmp.is_dir() {
@@ -523,7 +564,7 @@ pub fn reindex(root: &Path) -> Result<Vec<StoredInstance>> {
                 if path.extension().and_then(|e| e.to_str()) != Some("dcm") {
                     continue;
                 }
-                match read_instance(&path, false) {
+                match recheck_instance(&path) {
                     Ok((info, received_at)) => {
                         let received_at = received_at
                             .or_else(|| {
@@ -544,15 +585,13 @@ pub fn reindex(root: &Path) -> Result<Vec<StoredInstance>> {
                         })
                     }
                     Err(e) => {
-                        let rejected = root.join(REJECTED_DIR);
-                        fs::create_dir_all(&rejected)?;
-                        let dest = rejected.join(path.file_name().unwrap_or_default());
-                        log::warn!(
-                            "spool file {} is not readable DICOM ({e:#}); moved to {}",
+                        let dest = quarantine(root, &path)?;
+                        log::error!(
+                            "spool file {} failed its re-check at start-up ({e:#}): moved to \
+                             {}, kept for a human; it is not analysed",
                             path.display(),
                             dest.display()
                         );
-                        fs::rename(&path, &dest)?;
                     }
                 }
             }
@@ -1050,6 +1089,57 @@ mod tests {
         fs::write(series.join("1.2.3.4.dcm"), b"not dicom").unwrap();
         assert!(reindex(dir.path()).unwrap().is_empty());
         assert!(dir.path().join(REJECTED_DIR).join("1.2.3.4.dcm").is_file());
+        // The same name rejected again (another series): both are kept.
+        fs::write(series.join("1.2.3.4.dcm"), b"not dicom either").unwrap();
+        assert!(reindex(dir.path()).unwrap().is_empty());
+        assert_eq!(
+            fs::read(dir.path().join(REJECTED_DIR).join("1.2.3.4.dcm.1")).unwrap(),
+            b"not dicom either"
+        );
+    }
+
+    #[test]
+    fn reindex_rejects_a_spool_file_cut_short_in_its_pixel_data() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_object::InMemDicomObject;
+        use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        let ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
+        let with_pixels = |sop: &str| {
+            let mut obj =
+                InMemDicomObject::read_dataset_with_ts(&dataset("1.2.3", "1.2.3.4", sop)[..], &ts)
+                    .unwrap();
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OW,
+                PrimitiveValue::from(vec![3u8; 4096]),
+            ));
+            let mut out = Vec::new();
+            obj.write_dataset_with_ts(&mut out, &ts).unwrap();
+            out
+        };
+        let stored = |sop: &str| match store(&spool, sop, &with_pixels(sop)) {
+            Ok(Stored::New(i)) => i,
+            other => panic!("not stored: {other:?}"),
+        };
+        let (good, cut) = (stored("1.2.3.4.1"), stored("1.2.3.4.2"));
+        let len = fs::metadata(&cut.path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&cut.path)
+            .unwrap()
+            .set_len(len - 1000)
+            .unwrap();
+        let found = reindex(dir.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].path, good.path);
+        assert!(!cut.path.exists());
+        assert!(dir
+            .path()
+            .join(REJECTED_DIR)
+            .join("1.2.3.4.2.dcm")
+            .is_file());
     }
 
     #[test]
