@@ -8,6 +8,8 @@
 #   benches/ingest.sh                 # 300 slices of 512x512 int16, 3 runs each
 #   SLICES=100 RUNS=5 benches/ingest.sh
 #   BIN=target/debug/cspine-triage benches/ingest.sh   # default: target/release (built if missing)
+#   NOSYNC=1 benches/ingest.sh        # ours with fsync/fdatasync made no-ops (LD_PRELOAD):
+#                                     # NOT durable, only splits the cost (needs cc)
 #
 # Needs: DCMTK (storescu, storescp, echoscu), python3 with pydicom + numpy.
 set -euo pipefail
@@ -39,6 +41,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+PRELOAD=
+OURS_LABEL="cspine-triage (fsync per instance)"
+if [ "${NOSYNC:-0}" = 1 ]; then
+    printf 'int fsync(int fd){(void)fd;return 0;}\nint fdatasync(int fd){(void)fd;return 0;}\n' >"$WORK/nosync.c"
+    cc -shared -fPIC -O2 -o "$WORK/nosync.so" "$WORK/nosync.c"
+    PRELOAD=$WORK/nosync.so
+    OURS_LABEL="cspine-triage (fsync OFF, not durable)"
+fi
+
 echo "generating $SLICES slices of ${SIZE}x${SIZE} int16 in $WORK/series" >&2
 python3 "$ROOT/tests/python/scp_make_series.py" "$WORK/series" --slices "$SLICES" --size "$SIZE"
 BYTES=$(cat "$WORK"/series/*.dcm | wc -c)
@@ -49,7 +60,7 @@ wait_echo() { # port
         "$DCMTK_BIN/echoscu" -aec CSPINE 127.0.0.1 "$1" >/dev/null 2>&1 && return 0
         sleep 0.05
     done
-    echo "receiver on port $1 did not come up" >&2; exit 1
+    echo "receiver on port $1 did not come up" >&2; return 1
 }
 now() { date +%s.%N; }
 
@@ -71,10 +82,15 @@ port = $port
 spool_dir = "$dir/spool"
 max_pdu_length = $PDU
 min_free_space_mb = 0
+
+[inference]
+model = "$ROOT/models/model.json"
 EOF
-    RUST_LOG=warn "$BIN" serve --config "$dir/cspine.toml" 2>"$dir/log" &
+    # A shell with RUST_BACKTRACE=1 makes every end-of-data-set EOF inside dicom-parser
+    # capture a backtrace (a few % of the receive path); the service runs without it.
+    RUST_LOG=warn LD_PRELOAD=$PRELOAD env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$BIN" serve --config "$dir/cspine.toml" 2>"$dir/log" &
     pid=$!; PIDS+=("$pid")
-    wait_echo "$port"
+    wait_echo "$port" || { cat "$dir/log" >&2; exit 1; }
     secs=$(send "$port")
     kill "$pid"; wait "$pid" 2>/dev/null || true
     local n; n=$(find "$dir/spool" -name '*.dcm' | wc -l)
@@ -118,7 +134,7 @@ m_dcmtk=$(printf '%s\n' "${dcmtk[@]}" | median)
 m_bp=$(printf '%s\n' "${dcmtk_bp[@]}" | median)
 echo
 echo "ingest: $SLICES instances, $((BYTES / 1000000)) MB, max PDU $PDU, median of $RUNS runs, $(nproc) cores"
-report "cspine-triage (fsync per instance)" "$m_ours"
+report "$OURS_LABEL" "$m_ours"
 report "storescp (no fsync)" "$m_dcmtk"
 report "storescp +B (no fsync)" "$m_bp"
 awk -v a="$m_ours" -v b="$m_dcmtk" -v c="$m_bp" \

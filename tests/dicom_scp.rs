@@ -613,6 +613,57 @@ fn kill_9_right_after_success_keeps_the_instance_and_restart_reindexes_it() {
     d.assert_log("is already in the spool");
 }
 
+/// A spool file damaged while the daemon was down (cut short in its pixel data) fails the
+/// start-up re-check: logged as an error, moved to `.rejected/` (kept, not analysed), and
+/// the same instance sent again is stored anew, not answered as a duplicate of the bad
+/// copy.
+#[test]
+fn restart_quarantines_a_spool_file_cut_short_and_the_instance_can_be_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = ct_small();
+    let mut d = Daemon::start(dir.path(), "");
+    let first = helper(&["store", &d.port(), &file]);
+    assert_eq!(first["status"], 0, "{first}");
+    d.kill9();
+    let spool = d.spool.clone();
+    drop(d);
+    let stored = cspine_triage::dicom::spool::reindex(&spool).unwrap();
+    assert_eq!(stored.len(), 1);
+    let path = stored[0].path.clone();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+
+    let d = Daemon::start(dir.path(), "");
+    let line = d
+        .wait_log("failed its re-check", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no re-check error logged:\n{}", d.log_text()));
+    assert!(
+        line.contains("ERROR") && line.contains(".rejected"),
+        "{line}"
+    );
+    let rejected: Vec<_> = std::fs::read_dir(spool.join(".rejected"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(std::fs::metadata(&rejected[0]).unwrap().len(), len - 100);
+    assert!(!path.exists());
+    let again = helper(&["store", &d.port(), &file]);
+    assert_eq!(again["status"], 0, "{again}");
+    assert!(
+        !d.log_text().contains("is already in the spool"),
+        "{}",
+        d.log_text()
+    );
+    let cmp = helper(&["compare", &file, path.to_str().unwrap()]);
+    assert_eq!(cmp["equal"], true, "{cmp}");
+}
+
 #[test]
 fn below_the_free_space_floor_instances_are_refused_with_a700() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,10 @@
 //! A received C-STORE data set, as the spool handles it before answering: the bytes are
-//! written behind our file meta group into a temp file of a real spool
-//! (`Spool::begin` + `Incoming::push`, as the SCP does), then
+//! collected behind our file meta group by a real spool (`Spool::begin` +
+//! `Incoming::push`, as the SCP does: in memory up to 4 MiB, in a temp file beyond), then
 //! `Incoming::check_received` runs exactly what `Spool::commit` runs before anything is
-//! made durable: flush, the declared-length check (`dicom::lengths::check_file`), the
-//! dicom-object parse-back, the UID checks. Only the fsync and link are left out.
+//! made durable: the declared-length check (`dicom::lengths::check_slice`, or
+//! `check_file` for a spilled or deflated data set), the dicom-object parse-back, the UID
+//! checks. Only the write, fsync and link are left out.
 //!
 //! Input: first byte picks the transfer syntax the presentation context was accepted
 //! with (`ACCEPTED_TRANSFER_SYNTAXES`, modulo its length); the rest is the data set.
@@ -55,7 +56,7 @@ fuzz_target!(|input: &[u8]| {
         calling_ae: "FUZZ".to_string(),
         received_at: time::OffsetDateTime::UNIX_EPOCH,
     };
-    let mut incoming = env.spool.begin(header).expect("cannot create a temp file");
+    let mut incoming = env.spool.begin(header).expect("cannot encode the file meta group");
     env.rt.block_on(incoming.push(data_set));
     // Refusals (C000, A900) are the expected outcome for most inputs; only a panic,
     // an abort, a leak past -rss_limit_mb or a timeout is a finding.

@@ -92,6 +92,30 @@ pub fn check_file(path: &Path, offset: u64, ts_uid: &str) -> Result<u64> {
     }
 }
 
+/// Whether `ts_uid` is a deflated syntax, which [`check_slice`] does not take: its data
+/// set must be inflated first, which [`check_file`] does from the file.
+pub fn is_deflated(ts_uid: &str) -> bool {
+    TransferSyntaxRegistry
+        .get(ts_uid)
+        .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(Some(_))))
+}
+
+/// [`check_file`] of a data set held in memory (a received instance that was never
+/// written out), in any syntax but the deflated one ([`is_deflated`]).
+pub fn check_slice(data_set: &[u8], ts_uid: &str) -> Result<u64> {
+    let ts = TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| anyhow!("unknown transfer syntax {ts_uid}"))?;
+    match ts.codec() {
+        Codec::Dataset(Some(_)) => bail!("a deflated data set is checked from its file"),
+        Codec::Dataset(None) => bail!("no decoder for transfer syntax {ts_uid}"),
+        Codec::None | Codec::EncapsulatedPixelData(..) => {
+            check_stream(data_set, ts, data_set.len() as u64)?;
+            Ok(data_set.len() as u64)
+        }
+    }
+}
+
 /// Checks a data set held in memory (a DIMSE command set, tests).
 pub fn check_bytes(bytes: &[u8], ts: &TransferSyntax) -> Result<()> {
     check_stream(bytes, ts, bytes.len() as u64)
