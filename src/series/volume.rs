@@ -3,8 +3,9 @@
 //!
 //! Two passes keep memory bounded: the headers (already read by the assembler) are
 //! validated and sorted along the slice normal first, then every file is decoded on its
-//! own straight into its slot of the final buffer. Peak memory is the int16 volume plus
-//! one file and its decoded frame, whatever the number of slices.
+//! own and its window (the part of the slice the model samples, [`InPlaneWindow`]; the
+//! whole slice offline) copied into its slot of the final buffer. Peak memory is the int16
+//! volume of the windows plus one file and its decoded frame, whatever the number of slices.
 //!
 //! Slices are ordered by `dot(ImagePositionPatient, normal)`, never by InstanceNumber
 //! (scanners number reversed, restart numbering, or number by acquisition).
@@ -19,7 +20,7 @@ use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder, PixelRepresentati
 use time::OffsetDateTime;
 
 use super::header::{cross, direction_cosines, dot, floats, int, normalize, InstanceHeader};
-use super::{CtVolume, Geometry, SeriesMeta, SliceInfo};
+use super::{CtVolume, Geometry, InPlaneWindow, SeriesMeta, SliceInfo, VolumeWindow};
 
 /// HU written for pixels flagged by (0028,0120) Pixel Padding Value: air.
 pub const PADDING_HU: i16 = -1024;
@@ -36,14 +37,37 @@ const PIXEL_SPACING_TOLERANCE_MM: f64 = 1e-3;
 /// Allowed in-plane drift of ImagePositionPatient between slices, in pixels.
 const IN_PLANE_TOLERANCE_PX: f64 = 0.25;
 
-/// Builds the volume of one series. Every error is a reason for
+/// Builds the whole volume of one series. Every error is a reason for
 /// [`super::SeriesOutcome::Failed`]; it names the slice (SOP Instance UID) at fault.
-pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Result<CtVolume> {
+pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<CtVolume> {
+    build_volume_within(headers, meta, None)
+}
+
+/// As [`build_volume`], keeping only the window that `window` chooses of each slice
+/// (every slice is still decoded whole, so a slice that cannot be decoded fails the
+/// series wherever the window lies).
+pub fn build_volume_within(
+    headers: Vec<InstanceHeader>,
+    mut meta: SeriesMeta,
+    window: Option<&VolumeWindow>,
+) -> Result<CtVolume> {
     let plan = plan_volume(headers)?;
     let [n, rows, cols] = plan.dims;
-    let slice_len = rows * cols;
+    let full = InPlaneWindow::full(rows, cols);
+    let window = match window {
+        Some(choose) => {
+            let w = (choose.0)(&plan);
+            ensure!(
+                full.contains(&w),
+                "window {w:?} is not inside the {rows}x{cols} matrix"
+            );
+            w
+        }
+        None => full,
+    };
+    let kept = window.rows * window.cols;
     let len = n
-        .checked_mul(slice_len)
+        .checked_mul(kept)
         .ok_or_else(|| anyhow!("volume of {n}x{rows}x{cols} voxels is too large"))?;
     // Zero-initialised allocation is lazily backed by the OS: only pages actually written
     // cost memory, and there is no second copy anywhere.
@@ -52,14 +76,25 @@ pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Resul
         .try_reserve_exact(len)
         .with_context(|| format!("cannot allocate {} MiB for the volume", (len * 2) >> 20))?;
     voxels.resize(len, 0);
+    // A whole volume is decoded straight into its slots; a windowed one through one slice.
+    let mut scratch = if window == full {
+        Vec::new()
+    } else {
+        vec![0i16; rows * cols]
+    };
     for (k, header) in plan.sorted.iter().enumerate() {
-        decode_slice_into(
-            &header.path,
-            rows,
-            cols,
-            &mut voxels[k * slice_len..(k + 1) * slice_len],
-        )
-        .with_context(|| {
+        let slot = &mut voxels[k * kept..(k + 1) * kept];
+        let decoded = if window == full {
+            decode_slice_into(&header.path, rows, cols, slot)
+        } else {
+            decode_slice_into(&header.path, rows, cols, &mut scratch).map(|()| {
+                for (r, out) in slot.chunks_exact_mut(window.cols.max(1)).enumerate() {
+                    let start = (window.row0 + r) * cols + window.col0;
+                    out.copy_from_slice(&scratch[start..start + window.cols]);
+                }
+            })
+        };
+        decoded.with_context(|| {
             format!(
                 "cannot decode slice {} ({})",
                 header.sop_instance_uid,
@@ -81,6 +116,7 @@ pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Resul
     Ok(CtVolume {
         voxels,
         dims: plan.dims,
+        window,
         geometry: plan.geometry,
         slices,
         meta,
