@@ -359,7 +359,21 @@ fn decode_object_into(
             "multi-frame instance ({frames} frames) is not a classic CT slice"
         );
     }
-    let pixels = obj.decode_pixel_data().map_err(anyhow::Error::new)?;
+    // A decoder that panics on corrupt data must fail this slice (a `failed` result), not
+    // the series job, which would then end without any result: dicom-transfer-syntax-registry
+    // 0.10.1's RLE decoder indexes past a segment that decodes short (found by the
+    // `series_slice` fuzz target). Its state is local to the call, so nothing is left
+    // half-updated.
+    let pixels = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            anyhow!("the pixel data decoder panicked: {what}")
+        })?
+        .map_err(anyhow::Error::new)?;
     ensure!(
         pixels.samples_per_pixel() == 1,
         "SamplesPerPixel is {}, a CT slice has 1",
@@ -511,6 +525,45 @@ mod tests {
 
     fn error(headers: Vec<InstanceHeader>) -> String {
         format!("{:#}", plan_volume(headers).expect_err("plan should fail"))
+    }
+
+    /// `tests/fixtures/fuzz/series_slice-rle-short-segment.bin` (a `series_slice` fuzz
+    /// input: selector byte, then the data set) as the spool stores it.
+    fn spooled_fuzz_input(bytes: &[u8], dir: &Path) -> std::path::PathBuf {
+        let (ts, _) = crate::dicom::syntax::ACCEPTED_TRANSFER_SYNTAXES[bytes[0] as usize];
+        let meta = dicom_object::meta::FileMetaTableBuilder::new()
+            .transfer_syntax(ts)
+            .media_storage_sop_class_uid(crate::dicom::syntax::CT_IMAGE_STORAGE)
+            .media_storage_sop_instance_uid("1.2.826.0.1.3680043.8.498.1")
+            .implementation_class_uid("1.2.826.0.1.3680043.8.498.2")
+            .build()
+            .unwrap();
+        let mut file = vec![0u8; 128];
+        file.extend_from_slice(b"DICM");
+        meta.write(&mut file).unwrap();
+        file.extend_from_slice(&bytes[1..]);
+        let path = dir.join("slice.dcm");
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_panicking_pixel_decoder_fails_the_slice() {
+        let bytes = include_bytes!("../../tests/fixtures/fuzz/series_slice-rle-short-segment.bin");
+        let dir = tempfile::tempdir().unwrap();
+        let path = spooled_fuzz_input(bytes, dir.path());
+        let err = format!("{:#}", decode_slice(&path).unwrap_err());
+        assert!(err.contains("the pixel data decoder panicked"), "{err}");
+        // Through the daemon's entry point: a failed series with that reason.
+        let header = InstanceHeader::read(&path).unwrap();
+        let err = format!(
+            "{:#}",
+            build_volume(vec![header], SeriesMeta::default()).unwrap_err()
+        );
+        assert!(
+            err.contains("cannot decode slice") && err.contains("panicked"),
+            "{err}"
+        );
     }
 
     #[test]
