@@ -36,6 +36,10 @@ const ORIENTATION_TOLERANCE: f64 = 1e-3;
 const PIXEL_SPACING_TOLERANCE_MM: f64 = 1e-3;
 /// Allowed in-plane drift of ImagePositionPatient between slices, in pixels.
 const IN_PLANE_TOLERANCE_PX: f64 = 0.25;
+/// Largest Rows or Columns accepted. CT slices are 512 to 2048 pixels wide; Rows and
+/// Columns can say 65535, and the volume (then the decoder) allocates and zero-fills what
+/// they say before any pixel is read: 8 GiB per slice from one small, compressed instance.
+pub const MAX_MATRIX: usize = 4096;
 
 /// Builds the whole volume of one series. Every error is a reason for
 /// [`super::SeriesOutcome::Failed`]; it names the slice (SOP Instance UID) at fault.
@@ -167,6 +171,11 @@ pub fn plan_volume(headers: Vec<InstanceHeader>) -> Result<VolumePlan> {
     ensure!(
         rows > 0 && cols > 0,
         "slice {} has an empty matrix ({rows}x{cols})",
+        reference.sop_instance_uid
+    );
+    ensure!(
+        rows <= MAX_MATRIX && cols <= MAX_MATRIX,
+        "slice {} has a {rows}x{cols} matrix, more than {MAX_MATRIX} pixels a side",
         reference.sop_instance_uid
     );
     ensure!(
@@ -621,5 +630,14 @@ mod tests {
         let mut h = stack(&[0.0, 1.0, 2.0]);
         h[0].image_position_patient = None;
         assert!(error(h).contains("no valid ImagePositionPatient"));
+    }
+
+    #[test]
+    fn a_matrix_too_large_for_ct_fails_before_anything_is_allocated() {
+        let mut h = stack(&[0.0, 1.0]);
+        for s in &mut h {
+            (s.rows, s.columns) = (Some(65535), Some(65535));
+        }
+        assert!(error(h).contains("more than 4096 pixels a side"));
     }
 }
