@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes a large axial CT series for benches/series_rss.sh.
 
-usage: series_make_big.py OUTDIR [SLICES] [SIZE]   (default 700 slices of 512 x 512)
+usage: series_make_big.py OUTDIR [SLICES] [SIZE] [PIXEL_MM]
+(default 700 slices of 512 x 512 at 0.625 mm: a 320 mm field of view)
 Uncompressed explicit VR little endian, signed 16-bit, files in random order of names.
 """
 import os
@@ -14,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 out = sys.argv[1]
 slices = int(sys.argv[2]) if len(sys.argv) > 2 else 700
 size = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+pixel_mm = float(sys.argv[4]) if len(sys.argv) > 4 else 0.625
 os.makedirs(out, exist_ok=True)
 study, series = generate_uid(), generate_uid()
 rng = np.random.default_rng(1)
@@ -33,9 +35,9 @@ for k in rng.permutation(slices):
     ds.InstanceNumber = int(slices - k)
     ds.ConvolutionKernel = "BONE"
     ds.SliceThickness = 0.625
-    ds.ImagePositionPatient = [-160.0, -160.0, float(0.625 * k)]
+    ds.ImagePositionPatient = [-size * pixel_mm / 2, -size * pixel_mm / 2, float(0.625 * k)]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.625, 0.625]
+    ds.PixelSpacing = [pixel_mm, pixel_mm]
     ds.Rows = ds.Columns = size
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

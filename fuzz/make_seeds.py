@@ -12,8 +12,16 @@ pynetdicom). Deterministic for given package versions; prints what it wrote.
 - pdu: upper-layer PDUs encoded by pynetdicom: A-ASSOCIATE-RQ/AC/RJ (with extended
   negotiation and user identity items), P-DATA-TF carrying those commands and a data
   set, A-RELEASE-RQ/RP, A-ABORT.
+- series_slice: data sets, each prefixed by its transfer syntax's selector byte as for
+  store_data_set, at most --slice-per-syntax per syntax the SCP accepts, single-frame
+  monochrome CT first, at most --slice-max-size bytes, from the same packages. Most are not
+  CT (MR, secondary capture, RT dose) and lack the Image Plane attributes without which
+  volume building refuses a slice before decoding it, so the seeds get an
+  ImagePositionPatient, ImageOrientationPatient and PixelSpacing where they have none
+  (the pixel data is copied as it is, never re-encoded).
 
 Usage: python3 fuzz/make_seeds.py [--max-size 40000] [--per-syntax 6]
+                                  [--slice-max-size 48000] [--slice-per-syntax 4]
 """
 
 import argparse
@@ -60,8 +68,7 @@ def data_set_bytes(path):
         return str(meta.TransferSyntaxUID), fp.read()
 
 
-def store_data_set(max_size, per_syntax):
-    syntaxes = accepted_syntaxes()
+def test_file_roots():
     roots = [Path(pydicom.data.__file__).parent]
     try:
         import data_store
@@ -69,6 +76,12 @@ def store_data_set(max_size, per_syntax):
         roots.append(Path(data_store.__file__).parent / "data")
     except ImportError:
         print("pydicom-data not installed: seeds from pydicom's own test files only")
+    return roots
+
+
+def store_data_set(max_size, per_syntax):
+    syntaxes = accepted_syntaxes()
+    roots = test_file_roots()
     taken = {}
     seen = set()
     for root in roots:
@@ -86,6 +99,62 @@ def store_data_set(max_size, per_syntax):
             write("store_data_set", f.stem[:40], bytes([syntaxes.index(ts)]) + data)
     for ts in syntaxes:
         print(f"store_data_set: {taken.get(ts, 0)} seeds in {ts}")
+
+
+def series_slice(max_size, per_syntax):
+    syntaxes = accepted_syntaxes()
+    candidates = []
+    for root in test_file_roots():
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            if f.stat().st_size > max_size:
+                continue
+            try:
+                ds = pydicom.dcmread(f)
+                ts = str(ds.file_meta.TransferSyntaxUID)
+            except Exception:
+                continue  # not a Part 10 file
+            if ts not in syntaxes or "PixelData" not in ds:
+                continue
+            # Single-frame CT first, then other monochrome images: volume building refuses
+            # a multi-frame object before decoding it, and CT is what the daemon sees.
+            try:
+                frames = int(ds.get("NumberOfFrames", 1) or 1)
+            except ValueError:
+                frames = 2  # a malformed count: keep such a file last
+            mono = str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")
+            key = (frames > 1, ds.get("Modality") != "CT", not mono, f.stat().st_size, f.name)
+            candidates.append((key, ts, f, ds))
+    candidates.sort(key=lambda c: c[0])
+    taken = {}
+    seen = set()
+    for _, ts, f, ds in candidates:
+        if taken.get(ts, 0) >= per_syntax:
+            continue
+        if "ImagePositionPatient" not in ds:
+            ds.ImagePositionPatient = [-120.0, -120.0, 10.0]
+        if "ImageOrientationPatient" not in ds:
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        if "PixelSpacing" not in ds:
+            ds.PixelSpacing = [0.5, 0.5]
+        out = BytesIO()
+        try:
+            # pydicom writes the data set back in the file's own transfer syntax (deflate
+            # included); encapsulated pixel data is copied as read.
+            ds.save_as(out, enforce_file_format=True)
+        except Exception as e:
+            print(f"series_slice: skipping {f.name}: {e}")
+            continue
+        out.seek(0)
+        read_preamble(out, False)
+        _read_file_meta_info(out)
+        data = bytes([syntaxes.index(ts)]) + out.read()
+        if data in seen:
+            continue
+        seen.add(data)
+        taken[ts] = taken.get(ts, 0) + 1
+        write("series_slice", f.stem[:40], data)
+    for ts in syntaxes:
+        print(f"series_slice: {taken.get(ts, 0)} seeds in {ts}")
 
 
 def command_sets():
@@ -285,8 +354,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-size", type=int, default=40000)
     ap.add_argument("--per-syntax", type=int, default=6)
+    ap.add_argument("--slice-max-size", type=int, default=48000)
+    ap.add_argument("--slice-per-syntax", type=int, default=4)
     a = ap.parse_args()
     store_data_set(a.max_size, a.per_syntax)
+    series_slice(a.slice_max_size, a.slice_per_syntax)
     pdus(command_sets())
 
 

@@ -8,8 +8,11 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, ensure, Context, Result};
 use cspine_triage::inference::engine::{Engine, EngineOptions, RuntimeChoice};
-use cspine_triage::inference::preprocess::{preprocess, Preprocessed};
-use cspine_triage::series::{load_series_from_paths, SeriesOutcome};
+use cspine_triage::inference::preprocess::{preprocess, source_window, Preprocessed};
+use cspine_triage::series::volume::VolumePlan;
+use cspine_triage::series::{
+    load_series_from_paths, load_series_report, SeriesOutcome, VolumeWindow,
+};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -157,6 +160,39 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
     }
     let d = max_abs(&input.tensor, &want);
     ensure!(d <= 1e-5, "preprocessing differs from the reference by {d}");
+
+    // The daemon's volumes keep only the part of each slice the model grid reads: the
+    // input must not change by a bit.
+    let spec = engine.files.contract.input.clone();
+    let window = VolumeWindow(std::sync::Arc::new(move |plan: &VolumePlan| {
+        source_window(plan, &spec)
+    }));
+    let report = load_series_report(&[&series], &[], Some(&window))?;
+    let windowed = match report
+        .outcomes
+        .into_iter()
+        .next()
+        .context("no series loaded")?
+    {
+        SeriesOutcome::Volume(v) => v,
+        SeriesOutcome::Failed { reason, .. } => bail!("windowed series failed: {reason}"),
+    };
+    let Preprocessed::Input(windowed_input) =
+        preprocess(&windowed, &engine.files.contract.input, 2)?
+    else {
+        bail!("windowed series unexpectedly too short");
+    };
+    ensure!(
+        windowed_input.grid == input.grid
+            && windowed_input
+                .tensor
+                .iter()
+                .zip(&input.tensor)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the windowed volume ({:?} of {:?}) gives another model input",
+        windowed.window,
+        windowed.dims
+    );
 
     let tol: Value = serde_json::from_str(&std::fs::read_to_string(
         root().join("models/fixtures/tolerances.json"),

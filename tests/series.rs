@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
     load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
-    InstanceHeader, SeriesOutcome,
+    InPlaneWindow, InstanceHeader, SeriesOutcome, VolumeWindow,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -114,6 +114,39 @@ fn shuffled_series_with_reversed_numbers_builds_the_identical_volume() {
 }
 
 #[test]
+fn a_windowed_volume_keeps_exactly_its_window_of_every_slice() {
+    let whole = single_volume(load_series_from_paths(&[case("shuffled")]).unwrap());
+    let [n, rows, cols] = whole.dims;
+    let window = InPlaneWindow {
+        row0: 1,
+        rows: rows - 3,
+        col0: 2,
+        cols: cols - 4,
+    };
+    let choose = VolumeWindow(std::sync::Arc::new(move |plan: &volume::VolumePlan| {
+        assert_eq!(plan.dims, [n, rows, cols]);
+        window
+    }));
+    let report = load_series_report(&[case("shuffled")], &[], Some(&choose)).unwrap();
+    let part = single_volume(report.outcomes);
+    assert_eq!(part.dims, whole.dims, "dims stay those of the full matrix");
+    assert_eq!(part.window, window);
+    assert_eq!(part.geometry, whole.geometry);
+    assert_eq!(part.voxels.len(), n * window.rows * window.cols);
+    for k in 0..n {
+        for r in window.row0..window.row0 + window.rows {
+            for c in window.col0..window.col0 + window.cols {
+                assert_eq!(
+                    part.voxel(k, r, c),
+                    whole.voxel(k, r, c),
+                    "slice {k} ({r}, {c})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn missing_slice_fails_with_a_gap_reason() {
     let reason = single_failure(load_series_from_paths(&[case("gap")]).unwrap());
     assert!(reason.contains("gap"), "{reason}");
@@ -142,7 +175,7 @@ fn rescale_bits_stored_and_padding_are_honoured() {
 
 #[test]
 fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
-    let report = load_series_report(&[case("study_with_localizer")], &[]).unwrap();
+    let report = load_series_report(&[case("study_with_localizer")], &[], None).unwrap();
     let m = &fixtures().1["study_with_localizer"];
     let v = single_volume(report.outcomes);
     assert_eq!(v.meta.series_instance_uid, m["axial"].as_str().unwrap());
@@ -169,7 +202,7 @@ fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
 
 #[test]
 fn bone_kernel_series_is_chosen_over_soft_tissue() {
-    let report = load_series_report(&[case("two_candidates")], &[]).unwrap();
+    let report = load_series_report(&[case("two_candidates")], &[], None).unwrap();
     let m = &fixtures().1["two_candidates"];
     let v = single_volume(report.outcomes);
     assert_eq!(v.meta.series_instance_uid, m["bone"].as_str().unwrap());

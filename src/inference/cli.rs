@@ -55,7 +55,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
             bail!("{} does not exist", p.display());
         }
     }
-    let report = crate::series::load_series_report(&args.paths, &[])?;
+    let report = crate::series::load_series_report(&args.paths, &[], None)?;
     for skip in &report.skipped {
         eprintln!(
             "not analysed: series {} ({} instance(s)): {}",

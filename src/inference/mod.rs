@@ -34,7 +34,7 @@ use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
 use engine::{Engine, EngineOptions, RuntimeChoice};
 use postprocess::{RunInfo, Thresholds};
-use preprocess::Preprocessed;
+use preprocess::Sampled;
 
 /// `[inference]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +126,21 @@ pub struct Analysis {
     pub early_rejection: Option<String>,
 }
 
+/// The volume [`Pipeline::analyze_volume`] reads: borrowed, or its own to free early.
+enum VolumeAccess<'a> {
+    Shared(&'a CtVolume),
+    Owned(&'a mut CtVolume),
+}
+
+impl VolumeAccess<'_> {
+    fn volume(&self) -> &CtVolume {
+        match self {
+            VolumeAccess::Shared(v) => v,
+            VolumeAccess::Owned(v) => v,
+        }
+    }
+}
+
 /// What [`Pipeline::process_early`] decided.
 #[derive(Debug)]
 pub enum Processed {
@@ -175,6 +190,15 @@ impl Pipeline {
         Ok(Pipeline { engine, thresholds })
     }
 
+    /// What volumes built for this model need keep of each slice
+    /// ([`preprocess::source_window`]).
+    pub fn volume_window(&self) -> crate::series::VolumeWindow {
+        let spec = self.engine.files.contract.input.clone();
+        crate::series::VolumeWindow(Arc::new(move |plan: &crate::series::volume::VolumePlan| {
+            preprocess::source_window(plan, &spec)
+        }))
+    }
+
     /// Name, version and sha256 of the loaded model, as results and the status topic report it.
     pub fn model_info(&self) -> crate::alert::result::ModelInfo {
         self.run_info().model
@@ -191,14 +215,30 @@ impl Pipeline {
 
     /// As [`Pipeline::analyze`]; with `profile`, every node of the model is timed (CPU only).
     pub fn analyze_with(&self, volume: &CtVolume, profile: bool) -> Result<Analysis> {
+        self.analyze_volume(VolumeAccess::Shared(volume), profile)
+    }
+
+    /// As [`Pipeline::analyze`], freeing the volume's voxels as soon as the model planes are
+    /// sampled: the daemon's peak memory is then the volume or the model, not both.
+    pub fn analyze_releasing(&self, volume: &mut CtVolume) -> Result<Analysis> {
+        self.analyze_volume(VolumeAccess::Owned(volume), false)
+    }
+
+    fn analyze_volume(&self, mut access: VolumeAccess<'_>, profile: bool) -> Result<Analysis> {
         let contract = &self.engine.files.contract;
         let mut run = self.run_info();
         run.inference_start = Some(OffsetDateTime::now_utc());
         let t0 = Instant::now();
-        let prep = preprocess::preprocess(volume, &contract.input, self.engine.threads())?;
+        let sampled =
+            preprocess::sample_planes(access.volume(), &contract.input, self.engine.threads())?;
         let preprocess_time = t0.elapsed();
-        let input = match prep {
-            Preprocessed::TooShort { slices, min_slices } => {
+        if let VolumeAccess::Owned(v) = &mut access {
+            // Only geometry and slice records are read from here on.
+            v.voxels = Vec::new();
+        }
+        let volume = access.volume();
+        let planes = match sampled {
+            Sampled::TooShort { slices, min_slices } => {
                 run.inference_end = Some(OffsetDateTime::now_utc());
                 let reason = format!(
                     "{}: {slices} model slice(s) of {} mm, at least {min_slices} needed",
@@ -214,8 +254,11 @@ impl Pipeline {
                     profile: None,
                 });
             }
-            Preprocessed::Input(input) => input,
+            Sampled::Planes(planes) => planes,
         };
+        let input = planes.to_input();
+        // The copies into the three channels are preprocessing too.
+        let preprocess_time = t0.elapsed();
         let grid = input.grid.clone();
         let t1 = Instant::now();
         let (outputs, profile) = if profile {
@@ -256,10 +299,9 @@ impl Pipeline {
         });
         let key_image_png = match verdict.key_model_slice {
             Some(k) => {
-                let plane = preprocess::model_plane(volume, &contract.input, &grid, k);
                 let seg = postprocess::seg_argmax(&outputs, k);
                 Some(keyimage::render(
-                    &plane,
+                    planes.plane(k),
                     (contract.input.height, contract.input.width),
                     &seg,
                     (outputs.seg_h, outputs.seg_w),
@@ -295,7 +337,7 @@ impl Pipeline {
             SeriesOutcome::Failed { meta, .. } => meta.early.is_some(),
         };
         let (message, rejection) = match outcome {
-            SeriesOutcome::Volume(volume) => match self.analyze(&volume) {
+            SeriesOutcome::Volume(mut volume) => match self.analyze_releasing(&mut volume) {
                 Ok(a) => (
                     ResultMessage {
                         result: a.result,

@@ -3,13 +3,19 @@
 //!
 //! Every model voxel is a point in patient space (LPS, mm) sampled trilinearly from the
 //! source voxels, so the model sees the same picture whatever the acquisition order.
-//! The only large allocation is the output tensor: each model slice is windowed straight
-//! into its channel-1 plane and then copied into its neighbours' channel 0 and 2.
+//! Each model slice is sampled and windowed once into its plane ([`ModelPlanes`]); the
+//! model input copies every plane into three channels (its own slice's and its
+//! neighbours'), and can be made once the source volume is gone.
+//!
+//! [`source_window`] tells volume building which part of each slice the sampling can touch
+//! (a volume that keeps only that gives the same input, to the bit: every index is still
+//! computed in the full matrix).
 
 use anyhow::{ensure, Result};
 
 use super::contract::InputSpec;
-use crate::series::CtVolume;
+use crate::series::volume::VolumePlan;
+use crate::series::{CtVolume, Geometry, InPlaneWindow};
 
 /// The model input of one series.
 #[derive(Debug, Clone)]
@@ -40,6 +46,56 @@ impl ModelInput {
     }
 }
 
+/// The windowed plane of every model slice, before the 2.5D neighbours are copied in:
+/// a third of the model input, and all of it that is not a copy.
+#[derive(Debug, Clone)]
+pub struct ModelPlanes {
+    /// `[slices, height, width]`, windowed to [0, 1].
+    pub planes: Vec<f32>,
+    pub slices: usize,
+    pub height: usize,
+    pub width: usize,
+    pub grid: ModelGrid,
+}
+
+impl ModelPlanes {
+    /// The windowed plane of model slice `k`, `height * width` values.
+    pub fn plane(&self, k: usize) -> &[f32] {
+        let hw = self.height * self.width;
+        &self.planes[k * hw..(k + 1) * hw]
+    }
+
+    /// The model input: channel 1 of slice k is plane k; 2.5D neighbours: channel 0 is
+    /// plane k - 1, channel 2 is plane k + 1 (edges repeat).
+    pub fn to_input(&self) -> ModelInput {
+        let (s, hw) = (self.slices, self.height * self.width);
+        let mut tensor = Vec::with_capacity(s * 3 * hw);
+        for k in 0..s {
+            for n in [k.saturating_sub(1), k, (k + 1).min(s - 1)] {
+                tensor.extend_from_slice(self.plane(n));
+            }
+        }
+        ModelInput {
+            tensor,
+            slices: s,
+            height: self.height,
+            width: self.width,
+            grid: self.grid.clone(),
+        }
+    }
+}
+
+/// What sampling decided.
+#[derive(Debug, Clone)]
+pub enum Sampled {
+    Planes(ModelPlanes),
+    /// The series spans fewer model slices than the contract's `min_slices`.
+    TooShort {
+        slices: usize,
+        min_slices: usize,
+    },
+}
+
 /// What preprocessing decided.
 #[derive(Debug, Clone)]
 pub enum Preprocessed {
@@ -51,12 +107,20 @@ pub enum Preprocessed {
     },
 }
 
-/// Where the model grid lies in patient space and how a patient point maps back to
-/// continuous source voxel indices.
-struct Sampler<'a> {
-    volume: &'a CtVolume,
+/// Where the source slices lie in patient space: all the model grid depends on, known
+/// before any pixel is decoded.
+struct Frame<'a> {
+    geometry: &'a Geometry,
+    /// [slices, rows, columns] of the full matrix.
+    dims: [usize; 3],
     /// Position of each source slice along the slice normal (mm), ascending.
     slice_pos: Vec<f64>,
+}
+
+/// How a patient point maps back to continuous source voxel indices, and the voxels.
+struct Sampler<'a> {
+    volume: &'a CtVolume,
+    frame: Frame<'a>,
 }
 
 /// Slack (mm) when testing whether a point lies between the first and last slice: a model
@@ -68,17 +132,10 @@ fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
-impl<'a> Sampler<'a> {
-    fn new(volume: &'a CtVolume) -> Sampler<'a> {
-        Sampler {
-            volume,
-            slice_pos: volume.slices.iter().map(|s| s.z_mm).collect(),
-        }
-    }
-
+impl Frame<'_> {
     /// Patient position of source slice `k`'s first voxel (its ImagePositionPatient).
     fn slice_origin(&self, k: usize) -> [f64; 3] {
-        let g = &self.volume.geometry;
+        let g = self.geometry;
         let along = self.slice_pos[k] - self.slice_pos[0];
         [
             g.origin[0] + along * g.normal[0],
@@ -89,8 +146,8 @@ impl<'a> Sampler<'a> {
 
     /// Patient position of the centre of source slice `k`'s field of view.
     fn slice_centre(&self, k: usize) -> [f64; 3] {
-        let g = &self.volume.geometry;
-        let [_, rows, cols] = self.volume.dims;
+        let g = self.geometry;
+        let [_, rows, cols] = self.dims;
         let o = self.slice_origin(k);
         let half_c = (cols as f64 - 1.0) / 2.0 * g.spacing[2];
         let half_r = (rows as f64 - 1.0) / 2.0 * g.spacing[1];
@@ -127,22 +184,99 @@ impl<'a> Sampler<'a> {
         Some(k as f64 + if gap > 0.0 { (t - pos[k]) / gap } else { 0.0 })
     }
 
+    /// Continuous (column, row) indices of patient point `p` in the full matrix.
+    fn in_plane_index(&self, p: [f64; 3]) -> (f64, f64) {
+        let g = self.geometry;
+        let d = [p[0] - g.origin[0], p[1] - g.origin[1], p[2] - g.origin[2]];
+        (
+            dot(d, g.row_direction) / g.spacing[2],
+            dot(d, g.column_direction) / g.spacing[1],
+        )
+    }
+
+    /// Patient z (mm) range of the source slice centres.
+    fn z_range(&self) -> (f64, f64) {
+        (0..self.dims[0])
+            .map(|k| self.slice_centre(k)[2])
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), z| {
+                (lo.min(z), hi.max(z))
+            })
+    }
+
+    /// The window of the full matrix that sampling the model grid of `spec` can read:
+    /// the source voxels around every corner of the grid's box (the map from patient
+    /// space to indices is affine, so the corners bound it), with a voxel of margin for
+    /// rounding on each side.
+    fn window(&self, spec: &InputSpec) -> InPlaneWindow {
+        let [_, rows, cols] = self.dims;
+        let centre = self.slice_centre(0);
+        let (z_min, z_max) = self.z_range();
+        let dz = spec.spacing_mm.slice;
+        let half_w = (spec.width as f64 - 1.0) / 2.0 * spec.spacing_mm.column;
+        let half_h = (spec.height as f64 - 1.0) / 2.0 * spec.spacing_mm.row;
+        let (mut c_lo, mut c_hi, mut r_lo, mut r_hi) = (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        );
+        for x in [centre[0] - half_w, centre[0] + half_w] {
+            for y in [centre[1] - half_h, centre[1] + half_h] {
+                // Every model slice lies within the source slice centres; a model slice
+                // of slack keeps rounding of the grid's z out of the question.
+                for z in [z_min - dz, z_max + dz] {
+                    let (c, r) = self.in_plane_index([x, y, z]);
+                    (c_lo, c_hi) = (c_lo.min(c), c_hi.max(c));
+                    (r_lo, r_hi) = (r_lo.min(r), r_hi.max(r));
+                }
+            }
+        }
+        // Sampling reads indices floor(i) and floor(i) + 1 of any i in [lo, hi].
+        let range = |lo: f64, hi: f64, n: usize| -> (usize, usize) {
+            if !(lo.is_finite() && hi.is_finite()) {
+                return (0, n);
+            }
+            let first = (lo.floor() - 1.0).clamp(0.0, n as f64) as usize;
+            let end = (hi.floor() + 3.0).clamp(0.0, n as f64) as usize;
+            (first, end.saturating_sub(first))
+        };
+        let (col0, cols) = range(c_lo, c_hi, cols);
+        let (row0, rows) = range(r_lo, r_hi, rows);
+        InPlaneWindow {
+            row0,
+            rows,
+            col0,
+            cols,
+        }
+    }
+}
+
+impl<'a> Sampler<'a> {
+    fn new(volume: &'a CtVolume) -> Sampler<'a> {
+        Sampler {
+            volume,
+            frame: Frame {
+                geometry: &volume.geometry,
+                dims: volume.dims,
+                slice_pos: volume.slices.iter().map(|s| s.z_mm).collect(),
+            },
+        }
+    }
+
     /// Trilinear HU at patient point `p`; None outside the source volume.
     fn sample(&self, p: [f64; 3], hint: &mut usize) -> Option<f64> {
         let v = self.volume;
-        let g = &v.geometry;
+        let f = &self.frame;
         let [_, rows, cols] = v.dims;
-        let d = [p[0] - g.origin[0], p[1] - g.origin[1], p[2] - g.origin[2]];
-        let c = dot(d, g.row_direction) / g.spacing[2];
-        let r = dot(d, g.column_direction) / g.spacing[1];
-        let s = self.slice_index(dot(p, g.normal), hint)?;
+        let (c, r) = f.in_plane_index(p);
+        let s = f.slice_index(dot(p, v.geometry.normal), hint)?;
         let (c0, fc) = axis_cell(c, cols)?;
         let (r0, fr) = axis_cell(r, rows)?;
         let (s0, fs) = axis_cell(s, v.slices.len())?;
         let c1 = (c0 + 1).min(cols - 1);
         let r1 = (r0 + 1).min(rows - 1);
         let s1 = (s0 + 1).min(v.slices.len() - 1);
-        let at = |s: usize, r: usize, c: usize| v.voxels[(s * rows + r) * cols + c] as f64;
+        let at = |s: usize, r: usize, c: usize| v.voxel(s, r, c) as f64;
         let lerp = |a: f64, b: f64, f: f64| a + (b - a) * f;
         let plane = |s: usize| {
             lerp(
@@ -169,28 +303,46 @@ fn axis_cell(x: f64, n: usize) -> Option<(usize, f64)> {
     Some((i, x - i as f64))
 }
 
-/// Builds the model input of `volume` as `spec` says; `threads` model slices are sampled
-/// in parallel.
-pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result<Preprocessed> {
+/// The part of each slice of the series planned in `plan` that [`preprocess`] with `spec`
+/// reads: a volume that keeps only that (see [`crate::series::VolumeWindow`]) gives the
+/// same model input, and for 512 x 512 slices of 320 mm holds about a quarter of them.
+pub fn source_window(plan: &VolumePlan, spec: &InputSpec) -> InPlaneWindow {
+    Frame {
+        geometry: &plan.geometry,
+        dims: plan.dims,
+        slice_pos: plan.z.clone(),
+    }
+    .window(spec)
+}
+
+/// Samples and windows every model slice of `volume` as `spec` says (channel 1 of the
+/// model input); `threads` model slices are sampled in parallel. The volume is not needed
+/// after this: [`ModelPlanes`] makes the input and the key image.
+pub fn sample_planes(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result<Sampled> {
     let [n_slices, rows, cols] = volume.dims;
     ensure!(
         n_slices > 0 && rows > 0 && cols > 0,
         "empty volume {:?}",
         volume.dims
     );
+    let w = &volume.window;
     ensure!(
-        volume.voxels.len() == n_slices * rows * cols && volume.slices.len() == n_slices,
-        "inconsistent volume: {} voxels and {} slice records for dims {:?}",
+        volume.voxels.len() == n_slices * w.rows * w.cols
+            && volume.slices.len() == n_slices
+            && InPlaneWindow::full(rows, cols).contains(w),
+        "inconsistent volume: {} voxels in window {w:?} and {} slice records for dims {:?}",
         volume.voxels.len(),
         volume.slices.len(),
         volume.dims
     );
     let sampler = Sampler::new(volume);
-    let (z_min, z_max) = (0..n_slices)
-        .map(|k| sampler.slice_centre(k)[2])
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), z| {
-            (lo.min(z), hi.max(z))
-        });
+    // A volume built for another contract (or by hand) may lack voxels this grid reads.
+    let needed = sampler.frame.window(spec);
+    ensure!(
+        w.contains(&needed),
+        "the volume keeps {w:?} of each slice, the model grid reads {needed:?}"
+    );
+    let (z_min, z_max) = sampler.frame.z_range();
     let dz = spec.spacing_mm.slice;
     // The slack keeps an exact multiple of the spacing (e.g. 100.0 mm) from losing a
     // slice to a rounding error in the slice positions.
@@ -202,51 +354,47 @@ pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result
         z0 = z_max - (s - 1) as f64 * dz;
     }
     if s < spec.min_slices {
-        return Ok(Preprocessed::TooShort {
+        return Ok(Sampled::TooShort {
             slices: s,
             min_slices: spec.min_slices,
         });
     }
     let grid = ModelGrid {
-        centre: sampler.slice_centre(0),
+        centre: sampler.frame.slice_centre(0),
         z_mm: (0..s).map(|k| z0 + k as f64 * dz).collect(),
     };
     let (h, w) = (spec.height, spec.width);
     let hw = h * w;
-    let mut tensor = vec![0f32; s * 3 * hw];
-    // Channel 1 of every model slice, slices split across threads.
+    let mut planes = vec![0f32; s * hw];
+    // Model slices split across threads.
     let threads = threads.clamp(1, s);
     let per_thread = s.div_ceil(threads);
     std::thread::scope(|scope| {
-        for (t, chunk) in tensor.chunks_mut(per_thread * 3 * hw).enumerate() {
+        for (t, chunk) in planes.chunks_mut(per_thread * hw).enumerate() {
             let (sampler, grid) = (&sampler, &grid);
             scope.spawn(move || {
-                for (n, slot) in chunk.chunks_mut(3 * hw).enumerate() {
-                    fill_plane(
-                        sampler,
-                        spec,
-                        grid,
-                        t * per_thread + n,
-                        &mut slot[hw..2 * hw],
-                    );
+                for (n, plane) in chunk.chunks_mut(hw).enumerate() {
+                    fill_plane(sampler, spec, grid, t * per_thread + n, plane);
                 }
             });
         }
     });
-    // 2.5D neighbours: channel 0 is slice k - 1, channel 2 is slice k + 1 (edges repeat).
-    for k in 0..s {
-        let below = k.saturating_sub(1);
-        let above = (k + 1).min(s - 1);
-        tensor.copy_within((below * 3 + 1) * hw..(below * 3 + 2) * hw, k * 3 * hw);
-        tensor.copy_within((above * 3 + 1) * hw..(above * 3 + 2) * hw, (k * 3 + 2) * hw);
-    }
-    Ok(Preprocessed::Input(ModelInput {
-        tensor,
+    Ok(Sampled::Planes(ModelPlanes {
+        planes,
         slices: s,
         height: h,
         width: w,
         grid,
     }))
+}
+
+/// Builds the model input of `volume` as `spec` says; `threads` model slices are sampled
+/// in parallel.
+pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result<Preprocessed> {
+    Ok(match sample_planes(volume, spec, threads)? {
+        Sampled::Planes(planes) => Preprocessed::Input(planes.to_input()),
+        Sampled::TooShort { slices, min_slices } => Preprocessed::TooShort { slices, min_slices },
+    })
 }
 
 /// Samples and windows model slice `k` of `grid` into `out` (`height * width` values).
@@ -267,7 +415,8 @@ fn fill_plane(sampler: &Sampler, spec: &InputSpec, grid: &ModelGrid, k: usize, o
 }
 
 /// The windowed plane of model slice `k` sampled again from the volume (for the key
-/// image, once the tensor itself has gone to the engine).
+/// image, once the tensor itself has gone to the engine). `grid` is the one
+/// [`preprocess`] made of this volume, which checked that the volume holds what it reads.
 pub fn model_plane(volume: &CtVolume, spec: &InputSpec, grid: &ModelGrid, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; spec.height * spec.width];
     fill_plane(&Sampler::new(volume), spec, grid, k, &mut out);
@@ -276,11 +425,11 @@ pub fn model_plane(volume: &CtVolume, spec: &InputSpec, grid: &ModelGrid, k: usi
 
 /// Index of the source slice whose patient z is nearest to `z`.
 pub fn nearest_source_slice(volume: &CtVolume, z: f64) -> usize {
-    let sampler = Sampler::new(volume);
+    let frame = Sampler::new(volume).frame;
     (0..volume.slices.len())
         .min_by(|&a, &b| {
-            let da = (sampler.slice_centre(a)[2] - z).abs();
-            let db = (sampler.slice_centre(b)[2] - z).abs();
+            let da = (frame.slice_centre(a)[2] - z).abs();
+            let db = (frame.slice_centre(b)[2] - z).abs();
             da.total_cmp(&db)
         })
         .unwrap_or(0)
@@ -288,7 +437,7 @@ pub fn nearest_source_slice(volume: &CtVolume, z: f64) -> usize {
 
 /// Patient z (mm) of the centre of source slice `k`.
 pub fn source_slice_z(volume: &CtVolume, k: usize) -> f64 {
-    Sampler::new(volume).slice_centre(k)[2]
+    Sampler::new(volume).frame.slice_centre(k)[2]
 }
 
 #[cfg(test)]
@@ -355,6 +504,7 @@ pub(crate) mod tests {
         CtVolume {
             voxels,
             dims: [n, rows, cols],
+            window: InPlaneWindow::full(rows, cols),
             geometry: Geometry {
                 origin,
                 spacing,
@@ -371,6 +521,140 @@ pub(crate) mod tests {
             },
             slices,
         }
+    }
+
+    /// A volume on `geometry` whose HU is a non-linear function of patient position, so
+    /// that every voxel the sampling reads matters.
+    fn field_volume(geometry: Geometry, n: usize, rows: usize, cols: usize) -> CtVolume {
+        let hu = |p: [f64; 3]| ((p[0] * 0.37 + p[1] * 0.23 - p[2] * 0.11).sin() * 900.0) as i16;
+        let g = &geometry;
+        let mut voxels = Vec::with_capacity(n * rows * cols);
+        let mut slices = Vec::new();
+        for k in 0..n {
+            let o: [f64; 3] =
+                std::array::from_fn(|i| g.origin[i] + k as f64 * g.spacing[0] * g.normal[i]);
+            slices.push(SliceInfo {
+                sop_instance_uid: format!("1.2.3.{k}"),
+                z_mm: dot(o, g.normal),
+            });
+            for r in 0..rows {
+                for c in 0..cols {
+                    voxels.push(hu(std::array::from_fn(|i| {
+                        o[i] + c as f64 * g.spacing[2] * g.row_direction[i]
+                            + r as f64 * g.spacing[1] * g.column_direction[i]
+                    })));
+                }
+            }
+        }
+        CtVolume {
+            voxels,
+            dims: [n, rows, cols],
+            window: InPlaneWindow::full(rows, cols),
+            geometry,
+            slices,
+            meta: SeriesMeta::default(),
+        }
+    }
+
+    /// `v` keeping only `w` of each slice, as volume building does.
+    fn keep_window(v: &CtVolume, w: InPlaneWindow) -> CtVolume {
+        let mut voxels = Vec::with_capacity(v.dims[0] * w.rows * w.cols);
+        for k in 0..v.dims[0] {
+            for r in w.row0..w.row0 + w.rows {
+                for c in w.col0..w.col0 + w.cols {
+                    voxels.push(v.voxel(k, r, c));
+                }
+            }
+        }
+        CtVolume {
+            voxels,
+            window: w,
+            ..v.clone()
+        }
+    }
+
+    fn window_of(v: &CtVolume, spec: &InputSpec) -> InPlaneWindow {
+        Sampler::new(v).frame.window(spec)
+    }
+
+    #[test]
+    fn the_source_window_gives_the_same_input_to_the_bit() {
+        let (a, b) = (30f64.to_radians(), 25f64.to_radians());
+        let axial = Geometry {
+            origin: [-120.0, -110.0, 5.0],
+            spacing: [1.25, 0.7, 0.75],
+            row_direction: [1.0, 0.0, 0.0],
+            column_direction: [0.0, 1.0, 0.0],
+            normal: [0.0, 0.0, 1.0],
+        };
+        // Rotated in plane, and tilted about x (slices stacked obliquely).
+        let rotated = Geometry {
+            row_direction: [a.cos(), a.sin(), 0.0],
+            column_direction: [-a.sin(), a.cos(), 0.0],
+            ..axial.clone()
+        };
+        let tilted = Geometry {
+            column_direction: [0.0, b.cos(), -b.sin()],
+            normal: [0.0, b.sin(), b.cos()],
+            ..axial.clone()
+        };
+        // Feet first with mirrored rows: the normal points down.
+        let flipped = Geometry {
+            origin: [-120.0, 110.0, 80.0],
+            column_direction: [0.0, -1.0, 0.0],
+            normal: [0.0, 0.0, -1.0],
+            ..axial.clone()
+        };
+        let spec = spec();
+        for (name, g) in [
+            ("axial", axial),
+            ("rotated", rotated),
+            ("tilted", tilted),
+            ("flipped", flipped),
+        ] {
+            let whole = field_volume(g, 60, 400, 400);
+            let w = window_of(&whole, &spec);
+            // 160 mm of model field of view in 280 x 300 mm of source: a real saving.
+            assert!(
+                w.rows * w.cols < 400 * 400 * 3 / 4,
+                "{name}: window {w:?} keeps most of the slice"
+            );
+            let part = keep_window(&whole, w);
+            let (Preprocessed::Input(x), Preprocessed::Input(y)) = (
+                preprocess(&whole, &spec, 2).unwrap(),
+                preprocess(&part, &spec, 2).unwrap(),
+            ) else {
+                panic!("{name}: too short")
+            };
+            assert!(
+                x.tensor.iter().any(|&v| v > 0.0 && v < 1.0),
+                "{name}: the grid must sample the volume"
+            );
+            assert_eq!(x.grid, y.grid, "{name}");
+            assert!(
+                x.tensor
+                    .iter()
+                    .zip(&y.tensor)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name}: the windowed volume gives another input"
+            );
+            assert_eq!(
+                model_plane(&whole, &spec, &x.grid, 7),
+                model_plane(&part, &spec, &y.grid, 7),
+                "{name}: key image plane"
+            );
+        }
+    }
+
+    #[test]
+    fn a_volume_without_what_the_grid_reads_is_an_error_not_a_panic() {
+        let whole = linear_volume(40, 300, 300, false);
+        let spec = spec();
+        let mut w = window_of(&whole, &spec);
+        w.rows -= 1;
+        let part = keep_window(&whole, w);
+        let err = preprocess(&part, &spec, 1).unwrap_err().to_string();
+        assert!(err.contains("the model grid reads"), "{err}");
     }
 
     fn input(v: &CtVolume) -> ModelInput {

@@ -48,7 +48,7 @@ use super::selection::{
     choose_candidate, contiguous_slab, filter_series, instance_rejection, rank_key,
     CandidateSummary, Skip,
 };
-use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome};
+use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeWindow};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::StoredInstance;
 
@@ -938,8 +938,8 @@ fn make_job(
 }
 
 /// Builds the volume of a job, or of its first fallback that can be built (blocking:
-/// decodes every file).
-pub fn build_job(job: SeriesJob) -> SeriesOutcome {
+/// decodes every file); `window` as in [`super::build_volume_within`].
+pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome {
     let completed = OffsetDateTime::now_utc();
     let SeriesJob {
         meta,
@@ -954,17 +954,20 @@ pub fn build_job(job: SeriesJob) -> SeriesOutcome {
             (meta, instances)
         })
         .collect();
-    build_best(ranked)
+    build_best(ranked, window)
 }
 
 /// Capacity of the queue between assembly and the volume builder (jobs are small: paths
 /// and headers). When full, assembly waits, which in turn slows the SCP down.
 const BUILD_QUEUE: usize = 16;
 
-/// What connects the series stage to the spool (the daemon's); [`Default`]: nothing
-/// (instances are never released, jobs count as done once sent).
+/// What connects the series stage to the spool and to inference (the daemon's);
+/// [`Default`]: nothing (instances are never released, jobs count as done once sent,
+/// volumes are whole).
 #[derive(Debug, Default)]
 pub struct SpoolLinks {
+    /// What inference needs of each slice ([`VolumeWindow`]): volumes keep only that.
+    pub window: Option<VolumeWindow>,
     /// Series the spool holds as analysed at start-up ([`crate::dicom::spool::recover`]):
     /// restored before any instance is read.
     pub analysed: Vec<AnalysedSeries>,
@@ -989,6 +992,7 @@ pub async fn run_assembler(
 ) -> Result<()> {
     config.validate()?;
     let SpoolLinks {
+        window,
         analysed,
         releases,
         mut feedback,
@@ -1002,18 +1006,20 @@ pub async fn run_assembler(
                 job.meta.study_instance_uid.clone(),
                 job.meta.series_instance_uid.clone(),
             );
-            let outcome = match tokio::task::spawn_blocking(move || build_job(job)).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    log::error!("volume building of series {series} panicked: {e}");
-                    let _ = dropped_tx.send(Feedback::Dropped {
-                        study_instance_uid: study,
-                        series_instance_uid: series,
-                        reason: format!("volume building panicked: {e}"),
-                    });
-                    continue;
-                }
-            };
+            let window = window.clone();
+            let outcome =
+                match tokio::task::spawn_blocking(move || build_job(job, window.as_ref())).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        log::error!("volume building of series {series} panicked: {e}");
+                        let _ = dropped_tx.send(Feedback::Dropped {
+                            study_instance_uid: study,
+                            series_instance_uid: series,
+                            reason: format!("volume building panicked: {e}"),
+                        });
+                        continue;
+                    }
+                };
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
                 break;

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 
 use super::header::InstanceHeader;
 use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
-use super::volume::{build_volume, meta_from_header};
-use super::{SeriesMeta, SeriesOutcome};
+use super::volume::{build_volume_within, meta_from_header};
+use super::{SeriesMeta, SeriesOutcome, VolumeWindow};
 
 /// Everything offline loading decided.
 #[derive(Debug, Default)]
@@ -25,14 +25,16 @@ pub struct LoadReport {
 /// Builds the volume of the chosen series of each study found in `paths` (files, or
 /// folders searched recursively). Skips are logged; see [`load_series_report`] to get them.
 pub fn load_series_from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<SeriesOutcome>> {
-    Ok(load_series_report(paths, &[])?.outcomes)
+    Ok(load_series_report(paths, &[], None)?.outcomes)
 }
 
 /// As [`load_series_from_paths`], returning the skips too. `extra_bone_kernels` extends the
-/// bone-kernel rule (see [`super::selection::is_bone_kernel`]).
+/// bone-kernel rule (see [`super::selection::is_bone_kernel`]); `window` chooses what the
+/// volumes keep of each slice (whole slices without it).
 pub fn load_series_report<P: AsRef<Path>>(
     paths: &[P],
     extra_bone_kernels: &[String],
+    window: Option<&VolumeWindow>,
 ) -> Result<LoadReport> {
     let mut files = Vec::new();
     for p in paths {
@@ -97,7 +99,7 @@ pub fn load_series_report<P: AsRef<Path>>(
                 (meta_from_header(&headers[0]), headers)
             })
             .collect();
-        report.outcomes.push(build_best(ranked));
+        report.outcomes.push(build_best(ranked, window));
     }
     for skip in &report.skipped {
         log::info!(
@@ -113,13 +115,16 @@ pub fn load_series_report<P: AsRef<Path>>(
 
 /// Builds the first candidate series that can be built (best first). When none can, the
 /// outcome is the failure of the best one, with the fallbacks' reasons appended.
-pub fn build_best(ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>) -> SeriesOutcome {
+pub fn build_best(
+    ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>,
+    window: Option<&VolumeWindow>,
+) -> SeriesOutcome {
     let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
     for (mut meta, headers) in ranked {
         // Also for a failure: its result names the instances it was built from.
         meta.sop_instance_uids =
             super::sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
-        match build_volume(headers, meta.clone()) {
+        match build_volume_within(headers, meta.clone(), window) {
             Ok(volume) => {
                 if let Some((best, reason)) = failures.first() {
                     log::warn!(

@@ -17,7 +17,7 @@ pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, Spoo
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport};
 pub use selection::Skip;
-pub use volume::build_volume;
+pub use volume::{build_volume, build_volume_within};
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -219,16 +219,82 @@ pub struct SliceInfo {
     pub z_mm: f64,
 }
 
+/// The rectangle of every slice that a [`CtVolume`] keeps: rows `row0..row0 + rows` and
+/// columns `col0..col0 + cols` of the full matrix.
+///
+/// The model looks at a 160 mm field of view, a quarter of a 320 mm CT slice: a volume
+/// built for it (see [`VolumeWindow`]) need not hold the rest, which for 700 slices of
+/// 512 x 512 is most of the daemon's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InPlaneWindow {
+    pub row0: usize,
+    pub rows: usize,
+    pub col0: usize,
+    pub cols: usize,
+}
+
+impl InPlaneWindow {
+    /// The whole `rows x cols` matrix.
+    pub fn full(rows: usize, cols: usize) -> InPlaneWindow {
+        InPlaneWindow {
+            row0: 0,
+            rows,
+            col0: 0,
+            cols,
+        }
+    }
+
+    /// Whether `other` lies inside this window.
+    pub fn contains(&self, other: &InPlaneWindow) -> bool {
+        other.rows == 0
+            || other.cols == 0
+            || (self.row0 <= other.row0
+                && other.row0 + other.rows <= self.row0 + self.rows
+                && self.col0 <= other.col0
+                && other.col0 + other.cols <= self.col0 + self.cols)
+    }
+}
+
+/// Chooses, once a series' geometry is validated and before any pixel is decoded, the
+/// [`InPlaneWindow`] its volume keeps. The daemon passes the model's
+/// ([`crate::inference::preprocess::source_window`]); without one, volumes are whole.
+#[derive(Clone)]
+pub struct VolumeWindow(
+    pub std::sync::Arc<dyn Fn(&volume::VolumePlan) -> InPlaneWindow + Send + Sync>,
+);
+
+impl std::fmt::Debug for VolumeWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VolumeWindow(..)")
+    }
+}
+
 /// A decoded CT volume in Hounsfield units.
 #[derive(Debug, Clone)]
 pub struct CtVolume {
-    /// HU voxels, slice-major: `voxels[(k * rows + r) * cols + c]`, slices ascending along the normal.
+    /// HU voxels of the `window` of each slice, slice-major:
+    /// `voxels[(k * window.rows + r - window.row0) * window.cols + c - window.col0]`, slices
+    /// ascending along the normal. Read them with [`CtVolume::voxel`].
     pub voxels: Vec<i16>,
-    /// [slices, rows, columns].
+    /// [slices, rows, columns] of the whole series, whatever `window` keeps: geometry
+    /// (slice centres, the model grid) is computed from the full matrix.
     pub dims: [usize; 3],
+    pub window: InPlaneWindow,
     pub geometry: Geometry,
     pub slices: Vec<SliceInfo>,
     pub meta: SeriesMeta,
+}
+
+impl CtVolume {
+    /// HU of slice `k`, row `r`, column `c` (full-matrix indices, inside `window`).
+    #[inline]
+    pub fn voxel(&self, k: usize, r: usize, c: usize) -> i16 {
+        let w = &self.window;
+        debug_assert!(
+            (w.row0..w.row0 + w.rows).contains(&r) && (w.col0..w.col0 + w.cols).contains(&c)
+        );
+        self.voxels[(k * w.rows + r - w.row0) * w.cols + c - w.col0]
+    }
 }
 
 /// What the series stage hands to inference.

@@ -3,8 +3,9 @@
 //!
 //! Two passes keep memory bounded: the headers (already read by the assembler) are
 //! validated and sorted along the slice normal first, then every file is decoded on its
-//! own straight into its slot of the final buffer. Peak memory is the int16 volume plus
-//! one file and its decoded frame, whatever the number of slices.
+//! own and its window (the part of the slice the model samples, [`InPlaneWindow`]; the
+//! whole slice offline) copied into its slot of the final buffer. Peak memory is the int16
+//! volume of the windows plus one file and its decoded frame, whatever the number of slices.
 //!
 //! Slices are ordered by `dot(ImagePositionPatient, normal)`, never by InstanceNumber
 //! (scanners number reversed, restart numbering, or number by acquisition).
@@ -19,7 +20,7 @@ use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder, PixelRepresentati
 use time::OffsetDateTime;
 
 use super::header::{cross, direction_cosines, dot, floats, int, normalize, InstanceHeader};
-use super::{CtVolume, Geometry, SeriesMeta, SliceInfo};
+use super::{CtVolume, Geometry, InPlaneWindow, SeriesMeta, SliceInfo, VolumeWindow};
 
 /// HU written for pixels flagged by (0028,0120) Pixel Padding Value: air.
 pub const PADDING_HU: i16 = -1024;
@@ -35,15 +36,42 @@ const ORIENTATION_TOLERANCE: f64 = 1e-3;
 const PIXEL_SPACING_TOLERANCE_MM: f64 = 1e-3;
 /// Allowed in-plane drift of ImagePositionPatient between slices, in pixels.
 const IN_PLANE_TOLERANCE_PX: f64 = 0.25;
+/// Largest Rows or Columns accepted. CT slices are 512 to 2048 pixels wide; Rows and
+/// Columns can say 65535, and the volume (then the decoder) allocates and zero-fills what
+/// they say before any pixel is read: 8 GiB per slice from one small, compressed instance.
+pub const MAX_MATRIX: usize = 4096;
 
-/// Builds the volume of one series. Every error is a reason for
+/// Builds the whole volume of one series. Every error is a reason for
 /// [`super::SeriesOutcome::Failed`]; it names the slice (SOP Instance UID) at fault.
-pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Result<CtVolume> {
+pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<CtVolume> {
+    build_volume_within(headers, meta, None)
+}
+
+/// As [`build_volume`], keeping only the window that `window` chooses of each slice
+/// (every slice is still decoded whole, so a slice that cannot be decoded fails the
+/// series wherever the window lies).
+pub fn build_volume_within(
+    headers: Vec<InstanceHeader>,
+    mut meta: SeriesMeta,
+    window: Option<&VolumeWindow>,
+) -> Result<CtVolume> {
     let plan = plan_volume(headers)?;
     let [n, rows, cols] = plan.dims;
-    let slice_len = rows * cols;
+    let full = InPlaneWindow::full(rows, cols);
+    let window = match window {
+        Some(choose) => {
+            let w = (choose.0)(&plan);
+            ensure!(
+                full.contains(&w),
+                "window {w:?} is not inside the {rows}x{cols} matrix"
+            );
+            w
+        }
+        None => full,
+    };
+    let kept = window.rows * window.cols;
     let len = n
-        .checked_mul(slice_len)
+        .checked_mul(kept)
         .ok_or_else(|| anyhow!("volume of {n}x{rows}x{cols} voxels is too large"))?;
     // Zero-initialised allocation is lazily backed by the OS: only pages actually written
     // cost memory, and there is no second copy anywhere.
@@ -52,14 +80,25 @@ pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Resul
         .try_reserve_exact(len)
         .with_context(|| format!("cannot allocate {} MiB for the volume", (len * 2) >> 20))?;
     voxels.resize(len, 0);
+    // A whole volume is decoded straight into its slots; a windowed one through one slice.
+    let mut scratch = if window == full {
+        Vec::new()
+    } else {
+        vec![0i16; rows * cols]
+    };
     for (k, header) in plan.sorted.iter().enumerate() {
-        decode_slice_into(
-            &header.path,
-            rows,
-            cols,
-            &mut voxels[k * slice_len..(k + 1) * slice_len],
-        )
-        .with_context(|| {
+        let slot = &mut voxels[k * kept..(k + 1) * kept];
+        let decoded = if window == full {
+            decode_slice_into(&header.path, rows, cols, slot)
+        } else {
+            decode_slice_into(&header.path, rows, cols, &mut scratch).map(|()| {
+                for (r, out) in slot.chunks_exact_mut(window.cols.max(1)).enumerate() {
+                    let start = (window.row0 + r) * cols + window.col0;
+                    out.copy_from_slice(&scratch[start..start + window.cols]);
+                }
+            })
+        };
+        decoded.with_context(|| {
             format!(
                 "cannot decode slice {} ({})",
                 header.sop_instance_uid,
@@ -81,6 +120,7 @@ pub fn build_volume(headers: Vec<InstanceHeader>, mut meta: SeriesMeta) -> Resul
     Ok(CtVolume {
         voxels,
         dims: plan.dims,
+        window,
         geometry: plan.geometry,
         slices,
         meta,
@@ -131,6 +171,11 @@ pub fn plan_volume(headers: Vec<InstanceHeader>) -> Result<VolumePlan> {
     ensure!(
         rows > 0 && cols > 0,
         "slice {} has an empty matrix ({rows}x{cols})",
+        reference.sop_instance_uid
+    );
+    ensure!(
+        rows <= MAX_MATRIX && cols <= MAX_MATRIX,
+        "slice {} has a {rows}x{cols} matrix, more than {MAX_MATRIX} pixels a side",
         reference.sop_instance_uid
     );
     ensure!(
@@ -323,7 +368,21 @@ fn decode_object_into(
             "multi-frame instance ({frames} frames) is not a classic CT slice"
         );
     }
-    let pixels = obj.decode_pixel_data().map_err(anyhow::Error::new)?;
+    // A decoder that panics on corrupt data must fail this slice (a `failed` result), not
+    // the series job, which would then end without any result: dicom-transfer-syntax-registry
+    // 0.10.1's RLE decoder indexes past a segment that decodes short (found by the
+    // `series_slice` fuzz target). Its state is local to the call, so nothing is left
+    // half-updated.
+    let pixels = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            anyhow!("the pixel data decoder panicked: {what}")
+        })?
+        .map_err(anyhow::Error::new)?;
     ensure!(
         pixels.samples_per_pixel() == 1,
         "SamplesPerPixel is {}, a CT slice has 1",
@@ -477,6 +536,45 @@ mod tests {
         format!("{:#}", plan_volume(headers).expect_err("plan should fail"))
     }
 
+    /// `tests/fixtures/fuzz/series_slice-rle-short-segment.bin` (a `series_slice` fuzz
+    /// input: selector byte, then the data set) as the spool stores it.
+    fn spooled_fuzz_input(bytes: &[u8], dir: &Path) -> std::path::PathBuf {
+        let (ts, _) = crate::dicom::syntax::ACCEPTED_TRANSFER_SYNTAXES[bytes[0] as usize];
+        let meta = dicom_object::meta::FileMetaTableBuilder::new()
+            .transfer_syntax(ts)
+            .media_storage_sop_class_uid(crate::dicom::syntax::CT_IMAGE_STORAGE)
+            .media_storage_sop_instance_uid("1.2.826.0.1.3680043.8.498.1")
+            .implementation_class_uid("1.2.826.0.1.3680043.8.498.2")
+            .build()
+            .unwrap();
+        let mut file = vec![0u8; 128];
+        file.extend_from_slice(b"DICM");
+        meta.write(&mut file).unwrap();
+        file.extend_from_slice(&bytes[1..]);
+        let path = dir.join("slice.dcm");
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_panicking_pixel_decoder_fails_the_slice() {
+        let bytes = include_bytes!("../../tests/fixtures/fuzz/series_slice-rle-short-segment.bin");
+        let dir = tempfile::tempdir().unwrap();
+        let path = spooled_fuzz_input(bytes, dir.path());
+        let err = format!("{:#}", decode_slice(&path).unwrap_err());
+        assert!(err.contains("the pixel data decoder panicked"), "{err}");
+        // Through the daemon's entry point: a failed series with that reason.
+        let header = InstanceHeader::read(&path).unwrap();
+        let err = format!(
+            "{:#}",
+            build_volume(vec![header], SeriesMeta::default()).unwrap_err()
+        );
+        assert!(
+            err.contains("cannot decode slice") && err.contains("panicked"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn sorts_along_the_normal_and_measures_spacing() {
         let plan = plan_volume(stack(&[3.0, 1.0, 2.0, 0.0])).unwrap();
@@ -532,5 +630,14 @@ mod tests {
         let mut h = stack(&[0.0, 1.0, 2.0]);
         h[0].image_position_patient = None;
         assert!(error(h).contains("no valid ImagePositionPatient"));
+    }
+
+    #[test]
+    fn a_matrix_too_large_for_ct_fails_before_anything_is_allocated() {
+        let mut h = stack(&[0.0, 1.0]);
+        for s in &mut h {
+            (s.rows, s.columns) = (Some(65535), Some(65535));
+        }
+        assert!(error(h).contains("more than 4096 pixels a side"));
     }
 }

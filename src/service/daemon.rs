@@ -149,6 +149,9 @@ async fn run(config: Config) -> Result<()> {
                 instance_rx,
                 volume_tx,
                 SpoolLinks {
+                    // The full 512 x 512 volume of a long study alone is over the memory
+                    // budget of an edge box (issue 7: 400 MB for 700 slices).
+                    window: Some(pipeline.volume_window()),
                     analysed,
                     releases: Some(release_tx),
                     feedback: Some(feedback_rx),
