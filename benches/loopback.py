@@ -1,5 +1,6 @@
 """Loopback helpers shared by the benchmark scripts in this folder."""
 import socket
+import subprocess
 import time
 
 
@@ -22,3 +23,13 @@ def wait_port(port, timeout=120):
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listening on {port}")
+
+
+def start_mosquitto(work):
+    """A mosquitto on a free loopback port, configured in `work`: (process, port)."""
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    broker = subprocess.Popen(["mosquitto", "-c", conf], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return broker, port

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from loopback import free_port, wait_port
+from loopback import free_port, start_mosquitto, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
@@ -76,10 +76,8 @@ class Sampler(threading.Thread):
 
 def one_run(series, threads, quiet):
     work = Path(tempfile.mkdtemp(prefix="cspine-serve-rss-"))
-    mqtt_port, dicom_port = free_port(), free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", conf], stderr=subprocess.DEVNULL)
+    broker, mqtt_port = start_mosquitto(work)
+    dicom_port = free_port()
     cfg = work / "config.toml"
     cfg.write_text(f"""
 [dicom]
@@ -102,7 +100,6 @@ outbox_dir = "{work}/outbox"
                               env=dict(os.environ, RUST_LOG="info"))
     results, key_images, lock = [], {}, threading.Lock()
     try:
-        wait_port(mqtt_port)
         wait_port(dicom_port)
         sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"serve-rss-{os.getpid()}")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from loopback import free_port, wait_port
+from loopback import free_port, start_mosquitto, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
@@ -130,11 +130,8 @@ def main():
         studies.append(next((out / "train_images").iterdir()))
     n_slices = len(list(studies[0].iterdir()))
 
-    mqtt_port, dicom_port = free_port(), free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(["mosquitto", "-c", conf], stderr=subprocess.DEVNULL)
-    wait_port(mqtt_port)
+    broker, mqtt_port = start_mosquitto(work)
+    dicom_port = free_port()
     cfg = work / "config.toml"
     cfg.write_text(f"""
 [dicom]
