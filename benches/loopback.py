@@ -33,3 +33,26 @@ def start_mosquitto(work):
     broker = subprocess.Popen(["mosquitto", "-c", conf], stderr=subprocess.DEVNULL)
     wait_port(port)
     return broker, port
+
+
+def write_serve_config(work, root, dicom_port, mqtt_port, quiet_period, threads, series_extra=""):
+    """`work`/config.toml for `cspine-triage serve`: spool and outbox in `work`, the
+    repository's model, results to the broker on `mqtt_port` under cspine/bench/box/."""
+    cfg = work / "config.toml"
+    cfg.write_text(f"""
+[dicom]
+bind = "127.0.0.1"
+port = {dicom_port}
+spool_dir = "{work}/spool"
+[series]
+quiet_period_secs = {quiet_period}
+{series_extra}[inference]
+model = "{root}/models/model.json"
+threads = {threads}
+[alert]
+mqtt_url = "mqtt://127.0.0.1:{mqtt_port}"
+site = "bench"
+device = "box"
+outbox_dir = "{work}/outbox"
+""")
+    return cfg

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from loopback import free_port, start_mosquitto, wait_port
+from loopback import free_port, start_mosquitto, wait_port, write_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
@@ -132,23 +132,7 @@ def main():
 
     broker, mqtt_port = start_mosquitto(work)
     dicom_port = free_port()
-    cfg = work / "config.toml"
-    cfg.write_text(f"""
-[dicom]
-bind = "127.0.0.1"
-port = {dicom_port}
-spool_dir = "{work}/spool"
-[series]
-quiet_period_secs = {args.quiet_period}
-{trigger}[inference]
-model = "{ROOT}/models/model.json"
-threads = 2
-[alert]
-mqtt_url = "mqtt://127.0.0.1:{mqtt_port}"
-site = "bench"
-device = "box"
-outbox_dir = "{work}/outbox"
-""")
+    cfg = write_serve_config(work, ROOT, dicom_port, mqtt_port, args.quiet_period, 2, trigger)
     log = open(work / "serve.log", "w")
     env = dict(os.environ, RUST_LOG="info")
     if args.force_early_accept:
