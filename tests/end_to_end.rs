@@ -323,9 +323,9 @@ fn storescu_send(port: u16, files: &[std::path::PathBuf]) {
 const TRIGGER_ON: &str =
     "anatomy_coverage_trigger = true\nmin_coverage_mm = 40.0\ncoverage_check_secs = 0.3";
 
-/// The anatomy-coverage trigger's plumbing through the daemon: the committed model is
-/// under-trained and never finds C1-C7, so the test hook `CSPINE_TEST_EARLY_ACCEPT=1`
-/// publishes every early analysis. The first two thirds of a series arrive, the quiet
+/// The anatomy-coverage trigger's plumbing through the daemon. So that the test does not
+/// depend on what the model finds in a partial slab, the test hook
+/// `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis. The first two thirds of a series arrive, the quiet
 /// period is long (20 s): an early result of that slab is published before the rest is
 /// even sent, i.e. earlier than any result without the trigger (which needs the series to
 /// be quiet for the quiet period after its last instance). The rest arrives: when the

@@ -2,9 +2,9 @@
 //! `cspine-triage serve` process, DCMTK `storescu` as the scanner, a real mosquitto broker
 //! and a paho-mqtt subscriber as the dashboard. Studies come from `cspine-triage synth`.
 //!
-//! What each test proves, and what it measured, is in docs/RELIABILITY.md. The committed
-//! model is under-trained, so these tests assert delivery, ids and instance counts, never
-//! the clinical status. They run one at a time (they kill processes and time things on a
+//! What each test proves, and what it measured, is in docs/RELIABILITY.md. These tests
+//! assert delivery, ids and instance counts, not the clinical status (that is checked in
+//! tests/inference.rs and tests/end_to_end.rs). They run one at a time (they kill processes and time things on a
 //! small machine): see [`one_at_a_time`]. `--nocapture` shows the measurements.
 
 mod common;
@@ -221,7 +221,7 @@ fn documented_id(sources: &[Source], status: &str) -> String {
 }
 
 /// The ids an analysis of every instance of `sources` (one series) can have, one per
-/// status: the committed model is under-trained, so these tests do not predict the status.
+/// status: these tests check delivery, not the model's verdict.
 fn complete_ids(sources: &[Source]) -> BTreeSet<String> {
     ["positive", "negative", "indeterminate", "failed"]
         .iter()

@@ -156,7 +156,8 @@ pub enum Processed {
 
 /// Test hook: `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis of the
 /// anatomy-coverage trigger whatever the coverage check says, so that tests can exercise
-/// the trigger's plumbing with an under-trained model. Production units never set it.
+/// the trigger's plumbing whatever the model finds in a partial slab. Production units
+/// never set it.
 fn early_accept_forced() -> bool {
     static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FORCED.get_or_init(|| {
