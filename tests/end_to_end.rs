@@ -178,34 +178,13 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
         "C3",
         &["--matrix", "256", "--slice-thickness", "1.5"],
     );
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&study[0])
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    // Files are named by Instance Number, which synth assigns along z.
-    let number = |p: &std::path::PathBuf| -> u64 {
-        p.file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    files.sort_by_key(number);
+    let files = files_in_z_order(&study[0]);
     // The last slices (one end of the stack, so the first part has no gap) come late.
     let (early, late) = files.split_at(files.len() - 8);
 
     let dicom_port = free_port();
     let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
     let daemon = spawn_serve(&config, dicom_port, &[]);
-    let send = |files: &[std::path::PathBuf]| {
-        let status = Command::new(dcmtk("storescu"))
-            .args(["-aec", "CSPINE", "-aet", "CTSCANNER"])
-            .arg("127.0.0.1")
-            .arg(dicom_port.to_string())
-            .args(files)
-            .status()
-            .unwrap();
-        assert!(status.success(), "storescu failed");
-    };
     let results = || -> Vec<serde_json::Value> {
         sub.on(topic)
             .iter()
@@ -220,7 +199,7 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
     };
     let timeout = Duration::from_secs(300);
 
-    send(early);
+    storescu_send(dicom_port, early);
     sub.wait_for_within("the first result", timeout, |_| distinct_ids().len() == 1);
     let first = results()[0].clone();
     // The series is marked analysed in the spool once its result is in the outbox (and
@@ -231,7 +210,7 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
         daemon.log()
     );
 
-    send(late);
+    storescu_send(dicom_port, late);
     sub.wait_for_within("the revised result", timeout, |_| distinct_ids().len() == 2);
     let second = results()
         .into_iter()
@@ -293,6 +272,7 @@ fn late_instances_revision_analyses_the_whole_series() {
 
 /// A synthetic study's files in Instance Number order (synth numbers them along z), as a
 /// scanner sends them.
+/// The files of a `synth` series, named by Instance Number, which synth assigns along z.
 fn files_in_z_order(study: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(study)
         .unwrap()
@@ -325,9 +305,9 @@ const TRIGGER_ON: &str =
 
 /// The anatomy-coverage trigger's plumbing through the daemon. So that the test does not
 /// depend on what the model finds in a partial slab, the test hook
-/// `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis. The first two thirds of a series arrive, the quiet
-/// period is long (20 s): an early result of that slab is published before the rest is
-/// even sent, i.e. earlier than any result without the trigger (which needs the series to
+/// `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis. The first two thirds of a
+/// series arrive, the quiet period is long (20 s): an early result of that slab is
+/// published before the rest is even sent, i.e. earlier than any result without the trigger (which needs the series to
 /// be quiet for the quiet period after its last instance). The rest arrives: when the
 /// series completes it is analysed again, whole, under a new id.
 #[test]
