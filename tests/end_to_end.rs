@@ -272,7 +272,6 @@ fn late_instances_revision_analyses_the_whole_series() {
 
 /// A synthetic study's files in Instance Number order (synth numbers them along z), as a
 /// scanner sends them.
-/// The files of a `synth` series, named by Instance Number, which synth assigns along z.
 fn files_in_z_order(study: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(study)
         .unwrap()
