@@ -414,15 +414,6 @@ fn fill_plane(sampler: &Sampler, spec: &InputSpec, grid: &ModelGrid, k: usize, o
     }
 }
 
-/// The windowed plane of model slice `k` sampled again from the volume (for the key
-/// image, once the tensor itself has gone to the engine). `grid` is the one
-/// [`preprocess`] made of this volume, which checked that the volume holds what it reads.
-pub fn model_plane(volume: &CtVolume, spec: &InputSpec, grid: &ModelGrid, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; spec.height * spec.width];
-    fill_plane(&Sampler::new(volume), spec, grid, k, &mut out);
-    out
-}
-
 /// Index of the source slice whose patient z is nearest to `z`.
 pub fn nearest_source_slice(volume: &CtVolume, z: f64) -> usize {
     let frame = Sampler::new(volume).frame;
@@ -638,9 +629,13 @@ pub(crate) mod tests {
                     .all(|(p, q)| p.to_bits() == q.to_bits()),
                 "{name}: the windowed volume gives another input"
             );
+            let key_plane = |v: &CtVolume| match sample_planes(v, &spec, 2).unwrap() {
+                Sampled::Planes(p) => p.plane(7).to_vec(),
+                Sampled::TooShort { .. } => panic!("{name}: too short"),
+            };
             assert_eq!(
-                model_plane(&whole, &spec, &x.grid, 7),
-                model_plane(&part, &spec, &y.grid, 7),
+                key_plane(&whole),
+                key_plane(&part),
                 "{name}: key image plane"
             );
         }
