@@ -82,14 +82,15 @@ def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[flo
     """All the model-card numbers for probabilities p [N, 8] against labels y [N, 8]."""
     vaucs = [auc(y[:, 1 + v], p[:, 1 + v]) for v in range(7)]
     ss_p = sens_spec(y[:, 0], p[:, 0], thr_patient)
-    vflag = np.stack([p[:, 1 + v] >= thr_vert[v] for v in range(7)], 1).ravel()
+    vflags = np.stack([p[:, 1 + v] >= thr_vert[v] for v in range(7)], 1)  # [N, 7]
+    vflag = vflags.ravel()
     vy = y[:, 1:].ravel() > 0.5
     # What the daemon publishes: `positive` when the patient OR any vertebra is flagged.
-    status = (p[:, 0] >= thr_patient) | vflag.reshape(-1, 7).any(1)
+    status = (p[:, 0] >= thr_patient) | vflags.any(1)
     py = y[:, 0] > 0.5
     return {
         "n": int(len(y)),
-        "n_positive": int((y[:, 0] > 0.5).sum()),
+        "n_positive": int(py.sum()),
         "patient_auc": auc(y[:, 0], p[:, 0]),
         "vertebra_auc": vaucs,
         "mean_vertebra_auc": float(np.nanmean(vaucs)),

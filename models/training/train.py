@@ -261,14 +261,17 @@ def main():
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=max(1, args.steps_a), pct_start=0.1)
     t_a = time.time()
     run = {}
-    rate_from = (10, time.time())  # steps before this are warm-up (allocator, cuDNN autotuning)
+    # --minutes-a: the rate is timed over RATE_STEPS steps after WARMUP_STEPS (allocator,
+    # cuDNN autotuning), then the schedule is rebuilt for the step count that fits.
+    WARMUP_STEPS, RATE_STEPS = 10, 40
+    rate_t0 = time.time()
     step = 0
     while step < args.steps_a:
         step += 1
-        if step == rate_from[0]:
-            rate_from = (step, time.time())
-        if args.minutes_a and step == rate_from[0] + 40:
-            per_step = (time.time() - rate_from[1]) / 40
+        if step == WARMUP_STEPS:
+            rate_t0 = time.time()
+        if args.minutes_a and step == WARMUP_STEPS + RATE_STEPS:
+            per_step = (time.time() - rate_t0) / RATE_STEPS
             args.steps_a = max(step, int(step + (args.minutes_a * 60 - (time.time() - t_a)) / per_step))
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=args.steps_a, pct_start=0.1)
             for _ in range(step - 1):  # where the old schedule was (it steps after each step)
@@ -291,11 +294,11 @@ def main():
     if args.steps_b:
         evaluate("A", args.steps_a)
 
-    save_checkpoint(model, args.out / "model_a.pt", seed=args.seed)  # stage B can be redone from here
     if args.steps_b == 0:  # stage A only (time-limited runs): heads trained on windows only
         save_checkpoint(model, args.out / "model.pt", seed=args.seed)
         print(f"saved {args.out / 'model.pt'} after stage A only ({time.time() - t0:.0f} s)")
         return
+    save_checkpoint(model, args.out / "model_a.pt", seed=args.seed)  # stage B can be redone from here
 
     # Stage B: frozen encoder, whole studies through the slice-level GRU and the heads.
     model.eval()
