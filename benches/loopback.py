@@ -1,7 +1,9 @@
-"""Loopback helpers shared by the benchmark scripts in this folder."""
+"""Helpers shared by the benchmark scripts in this folder: loopback ports, a broker, the
+daemon's config, its /proc status and its timestamps."""
 import socket
 import subprocess
 import time
+from datetime import datetime
 
 
 def free_port():
@@ -56,3 +58,17 @@ device = "box"
 outbox_dir = "{work}/outbox"
 """)
     return cfg
+
+
+def status_kib(pid, key):
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM, ...), 0 when absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def ts(s):
+    """Seconds since the epoch of an RFC 3339 timestamp of a result's `timings`."""
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()

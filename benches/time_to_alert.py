@@ -26,27 +26,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from loopback import free_port, start_mosquitto, wait_port, write_serve_config
+from loopback import free_port, start_mosquitto, status_kib, ts, wait_port, write_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("CSPINE_BIN", ROOT / "target" / "release" / "cspine-triage"))
 
 
-def ts(s):
-    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
-
-
 def peak_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    kib = status_kib(pid, "VmHWM")
+    return kib / 1024 if kib else float("nan")
 
 
 class Subscriber:
