@@ -3,7 +3,7 @@
 //! `Incoming::push`, as the SCP does: in memory up to 4 MiB, in a temp file beyond), then
 //! `Incoming::check_received` runs exactly what `Spool::commit` runs before anything is
 //! made durable: the declared-length check (`dicom::lengths::check_slice`, or
-//! `check_file` for a spilled or deflated data set), the dicom-object parse-back, the UID
+//! `check_file` for a spilled data set), the dicom-object parse-back, the UID
 //! checks. Only the write, fsync and link are left out.
 //!
 //! Input: first byte picks the transfer syntax the presentation context was accepted

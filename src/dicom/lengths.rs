@@ -57,18 +57,42 @@ const READ_VALUES_UP_TO: u32 = 64 * 1024;
 /// the deflated syntax), or why it must be refused: which element, at which offset of
 /// the data set, declares more bytes than follow it.
 pub fn check_file(path: &Path, offset: u64, ts_uid: &str) -> Result<u64> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .len()
+        .saturating_sub(offset);
+    check_source(
+        || {
+            let mut f =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            f.seek(SeekFrom::Start(offset))?;
+            Ok(Box::new(BufReader::with_capacity(64 * 1024, f)))
+        },
+        len,
+        ts_uid,
+    )
+}
+
+/// [`check_file`] of a data set held in memory (a received instance that was never
+/// written out).
+pub fn check_slice(data_set: &[u8], ts_uid: &str) -> Result<u64> {
+    check_source(|| Ok(Box::new(data_set)), data_set.len() as u64, ts_uid)
+}
+
+/// What [`check_file`] and [`check_slice`] share: `open` gives the encoded data set of
+/// `len` bytes from its start, as often as it is called.
+fn check_source<'r>(
+    open: impl Fn() -> Result<Box<dyn Read + 'r>>,
+    len: u64,
+    ts_uid: &str,
+) -> Result<u64> {
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| anyhow!("unknown transfer syntax {ts_uid}"))?;
-    let open = || -> Result<BufReader<File>> {
-        let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        f.seek(SeekFrom::Start(offset))?;
-        Ok(BufReader::with_capacity(64 * 1024, f))
-    };
     match ts.codec() {
         Codec::Dataset(Some(adapter)) => {
             // Deflated: the same adapter dicom-object uses, once to measure, once to check.
-            let mut inflated = adapter.adapt_reader(Box::new(open()?));
+            let mut inflated = adapter.adapt_reader(open()?);
             let len = io::copy(
                 &mut (&mut inflated).take(MAX_INFLATED_LEN + 1),
                 &mut io::sink(),
@@ -80,38 +104,13 @@ pub fn check_file(path: &Path, offset: u64, ts_uid: &str) -> Result<u64> {
                     MAX_INFLATED_LEN >> 20
                 );
             }
-            check_stream(adapter.adapt_reader(Box::new(open()?)), ts, len)?;
+            check_stream(adapter.adapt_reader(open()?), ts, len)?;
             Ok(len)
         }
         Codec::Dataset(None) => bail!("no decoder for transfer syntax {ts_uid}"),
         Codec::None | Codec::EncapsulatedPixelData(..) => {
-            let len = std::fs::metadata(path)?.len().saturating_sub(offset);
             check_stream(open()?, ts, len)?;
             Ok(len)
-        }
-    }
-}
-
-/// Whether `ts_uid` is a deflated syntax, which [`check_slice`] does not take: its data
-/// set must be inflated first, which [`check_file`] does from the file.
-pub fn is_deflated(ts_uid: &str) -> bool {
-    TransferSyntaxRegistry
-        .get(ts_uid)
-        .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(Some(_))))
-}
-
-/// [`check_file`] of a data set held in memory (a received instance that was never
-/// written out), in any syntax but the deflated one ([`is_deflated`]).
-pub fn check_slice(data_set: &[u8], ts_uid: &str) -> Result<u64> {
-    let ts = TransferSyntaxRegistry
-        .get(ts_uid)
-        .ok_or_else(|| anyhow!("unknown transfer syntax {ts_uid}"))?;
-    match ts.codec() {
-        Codec::Dataset(Some(_)) => bail!("a deflated data set is checked from its file"),
-        Codec::Dataset(None) => bail!("no decoder for transfer syntax {ts_uid}"),
-        Codec::None | Codec::EncapsulatedPixelData(..) => {
-            check_stream(data_set, ts, data_set.len() as u64)?;
-            Ok(data_set.len() as u64)
         }
     }
 }

@@ -324,8 +324,7 @@ impl Incoming {
         if let Some(e) = self.failed.take() {
             return Err(StoreError::OutOfResources(e));
         }
-        // The deflated syntax is inflated from the file (see `lengths::check_file`).
-        let in_memory = !self.spilled && !lengths::is_deflated(&self.header.transfer_syntax_uid);
+        let in_memory = !self.spilled;
         if !in_memory {
             self.write_out()
                 .map_err(|e| StoreError::OutOfResources(e.context("cannot write temp file")))?;
@@ -335,16 +334,18 @@ impl Incoming {
         // bytes received (see `lengths`), else the parse-back would allocate what a peer
         // claims (2 GiB, minutes of CPU) instead of failing.
         let cannot = |e: anyhow::Error| StoreError::CannotUnderstand(format!("{e:#}"));
-        let (info, received_at) = if in_memory {
+        let (data_set_len, source) = if in_memory {
             let data_set = &self.pending[self.data_set_offset as usize..];
-            lengths::check_slice(data_set, &h.transfer_syntax_uid).map_err(cannot)?;
-            read_instance_from(InstanceSource::Bytes(&self.pending), true).map_err(cannot)?
+            let len = lengths::check_slice(data_set, &h.transfer_syntax_uid).map_err(cannot)?;
+            (len, InstanceSource::Bytes(&self.pending))
         } else {
-            let data_set_len =
+            let len =
                 lengths::check_file(&self.tmp_path, self.data_set_offset, &h.transfer_syntax_uid)
                     .map_err(cannot)?;
-            read_instance(&self.tmp_path, data_set_len <= FULL_PARSE_LIMIT).map_err(cannot)?
+            (len, InstanceSource::File(&self.tmp_path))
         };
+        let (info, received_at) =
+            read_instance_from(source, data_set_len <= FULL_PARSE_LIMIT).map_err(cannot)?;
         if info.sop_instance_uid != h.sop_instance_uid {
             return Err(StoreError::Mismatch(format!(
                 "SOP Instance UID in the data set is {:?}, the command says {:?}",
