@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
     load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
-    InPlaneWindow, InstanceHeader, SeriesOutcome, VolumeWindow,
+    InPlaneWindow, InstanceHeader, SeriesOutcome, StudyCandidates, VolumeWindow,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -59,6 +59,11 @@ fn read_hu(path: &Path) -> Vec<i16> {
         .chunks_exact(2)
         .map(|b| i16::from_le_bytes([b[0], b[1]]))
         .collect()
+}
+
+/// Every study's volume, as `infer` builds them one at a time.
+fn built(studies: Vec<StudyCandidates>, window: Option<&VolumeWindow>) -> Vec<SeriesOutcome> {
+    studies.into_iter().map(|s| s.build(window)).collect()
 }
 
 fn single_volume(outcomes: Vec<SeriesOutcome>) -> Box<CtVolume> {
@@ -117,25 +122,27 @@ fn shuffled_series_with_reversed_numbers_builds_the_identical_volume() {
 fn a_windowed_volume_keeps_exactly_its_window_of_every_slice() {
     let whole = single_volume(load_series_from_paths(&[case("shuffled")]).unwrap());
     let [n, rows, cols] = whole.dims;
-    let window = InPlaneWindow {
-        row0: 1,
-        rows: rows - 3,
-        col0: 2,
-        cols: cols - 4,
-    };
+    // A block, a gap, single columns: what a model grid finer than the pixels leaves.
+    let window = InPlaneWindow::new(
+        rows,
+        cols,
+        (1..rows - 2).filter(|r| r % 4 != 2),
+        [0, 3, 4, 7, cols - 1],
+    );
+    let chosen = window.clone();
     let choose = VolumeWindow(std::sync::Arc::new(move |plan: &volume::VolumePlan| {
         assert_eq!(plan.dims, [n, rows, cols]);
-        window
+        chosen.clone()
     }));
-    let report = load_series_report(&[case("shuffled")], &[], Some(&choose)).unwrap();
-    let part = single_volume(report.outcomes);
+    let report = load_series_report(&[case("shuffled")], &[]).unwrap();
+    let part = single_volume(built(report.studies, Some(&choose)));
     assert_eq!(part.dims, whole.dims, "dims stay those of the full matrix");
     assert_eq!(part.window, window);
     assert_eq!(part.geometry, whole.geometry);
-    assert_eq!(part.voxels.len(), n * window.rows * window.cols);
+    assert_eq!(part.voxels.len(), n * window.len());
     for k in 0..n {
-        for r in window.row0..window.row0 + window.rows {
-            for c in window.col0..window.col0 + window.cols {
+        for &r in window.rows() {
+            for &c in window.cols() {
                 assert_eq!(
                     part.voxel(k, r, c),
                     whole.voxel(k, r, c),
@@ -175,9 +182,9 @@ fn rescale_bits_stored_and_padding_are_honoured() {
 
 #[test]
 fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
-    let report = load_series_report(&[case("study_with_localizer")], &[], None).unwrap();
+    let report = load_series_report(&[case("study_with_localizer")], &[]).unwrap();
     let m = &fixtures().1["study_with_localizer"];
-    let v = single_volume(report.outcomes);
+    let v = single_volume(built(report.studies, None));
     assert_eq!(v.meta.series_instance_uid, m["axial"].as_str().unwrap());
     assert_eq!(v.voxels, read_hu(&case("study_with_localizer.hu")));
     let reason_of = |series: &str| {
@@ -202,9 +209,9 @@ fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
 
 #[test]
 fn bone_kernel_series_is_chosen_over_soft_tissue() {
-    let report = load_series_report(&[case("two_candidates")], &[], None).unwrap();
+    let report = load_series_report(&[case("two_candidates")], &[]).unwrap();
     let m = &fixtures().1["two_candidates"];
-    let v = single_volume(report.outcomes);
+    let v = single_volume(built(report.studies, None));
     assert_eq!(v.meta.series_instance_uid, m["bone"].as_str().unwrap());
     let skip = report
         .skipped

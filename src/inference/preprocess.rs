@@ -203,52 +203,77 @@ impl Frame<'_> {
             })
     }
 
-    /// The window of the full matrix that sampling the model grid of `spec` can read:
-    /// the source voxels around every corner of the grid's box (the map from patient
-    /// space to indices is affine, so the corners bound it), with a voxel of margin for
-    /// rounding on each side.
+    /// The rows and columns of the full matrix that sampling the model grid of `spec` can
+    /// read. The map from patient space to indices is affine, so over a grid column (all
+    /// its rows, every model slice) a source column index ranges between its values at
+    /// the column's ends, on the first and last model slice; likewise for rows.
     fn window(&self, spec: &InputSpec) -> InPlaneWindow {
         let [_, rows, cols] = self.dims;
         let centre = self.slice_centre(0);
         let (z_min, z_max) = self.z_range();
+        // Every model slice lies within the source slice centres; a model slice of slack
+        // keeps rounding of the grid's z out of the question.
         let dz = spec.spacing_mm.slice;
-        let half_w = (spec.width as f64 - 1.0) / 2.0 * spec.spacing_mm.column;
-        let half_h = (spec.height as f64 - 1.0) / 2.0 * spec.spacing_mm.row;
-        let (mut c_lo, mut c_hi, mut r_lo, mut r_hi) = (
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-        );
-        for x in [centre[0] - half_w, centre[0] + half_w] {
-            for y in [centre[1] - half_h, centre[1] + half_h] {
-                // Every model slice lies within the source slice centres; a model slice
-                // of slack keeps rounding of the grid's z out of the question.
-                for z in [z_min - dz, z_max + dz] {
-                    let (c, r) = self.in_plane_index([x, y, z]);
-                    (c_lo, c_hi) = (c_lo.min(c), c_hi.max(c));
-                    (r_lo, r_hi) = (r_lo.min(r), r_hi.max(r));
+        let zs = [z_min - dz, z_max + dz];
+        let xs: Vec<f64> = (0..spec.width)
+            .map(|j| grid_coordinate(centre[0], j, spec.width, spec.spacing_mm.column))
+            .collect();
+        let ys: Vec<f64> = (0..spec.height)
+            .map(|i| grid_coordinate(centre[1], i, spec.height, spec.spacing_mm.row))
+            .collect();
+        let ends = |v: &[f64]| [v[0], v[v.len() - 1]];
+        // Lowest and highest of `index` over the corners of a line of the grid.
+        let span = |index: &dyn Fn(f64, f64) -> f64, others: [f64; 2]| {
+            let mut lo_hi = (f64::INFINITY, f64::NEG_INFINITY);
+            for o in others {
+                for z in zs {
+                    let i = index(o, z);
+                    lo_hi = (lo_hi.0.min(i), lo_hi.1.max(i));
                 }
             }
-        }
-        // Sampling reads indices floor(i) and floor(i) + 1 of any i in [lo, hi].
-        let range = |lo: f64, hi: f64, n: usize| -> (usize, usize) {
-            if !(lo.is_finite() && hi.is_finite()) {
-                return (0, n);
-            }
-            let first = (lo.floor() - 1.0).clamp(0.0, n as f64) as usize;
-            let end = (hi.floor() + 3.0).clamp(0.0, n as f64) as usize;
-            (first, end.saturating_sub(first))
+            lo_hi
         };
-        let (col0, cols) = range(c_lo, c_hi, cols);
-        let (row0, rows) = range(r_lo, r_hi, rows);
-        InPlaneWindow {
-            row0,
-            rows,
-            col0,
-            cols,
-        }
+        let kept_cols = xs.iter().flat_map(|&x| {
+            let (lo, hi) = span(&|y, z| self.in_plane_index([x, y, z]).0, ends(&ys));
+            read_indices(lo, hi, cols)
+        });
+        let kept_rows: Vec<usize> = ys
+            .iter()
+            .flat_map(|&y| {
+                let (lo, hi) = span(&|x, z| self.in_plane_index([x, y, z]).1, ends(&xs));
+                read_indices(lo, hi, rows)
+            })
+            .collect();
+        InPlaneWindow::new(rows, cols, kept_rows, kept_cols.collect::<Vec<_>>())
     }
+}
+
+/// Patient coordinate of grid point `i` of `n`, `spacing` apart, centred on `centre`:
+/// the one formula for the grid, so that [`Frame::window`] and [`fill_plane`] agree to
+/// the bit.
+fn grid_coordinate(centre: f64, i: usize, n: usize, spacing: f64) -> f64 {
+    centre + (i as f64 - (n as f64 - 1.0) / 2.0) * spacing
+}
+
+/// Rounding slack (in voxels) of the continuous indices [`Frame::window`] bounds.
+const INDEX_EPS: f64 = 1e-6;
+
+/// The voxels of an axis of `n` that [`axis_cell`] and its neighbour can read for any
+/// continuous index from `lo` to `hi`.
+fn read_indices(lo: f64, hi: f64, n: usize) -> std::ops::Range<usize> {
+    let (lo, hi) = (lo - INDEX_EPS, hi + INDEX_EPS);
+    let max = (n - 1) as f64;
+    if !(lo.is_finite() && hi.is_finite()) {
+        return 0..n;
+    }
+    if hi < 0.0 || lo > max {
+        return 0..0;
+    }
+    if n == 1 {
+        return 0..1;
+    }
+    let cell = |x: f64| (x.clamp(0.0, max).floor() as usize).min(n - 2);
+    cell(lo)..cell(hi) + 2
 }
 
 impl<'a> Sampler<'a> {
@@ -327,11 +352,14 @@ pub fn sample_planes(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Res
     );
     let w = &volume.window;
     ensure!(
-        volume.voxels.len() == n_slices * w.rows * w.cols
+        volume.voxels.len() == n_slices * w.len()
             && volume.slices.len() == n_slices
-            && InPlaneWindow::full(rows, cols).contains(w),
-        "inconsistent volume: {} voxels in window {w:?} and {} slice records for dims {:?}",
+            && w.matrix() == [rows, cols],
+        "inconsistent volume: {} voxels in a window of {} per slice of a {:?} matrix and {} \
+         slice records for dims {:?}",
         volume.voxels.len(),
+        w.len(),
+        w.matrix(),
         volume.slices.len(),
         volume.dims
     );
@@ -340,7 +368,10 @@ pub fn sample_planes(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Res
     let needed = sampler.frame.window(spec);
     ensure!(
         w.contains(&needed),
-        "the volume keeps {w:?} of each slice, the model grid reads {needed:?}"
+        "the volume keeps {} of the {rows}x{cols} voxels of each slice, not all those the \
+         model grid reads ({})",
+        w.len(),
+        needed.len()
     );
     let (z_min, z_max) = sampler.frame.z_range();
     let dz = spec.spacing_mm.slice;
@@ -406,9 +437,9 @@ fn fill_plane(sampler: &Sampler, spec: &InputSpec, grid: &ModelGrid, k: usize, o
     let z = grid.z_mm[k];
     let mut hint = 0;
     for i in 0..h {
-        let y = grid.centre[1] + (i as f64 - (h as f64 - 1.0) / 2.0) * spec.spacing_mm.row;
+        let y = grid_coordinate(grid.centre[1], i, h, spec.spacing_mm.row);
         for j in 0..w {
-            let x = grid.centre[0] + (j as f64 - (w as f64 - 1.0) / 2.0) * spec.spacing_mm.column;
+            let x = grid_coordinate(grid.centre[0], j, w, spec.spacing_mm.column);
             out[i * w + j] = sampler.sample([x, y, z], &mut hint).map_or(pad, window);
         }
     }
@@ -549,10 +580,10 @@ pub(crate) mod tests {
 
     /// `v` keeping only `w` of each slice, as volume building does.
     fn keep_window(v: &CtVolume, w: InPlaneWindow) -> CtVolume {
-        let mut voxels = Vec::with_capacity(v.dims[0] * w.rows * w.cols);
+        let mut voxels = Vec::with_capacity(v.dims[0] * w.len());
         for k in 0..v.dims[0] {
-            for r in w.row0..w.row0 + w.rows {
-                for c in w.col0..w.col0 + w.cols {
+            for &r in w.rows() {
+                for &c in w.cols() {
                     voxels.push(v.voxel(k, r, c));
                 }
             }
@@ -596,19 +627,27 @@ pub(crate) mod tests {
             normal: [0.0, 0.0, -1.0],
             ..axial.clone()
         };
+        // Pixels a quarter of the model's spacing (125 mm of field of view, all of it
+        // inside the model's 160 mm): the grid reads two of every four rows and columns.
+        let fine = Geometry {
+            spacing: [1.25, 0.3125, 0.3125],
+            ..axial.clone()
+        };
         let spec = spec();
-        for (name, g) in [
-            ("axial", axial),
-            ("rotated", rotated),
-            ("tilted", tilted),
-            ("flipped", flipped),
+        for (name, g, most) in [
+            ("axial", axial, 0.75),
+            ("rotated", rotated, 0.75),
+            ("tilted", tilted, 0.75),
+            ("flipped", flipped, 0.75),
+            ("fine", fine, 0.26),
         ] {
             let whole = field_volume(g, 60, 400, 400);
             let w = window_of(&whole, &spec);
             // 160 mm of model field of view in 280 x 300 mm of source: a real saving.
             assert!(
-                w.rows * w.cols < 400 * 400 * 3 / 4,
-                "{name}: window {w:?} keeps most of the slice"
+                (w.len() as f64) < 400.0 * 400.0 * most,
+                "{name}: window keeps {} of the slice's voxels",
+                w.len()
             );
             let part = keep_window(&whole, w);
             let (Preprocessed::Input(x), Preprocessed::Input(y)) = (
@@ -645,8 +684,8 @@ pub(crate) mod tests {
     fn a_volume_without_what_the_grid_reads_is_an_error_not_a_panic() {
         let whole = linear_volume(40, 300, 300, false);
         let spec = spec();
-        let mut w = window_of(&whole, &spec);
-        w.rows -= 1;
+        let w = window_of(&whole, &spec);
+        let w = InPlaneWindow::new(300, 300, w.rows()[1..].to_vec(), w.cols().to_vec());
         let part = keep_window(&whole, w);
         let err = preprocess(&part, &spec, 1).unwrap_err().to_string();
         assert!(err.contains("the model grid reads"), "{err}");

@@ -15,7 +15,7 @@ pub mod volume;
 
 pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
-pub use load::{load_series_from_paths, load_series_report, LoadReport};
+pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
 pub use selection::Skip;
 pub use volume::{build_volume, build_volume_within};
 
@@ -219,39 +219,111 @@ pub struct SliceInfo {
     pub z_mm: f64,
 }
 
-/// The rectangle of every slice that a [`CtVolume`] keeps: rows `row0..row0 + rows` and
-/// columns `col0..col0 + cols` of the full matrix.
+/// The rows and columns of every slice that a [`CtVolume`] keeps: the voxels where a kept
+/// row crosses a kept column.
 ///
-/// The model looks at a 160 mm field of view, a quarter of a 320 mm CT slice: a volume
-/// built for it (see [`VolumeWindow`]) need not hold the rest, which for 700 slices of
-/// 512 x 512 is most of the daemon's memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The model samples 128 points 1.25 mm apart across a slice, trilinearly: it reads two
+/// neighbouring source columns (rows) per model column (row). A volume built for it (see
+/// [`VolumeWindow`]) need not hold the others: a quarter of a 512 x 512 slice of 160 mm,
+/// less of a wider one. For 700 slices that is most of the daemon's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InPlaneWindow {
-    pub row0: usize,
-    pub rows: usize,
-    pub col0: usize,
-    pub cols: usize,
+    rows: KeptIndices,
+    cols: KeptIndices,
+}
+
+/// Which of `0..n` are kept, ascending, and where each sits among the kept ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeptIndices {
+    kept: Vec<usize>,
+    /// `position[i]`: index of `i` in `kept`, or `NOT_KEPT`.
+    position: Vec<u32>,
+}
+
+const NOT_KEPT: u32 = u32::MAX;
+
+impl KeptIndices {
+    fn new(n: usize, kept: impl IntoIterator<Item = usize>) -> KeptIndices {
+        let mut position = vec![NOT_KEPT; n];
+        for i in kept {
+            if i < n {
+                position[i] = 0;
+            }
+        }
+        let mut kept = Vec::new();
+        for (i, p) in position.iter_mut().enumerate() {
+            if *p == 0 {
+                *p = kept.len() as u32;
+                kept.push(i);
+            }
+        }
+        KeptIndices { kept, position }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.position.get(i).is_some_and(|&p| p != NOT_KEPT)
+    }
 }
 
 impl InPlaneWindow {
     /// The whole `rows x cols` matrix.
     pub fn full(rows: usize, cols: usize) -> InPlaneWindow {
+        InPlaneWindow::new(rows, cols, 0..rows, 0..cols)
+    }
+
+    /// Rows `rows` and columns `cols` of a `full_rows x full_cols` matrix (indices outside
+    /// it are ignored, repeats count once).
+    pub fn new(
+        full_rows: usize,
+        full_cols: usize,
+        rows: impl IntoIterator<Item = usize>,
+        cols: impl IntoIterator<Item = usize>,
+    ) -> InPlaneWindow {
         InPlaneWindow {
-            row0: 0,
-            rows,
-            col0: 0,
-            cols,
+            rows: KeptIndices::new(full_rows, rows),
+            cols: KeptIndices::new(full_cols, cols),
         }
     }
 
-    /// Whether `other` lies inside this window.
+    /// The kept rows of the full matrix, ascending.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows.kept
+    }
+
+    /// The kept columns of the full matrix, ascending.
+    pub fn cols(&self) -> &[usize] {
+        &self.cols.kept
+    }
+
+    /// `[rows, columns]` of the full matrix this window is part of.
+    pub fn matrix(&self) -> [usize; 2] {
+        [self.rows.position.len(), self.cols.position.len()]
+    }
+
+    /// Voxels kept of each slice.
+    pub fn len(&self) -> usize {
+        self.rows.kept.len() * self.cols.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether every voxel of `other` is kept here (both parts of the same matrix).
     pub fn contains(&self, other: &InPlaneWindow) -> bool {
-        other.rows == 0
-            || other.cols == 0
-            || (self.row0 <= other.row0
-                && other.row0 + other.rows <= self.row0 + self.rows
-                && self.col0 <= other.col0
-                && other.col0 + other.cols <= self.col0 + self.cols)
+        other.is_empty()
+            || (self.matrix() == other.matrix()
+                && other.rows().iter().all(|&r| self.rows.contains(r))
+                && other.cols().iter().all(|&c| self.cols.contains(c)))
+    }
+
+    /// Index within one slice's kept voxels of full-matrix row `r`, column `c`; None if
+    /// not kept.
+    #[inline]
+    pub fn offset(&self, r: usize, c: usize) -> Option<usize> {
+        let pr = *self.rows.position.get(r)?;
+        let pc = *self.cols.position.get(c)?;
+        (pr != NOT_KEPT && pc != NOT_KEPT).then(|| pr as usize * self.cols.kept.len() + pc as usize)
     }
 }
 
@@ -272,9 +344,9 @@ impl std::fmt::Debug for VolumeWindow {
 /// A decoded CT volume in Hounsfield units.
 #[derive(Debug, Clone)]
 pub struct CtVolume {
-    /// HU voxels of the `window` of each slice, slice-major:
-    /// `voxels[(k * window.rows + r - window.row0) * window.cols + c - window.col0]`, slices
-    /// ascending along the normal. Read them with [`CtVolume::voxel`].
+    /// HU voxels of the `window` of each slice, slice-major (`window.len()` per slice, kept
+    /// rows in order, kept columns in order within a row), slices ascending along the
+    /// normal. Read them with [`CtVolume::voxel`].
     pub voxels: Vec<i16>,
     /// [slices, rows, columns] of the whole series, whatever `window` keeps: geometry
     /// (slice centres, the model grid) is computed from the full matrix.
@@ -287,13 +359,17 @@ pub struct CtVolume {
 
 impl CtVolume {
     /// HU of slice `k`, row `r`, column `c` (full-matrix indices, inside `window`).
+    ///
+    /// # Panics
+    /// If `window` does not keep (`r`, `c`): [`crate::inference::preprocess`] checks that
+    /// a volume keeps what its grid reads before it reads.
     #[inline]
     pub fn voxel(&self, k: usize, r: usize, c: usize) -> i16 {
         let w = &self.window;
-        debug_assert!(
-            (w.row0..w.row0 + w.rows).contains(&r) && (w.col0..w.col0 + w.cols).contains(&c)
-        );
-        self.voxels[(k * w.rows + r - w.row0) * w.cols + c - w.col0]
+        let at = w
+            .offset(r, c)
+            .unwrap_or_else(|| panic!("voxel ({r}, {c}) is not in the volume's window"));
+        self.voxels[k * w.len() + at]
     }
 }
 

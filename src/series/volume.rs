@@ -3,9 +3,10 @@
 //!
 //! Two passes keep memory bounded: the headers (already read by the assembler) are
 //! validated and sorted along the slice normal first, then every file is decoded on its
-//! own and its window (the part of the slice the model samples, [`InPlaneWindow`]; the
-//! whole slice offline) copied into its slot of the final buffer. Peak memory is the int16
-//! volume of the windows plus one file and its decoded frame, whatever the number of slices.
+//! own and its window (the rows and columns of the slice the model samples,
+//! [`InPlaneWindow`]; the whole slice offline) copied into its slot of the final buffer.
+//! Peak memory is the int16 volume of the windows plus one file and its decoded frame,
+//! whatever the number of slices.
 //!
 //! Slices are ordered by `dot(ImagePositionPatient, normal)`, never by InstanceNumber
 //! (scanners number reversed, restart numbering, or number by acquisition).
@@ -62,14 +63,15 @@ pub fn build_volume_within(
         Some(choose) => {
             let w = (choose.0)(&plan);
             ensure!(
-                full.contains(&w),
-                "window {w:?} is not inside the {rows}x{cols} matrix"
+                w.matrix() == [rows, cols],
+                "window of a {:?} matrix chosen for a {rows}x{cols} series",
+                w.matrix()
             );
             w
         }
-        None => full,
+        None => full.clone(),
     };
-    let kept = window.rows * window.cols;
+    let kept = window.len();
     let len = n
         .checked_mul(kept)
         .ok_or_else(|| anyhow!("volume of {n}x{rows}x{cols} voxels is too large"))?;
@@ -81,20 +83,28 @@ pub fn build_volume_within(
         .with_context(|| format!("cannot allocate {} MiB for the volume", (len * 2) >> 20))?;
     voxels.resize(len, 0);
     // A whole volume is decoded straight into its slots; a windowed one through one slice.
-    let mut scratch = if window == full {
+    let whole = window == full;
+    let mut scratch = if whole {
         Vec::new()
     } else {
         vec![0i16; rows * cols]
     };
     for (k, header) in plan.sorted.iter().enumerate() {
         let slot = &mut voxels[k * kept..(k + 1) * kept];
-        let decoded = if window == full {
+        let decoded = if whole {
             decode_slice_into(&header.path, rows, cols, slot)
         } else {
             decode_slice_into(&header.path, rows, cols, &mut scratch).map(|()| {
-                for (r, out) in slot.chunks_exact_mut(window.cols.max(1)).enumerate() {
-                    let start = (window.row0 + r) * cols + window.col0;
-                    out.copy_from_slice(&scratch[start..start + window.cols]);
+                let kept_cols = window.cols();
+                for (&r, out) in window
+                    .rows()
+                    .iter()
+                    .zip(slot.chunks_exact_mut(kept_cols.len().max(1)))
+                {
+                    let row = &scratch[r * cols..(r + 1) * cols];
+                    for (o, &c) in out.iter_mut().zip(kept_cols) {
+                        *o = row[c];
+                    }
                 }
             })
         };
