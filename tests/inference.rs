@@ -167,12 +167,13 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
     let window = VolumeWindow(std::sync::Arc::new(move |plan: &VolumePlan| {
         source_window(plan, &spec)
     }));
-    let report = load_series_report(&[&series], &[], Some(&window))?;
+    let report = load_series_report(&[&series], &[])?;
     let windowed = match report
-        .outcomes
+        .studies
         .into_iter()
         .next()
         .context("no series loaded")?
+        .build(Some(&window))
     {
         SeriesOutcome::Volume(v) => v,
         SeriesOutcome::Failed { reason, .. } => bail!("windowed series failed: {reason}"),

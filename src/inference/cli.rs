@@ -55,14 +55,14 @@ pub fn run(args: &InferArgs) -> Result<()> {
             bail!("{} does not exist", p.display());
         }
     }
-    let report = crate::series::load_series_report(&args.paths, &[], None)?;
+    let report = crate::series::load_series_report(&args.paths, &[])?;
     for skip in &report.skipped {
         eprintln!(
             "not analysed: series {} ({} instance(s)): {}",
             skip.series_instance_uid, skip.instances, skip.reason
         );
     }
-    if report.outcomes.is_empty() {
+    if report.studies.is_empty() {
         bail!(
             "no CT series to analyse in {} ({} series skipped, {} unreadable file(s))",
             args.paths
@@ -83,13 +83,15 @@ pub fn run(args: &InferArgs) -> Result<()> {
         ..InferenceConfig::default()
     };
     let pipeline = Pipeline::load(&config)?;
+    // Volumes keep what the model reads of each slice, as in the daemon.
+    let window = pipeline.volume_window();
     if let Some(dir) = &args.keyimage {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create key image directory {}", dir.display()))?;
     }
 
-    let bar = if report.outcomes.len() > 1 {
-        let bar = ProgressBar::new(report.outcomes.len() as u64);
+    let bar = if report.studies.len() > 1 {
+        let bar = ProgressBar::new(report.studies.len() as u64);
         bar.set_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} series, {elapsed} elapsed, ETA {eta}",
@@ -102,8 +104,8 @@ pub fn run(args: &InferArgs) -> Result<()> {
     };
     let mut failures = 0;
     let stdout = std::io::stdout();
-    for outcome in report.outcomes {
-        let (result, key_image, timing) = match outcome {
+    for study in report.studies {
+        let (result, key_image, timing) = match study.build(Some(&window)) {
             SeriesOutcome::Volume(volume) => match pipeline.analyze_with(&volume, args.profile) {
                 Ok(a) => {
                     if let Some(profile) = &a.profile {

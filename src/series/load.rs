@@ -1,5 +1,9 @@
 //! Offline loading: DICOM files or folders -> one [`SeriesOutcome`] per study, with the
 //! same selection rules as the daemon's assembler (used by `cspine-triage infer`).
+//!
+//! Headers are read and series chosen for every study first ([`load_series_report`]);
+//! pixels are decoded one study at a time ([`StudyCandidates::build`]), so that memory
+//! holds one volume however many studies are given.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,30 +15,50 @@ use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
 use super::volume::{build_volume_within, meta_from_header};
 use super::{SeriesMeta, SeriesOutcome, VolumeWindow};
 
-/// Everything offline loading decided.
+/// Everything offline loading decided before decoding any pixel.
 #[derive(Debug, Default)]
 pub struct LoadReport {
-    /// One per study that had a candidate series, ordered by Study then Series UID.
-    pub outcomes: Vec<SeriesOutcome>,
+    /// One per study that had a candidate series, ordered by Study UID.
+    pub studies: Vec<StudyCandidates>,
     /// Every instance group or series that was not analysed, with its reason.
     pub skipped: Vec<Skip>,
     /// Files that could not be read as DICOM (path, error).
     pub unreadable: Vec<(PathBuf, String)>,
 }
 
-/// Builds the volume of the chosen series of each study found in `paths` (files, or
-/// folders searched recursively). Skips are logged; see [`load_series_report`] to get them.
-pub fn load_series_from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<SeriesOutcome>> {
-    Ok(load_series_report(paths, &[], None)?.outcomes)
+/// The candidate series of one study, best first, not decoded yet.
+#[derive(Debug)]
+pub struct StudyCandidates {
+    pub study_instance_uid: String,
+    ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>,
 }
 
-/// As [`load_series_from_paths`], returning the skips too. `extra_bone_kernels` extends the
-/// bone-kernel rule (see [`super::selection::is_bone_kernel`]); `window` chooses what the
-/// volumes keep of each slice (whole slices without it).
+impl StudyCandidates {
+    /// Builds the volume of the first candidate that can be built ([`build_best`]);
+    /// `window` chooses what it keeps of each slice (whole slices without it).
+    pub fn build(self, window: Option<&VolumeWindow>) -> SeriesOutcome {
+        build_best(self.ranked, window)
+    }
+}
+
+/// Builds the whole volume of the chosen series of each study found in `paths` (files,
+/// or folders searched recursively), all at once. Skips are logged; see
+/// [`load_series_report`] to get them, or to build one study at a time.
+pub fn load_series_from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<SeriesOutcome>> {
+    Ok(load_series_report(paths, &[])?
+        .studies
+        .into_iter()
+        .map(|s| s.build(None))
+        .collect())
+}
+
+/// Reads the headers of every file in `paths` (files, or folders searched recursively) and
+/// chooses the candidate series of each study, as the daemon's assembler does, without
+/// decoding pixels. `extra_bone_kernels` extends the bone-kernel rule (see
+/// [`super::selection::is_bone_kernel`]).
 pub fn load_series_report<P: AsRef<Path>>(
     paths: &[P],
     extra_bone_kernels: &[String],
-    window: Option<&VolumeWindow>,
 ) -> Result<LoadReport> {
     let mut files = Vec::new();
     for p in paths {
@@ -99,7 +123,10 @@ pub fn load_series_report<P: AsRef<Path>>(
                 (meta_from_header(&headers[0]), headers)
             })
             .collect();
-        report.outcomes.push(build_best(ranked, window));
+        report.studies.push(StudyCandidates {
+            study_instance_uid: study_uid,
+            ranked,
+        });
     }
     for skip in &report.skipped {
         log::info!(
