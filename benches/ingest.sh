@@ -139,3 +139,10 @@ report "storescp (no fsync)" "$m_dcmtk"
 report "storescp +B (no fsync)" "$m_bp"
 awk -v a="$m_ours" -v b="$m_dcmtk" -v c="$m_bp" \
     'BEGIN { printf "ratio ours/storescp throughput: %.2fx (vs +B: %.2fx)\n", b/a, c/a }'
+
+# What no receiver that answers after an fsync can beat on this disk: the spool's
+# file-system steps alone (write, fdatasync, link, directory fsync), no network, no parsing.
+floor=$(python3 "$ROOT/benches/durable_floor.py" "$WORK" "$SLICES" "$RUNS" | tail -n 1 |
+    awk '{ for (i = 1; i <= NF; i++) if ($i == "durable") print $(i + 1) }')
+awk -v f="$floor" -v s="$m_dcmtk" -v n="$SLICES" \
+    'BEGIN { printf "durable floor (write + fdatasync + link + dir fsync, no network): %.3f ms/instance; storescp: %.3f ms/instance; best possible ratio here: %.2fx\n", f, s / n * 1000, (s / n * 1000) / f }'

@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""The floor of a durable store on this disk, without network or parsing (issue 2's
+ingest target, see BENCHMARKS.md): per instance, the spool's file-system steps alone:
+write 525 KB (a 512x512 16-bit slice) to a new temp file, fdatasync, link it into the
+series directory, fsync the directory, unlink the temp name. Interleaved with the same
+steps without the two syncs (what DCMTK storescp does).
+
+    python3 benches/durable_floor.py DIR [INSTANCES] [ROUNDS]
+
+DIR must be on the disk the spool would use (e.g. target/). storescu waits for each
+C-STORE response before sending the next instance, so a receiver that answers only once
+the instance is durable cannot be faster per instance than the durable column.
+"""
+import os, sys, time, statistics
+root = sys.argv[1]
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+data = os.urandom(525 * 1024)
+def run(sync):
+    d = os.path.join(root, f"s{sync}{time.time_ns()}"); os.makedirs(d + "/series"); os.makedirs(d + "/tmp")
+    dfd = os.open(d + "/series", os.O_RDONLY)
+    t0 = time.perf_counter()
+    for i in range(n):
+        tmp = f"{d}/tmp/{i}.part"; fin = f"{d}/series/{i}.dcm"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        if sync: os.fdatasync(fd)
+        os.close(fd); os.link(tmp, fin)
+        if sync: os.fsync(dfd)
+        os.unlink(tmp)
+    dt = time.perf_counter() - t0
+    os.close(dfd)
+    for sub in ("series", "tmp"):
+        for f in os.listdir(f"{d}/{sub}"):
+            os.unlink(f"{d}/{sub}/{f}")
+        os.rmdir(f"{d}/{sub}")
+    os.rmdir(d)
+    return dt
+fast, durable = [], []
+for r in range(rounds):
+    fast.append(run(False) / n * 1e3)
+    durable.append(run(True) / n * 1e3)
+    print(f"round {r}: no sync {fast[-1]:.3f} ms/instance, durable {durable[-1]:.3f} ms/instance")
+print(f"median of {rounds}: no sync {statistics.median(fast):.3f} ms, durable {statistics.median(durable):.3f} ms per instance")
