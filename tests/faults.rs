@@ -1740,6 +1740,240 @@ fn disk_full_on_a_tmpfs_spool_answers_a700_and_recovers_when_space_returns() {
     drop(daemon);
 }
 
+/// Fills the file system of `dir` (a small tmpfs) with `dir/.filler` until a write fails
+/// with ENOSPC: not one page is left for anyone else.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join(".filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    for size in [1 << 16, 1 << 12, 1] {
+        let chunk = vec![0x5a_u8; size];
+        loop {
+            match f.write(&chunk) {
+                Ok(n) if n == chunk.len() => {}
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", dir.display()),
+            }
+        }
+    }
+    filler
+}
+
+/// Lines of `log` from byte `from` on that contain `needle`.
+fn lines_with<'a>(log: &'a str, from: usize, needle: &str) -> Vec<&'a str> {
+    log[from..].lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// The result id in an outbox write failure line ("cannot write result <id> to the outbox").
+fn failed_id(line: &str) -> String {
+    uid_after(line, "cannot write result ").unwrap().to_string()
+}
+
+/// A real ENOSPC under the outbox: the outbox directory is a 1 MiB tmpfs (mounted when the
+/// test runs as root and `mount -t tmpfs` works, otherwise it prints `SKIPPED ...` and
+/// returns), filled to the last page by another file, so that committing a result fails.
+///
+/// First without a restart: the commit failure is logged with the id and the ENOSPC and
+/// retried (every 5 s), nothing is published, the series is neither marked analysed nor
+/// released from the spool (its 2 s retention passes meanwhile), and the outbox holds no
+/// entry or temp file; once the filler is deleted the same daemon commits the result
+/// (`timings.published` is after the space returned), marks the series, delivers the
+/// result under its documented id and releases the series.
+///
+/// Then a second study while the disk is full again, and kill -9 while its commit fails;
+/// a restart while the disk is still full (the daemon starts, analyses the series again
+/// from the spool and logs the same failure), kill -9 again; space returns, a restart:
+/// the result arrives, committed once, under its documented id; the first study is
+/// neither analysed nor delivered again.
+#[test]
+fn disk_full_under_the_outbox_holds_the_result_until_space_returns_even_across_kills() {
+    let _serial = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = tmp.path().join("outbox");
+    let mount = match Tmpfs::mount(&outbox, 1) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED disk full under the outbox: {why}");
+            return;
+        }
+    };
+    let first = sources(&study(&tmp.path().join("a"), 7701, "C3", "1.5"));
+    let second = sources(&study(&tmp.path().join("b"), 7702, "none", "1.5"));
+    let (ids1, ids2) = (complete_ids(&first), complete_ids(&second));
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, TOPICS);
+    let port = free_port();
+    let spool = tmp.path().join("spool");
+    // A short retention: a series whose result is committed leaves the spool 2 s after
+    // its last instance; one whose result is not committed must stay.
+    let config = serve_config_full(tmp.path(), port, &broker.url(), "", RETENTION_2S, "");
+    let serve_args = ["--quiet-period", "1"];
+    let failure = "cannot write result ";
+    let mut logs = String::new();
+
+    // 1. Full, then space returns; the same daemon.
+    let mut daemon = spawn_serve(&config, port, &serve_args);
+    let filler = fill_up(&outbox);
+    assert_eq!(mount.free_bytes(), 0);
+    let report = store(port, &paths(&first));
+    assert!(report.status.success(), "{}", report.log);
+    let full_at = Instant::now();
+    // Two failed attempts: logged, and retried.
+    wait_until("two failed commits", RESULT_TIMEOUT, || {
+        daemon.log().matches(failure).count() >= 2
+    });
+    let log = daemon.log();
+    let failures = lines_with(&log, 0, failure);
+    for line in &failures {
+        assert!(line.contains("No space left on device"), "{line}");
+        assert!(line.contains("retrying in 5 s"), "{line}");
+        assert!(ids1.contains(&failed_id(line)), "{line}");
+    }
+    let id1 = failed_id(failures[0]);
+    let example = message(failures[0]).to_string();
+    // Nothing committed, published, marked or released; the spool holds the series.
+    assert!(!log.contains(" committed to the outbox"), "{log}");
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+    let leftovers: Vec<String> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock" && n != ".filler")
+        .collect();
+    assert!(leftovers.is_empty(), "outbox files: {leftovers:?}");
+    assert!(
+        analysed_mark(&spool, &first[0]).is_none(),
+        "marked before its commit"
+    );
+    assert!(analyses(&log, &first[0].series).is_empty());
+    assert!(
+        releases(&log, &first[0].series).is_empty(),
+        "released before its commit"
+    );
+    assert_eq!(spooled(&spool).len(), first.len());
+    assert!(sub.on(RESULT_TOPIC).is_empty());
+    let waited = full_at.elapsed();
+
+    std::fs::remove_file(&filler).unwrap();
+    let space_back = time::OffsetDateTime::now_utc();
+    let space_back_at = Instant::now();
+    sub.wait_for_within("the first result", RESULT_TIMEOUT, |_| {
+        ids_on(&sub, RESULT_TOPIC).contains(&id1)
+    });
+    let took1 = space_back_at.elapsed();
+    wait_until("the first series released", RESULT_TIMEOUT, || {
+        !releases(&daemon.log(), &first[0].series).is_empty()
+    });
+    wait_until("the outbox to drain", RESULT_TIMEOUT, || {
+        outbox_ids(&outbox).is_empty()
+    });
+    let log = daemon.log();
+    let (r1, n1) = delivered(&sub, &id1);
+    assert_documented_id(&r1, &first);
+    assert!(
+        published_at(&r1) > space_back,
+        "published is the commit: {r1}"
+    );
+    assert_eq!(commits(&log, &id1), 1);
+    assert_eq!(analyses(&log, &first[0].series), vec![first.len()]);
+    assert_eq!(releases(&log, &first[0].series), vec![first.len()]);
+    // In that order: the failures, the commit, the mark, the release.
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {log}"))
+    };
+    assert!(at(failure) < at(" committed to the outbox"));
+    assert!(at(" committed to the outbox") < at("analysed instances marked in the spool"));
+    assert!(at("analysed instances marked in the spool") < at("(study forgotten)"));
+    let failed_attempts1 = log.matches(failure).count();
+
+    // 2. Full again: kill -9 while the second result cannot be committed.
+    let filler = fill_up(&outbox);
+    let from = daemon.log().len();
+    let report = store(port, &paths(&second));
+    assert!(report.status.success(), "{}", report.log);
+    wait_until("the second result's commit to fail", RESULT_TIMEOUT, || {
+        !lines_with(&daemon.log(), from, failure).is_empty()
+    });
+    let id2 = failed_id(lines_with(&daemon.log(), from, failure)[0]);
+    assert!(ids2.contains(&id2));
+    daemon.kill9();
+    logs.push_str(&daemon.log());
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+    assert!(analysed_mark(&spool, &second[0]).is_none());
+    assert_eq!(
+        spooled(&spool).len(),
+        second.len(),
+        "the second series waits in the spool"
+    );
+
+    // Restarted while the disk is still full: it starts, analyses the series again from
+    // the spool, and cannot commit it either.
+    let mut daemon = spawn_serve(&config, port, &serve_args);
+    wait_until(
+        "the commit to fail after the restart",
+        RESULT_TIMEOUT,
+        || {
+            lines_with(&daemon.log(), 0, failure)
+                .iter()
+                .any(|l| failed_id(l) == id2 && l.contains("No space left on device"))
+        },
+    );
+    daemon.kill9();
+    logs.push_str(&daemon.log());
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+
+    // Space returns, then a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let restart = Instant::now();
+    let daemon = spawn_serve(&config, port, &serve_args);
+    sub.wait_for_within("the second result", RESULT_TIMEOUT, |_| {
+        ids_on(&sub, RESULT_TOPIC).contains(&id2)
+    });
+    let took2 = restart.elapsed();
+    wait_until("the outbox to drain", RESULT_TIMEOUT, || {
+        outbox_ids(&outbox).is_empty()
+    });
+    wait_until("the spool to be empty", RESULT_TIMEOUT, || {
+        spooled(&spool).is_empty() && !releases(&daemon.log(), &second[0].series).is_empty()
+    });
+    logs.push_str(&daemon.log());
+    let (r2, n2) = delivered(&sub, &id2);
+    assert_documented_id(&r2, &second);
+    assert_eq!(
+        ids_on(&sub, RESULT_TOPIC),
+        BTreeSet::from([id1.clone(), id2.clone()]),
+        "nothing else"
+    );
+    assert_eq!(
+        delivered(&sub, &id1).1,
+        n1,
+        "the first result is not delivered again"
+    );
+    assert_eq!(commits(&logs, &id2), 1, "committed once");
+    assert_eq!(
+        commits(&logs, &id1),
+        1,
+        "the first series is not analysed again"
+    );
+    assert_eq!(analyses(&logs, &first[0].series), vec![first.len()]);
+    assert_eq!(analyses(&logs, &second[0].series), vec![second.len()]);
+    assert_eq!(releases(&logs, &second[0].series), vec![second.len()]);
+    eprintln!(
+        "outbox on a full 1 MiB tmpfs: {failed_attempts1} failed commits of the first result in \
+         {:.1} s (ENOSPC, logged, retried every 5 s; series neither marked nor released), \
+         result delivered {:.1} s after the space returned, without a restart, {n1} cop(y/ies); \
+         second result: {} failed commits across two runs killed with SIGKILL (one started on \
+         the full disk), delivered {:.1} s after the restart that followed the clean-up, {n2} \
+         cop(y/ies), committed once; the log said: {example}",
+        waited.as_secs_f64(),
+        took1.as_secs_f64(),
+        logs.matches(failure).count() - failed_attempts1,
+        took2.as_secs_f64(),
+    );
+    drop(daemon);
+}
+
 /// The configured floor (`dicom.min_free_space_mb`) through the whole daemon, runnable
 /// anywhere: half a study is acknowledged, the daemon restarts with a floor above the free
 /// space and answers A700 to the rest while the first half stays intact in the spool, then
