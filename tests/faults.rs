@@ -804,6 +804,10 @@ fn stages_at_kill(log: &str, receiving: bool, quiet: &[String]) -> Vec<(&'static
             let s = uid_after(msg, "series ").unwrap().to_string();
             completed.insert(s.clone());
             state.insert(s, "volume building");
+        } else if let Some(s) = uid_after(msg, " for complete series ") {
+            // Late instances (after a partial analysis): the series waits for a quiet period
+            // again, while that analysis goes on.
+            completed.remove(s);
         } else if let Some(s) = uid_after(msg, ": analysing series ") {
             completed.insert(s.to_string());
             state.insert(s.to_string(), "volume building");
