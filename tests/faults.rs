@@ -716,14 +716,22 @@ enum Aim {
 impl Aim {
     /// Draws one aim. Every kill draws the same numbers in the same order, so a seed replays
     /// the same draws (where they land depends on timing, as in the other kill test).
-    fn draw(rng: &mut rand_chacha::ChaCha8Rng, max_k: usize, stream_left: bool) -> Aim {
+    /// Without `work_left` (every series' whole result is out) only start-up is left.
+    fn draw(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        max_k: usize,
+        stream_left: bool,
+        work_left: bool,
+    ) -> Aim {
         let roll = rng.gen_range(0..100u32);
         let k = rng.gen_range(0..=max_k);
         let frac: f64 = rng.gen();
         let within = |max_us: f64| (frac * max_us) as u64;
         // When every instance is acknowledged, the draws meant for the stream go to the
         // later stages.
-        let roll = if !stream_left && (10..40).contains(&roll) {
+        let roll = if !work_left {
+            0
+        } else if !stream_left && (10..40).contains(&roll) {
             40 + (roll - 10) * 2
         } else {
             roll
@@ -1005,12 +1013,6 @@ fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
     let mut stored_unanswered: BTreeSet<String> = BTreeSet::new();
     let storm = Instant::now();
     for kill in 1..=KILLS {
-        let stream_left = acked.len() < all.len();
-        let aim = Aim::draw(&mut rng, max_k, stream_left);
-        // The scanner's pause between two studies in this run, counted from the moment the
-        // earlier study is complete in the daemon (its quiet period over): short ones make
-        // the next stream overlap the analysis.
-        let pause = Duration::from_millis(rng.gen_range(0..1500));
         let delivered_whole: BTreeSet<String> = {
             let got = ids_on(&sub, RESULT_TOPIC);
             candidates
@@ -1019,6 +1021,13 @@ fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
                 .map(|(series, _)| series.clone())
                 .collect()
         };
+        let stream_left = acked.len() < all.len();
+        let work_left = stream_left || delivered_whole.len() < sizes.len();
+        let aim = Aim::draw(&mut rng, max_k, stream_left, work_left);
+        // The scanner's pause between two studies in this run, counted from the moment the
+        // earlier study is complete in the daemon (its quiet period over): short ones make
+        // the next stream overlap the analysis.
+        let pause = Duration::from_millis(rng.gen_range(0..1500));
         let mut next_study_at: Option<Instant> = None;
         let spawned = Instant::now();
         let mut daemon = match aim {
