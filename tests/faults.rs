@@ -1802,6 +1802,7 @@ fn failed_id(line: &str) -> String {
 #[test]
 fn disk_full_under_the_outbox_holds_the_result_until_space_returns_even_across_kills() {
     let _serial = one_at_a_time();
+    let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let outbox = tmp.path().join("outbox");
     let mount = match Tmpfs::mount(&outbox, 1) {
@@ -1978,11 +1979,12 @@ fn disk_full_under_the_outbox_holds_the_result_until_space_returns_even_across_k
          result delivered {:.1} s after the space returned, without a restart, {n1} cop(y/ies); \
          second result: {} failed commits across two runs killed with SIGKILL (one started on \
          the full disk), delivered {:.1} s after the restart that followed the clean-up, {n2} \
-         cop(y/ies), committed once; the log said: {example}",
+         cop(y/ies), committed once; test {:.1} s; the log said: {example}",
         waited.as_secs_f64(),
         took1.as_secs_f64(),
         logs.matches(failure).count() - failed_attempts1,
         took2.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
     );
     drop(daemon);
 }
