@@ -684,6 +684,708 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     );
 }
 
+// ---------------------------------------------------------------- kill -9 through analysis
+
+/// Where a kill can land, in pipeline order (what [`stages_at_kill`] reports).
+const STAGES: [&str; 8] = [
+    "start-up",
+    "receiving",
+    "quiet period",
+    "volume building",
+    "inference",
+    "outbox commit",
+    "spool mark",
+    "publish",
+];
+
+/// What a kill aims at: a moment relative to the daemon's start, the scanner's responses,
+/// the end of a study's stream or a line of the daemon's log.
+#[derive(Debug, Clone, Copy)]
+enum Aim {
+    /// `ms` after the daemon was started (re-index, model, port), no scanner.
+    StartUp { ms: u64 },
+    /// `us` after the k-th Success response of this run (k = 0: after the scanner started).
+    Response { k: usize, us: u64 },
+    /// `us` after a study's stream ended in this run, or after "ready" when a complete series
+    /// waits for its analysis: the quiet period.
+    QuietPeriod { us: u64 },
+    /// `us` after the first line of this run's log that contains `needle`.
+    Log { needle: &'static str, us: u64 },
+}
+
+impl Aim {
+    /// Draws one aim. Every kill draws the same numbers in the same order, so a seed replays
+    /// the same draws (where they land depends on timing, as in the other kill test).
+    /// Without `work_left` (every series' whole result is out) only start-up is left.
+    fn draw(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        max_k: usize,
+        stream_left: bool,
+        work_left: bool,
+    ) -> Aim {
+        let roll = rng.gen_range(0..100u32);
+        let k = rng.gen_range(0..=max_k);
+        let frac: f64 = rng.gen();
+        let within = |max_us: f64| (frac * max_us) as u64;
+        // When every instance is acknowledged, the draws meant for the stream go to the
+        // later stages.
+        let roll = if !work_left {
+            0
+        } else if !stream_left && (10..40).contains(&roll) {
+            40 + (roll - 10) * 2
+        } else {
+            roll
+        };
+        match roll {
+            0..=9 => Aim::StartUp {
+                ms: within(400_000.0) / 1000,
+            },
+            10..=39 => Aim::Response {
+                k,
+                us: if k == 0 {
+                    within(100_000.0)
+                } else {
+                    within(12_000.0)
+                },
+            },
+            40..=49 => Aim::QuietPeriod {
+                us: within(900_000.0),
+            },
+            // The series is complete: its volume is being built.
+            50..=61 => Aim::Log {
+                needle: ": analysing series ",
+                us: within(150_000.0),
+            },
+            62..=75 => Aim::Log {
+                needle: " inference starts",
+                us: within(700_000.0),
+            },
+            // Inference has ended: verdict, key image, outbox commit.
+            76..=85 => Aim::Log {
+                needle: " model slices, ",
+                us: within(10_000.0),
+            },
+            // The result is in the outbox: spool mark, publish, PUBACK, removal (a few ms
+            // in all here).
+            _ => Aim::Log {
+                needle: " committed to the outbox as entry ",
+                us: within(3_000.0),
+            },
+        }
+    }
+}
+
+/// Whether the daemon has logged `needle` (without copying its log).
+fn log_contains(daemon: &Proc, needle: &str) -> bool {
+    daemon.log.lock().unwrap().contains(needle)
+}
+
+/// The message of a daemon log line (after env_logger's `[time LEVEL module] `).
+fn message(line: &str) -> &str {
+    line.split_once("] ").map_or(line, |(_, m)| m)
+}
+
+/// The first word (a UID) of `text` after `pat`, if `text` contains `pat`.
+fn uid_after<'a>(text: &'a str, pat: &str) -> Option<&'a str> {
+    let rest = &text[text.find(pat)? + pat.len()..];
+    rest.split([' ', ':', ')', '(']).next()
+}
+
+/// The stages a daemon was in when it was killed, read from what it logged in that run
+/// (`log`), with the series each concerns: `receiving` (the scanner's association was
+/// sending) and `quiet` (series that had every instance in the spool, not yet analysed
+/// whole, and not yet complete in this run) come from the test.
+fn stages_at_kill(log: &str, receiving: bool, quiet: &[String]) -> Vec<(&'static str, String)> {
+    let mut ready = false;
+    // Series -> the stage its last line put it in.
+    let mut state: BTreeMap<String, &'static str> = BTreeMap::new();
+    let mut marks_pending: BTreeMap<String, i64> = BTreeMap::new();
+    // Id -> series of results committed in this run and not yet delivered.
+    let mut unpublished: BTreeMap<String, String> = BTreeMap::new();
+    let mut from_before: i64 = 0;
+    let mut completed: BTreeSet<String> = BTreeSet::new();
+    for line in log.lines() {
+        let msg = message(line);
+        if msg == "ready" {
+            ready = true;
+        } else if msg.starts_with("series ") && msg.contains(" complete (") {
+            let s = uid_after(msg, "series ").unwrap().to_string();
+            completed.insert(s.clone());
+            state.insert(s, "volume building");
+        } else if let Some(s) = uid_after(msg, " for complete series ") {
+            // Late instances (after a partial analysis): the series waits for a quiet period
+            // again, while that analysis goes on.
+            completed.remove(s);
+        } else if let Some(s) = uid_after(msg, ": analysing series ") {
+            completed.insert(s.to_string());
+            state.insert(s.to_string(), "volume building");
+        } else if msg.contains(" inference starts") {
+            state.insert(uid_after(msg, "series ").unwrap().into(), "inference");
+        } else if msg.contains(" model slices, ") {
+            state.insert(uid_after(msg, "series ").unwrap().into(), "outbox commit");
+        } else if msg.contains(" committed to the outbox as entry ") {
+            let s = uid_after(msg, ", series ").unwrap().to_string();
+            let id = uid_after(msg, "result ").unwrap().to_string();
+            state.remove(&s);
+            *marks_pending.entry(s.clone()).or_default() += 1;
+            unpublished.insert(id, s);
+        } else if msg.contains(" is already waiting in the outbox") {
+            let s = uid_after(msg, "(series ").unwrap().to_string();
+            state.remove(&s);
+            *marks_pending.entry(s).or_default() += 1;
+        } else if msg.starts_with("series ") && msg.contains(" is in the outbox): ") {
+            *marks_pending
+                .entry(uid_after(msg, "series ").unwrap().into())
+                .or_default() -= 1;
+        } else if let Some(s) = uid_after(msg, "cannot mark series ") {
+            *marks_pending.entry(s.into()).or_default() -= 1;
+        } else if msg.contains(" delivered: the broker acknowledged ") {
+            let id = uid_after(msg, "result ").unwrap();
+            if unpublished.remove(id).is_none() {
+                from_before -= 1;
+            }
+        } else if msg.contains(" result(s) from a previous run still to publish") {
+            from_before = uid_after(msg, ": ").unwrap().parse().unwrap();
+        }
+    }
+    let mut stages = Vec::new();
+    if !ready {
+        // Nothing runs before the daemon is ready (the outbox is replayed, the recovered
+        // series assembled, the port opened only then).
+        stages.push(("start-up", String::new()));
+        return stages;
+    }
+    if receiving {
+        stages.push(("receiving", String::new()));
+    }
+    for s in quiet.iter().filter(|s| !completed.contains(*s)) {
+        stages.push(("quiet period", s.clone()));
+    }
+    for (s, stage) in state {
+        stages.push((stage, s));
+    }
+    for (s, n) in marks_pending {
+        if n > 0 {
+            stages.push(("spool mark", s));
+        }
+    }
+    for s in unpublished.into_values() {
+        stages.push(("publish", s));
+    }
+    if from_before > 0 {
+        stages.push(("publish", "(from the outbox)".into()));
+    }
+    stages.sort_by_key(|(stage, _)| STAGES.iter().position(|s| s == stage));
+    stages.dedup();
+    stages
+}
+
+/// Distinct payloads per result id on `topic`, in order of arrival.
+fn payloads_by_id(sub: &Subscriber, topic: &str) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for m in sub.on(topic) {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let copies = out
+            .entry(v["id"].as_str().unwrap().to_string())
+            .or_default();
+        if !copies.contains(&m.payload) {
+            copies.push(m.payload);
+        }
+    }
+    out
+}
+
+fn published_at(result: &serde_json::Value) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(
+        result["timings"]["published"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+}
+
+/// The analysed mark of `series` in the spool (`<study>/<series>/.analysed.json`).
+fn analysed_mark(spool: &Path, source: &Source) -> Option<serde_json::Value> {
+    let path = spool
+        .join(study_of(source))
+        .join(&source.series)
+        .join(".analysed.json");
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// kill -9 at 20 random moments while five studies are sent one after another, with a 1 s
+/// quiet period, so that kills land in every stage a series goes through: receiving, the
+/// quiet period, volume building, inference, the outbox commit, the spool's analysed mark
+/// and the MQTT publish. Some kills are drawn relative to the scanner's responses, others
+/// relative to lines the daemon logs as a series moves on (analysing, inference starts,
+/// model slices, committed to the outbox), and the stage each kill landed in is read back
+/// from the log. After each kill the daemon is restarted and the scanner re-sends what it
+/// got no Success for.
+///
+/// What docs/ALERTS.md promises, and so what is asserted:
+/// - every instance the scanner was told Success for is in the spool after every kill,
+///   intact; at the end every instance is there (the default retention keeps them), none
+///   rejected, and each series' analysed mark names its whole series and its full result;
+/// - for every series a result of **all** its instances arrives, under the id the
+///   documented formula gives for that instance set, and not `failed`; it is the series'
+///   result with the latest `timings.published` (the one a dashboard shows);
+/// - any other id that arrives is a revised-away earlier result of one of these series
+///   with fewer instances: a restart gap longer than the quiet period completes a series
+///   early. Allowed (a revision follows under a new id), counted and printed;
+/// - copies of one id are byte-identical re-deliveries, or the same analysis done again
+///   (a kill after the outbox commit and before the spool mark analyses the series again
+///   after the restart: same instances, model and status, so the same id; only `timings`
+///   differs). ALERTS.md allows both; the second is counted and printed, and must not
+///   differ in anything but `timings`;
+/// - `alert` carries exactly the `result` payloads of positive ids, nothing else;
+/// - the outbox drains.
+#[test]
+fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
+    const KILLS: usize = 20;
+    const STUDIES: u64 = 5;
+    /// How long a kill waits for its aim before it kills anyway.
+    const AIM_TIMEOUT: Duration = Duration::from_secs(8);
+    let _serial = one_at_a_time();
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, TOPICS);
+
+    // Five studies of ~110 slices (1.5 mm), every other one with a fracture.
+    let fractures = ["C2", "none", "C5", "none", "C7"];
+    let studies: Vec<Vec<Source>> = (0..STUDIES)
+        .map(|i| {
+            let dirs = study(
+                &tmp.path().join(format!("s{i}")),
+                7601 + i,
+                fractures[i as usize % fractures.len()],
+                "1.5",
+            );
+            sources(&dirs)
+        })
+        .collect();
+    let all: Vec<Source> = studies.iter().flatten().cloned().collect();
+    let sizes = series_sizes(&all);
+    let source_of: HashMap<PathBuf, Source> =
+        all.iter().map(|s| (s.path.clone(), s.clone())).collect();
+    let label: HashMap<String, String> = studies
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s[0].series.clone(), format!("s{}", i + 1)))
+        .collect();
+    let spool = tmp.path().join("spool");
+    let outbox = tmp.path().join("outbox");
+    let port = free_port();
+    // The default retention (an hour): nothing leaves the spool during the test, so every
+    // acknowledged instance must be found there after every kill.
+    let config = serve_config_full(
+        tmp.path(),
+        port,
+        &broker.url(),
+        "",
+        "completed_retention_secs = 3600.0",
+        "",
+    );
+    let serve_args = ["--quiet-period", "1"];
+
+    let seed: u64 = std::env::var("FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("kill -9 through analysis: FAULTS_SEED={seed} (set it to replay the same aims)");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let max_k = studies[0].len() / 6;
+
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    // Studies whose stream has begun: the scanner resumes those at once after a restart.
+    let mut begun: BTreeSet<usize> = BTreeSet::new();
+    let candidates: BTreeMap<String, BTreeSet<String>> = sizes
+        .keys()
+        .map(|s| (s.clone(), complete_ids(&of_series(&all, s))))
+        .collect();
+    let mut logs = String::new();
+    let mut hits: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut stored_unanswered: BTreeSet<String> = BTreeSet::new();
+    let storm = Instant::now();
+    for kill in 1..=KILLS {
+        let delivered_whole: BTreeSet<String> = {
+            let got = ids_on(&sub, RESULT_TOPIC);
+            candidates
+                .iter()
+                .filter(|(_, c)| one_of(&got, c).is_some())
+                .map(|(series, _)| series.clone())
+                .collect()
+        };
+        let stream_left = acked.len() < all.len();
+        let work_left = stream_left || delivered_whole.len() < sizes.len();
+        let aim = Aim::draw(&mut rng, max_k, stream_left, work_left);
+        // The scanner's pause between two studies in this run, counted from the moment the
+        // earlier study is complete in the daemon (its quiet period over): short ones make
+        // the next stream overlap the analysis.
+        let pause = Duration::from_millis(rng.gen_range(0..1500));
+        let mut next_study_at: Option<Instant> = None;
+        let spawned = Instant::now();
+        let mut daemon = match aim {
+            Aim::StartUp { .. } => Proc::spawn(serve_command(&config, &serve_args)),
+            _ => spawn_serve(&config, port, &serve_args),
+        };
+        // Series acknowledged whole and not yet analysed whole when this run starts: their
+        // quiet period runs again after the restart.
+        let waiting_at_start = sizes.iter().any(|(series, &n)| {
+            let of = of_series(&all, series);
+            of.iter().all(|s| acked.contains(&s.sop))
+                && analysed_mark(&spool, &of[0])
+                    .is_none_or(|m| m["sop_instance_uids"].as_array().map(Vec::len) != Some(n))
+        });
+        let mut scu: Option<(usize, Scu)> = None;
+        let mut run_acked: Vec<PathBuf> = Vec::new();
+        let mut responses_before = 0; // Success responses of finished associations
+        let mut scanner_started: Option<Instant> = None;
+        let mut stream_ended: Option<Instant> = None;
+        let mut trigger: Option<(Instant, String)> = None;
+        let (moment, receiving);
+        loop {
+            let now = Instant::now();
+            // The scanner: one association per study, the studies in order; an interrupted
+            // study is resumed at once, a new one starts `pause` after the one before is
+            // complete in this run (or its whole result was out before the run), so that
+            // the stream does not run far ahead of the analyses.
+            if let Some((i, s)) = &mut scu {
+                if s.exited() {
+                    let i = *i;
+                    let report = scu.take().unwrap().1.finish();
+                    assert!(report.refused.is_empty(), "{:?}", report.refused);
+                    assert!(report.status.success(), "study {i}: {}", report.log);
+                    responses_before += report.acked.len();
+                    acked.extend(report.acked.iter().map(|p| source_of[p].sop.clone()));
+                    run_acked.extend(report.acked);
+                    stream_ended.get_or_insert(now);
+                }
+            }
+            if scu.is_none() && !matches!(aim, Aim::StartUp { .. }) {
+                let next = studies
+                    .iter()
+                    .position(|st| st.iter().any(|s| !acked.contains(&s.sop)));
+                if let Some(i) = next {
+                    if next_study_at.is_none() && !begun.contains(&i) {
+                        let before = i.checked_sub(1).map(|b| &studies[b][0]);
+                        let gate_open = before.is_none_or(|b| {
+                            delivered_whole.contains(&b.series)
+                                || log_contains(
+                                    &daemon,
+                                    &format!(
+                                        "series {} of study {} complete (",
+                                        b.series,
+                                        study_of(b)
+                                    ),
+                                )
+                        });
+                        if gate_open {
+                            next_study_at = Some(now + pause);
+                        }
+                    }
+                    if begun.contains(&i) || next_study_at.is_some_and(|t| now >= t) {
+                        begun.insert(i);
+                        next_study_at = None;
+                        let files = paths(studies[i].iter().filter(|s| !acked.contains(&s.sop)));
+                        scu = Some((i, Scu::start(port, &files)));
+                        scanner_started.get_or_insert(now);
+                    }
+                }
+            }
+            // The aim.
+            if trigger.is_none() {
+                trigger = match aim {
+                    Aim::StartUp { ms } => Some((
+                        spawned + Duration::from_millis(ms),
+                        format!("{ms} ms after start-up began"),
+                    )),
+                    Aim::Response { k: 0, us } => scanner_started.map(|t| {
+                        (
+                            t + Duration::from_micros(us),
+                            format!("{:.1} ms after the scanner started", us as f64 / 1e3),
+                        )
+                    }),
+                    Aim::Response { k, us } => {
+                        let n = responses_before + scu.as_ref().map_or(0, |(_, s)| s.successes());
+                        // Fewer than k left: after the last one.
+                        (n >= k || acked.len() == all.len()).then(|| {
+                            (
+                                now + Duration::from_micros(us),
+                                format!("{:.1} ms after response {k}", us as f64 / 1e3),
+                            )
+                        })
+                    }
+                    Aim::QuietPeriod { us } => {
+                        let ready = waiting_at_start && log_contains(&daemon, "] ready");
+                        stream_ended.or(ready.then_some(now)).map(|t| {
+                            (
+                                t + Duration::from_micros(us),
+                                format!(
+                                    "{:.0} ms after a study's last instance or the restart",
+                                    us as f64 / 1e3
+                                ),
+                            )
+                        })
+                    }
+                    Aim::Log { needle, us } => log_contains(&daemon, needle).then(|| {
+                        (
+                            now + Duration::from_micros(us),
+                            format!("{:.1} ms after \"{}\"", us as f64 / 1e3, needle.trim()),
+                        )
+                    }),
+                };
+                if trigger.is_none() && now.duration_since(spawned) > AIM_TIMEOUT {
+                    trigger = Some((now, format!("{aim:?} not reached in {AIM_TIMEOUT:?}")));
+                }
+            }
+            if let Some((at, what)) = &trigger {
+                if now >= *at {
+                    moment = what.clone();
+                    receiving = scu.as_mut().is_some_and(|(_, s)| !s.exited());
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        daemon.kill9();
+        daemon.wait_exit(Duration::from_secs(10));
+        let log = daemon.log();
+        logs.push_str(&log);
+        if let Some((_, s)) = scu.take() {
+            let report = s.finish();
+            assert!(
+                report.refused.is_empty(),
+                "kill {kill}: {:?}",
+                report.refused
+            );
+            acked.extend(report.acked.iter().map(|p| source_of[p].sop.clone()));
+            run_acked.extend(report.acked);
+        }
+
+        // Every instance acknowledged so far is in the spool; those of this run intact.
+        let on_disk = spooled(&spool);
+        for sop in &acked {
+            assert!(
+                on_disk.contains_key(sop),
+                "kill {kill} ({moment}): instance {sop} was acknowledged but is not in the spool"
+            );
+        }
+        for path in &run_acked {
+            let source = &source_of[path];
+            assert_intact(source, &on_disk[&source.sop]);
+        }
+        stored_unanswered.extend(on_disk.keys().filter(|s| !acked.contains(*s)).cloned());
+
+        // Where it landed.
+        let quiet: Vec<String> = sizes
+            .iter()
+            .filter(|(series, &n)| {
+                let of = of_series(&all, series);
+                of.iter().filter(|s| on_disk.contains_key(&s.sop)).count() == n
+                    && analysed_mark(&spool, &of[0])
+                        .is_none_or(|m| m["sop_instance_uids"].as_array().map(Vec::len) != Some(n))
+            })
+            .map(|(series, _)| series.clone())
+            .collect();
+        let stages = stages_at_kill(&log, receiving, &quiet);
+        let mut landed: Vec<&str> = stages.iter().map(|(stage, _)| *stage).collect();
+        landed.dedup();
+        for stage in &landed {
+            *hits.entry(stage).or_default() += 1;
+        }
+        let described: Vec<String> = stages
+            .iter()
+            .map(|(stage, series)| match label.get(series) {
+                Some(l) => format!("{stage} {l}"),
+                None if series.is_empty() => stage.to_string(),
+                None => format!("{stage} {series}"),
+            })
+            .collect();
+        eprintln!(
+            "kill {kill:2} ({moment}): {}; {} acknowledged in this run, {}/{} in total",
+            if described.is_empty() {
+                "nothing in progress".to_string()
+            } else {
+                described.join(", ")
+            },
+            run_acked.len(),
+            acked.len(),
+            all.len()
+        );
+    }
+    let storm = storm.elapsed();
+
+    // Final start: the scanner sends what it has no Success for, study by study.
+    let final_start = Instant::now();
+    let daemon = spawn_serve(&config, port, &serve_args);
+    let mut sent_at_the_end = 0;
+    for study in &studies {
+        let rest = paths(study.iter().filter(|s| !acked.contains(&s.sop)));
+        if rest.is_empty() {
+            continue;
+        }
+        let report = store(port, &rest);
+        assert!(report.status.success(), "final send: {}", report.log);
+        acked.extend(report.acked.iter().map(|p| source_of[p].sop.clone()));
+        sent_at_the_end += report.acked.len();
+    }
+    assert_eq!(acked.len(), all.len(), "every instance acknowledged");
+
+    sub.wait_for_within(
+        "a whole-series result for each series",
+        RESULT_TIMEOUT,
+        |_| {
+            let got = ids_on(&sub, RESULT_TOPIC);
+            candidates.values().all(|c| one_of(&got, c).is_some())
+        },
+    );
+    let time_to_results = final_start.elapsed();
+    wait_until("the outbox to drain", RESULT_TIMEOUT, || {
+        outbox_ids(&outbox).is_empty()
+    });
+    // The mark of the last series is written after its commit: wait for it too.
+    wait_until("every series marked analysed whole", RESULT_TIMEOUT, || {
+        studies.iter().all(|st| {
+            analysed_mark(&spool, &st[0])
+                .and_then(|m| m["sop_instance_uids"].as_array().map(Vec::len))
+                == Some(st.len())
+        })
+    });
+    logs.push_str(&daemon.log());
+    let total = started.elapsed();
+
+    // The spool: everything, nothing rejected, each series marked with its full result.
+    let on_disk = spooled(&spool);
+    assert_eq!(on_disk.len(), all.len(), "every instance is in the spool");
+    assert!(
+        spool_rejected(&spool).is_empty(),
+        "the re-index rejected files: {:?}",
+        spool_rejected(&spool)
+    );
+
+    // The results.
+    let results = payloads_by_id(&sub, RESULT_TOPIC);
+    let alerts = payloads_by_id(&sub, ALERT_TOPIC);
+    let parse = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap();
+    let mut full: BTreeMap<String, String> = BTreeMap::new(); // series -> id
+    let mut partial: Vec<(String, u64)> = Vec::new(); // (series label, instances)
+    let mut analysed_again = 0;
+    let mut latest: BTreeMap<String, (time::OffsetDateTime, String)> = BTreeMap::new();
+    for (id, copies) in &results {
+        let first = parse(&copies[0]);
+        let series = first["series_instance_uid"].as_str().unwrap().to_string();
+        assert!(
+            sizes.contains_key(&series),
+            "a result for no series sent: {first}"
+        );
+        if candidates[&series].contains(id) {
+            assert_documented_id(&first, &of_series(&all, &series));
+            assert_ne!(first["status"], "failed", "{first}");
+            full.insert(series.clone(), id.clone());
+        } else {
+            let n = first["instances"].as_u64().unwrap();
+            assert!(
+                n < sizes[&series] as u64,
+                "result {id} is neither the whole series' nor an earlier partial one: {first}"
+            );
+            partial.push((label[&series].clone(), n));
+        }
+        if copies.len() > 1 {
+            let mut bare: Vec<serde_json::Value> = copies.iter().map(|c| parse(c)).collect();
+            for v in &mut bare {
+                v.as_object_mut().unwrap().remove("timings");
+            }
+            assert!(
+                bare.iter().all(|v| v == &bare[0]),
+                "copies of result {id} differ in more than their timings:\n{}",
+                copies
+                    .iter()
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            analysed_again += 1;
+        }
+        for copy in copies {
+            let at = published_at(&parse(copy));
+            let entry = latest.entry(series.clone()).or_insert((at, id.clone()));
+            if at > entry.0 {
+                *entry = (at, id.clone());
+            }
+        }
+        if first["status"] == "positive" {
+            assert_eq!(
+                alerts.get(id),
+                Some(copies),
+                "alert copies of positive {id}"
+            );
+        } else {
+            assert!(
+                !alerts.contains_key(id),
+                "alert for a {} result",
+                first["status"]
+            );
+        }
+    }
+    assert!(
+        alerts.keys().all(|id| results.contains_key(id)),
+        "an alert without its result"
+    );
+    for (series, id) in &full {
+        assert_eq!(
+            &latest[series].1, id,
+            "series {series}: the whole-series result is the latest published"
+        );
+        let mark = analysed_mark(&spool, &of_series(&all, series)[0]).unwrap();
+        assert_eq!(mark["result_id"], id.as_str(), "{mark}");
+    }
+    assert_eq!(full.len(), sizes.len());
+
+    // The kills did reach past the stream (the aims make about half of them wait for a
+    // series' analysis).
+    let later: usize = STAGES[3..]
+        .iter()
+        .map(|s| hits.get(s).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        later >= 3,
+        "only {later} kills landed after a series was complete: {hits:?}"
+    );
+    let hits_line: Vec<String> = STAGES
+        .iter()
+        .map(|s| format!("{s} {}", hits.get(s).copied().unwrap_or(0)))
+        .collect();
+    eprintln!(
+        "kill -9 x {KILLS} through analysis in {:.1} s: {} instances in {} series, 0 \
+         acknowledged instances missing after any kill ({} stored but unanswered at a kill, {} \
+         re-sent instances answered from the spool); kills per stage: {}; final start: {} \
+         instances sent, every series' whole result out {:.1} s after it; {} earlier partial \
+         result(s) (series, instances) {:?}; {} id(s) delivered again from a second analysis \
+         (same id, other timings), {} found theirs still in the outbox; {} commits in all; \
+         test {:.1} s",
+        storm.as_secs_f64(),
+        all.len(),
+        sizes.len(),
+        stored_unanswered.len(),
+        logs.matches("is already in the spool").count(),
+        hits_line.join(", "),
+        sent_at_the_end,
+        time_to_results.as_secs_f64(),
+        partial.len(),
+        partial,
+        analysed_again,
+        logs.matches(" is already waiting in the outbox").count(),
+        logs.matches(" committed to the outbox as entry ").count(),
+        total.as_secs_f64()
+    );
+}
+
 // ---------------------------------------------------------------- broker down
 
 /// The broker is down from before the daemon starts: two studies arrive, one before and
@@ -1047,6 +1749,242 @@ fn disk_full_on_a_tmpfs_spool_answers_a700_and_recovers_when_space_returns() {
         free_before as f64 / (1 << 20) as f64,
         report.acked.len(),
         all.len()
+    );
+    drop(daemon);
+}
+
+/// Fills the file system of `dir` (a small tmpfs) with `dir/.filler` until a write fails
+/// with ENOSPC: not one page is left for anyone else.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join(".filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    for size in [1 << 16, 1 << 12, 1] {
+        let chunk = vec![0x5a_u8; size];
+        loop {
+            match f.write(&chunk) {
+                Ok(n) if n == chunk.len() => {}
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", dir.display()),
+            }
+        }
+    }
+    filler
+}
+
+/// Lines of `log` from byte `from` on that contain `needle`.
+fn lines_with<'a>(log: &'a str, from: usize, needle: &str) -> Vec<&'a str> {
+    log[from..].lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// The result id in an outbox write failure line ("cannot write result <id> to the outbox").
+fn failed_id(line: &str) -> String {
+    uid_after(line, "cannot write result ").unwrap().to_string()
+}
+
+/// A real ENOSPC under the outbox: the outbox directory is a 1 MiB tmpfs (mounted when the
+/// test runs as root and `mount -t tmpfs` works, otherwise it prints `SKIPPED ...` and
+/// returns), filled to the last page by another file, so that committing a result fails.
+///
+/// First without a restart: the commit failure is logged with the id and the ENOSPC and
+/// retried (every 5 s), nothing is published, the series is neither marked analysed nor
+/// released from the spool (its 2 s retention passes meanwhile), and the outbox holds no
+/// entry or temp file; once the filler is deleted the same daemon commits the result
+/// (`timings.published` is after the space returned), marks the series, delivers the
+/// result under its documented id and releases the series.
+///
+/// Then a second study while the disk is full again, and kill -9 while its commit fails;
+/// a restart while the disk is still full (the daemon starts, analyses the series again
+/// from the spool and logs the same failure), kill -9 again; space returns, a restart:
+/// the result arrives, committed once, under its documented id; the first study is
+/// neither analysed nor delivered again.
+#[test]
+fn disk_full_under_the_outbox_holds_the_result_until_space_returns_even_across_kills() {
+    let _serial = one_at_a_time();
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = tmp.path().join("outbox");
+    let mount = match Tmpfs::mount(&outbox, 1) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED disk full under the outbox: {why}");
+            return;
+        }
+    };
+    let first = sources(&study(&tmp.path().join("a"), 7701, "C3", "1.5"));
+    let second = sources(&study(&tmp.path().join("b"), 7702, "none", "1.5"));
+    let (ids1, ids2) = (complete_ids(&first), complete_ids(&second));
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, TOPICS);
+    let port = free_port();
+    let spool = tmp.path().join("spool");
+    // A short retention: a series whose result is committed leaves the spool 2 s after
+    // its last instance; one whose result is not committed must stay.
+    let config = serve_config_full(tmp.path(), port, &broker.url(), "", RETENTION_2S, "");
+    let serve_args = ["--quiet-period", "1"];
+    let failure = "cannot write result ";
+    let mut logs = String::new();
+
+    // 1. Full, then space returns; the same daemon.
+    let mut daemon = spawn_serve(&config, port, &serve_args);
+    let filler = fill_up(&outbox);
+    assert_eq!(mount.free_bytes(), 0);
+    let report = store(port, &paths(&first));
+    assert!(report.status.success(), "{}", report.log);
+    let full_at = Instant::now();
+    // Two failed attempts: logged, and retried.
+    wait_until("two failed commits", RESULT_TIMEOUT, || {
+        daemon.log().matches(failure).count() >= 2
+    });
+    let log = daemon.log();
+    let failures = lines_with(&log, 0, failure);
+    for line in &failures {
+        assert!(line.contains("No space left on device"), "{line}");
+        assert!(line.contains("retrying in 5 s"), "{line}");
+        assert!(ids1.contains(&failed_id(line)), "{line}");
+    }
+    let id1 = failed_id(failures[0]);
+    let example = message(failures[0]).to_string();
+    // Nothing committed, published, marked or released; the spool holds the series.
+    assert!(!log.contains(" committed to the outbox"), "{log}");
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+    let leftovers: Vec<String> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock" && n != ".filler")
+        .collect();
+    assert!(leftovers.is_empty(), "outbox files: {leftovers:?}");
+    assert!(
+        analysed_mark(&spool, &first[0]).is_none(),
+        "marked before its commit"
+    );
+    assert!(analyses(&log, &first[0].series).is_empty());
+    assert!(
+        releases(&log, &first[0].series).is_empty(),
+        "released before its commit"
+    );
+    assert_eq!(spooled(&spool).len(), first.len());
+    assert!(sub.on(RESULT_TOPIC).is_empty());
+    let waited = full_at.elapsed();
+
+    std::fs::remove_file(&filler).unwrap();
+    let space_back = time::OffsetDateTime::now_utc();
+    let space_back_at = Instant::now();
+    sub.wait_for_within("the first result", RESULT_TIMEOUT, |_| {
+        ids_on(&sub, RESULT_TOPIC).contains(&id1)
+    });
+    let took1 = space_back_at.elapsed();
+    wait_until("the first series released", RESULT_TIMEOUT, || {
+        !releases(&daemon.log(), &first[0].series).is_empty()
+    });
+    wait_until("the outbox to drain", RESULT_TIMEOUT, || {
+        outbox_ids(&outbox).is_empty()
+    });
+    let log = daemon.log();
+    let (r1, n1) = delivered(&sub, &id1);
+    assert_documented_id(&r1, &first);
+    assert!(
+        published_at(&r1) > space_back,
+        "published is the commit: {r1}"
+    );
+    assert_eq!(commits(&log, &id1), 1);
+    assert_eq!(analyses(&log, &first[0].series), vec![first.len()]);
+    assert_eq!(releases(&log, &first[0].series), vec![first.len()]);
+    // In that order: the failures, the commit, the mark, the release.
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {log}"))
+    };
+    assert!(at(failure) < at(" committed to the outbox"));
+    assert!(at(" committed to the outbox") < at("analysed instances marked in the spool"));
+    assert!(at("analysed instances marked in the spool") < at("(study forgotten)"));
+    let failed_attempts1 = log.matches(failure).count();
+
+    // 2. Full again: kill -9 while the second result cannot be committed.
+    let filler = fill_up(&outbox);
+    let from = daemon.log().len();
+    let report = store(port, &paths(&second));
+    assert!(report.status.success(), "{}", report.log);
+    wait_until("the second result's commit to fail", RESULT_TIMEOUT, || {
+        !lines_with(&daemon.log(), from, failure).is_empty()
+    });
+    let id2 = failed_id(lines_with(&daemon.log(), from, failure)[0]);
+    assert!(ids2.contains(&id2));
+    daemon.kill9();
+    logs.push_str(&daemon.log());
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+    assert!(analysed_mark(&spool, &second[0]).is_none());
+    assert_eq!(
+        spooled(&spool).len(),
+        second.len(),
+        "the second series waits in the spool"
+    );
+
+    // Restarted while the disk is still full: it starts, analyses the series again from
+    // the spool, and cannot commit it either.
+    let mut daemon = spawn_serve(&config, port, &serve_args);
+    wait_until(
+        "the commit to fail after the restart",
+        RESULT_TIMEOUT,
+        || {
+            lines_with(&daemon.log(), 0, failure)
+                .iter()
+                .any(|l| failed_id(l) == id2 && l.contains("No space left on device"))
+        },
+    );
+    daemon.kill9();
+    logs.push_str(&daemon.log());
+    assert_eq!(outbox_ids(&outbox), Vec::<String>::new());
+
+    // Space returns, then a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let restart = Instant::now();
+    let daemon = spawn_serve(&config, port, &serve_args);
+    sub.wait_for_within("the second result", RESULT_TIMEOUT, |_| {
+        ids_on(&sub, RESULT_TOPIC).contains(&id2)
+    });
+    let took2 = restart.elapsed();
+    wait_until("the outbox to drain", RESULT_TIMEOUT, || {
+        outbox_ids(&outbox).is_empty()
+    });
+    wait_until("the spool to be empty", RESULT_TIMEOUT, || {
+        spooled(&spool).is_empty() && !releases(&daemon.log(), &second[0].series).is_empty()
+    });
+    logs.push_str(&daemon.log());
+    let (r2, n2) = delivered(&sub, &id2);
+    assert_documented_id(&r2, &second);
+    assert_eq!(
+        ids_on(&sub, RESULT_TOPIC),
+        BTreeSet::from([id1.clone(), id2.clone()]),
+        "nothing else"
+    );
+    assert_eq!(
+        delivered(&sub, &id1).1,
+        n1,
+        "the first result is not delivered again"
+    );
+    assert_eq!(commits(&logs, &id2), 1, "committed once");
+    assert_eq!(
+        commits(&logs, &id1),
+        1,
+        "the first series is not analysed again"
+    );
+    assert_eq!(analyses(&logs, &first[0].series), vec![first.len()]);
+    assert_eq!(analyses(&logs, &second[0].series), vec![second.len()]);
+    assert_eq!(releases(&logs, &second[0].series), vec![second.len()]);
+    eprintln!(
+        "outbox on a full 1 MiB tmpfs: {failed_attempts1} failed commits of the first result in \
+         {:.1} s (ENOSPC, logged, retried every 5 s; series neither marked nor released), \
+         result delivered {:.1} s after the space returned, without a restart, {n1} cop(y/ies); \
+         second result: {} failed commits across two runs killed with SIGKILL (one started on \
+         the full disk), delivered {:.1} s after the restart that followed the clean-up, {n2} \
+         cop(y/ies), committed once; test {:.1} s; the log said: {example}",
+        waited.as_secs_f64(),
+        took1.as_secs_f64(),
+        logs.matches(failure).count() - failed_attempts1,
+        took2.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
     );
     drop(daemon);
 }

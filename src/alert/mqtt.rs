@@ -572,8 +572,14 @@ async fn poll_loop(
                     let outbox = delivery.outbox.clone();
                     tokio::task::spawn_blocking(move || {
                         for seq in delivered {
-                            if let Err(err) = outbox.remove(seq) {
-                                log::error!("{err:#}");
+                            match outbox.remove(seq) {
+                                Ok(Some(meta)) => log::info!(
+                                    "result {} delivered: the broker acknowledged outbox entry \
+                                     {seq}, removed",
+                                    meta.id
+                                ),
+                                Ok(None) => {}
+                                Err(err) => log::error!("{err:#}"),
                             }
                         }
                     });

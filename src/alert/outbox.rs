@@ -413,13 +413,13 @@ impl Outbox {
         })
     }
 
-    /// Removes a delivered entry (after the broker acknowledged all of its publishes).
-    /// Removing an entry that is already gone is not an error.
-    pub fn remove(&self, seq: u64) -> Result<()> {
-        {
+    /// Removes a delivered entry (after the broker acknowledged all of its publishes) and
+    /// returns what it was. Removing an entry that is already gone is not an error (`None`).
+    pub fn remove(&self, seq: u64) -> Result<Option<EntryMeta>> {
+        let removed = {
             let mut state = self.state();
             let Some(meta) = state.entries.remove(&seq) else {
-                return Ok(());
+                return Ok(None);
             };
             state.bytes -= meta.file_bytes;
             if state.by_id.get(&meta.id) == Some(&seq) {
@@ -437,9 +437,10 @@ impl Outbox {
             }
             // A removal lost to a crash only means one more (identical) delivery.
             sync_dir(&self.shared.dir)?;
-        }
+            meta
+        };
         self.shared.space.notify_waiters();
-        Ok(())
+        Ok(Some(removed))
     }
 
     /// Moves an unreadable entry aside so it no longer blocks delivery, logging an error.

@@ -393,6 +393,13 @@ pub async fn run_inference(
         let Some(outcome) = heartbeat.recv(&mut rx).await else {
             break;
         };
+        if let SeriesOutcome::Volume(volume) = &outcome {
+            log::info!(
+                "series {}: volume of {} instance(s) built, inference starts",
+                volume.meta.series_instance_uid,
+                volume.meta.sop_instance_uids.len()
+            );
+        }
         let pipeline = pipeline.clone();
         let message = match tokio::task::spawn_blocking(move || pipeline.process_early(outcome))
             .await
