@@ -28,6 +28,11 @@ use cspine_triage::alert::{
 use time::OffsetDateTime;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// The alert stage's heartbeat, as `serve` registers it (nothing watches it here).
+fn alert_heartbeat() -> cspine_triage::service::health::Heartbeat {
+    cspine_triage::service::health::Health::new(Default::default()).register("alert")
+}
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
@@ -286,7 +291,12 @@ impl InProcess {
                     sha256: "ab".repeat(32),
                 };
                 let result = alerts
-                    .run(StatusInfo::new(Some(model)), rx, Some(ctx_async))
+                    .run(
+                        alert_heartbeat(),
+                        StatusInfo::new(Some(model)),
+                        rx,
+                        Some(ctx_async),
+                    )
                     .await;
                 let _ = forward.await;
                 result
@@ -364,7 +374,7 @@ fn child_alert_process() {
         let alerts = Alerts::open(&config).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (ctx, mut crx) = tokio::sync::mpsc::channel(16);
-        let run = tokio::spawn(alerts.run(StatusInfo::new(None), rx, Some(ctx)));
+        let run = tokio::spawn(alerts.run(alert_heartbeat(), StatusInfo::new(None), rx, Some(ctx)));
         for id in &ids {
             tx.send(message(id, Status::Positive, Some(b"\x89PNG-child")))
                 .await

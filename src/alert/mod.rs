@@ -14,7 +14,8 @@
 //! let alerts = Alerts::open(&config)?;          // outbox open, key loaded, broker up
 //! // ... now READY=1 ...
 //! let (committed_tx, _committed_rx) = tokio::sync::mpsc::channel(16);
-//! alerts.run(StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
+//! let health = cspine_triage::service::health::Health::new(Default::default());
+//! alerts.run(health.register("alert"), StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
 //! # Ok(()) }
 //! ```
 
@@ -33,6 +34,8 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+
+use crate::service::health::Heartbeat;
 
 pub use broker::EmbeddedBroker;
 pub use mqtt::{BrokerUrl, StatusInfo, Topics};
@@ -303,8 +306,10 @@ impl Alerts {
     /// Commits every message from `rx` and publishes the outbox until `rx` is closed (all
     /// senders dropped); then drains for up to `shutdown_drain_secs` and says offline.
     /// When the outbox is full, `rx` is not read: upstream waits (backpressure).
+    /// `heartbeat` beats while waiting for results and while a commit is retried.
     pub async fn run(
         self,
+        heartbeat: Heartbeat,
         status: StatusInfo,
         mut rx: mpsc::Receiver<ResultMessage>,
         committed: Option<mpsc::Sender<Committed>>,
@@ -320,7 +325,7 @@ impl Alerts {
             stop_rx,
         ));
 
-        while let Some(message) = rx.recv().await {
+        while let Some(message) = heartbeat.recv(&mut rx).await {
             let ResultMessage {
                 mut result,
                 patient_id,
@@ -356,7 +361,7 @@ impl Alerts {
             };
             let outcome = self
                 .outbox
-                .commit_waiting(&id, positive, payload, key_image_png)
+                .commit_waiting(&heartbeat, &id, positive, payload, key_image_png)
                 .await;
             let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
             if already_queued {
@@ -374,18 +379,23 @@ impl Alerts {
             wake.notify_one();
             if let Some(tx) = &committed {
                 // The receiver going away is the caller's business, not a reason to stop.
-                let _ = tx
-                    .send(Committed {
-                        id,
-                        study_instance_uid: study,
-                        series_instance_uid: series,
-                        seq: outcome.seq(),
-                        already_queued,
-                        sop_instance_uids,
-                    })
+                let _ = heartbeat
+                    .send(
+                        tx,
+                        Committed {
+                            id,
+                            study_instance_uid: study,
+                            series_instance_uid: series,
+                            seq: outcome.seq(),
+                            already_queued,
+                            sop_instance_uids,
+                        },
+                    )
                     .await;
             }
         }
+        // Input closed on purpose (shutdown): the drain below is bounded by its own timeout.
+        heartbeat.finish();
 
         let _ = stop_tx.send(true);
         delivery.await.context("MQTT delivery task panicked")?
@@ -403,11 +413,14 @@ fn id_is_topic_safe(id: &str) -> bool {
 /// [`Alerts::open`] + [`Alerts::run`] in one call.
 pub async fn run_alerts(
     config: AlertConfig,
+    heartbeat: Heartbeat,
     status: StatusInfo,
     rx: mpsc::Receiver<ResultMessage>,
     committed: Option<mpsc::Sender<Committed>>,
 ) -> Result<()> {
-    Alerts::open(&config)?.run(status, rx, committed).await
+    Alerts::open(&config)?
+        .run(heartbeat, status, rx, committed)
+        .await
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::service::health::Heartbeat;
+
 const ENTRY_EXT: &str = "entry";
 const TMP_EXT: &str = "tmp";
 const FORMAT: u32 = 1;
@@ -336,6 +338,7 @@ impl Outbox {
     /// a result that was handed to us is never dropped.
     pub async fn commit_waiting(
         &self,
+        heartbeat: &Heartbeat,
         id: &str,
         positive: bool,
         result_json: impl Fn() -> Vec<u8> + Send + Sync + 'static,
@@ -375,7 +378,9 @@ impl Outbox {
                         logged_full = true;
                     }
                     // Also wake up now and then in case of an external cleanup.
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), space).await;
+                    heartbeat
+                        .wait_for(space, std::time::Duration::from_secs(5))
+                        .await;
                 }
                 Err(CommitError::Io(err)) => {
                     log::error!(
@@ -383,7 +388,12 @@ impl Outbox {
                          (upstream waits)",
                         self.shared.dir.display()
                     );
-                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    heartbeat
+                        .wait_for(
+                            std::future::pending::<()>(),
+                            std::time::Duration::from_secs(5),
+                        )
+                        .await;
                 }
             }
         }
@@ -704,8 +714,15 @@ mod tests {
         let waiter = {
             let outbox = outbox.clone();
             tokio::spawn(async move {
+                let health = crate::service::health::Health::new(Default::default());
                 outbox
-                    .commit_waiting("b", false, || b"{}".to_vec(), None)
+                    .commit_waiting(
+                        &health.register("alert"),
+                        "b",
+                        false,
+                        || b"{}".to_vec(),
+                        None,
+                    )
                     .await
             })
         };

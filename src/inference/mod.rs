@@ -435,9 +435,9 @@ pub async fn run_inference(
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default()
         );
-        tx.send(message)
-            .await
-            .context("the alert stage stopped; cannot hand over results")?;
+        if heartbeat.send(&tx, message).await.is_err() {
+            anyhow::bail!("the alert stage stopped; cannot hand over results");
+        }
     }
     Ok(())
 }

@@ -1083,7 +1083,7 @@ pub async fn run_assembler(
             None => {}
         }
         for job in assembler.poll(Instant::now()) {
-            if job_tx.send(job).await.is_err() {
+            if heartbeat.send(&job_tx, job).await.is_err() {
                 log::warn!("volume builder stopped: stopping the assembler");
                 return Ok(());
             }

@@ -126,6 +126,7 @@ async fn run(config: Config) -> Result<()> {
         (
             "alert",
             tokio::spawn(alerts.run(
+                health.register("alert"),
                 alert::StatusInfo::new(Some(model)),
                 result_rx,
                 Some(committed_tx),

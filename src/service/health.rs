@@ -279,6 +279,52 @@ impl Heartbeat {
         }
     }
 
+    /// Sends `message` on a bounded channel, beating while the channel is full: waiting
+    /// for a slower stage downstream (the alert stage retrying a full outbox disk) is
+    /// backpressure, not a stall, and a stage downstream that is stuck has a heartbeat of
+    /// its own. Without this, a stage waiting here for longer than its allowed stall
+    /// made the watchdog restart the daemon again and again until the disk had room.
+    /// `Err` gives `message` back when the channel is closed.
+    pub async fn send<T>(&self, tx: &mpsc::Sender<T>, message: T) -> Result<(), T> {
+        loop {
+            self.beat();
+            match tokio::time::timeout(self.idle_beat_period(), tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(message);
+                    self.beat();
+                    return Ok(());
+                }
+                Ok(Err(_closed)) => return Err(message),
+                Err(_full) => {}
+            }
+        }
+    }
+
+    /// Waits for `future` for at most `max`, beating meanwhile; `None` if `max` passed
+    /// first. For a stage that retries (a full or failing outbox disk): retrying is
+    /// progress, not a stall.
+    pub async fn wait_for<F: std::future::Future>(
+        &self,
+        future: F,
+        max: Duration,
+    ) -> Option<F::Output> {
+        let until = Instant::now() + max;
+        tokio::pin!(future);
+        loop {
+            self.beat();
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            if let Ok(output) =
+                tokio::time::timeout(left.min(self.idle_beat_period()), future.as_mut()).await
+            {
+                self.beat();
+                return Some(output);
+            }
+        }
+    }
+
     /// Fault-injection point: if `CSPINE_FAULT_STALL` names this stage, block this task
     /// forever without beating (a simulated hung stage, for the watchdog test).
     /// Call it at the top of the stage's loop, before waiting for input, so that the
@@ -542,6 +588,35 @@ mod tests {
         assert!(stuck_seen.contains(&"alert"), "{stuck_seen:?}");
         assert!(!stuck_seen.contains(&"series"), "{stuck_seen:?}");
         assert_eq!(beat.recv(&mut rx).await, None);
+    }
+
+    #[tokio::test]
+    async fn send_beats_while_the_channel_is_full_and_gives_the_message_back_when_closed() {
+        let health = Health::new(StallSecs::default());
+        let beat = health.register_with("series", Duration::from_millis(200));
+        let _silent = health.register_with("alert", Duration::from_millis(200));
+        let (tx, mut rx) = mpsc::channel::<u32>(1);
+        tx.send(1).await.unwrap();
+        // The downstream stage takes 5x the allowed stall before it reads.
+        let watcher = {
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut stuck_seen = Vec::new();
+                for _ in 0..50 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    stuck_seen.extend(health.stuck().into_iter().map(|s| s.name));
+                }
+                let got = [rx.recv().await, rx.recv().await];
+                (stuck_seen, got)
+            })
+        };
+        assert_eq!(beat.send(&tx, 2).await, Ok(()));
+        let (stuck_seen, got) = watcher.await.unwrap();
+        assert_eq!(got, [Some(1), Some(2)]);
+        assert!(stuck_seen.contains(&"alert"), "{stuck_seen:?}");
+        assert!(!stuck_seen.contains(&"series"), "{stuck_seen:?}");
+        // The receiver is gone with the watcher task.
+        assert_eq!(beat.send(&tx, 3).await, Err(3));
     }
 
     #[test]
