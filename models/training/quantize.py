@@ -6,6 +6,13 @@ not implement ORT's com.microsoft QLinear* contrib ops.
 
 Calibration uses whole training studies (never validation or test studies).
 
+`--fuse-relu` also lists `Relu` in op_types_to_quantize: onnxruntime then gives each
+Conv->Relu pair's QLinearConv the ReLU output's calibrated range (zero point 0, so uint8
+saturation is the ReLU) and drops the Relu and the DequantizeLinear/QuantizeLinear around
+it. The graph stays QLinearConv only (checked below); every Relu of this network follows a
+Conv whose only consumer it is (also checked: onnxruntime would drop a Relu after a Conv
+with other consumers without clamping anything).
+
   python3 quantize.py runs/fp32/model_fp32.onnx ../cspine_triage_int8.onnx \
       --data DATA_ROOT --cache CACHE --calib 16
 """
@@ -51,6 +58,20 @@ def restore_shapes(path, fp32_path) -> None:
     onnx.save(m, str(path))
 
 
+def check_relu_fusable(fp32: str) -> None:
+    """onnxruntime (QLinearActivation) removes a Relu whose input is quantized, but moves the
+    Relu's range onto the Conv output only when that output has no other consumer: a Conv
+    output read by the Relu and by something else would lose its ReLU."""
+    g = onnx.load(fp32).graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = collections.Counter(i for n in g.node for i in n.input)
+    for n in g.node:
+        if n.op_type == "Relu":
+            src = producer.get(n.input[0])
+            if src is not None and src.op_type == "Conv" and consumers[n.input[0]] != 1:
+                raise SystemExit(f"--fuse-relu: {src.name}'s output feeds {n.name} and other nodes")
+
+
 def op_histogram(path) -> dict:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
 
@@ -75,14 +96,18 @@ def main():
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--calib", type=int, default=16, help="number of calibration studies")
     ap.add_argument("--per-channel", action="store_true")
+    ap.add_argument("--fuse-relu", action="store_true",
+                    help="fold each Conv's ReLU into its QLinearConv (Relu in op_types_to_quantize)")
     args = ap.parse_args()
+    if args.fuse_relu:
+        check_relu_fusable(args.fp32)
     studies = load_dataset(args.data, args.cache / args.data.name)[: args.calib]
     quantize_static(
         args.fp32,
         args.int8,
         StudyReader(studies),
         quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=["Conv"],
+        op_types_to_quantize=["Conv", "Relu"] if args.fuse_relu else ["Conv"],
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=args.per_channel,
