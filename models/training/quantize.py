@@ -72,6 +72,27 @@ def check_relu_fusable(fp32: str) -> None:
                 raise SystemExit(f"--fuse-relu: {src.name}'s output feeds {n.name} and other nodes")
 
 
+def check_tract_safe(path) -> None:
+    """No node outside the default ONNX domain (tract has no com.microsoft ops), and no
+    QuantizeLinear/DequantizeLinear next to a Softmax (tract would fold the three into a
+    lookup table)."""
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise SystemExit(f"int8 graph has ops outside the ONNX domain: {foreign}")
+    for n in g.node:
+        if n.op_type == "Softmax":
+            near = [producer[i].op_type for i in n.input if i in producer]
+            near += [c.op_type for c in consumers[n.output[0]]]
+            if {"QuantizeLinear", "DequantizeLinear"} & set(near):
+                raise SystemExit(f"int8 graph quantizes around {n.name}: {near}")
+
+
 def op_histogram(path) -> dict:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
 
@@ -122,6 +143,7 @@ def main():
     ]
     if bad:
         raise SystemExit(f"int8 graph has ops tract does not run: {bad}")
+    check_tract_safe(args.int8)
     print("max |int8 - fp32| (onnxruntime, calibration studies):", compare(args.fp32, args.int8, studies[:4]))
 
 
