@@ -1753,6 +1753,84 @@ fn disk_full_on_a_tmpfs_spool_answers_a700_and_recovers_when_space_returns() {
     drop(daemon);
 }
 
+/// A spool short of space (below twice `min_free_space_mb`, above the floor itself): an
+/// analysed study is released as soon as its result is committed, not an hour later
+/// (`completed_retention_secs = 3600`), so that the next study is not refused. A tmpfs 8
+/// MiB larger than the study, floor 5 MiB: the study is accepted whole and leaves about
+/// 7.5 MiB, below 10. Skipped, with the reason printed, where tmpfs cannot be mounted.
+#[test]
+fn short_of_space_an_analysed_study_is_released_before_its_retention() {
+    let _serial = one_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let all = sources(&study(&tmp.path().join("a"), 7302, "C4", "1.5"));
+    let study_bytes: u64 = all
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .sum();
+    // The study plus 8 MiB: it leaves about 7.5 MiB once spooled.
+    let mount = match Tmpfs::mount(&spool, study_bytes.div_ceil(1 << 20) + 8) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED spool short of space on a tmpfs: {why}");
+            return;
+        }
+    };
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, TOPICS);
+    let port = free_port();
+    let config = serve_config_full(
+        tmp.path(),
+        port,
+        &broker.url(),
+        "min_free_space_mb = 5",
+        "completed_retention_secs = 3600.0",
+        "",
+    );
+    let daemon = spawn_serve(&config, port, &[]);
+    let free_before = mount.free_bytes();
+    assert!(
+        free_before > 10 << 20,
+        "{free_before} bytes free before the study"
+    );
+
+    let report = store(port, &paths(&all));
+    assert!(report.status.success(), "{}", report.log);
+    assert_eq!(report.acked.len(), all.len(), "{}", report.log);
+    let free_after = mount.free_bytes();
+    assert!(
+        (5 << 20..10 << 20).contains(&free_after),
+        "the study must leave the spool between the floor and twice it: {free_after} bytes"
+    );
+    let last = Instant::now();
+    let candidates = complete_ids(&all);
+    sub.wait_for_within("the result", RESULT_TIMEOUT, |_| {
+        one_of(&ids_on(&sub, RESULT_TOPIC), &candidates).is_some()
+    });
+    wait_until("the spool to be empty", Duration::from_secs(60), || {
+        spooled(&spool).is_empty()
+    });
+    let released = last.elapsed().as_secs_f64();
+    let log = daemon.log();
+    assert!(log.contains("spool short of space"), "{log}");
+    let series = &all[0].series;
+    assert_eq!(analyses(&log, series), vec![all.len()], "one analysis");
+    assert_eq!(
+        releases(&log, series),
+        vec![all.len()],
+        "released whole, once"
+    );
+    assert!(mount.free_bytes() > 10 << 20, "the space came back");
+    eprintln!(
+        "spool short of space: {:.1} MiB free after {} instances (floor 5 MiB); result \
+         committed and the study released {released:.1} s after the last response, \
+         retention 3600 s",
+        free_after as f64 / (1 << 20) as f64,
+        all.len()
+    );
+    drop(daemon);
+}
+
 /// Fills the file system of `dir` (a small tmpfs) with `dir/.filler` until a write fails
 /// with ENOSPC: not one page is left for anyone else.
 fn fill_up(dir: &Path) -> PathBuf {

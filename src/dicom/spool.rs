@@ -156,9 +156,7 @@ impl Spool {
 
     /// `Err` (with the numbers) when free space is below the configured floor.
     pub fn check_free_space(&self) -> Result<()> {
-        let st = nix::sys::statvfs::statvfs(&self.root)
-            .with_context(|| format!("statvfs {}", self.root.display()))?;
-        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        let free = free_space(&self.root)?;
         if free < self.min_free_bytes {
             return Err(anyhow!(
                 "spool {} has {} MB free, below dicom.min_free_space_mb = {} MB",
@@ -526,6 +524,13 @@ fn quarantine(root: &Path, path: &Path) -> Result<PathBuf> {
         fsync_dir(parent)?;
     }
     Ok(dest)
+}
+
+/// Bytes an unprivileged writer can still use on the file system of `dir`.
+pub fn free_space(dir: &Path) -> Result<u64> {
+    let st =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 /// File-system-safe name for a UID: the UID itself when it is a clean UID, else a hash.

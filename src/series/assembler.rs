@@ -236,6 +236,17 @@ impl StudyState {
     fn forget_at(&self, retention: Duration) -> Instant {
         self.remembered_until.unwrap_or(self.last_at + retention)
     }
+
+    /// Everything in it was evaluated and every result of it is committed: all that
+    /// forgetting it needs besides its time.
+    fn finished(&self) -> bool {
+        self.decided
+            && self.in_flight == 0
+            && self
+                .series
+                .values()
+                .all(|s| s.completion.is_some() && s.evaluated)
+    }
 }
 
 /// The assembly state machine. Feed it with [`Assembler::add`], call
@@ -641,19 +652,9 @@ impl Assembler {
         // Forget decided studies long quiet, once everything in them was evaluated and
         // every result of them is committed; their spool files go with them.
         self.studies.retain(|uid, study| {
-            let finished = study.decided
-                && study.in_flight == 0
-                && study
-                    .series
-                    .values()
-                    .all(|s| s.completion.is_some() && s.evaluated);
-            let keep = !(finished && now >= study.forget_at(retention));
+            let keep = !(study.finished() && now >= study.forget_at(retention));
             if !keep {
-                log::info!(
-                    "forgetting study {uid} (series.completed_retention_secs = {}): releasing \
-                     its instances",
-                    retention.as_secs_f64()
-                );
+                log::info!("forgetting study {uid}: releasing its instances");
                 // Series without a committed result first: a crash half-way through leaves
                 // the analysed ones, remembered by their marks after the restart.
                 let mut series: Vec<(&String, &SeriesState)> = study.series.iter().collect();
@@ -692,6 +693,22 @@ impl Assembler {
         }
         self.skipped.extend(skips);
         jobs
+    }
+
+    /// For a spool short of space: makes the finished study (see [`Assembler::poll`], rule
+    /// 5) that would be forgotten first due now, so that the next poll releases its
+    /// instances before its retention is over. Late instances of it will then start a new
+    /// study (analysed again, with only the late ones if they do not form a series of
+    /// their own). Returns its Study Instance UID; `None` when no study is finished.
+    pub fn forget_oldest_finished(&mut self, now: Instant) -> Option<String> {
+        let retention = secs(self.config.completed_retention_secs);
+        let (uid, study) = self
+            .studies
+            .iter_mut()
+            .filter(|(_, s)| s.finished() && s.forget_at(retention) > now)
+            .min_by_key(|(_, s)| s.forget_at(retention))?;
+        study.remembered_until = Some(now);
+        Some(uid.clone())
     }
 
     /// The next instant at which [`Assembler::poll`] may have something to do (besides
@@ -976,7 +993,26 @@ pub struct SpoolLinks {
     /// What happened to the jobs sent (results committed). With it, a study is forgotten,
     /// and its spool files released, only once its results are committed.
     pub feedback: Option<mpsc::UnboundedReceiver<Feedback>>,
+    /// Whether the spool is short of space now. While it is, finished studies are
+    /// forgotten (their files released) oldest first, one per [`SPACE_CHECK`], before
+    /// their retention is over: the SCP refuses instances below its free-space floor, and
+    /// a new study matters more than keeping an analysed one for late instances.
+    pub spool_short_of_space: Option<ShortOfSpace>,
 }
+
+/// Answers whether the spool is short of space now ([`SpoolLinks::spool_short_of_space`]).
+#[derive(Clone)]
+pub struct ShortOfSpace(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for ShortOfSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShortOfSpace(..)")
+    }
+}
+
+/// How often the series stage asks [`SpoolLinks::spool_short_of_space`], and so how many
+/// studies a second it releases early at most (the janitor deletes their files meanwhile).
+pub const SPACE_CHECK: Duration = Duration::from_secs(1);
 
 /// The series stage: reads [`StoredInstance`]s from `rx`, sends a [`SeriesOutcome`] per
 /// analysed series to `tx`. Volumes are built one at a time on a blocking thread (memory
@@ -996,7 +1032,9 @@ pub async fn run_assembler(
         analysed,
         releases,
         mut feedback,
+        spool_short_of_space,
     } = links;
+    let mut next_space_check = Instant::now();
     // Jobs that end without an outcome (a panic) are reported like the others.
     let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<Feedback>();
     let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
@@ -1051,7 +1089,10 @@ pub async fn run_assembler(
     loop {
         heartbeat.beat();
         let deadline = assembler.next_deadline();
-        let idle = Instant::now() + heartbeat.idle_beat_period();
+        let mut idle = Instant::now() + heartbeat.idle_beat_period();
+        if spool_short_of_space.is_some() {
+            idle = idle.min(next_space_check);
+        }
         let deadline = Some(deadline.map_or(idle, |d| d.min(idle)));
         let received = tokio::select! {
             msg = rx.recv() => Some(msg),
@@ -1081,6 +1122,21 @@ pub async fn run_assembler(
                 }
             }
             None => {}
+        }
+        if let Some(short) = &spool_short_of_space {
+            let now = Instant::now();
+            if now >= next_space_check {
+                next_space_check = now + SPACE_CHECK;
+                if (short.0)() {
+                    if let Some(study) = assembler.forget_oldest_finished(now) {
+                        log::warn!(
+                            "spool short of space (below twice dicom.min_free_space_mb): \
+                             releasing analysed study {study} before \
+                             series.completed_retention_secs is over"
+                        );
+                    }
+                }
+            }
         }
         for job in assembler.poll(Instant::now()) {
             if heartbeat.send(&job_tx, job).await.is_err() {
@@ -1415,6 +1471,44 @@ mod tests {
             paths_of(&releases),
             (0..3).map(|k| format!("/spool/1.2.3.1.{k}.dcm")).collect()
         );
+    }
+
+    #[test]
+    fn short_of_space_the_oldest_finished_study_is_forgotten_before_its_retention() {
+        let mut a = retaining_with_feedback();
+        let t0 = Instant::now();
+        // Two studies, the second one later; both analysed.
+        add_series(&mut a, "1.2.3.1", 3, "BONE", 1.0, t0, ms(100));
+        for k in 0..3 {
+            let (mut s, h) = instance("1.2.4.1", k, "BONE", 1.0);
+            s.study_instance_uid = "1.2.4".into();
+            a.add(&s, h, t0 + ms(1000 + 100 * k as u64));
+        }
+        let jobs = a.poll(t0 + ms(10_000));
+        assert_eq!(jobs.len(), 2);
+        // Nothing is finished while results are not committed: nothing to release.
+        assert_eq!(a.forget_oldest_finished(t0 + ms(10_000)), None);
+        a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
+        a.feedback(Feedback::Committed {
+            study_instance_uid: "1.2.4".into(),
+            series_instance_uid: "1.2.4.1".into(),
+            sop_instance_uids: uids(&jobs[1]),
+        });
+        // Oldest first, each only once, well before the 60 s retention.
+        let now = t0 + ms(11_000);
+        assert_eq!(a.forget_oldest_finished(now).as_deref(), Some(STUDY));
+        a.poll(now);
+        assert_eq!(a.studies_held(), 1);
+        let releases = a.take_releases();
+        assert_eq!(
+            paths_of(&releases),
+            (0..3).map(|k| format!("/spool/1.2.3.1.{k}.dcm")).collect()
+        );
+        assert!(releases.iter().all(|r| r.forgotten));
+        assert_eq!(a.forget_oldest_finished(now).as_deref(), Some("1.2.4"));
+        a.poll(now);
+        assert_eq!(a.studies_held(), 0);
+        assert_eq!(a.forget_oldest_finished(now), None);
     }
 
     #[test]

@@ -55,7 +55,9 @@ pub struct AssemblyConfig {
     /// least until its results are committed to the outbox), so that late instances
     /// re-open its series instead of starting a new, partial one. Its instances stay in the
     /// spool as long (marked analysed, so that a restart does not analyse them again; a
-    /// restart counts the time from the mark): size the spool's disk for this much traffic.
+    /// restart counts the time from the mark). Below twice `dicom.min_free_space_mb` of
+    /// free spool space, analysed studies go earlier, oldest first
+    /// ([`assembler::SpoolLinks::spool_short_of_space`]).
     pub completed_retention_secs: f64,
     /// Anatomy-coverage trigger: while a series is still arriving, analyse early the
     /// contiguous slab received so far (no gap along the slice normal) once it is

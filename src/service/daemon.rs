@@ -156,6 +156,10 @@ async fn run(config: Config) -> Result<()> {
                     analysed,
                     releases: Some(release_tx),
                     feedback: Some(feedback_rx),
+                    spool_short_of_space: Some(spool_short_of_space(
+                        config.dicom.spool_dir.clone(),
+                        config.dicom.min_free_space_mb,
+                    )),
                 },
             )),
         ),
@@ -309,4 +313,23 @@ async fn keep_spool(
             else => return Ok(()),
         }
     }
+}
+
+/// The spool is short of space below twice the SCP's free-space floor: room for finished
+/// studies to be released (oldest first) before new instances get A700. With a floor of 0,
+/// only a full disk counts.
+fn spool_short_of_space(
+    spool_dir: std::path::PathBuf,
+    min_free_space_mb: u64,
+) -> crate::series::assembler::ShortOfSpace {
+    let threshold = min_free_space_mb.saturating_mul(2 * 1024 * 1024).max(1);
+    crate::series::assembler::ShortOfSpace(Arc::new(move || match crate::dicom::spool::free_space(
+        &spool_dir,
+    ) {
+        Ok(free) => free < threshold,
+        Err(e) => {
+            log::warn!("cannot read the spool's free space: {e:#}");
+            false
+        }
+    }))
 }
