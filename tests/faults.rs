@@ -1498,6 +1498,23 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
         2,
         "nothing leaves unacknowledged"
     );
+    // FAULTS_OUTAGE_SECS=180 holds the broker down for minutes (the outage; not
+    // the default, to keep the test short: nothing in the daemon depends on the length
+    // beyond the reconnect backoff cap).
+    if let Some(secs) = std::env::var("FAULTS_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        let hold = Duration::from_secs_f64(secs);
+        while down.elapsed() < hold {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            outbox_ids(&outbox),
+            [id1.clone(), id2.clone()],
+            "still queued"
+        );
+    }
     let outage = down.elapsed();
 
     broker.restart();
