@@ -217,6 +217,7 @@ fn full_result(id: &str, status: Status) -> TriageResult {
 
 fn message(id: &str, status: Status, png: Option<&[u8]>) -> ResultMessage {
     ResultMessage {
+        failed_better: Vec::new(),
         result: full_result(id, status),
         patient_id: "PAT-0042".into(),
         key_image_png: png.map(<[u8]>::to_vec),

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::series::FailedSeries;
 use crate::service::health::Heartbeat;
 
 pub use broker::EmbeddedBroker;
@@ -56,6 +57,9 @@ pub struct ResultMessage {
     /// The SOP Instance UIDs the result analysed (what its id names), passed on in
     /// [`Committed`] for the spool's analysed mark; not published.
     pub sop_instance_uids: Vec<String>,
+    /// Better series of the study that could not be built, when the result is a
+    /// fallback's ([`crate::series::SeriesMeta::failed_better`]): marked with it.
+    pub failed_better: Vec<FailedSeries>,
 }
 
 /// Sent on the `committed` channel of [`Alerts::run`] once a result is durably in the
@@ -71,6 +75,8 @@ pub struct Committed {
     pub already_queued: bool,
     /// The instances the result analysed ([`ResultMessage::sop_instance_uids`]).
     pub sop_instance_uids: Vec<String>,
+    /// [`ResultMessage::failed_better`].
+    pub failed_better: Vec<FailedSeries>,
 }
 
 /// `[alert]` section: where results go.
@@ -331,6 +337,7 @@ impl Alerts {
                 patient_id,
                 key_image_png,
                 sop_instance_uids,
+                failed_better,
             } = message;
             if !id_is_topic_safe(&result.id) {
                 // Still published (never dropped); the key image topic replaces the
@@ -389,6 +396,7 @@ impl Alerts {
                             seq: outcome.seq(),
                             already_queued,
                             sop_instance_uids,
+                            failed_better,
                         },
                     )
                     .await;

@@ -345,6 +345,7 @@ impl Pipeline {
                         patient_id: volume.meta.patient_id.clone(),
                         key_image_png: a.key_image_png,
                         sop_instance_uids: volume.meta.sop_instance_uids.clone(),
+                        failed_better: volume.meta.failed_better.clone(),
                     },
                     a.early_rejection,
                 ),
@@ -373,6 +374,7 @@ impl Pipeline {
             patient_id: meta.patient_id.clone(),
             key_image_png: None,
             sop_instance_uids: meta.sop_instance_uids.clone(),
+            failed_better: meta.failed_better.clone(),
         }
     }
 }

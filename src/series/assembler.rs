@@ -947,6 +947,7 @@ fn make_job(
             completed: None,
             sop_instance_uids: Vec::new(),
             early: None,
+            failed_better: Vec::new(),
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),

@@ -152,7 +152,15 @@ pub fn build_best(
         meta.sop_instance_uids =
             super::sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
         match build_volume_within(headers, meta.clone(), window) {
-            Ok(volume) => {
+            Ok(mut volume) => {
+                volume.meta.failed_better = failures
+                    .iter()
+                    .map(|(m, reason)| super::FailedSeries {
+                        series_instance_uid: m.series_instance_uid.clone(),
+                        sop_instance_uids: m.sop_instance_uids.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect();
                 if let Some((best, reason)) = failures.first() {
                     log::warn!(
                         "series {} of study {} could not be built ({reason}): analysing fallback series {}",

@@ -203,6 +203,20 @@ pub struct SeriesMeta {
     /// Set for an early analysis by the anatomy-coverage trigger: the result is published
     /// only if the coverage check passes.
     pub early: Option<EarlyCheck>,
+    /// When this series is a fallback ([`load::build_best`]): the better-ranked series of
+    /// the study that could not be built. They are marked in the spool with this series'
+    /// result, so that a restart does not try them again on their own (and publish their
+    /// failure as a revision of the study).
+    pub failed_better: Vec<FailedSeries>,
+}
+
+/// A candidate series that could not be built, see [`SeriesMeta::failed_better`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedSeries {
+    pub series_instance_uid: String,
+    /// Its distinct SOP Instance UIDs, sorted as [`SeriesMeta::sop_instance_uids`].
+    pub sop_instance_uids: Vec<String>,
+    pub reason: String,
 }
 
 /// `uids` sorted (byte order) without repeats, as [`SeriesMeta::sop_instance_uids`] holds them.

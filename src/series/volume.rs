@@ -519,6 +519,7 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         completed: Some(OffsetDateTime::now_utc()),
         sop_instance_uids: Vec::new(),
         early: None,
+        failed_better: Vec::new(),
     }
 }
 

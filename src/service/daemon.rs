@@ -289,6 +289,31 @@ async fn keep_spool(
                     // and subscribers de-duplicate.
                     Err(e) => log::warn!("cannot mark series {series} analysed in the spool: {e:#}"),
                 }
+                // The better series this one stood in for: dealt with by the same result.
+                for failed in &c.failed_better {
+                    let dir = spool_dir.clone();
+                    let (study, failed_series, id, sops) = (
+                        c.study_instance_uid.clone(),
+                        failed.series_instance_uid.clone(),
+                        c.id.clone(),
+                        failed.sop_instance_uids.clone(),
+                    );
+                    let marked = tokio::task::spawn_blocking(move || {
+                        spool::mark_analysed(&dir, &study, &failed_series, &id, &sops, time::OffsetDateTime::now_utc())
+                    })
+                    .await?;
+                    let failed_series = &failed.series_instance_uid;
+                    match marked {
+                        Ok(n) => log::info!(
+                            "series {failed_series} (could not be built: {}; fallback {series} \
+                             analysed, result {}): {} instances marked in the spool",
+                            failed.reason,
+                            c.id,
+                            n.unwrap_or(0)
+                        ),
+                        Err(e) => log::warn!("cannot mark series {failed_series} in the spool: {e:#}"),
+                    }
+                }
                 let _ = feedback.send(Feedback::Committed {
                     study_instance_uid: c.study_instance_uid,
                     series_instance_uid: c.series_instance_uid,
