@@ -652,12 +652,438 @@ def self_test(work):
     return not failed
 
 
+# ---------------------------------------------------------------- the run
+
+STAGES = ["start-up", "receiving", "quiet period", "volume building", "inference",
+          "outbox commit", "spool mark", "publish"]
+TOPIC_PREFIX = "cspine/bench/box/"
+
+
+def bin_path():
+    return os.environ.get("CSPINE_BIN", str(ROOT / "target/release/cspine-triage"))
+
+
+class Source:
+    def __init__(self, path, sop, series, study):
+        self.path, self.sop, self.series, self.study = path, sop, series, study
+
+
+def make_studies(work, n, seed):
+    """`n` synthetic studies (256x256, 1.5 mm slices, explicit VR LE): list of lists of
+    Source, each in Instance Number order."""
+    import pydicom
+    studies = []
+    for i in range(n):
+        out = work / "studies" / str(i)
+        fracture = ["C2", "none", "C5", "none", "C6"][i % 5]
+        subprocess.run([bin_path(), "synth", str(out), "--count", "1", "--seed",
+                        str(seed * 100 + i), "--fracture", fracture, "--matrix", "256",
+                        "--transfer-syntax", "explicit", "--slice-thickness", "1.5"],
+                       check=True, stdout=subprocess.DEVNULL)
+        files = sorted((out / "train_images").glob("*/*.dcm"), key=lambda p: int(p.stem))
+        study = []
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            study.append(Source(f, ds.SOPInstanceUID, ds.SeriesInstanceUID,
+                                ds.StudyInstanceUID))
+        studies.append(study)
+    return studies
+
+
+def model_sha256():
+    return json.loads((ROOT / "models/model.json").read_text())["sha256"]
+
+
+def documented_id(sources, status):
+    """docs/ALERTS.md: hex sha256 of "<Series Instance UID>\\n<model sha256>\\n<status>\\n
+    <sorted SOP Instance UIDs, \\n-joined>"."""
+    import hashlib
+    series = sources[0].series
+    assert all(s.series == series for s in sources)
+    sops = sorted({s.sop for s in sources})
+    text = f"{series}\n{model_sha256()}\n{status}\n" + "\n".join(sops)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spooled(spool):
+    """SOP Instance UID -> path of every finished instance in the spool."""
+    out = {}
+    if not spool.is_dir():
+        return out
+    for study in spool.iterdir():
+        if study.name.startswith(".") or not study.is_dir():
+            continue
+        for series in study.iterdir():
+            if not series.is_dir():
+                continue
+            for f in series.iterdir():
+                if f.suffix == ".dcm":
+                    out[f.stem] = f
+    return out
+
+
+def pixels(path):
+    import pydicom
+    return pydicom.dcmread(path).PixelData
+
+
+def intact(source, in_spool):
+    """The spool copy is the instance sent: same SOP Instance UID, same pixel data."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(in_spool)
+    except Exception as e:  # noqa: BLE001 (anything unreadable is damage)
+        return f"unreadable: {e}"
+    if ds.SOPInstanceUID != source.sop:
+        return f"SOP Instance UID {ds.SOPInstanceUID}"
+    if ds.PixelData != pixels(source.path):
+        return "pixel data differs"
+    return None
+
+
+class Subscriber:
+    """tests/python/alert_sub.py, its messages collected."""
+
+    def __init__(self, port):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/python/alert_sub.py"), "--port", str(port),
+             "--topic", TOPIC_PREFIX + "#"], stdout=subprocess.PIPE, text=True)
+        self.messages = []
+        self.subscribed = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.subscribed.wait(30):
+            raise SystemExit("subscriber did not subscribe")
+
+    def _read(self):
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            if ev["event"] == "subscribed":
+                self.subscribed.set()
+            elif ev["event"] == "message":
+                self.messages.append((ev["topic"], bytes.fromhex(ev["payload_hex"])))
+
+    def results(self):
+        return [json.loads(p) for t, p in list(self.messages) if t == TOPIC_PREFIX + "result"]
+
+    def close(self):
+        self.proc.kill()
+
+
+class Scanner(threading.Thread):
+    """Sends the studies one association each, in order (what is not acknowledged yet),
+    0-1.5 s apart, until told to stop; records every Success from storescu's output."""
+
+    def __init__(self, port, studies, acked, rng):
+        super().__init__(daemon=True)
+        self.port, self.studies, self.acked, self.rng = port, studies, acked, rng
+        self.stop = threading.Event()
+        self.successes = 0  # in this scanner's life
+        self.sending = False
+        self.proc = None
+        self.acked_now = []
+        self.refused = []
+        self.sent_everything = False
+
+    def run(self):
+        by_path = {str(s.path): s for st in self.studies for s in st}
+        for study in self.studies:
+            while not self.stop.is_set():
+                todo = [s for s in study if s.sop not in self.acked]
+                if not todo:
+                    break
+                self.sending = True
+                self.proc = subprocess.Popen(
+                    ["/usr/bin/storescu", "-v", "-aec", "CSPINE", "-aet", "CTSCANNER",
+                     "127.0.0.1", str(self.port)] + [str(s.path) for s in todo],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                current = None
+                for line in self.proc.stdout:
+                    if line.startswith("I: Sending file: "):
+                        current = line[len("I: Sending file: "):].strip()
+                    elif line.startswith("I: Received Store Response ("):
+                        status = line[len("I: Received Store Response ("):].strip().rstrip(")")
+                        if status == "Success":
+                            s = by_path[current]
+                            self.acked[s.sop] = True
+                            self.acked_now.append(s.sop)
+                            self.successes += 1
+                        else:
+                            self.refused.append((current, status))
+                self.proc.wait()
+                self.sending = False
+                if self.proc.returncode != 0 and not self.stop.is_set():
+                    time.sleep(0.2)  # the daemon is starting or gone: a scanner retries
+            if self.stop.is_set():
+                return
+            if self.stop.wait(self.rng.uniform(0, 1.5)):
+                return
+        self.sent_everything = True
+
+
+def stages_at_cut(log, receiving):
+    """The stages in progress at the cut, read from that run's log (as tests/faults.rs
+    `stages_at_kill`, without the quiet period, which the log does not show)."""
+    def message(line):
+        return line.split("] ", 1)[1] if "] " in line else line
+
+    def uid_after(text, pat):
+        i = text.find(pat)
+        if i < 0:
+            return None
+        rest = text[i + len(pat):]
+        for sep in " :)(":
+            rest = rest.split(sep)[0]
+        return rest
+
+    ready = False
+    state, marks, unpublished, from_before = {}, {}, {}, 0
+    for line in log.splitlines():
+        msg = message(line)
+        if msg == "ready":
+            ready = True
+        elif msg.startswith("series ") and " complete (" in msg:
+            state[uid_after(msg, "series ")] = "volume building"
+        elif uid_after(msg, ": analysing series "):
+            state[uid_after(msg, ": analysing series ")] = "volume building"
+        elif " inference starts" in msg:
+            state[uid_after(msg, "series ")] = "inference"
+        elif " model slices, " in msg:
+            state[uid_after(msg, "series ")] = "outbox commit"
+        elif " committed to the outbox as entry " in msg:
+            s = uid_after(msg, ", series ")
+            state.pop(s, None)
+            marks[s] = marks.get(s, 0) + 1
+            unpublished[uid_after(msg, "result ")] = s
+        elif " is already waiting in the outbox" in msg:
+            s = uid_after(msg, "(series ")
+            state.pop(s, None)
+            marks[s] = marks.get(s, 0) + 1
+        elif msg.startswith("series ") and " is in the outbox): " in msg:
+            s = uid_after(msg, "series ")
+            marks[s] = marks.get(s, 0) - 1
+        elif uid_after(msg, "cannot mark series "):
+            s = uid_after(msg, "cannot mark series ")
+            marks[s] = marks.get(s, 0) - 1
+        elif " delivered: the broker acknowledged " in msg:
+            if unpublished.pop(uid_after(msg, "result "), None) is None:
+                from_before -= 1
+        elif " result(s) from a previous run still to publish" in msg:
+            from_before = int(uid_after(msg, ": "))
+    if not ready:
+        return ["start-up"]
+    stages = ["receiving"] if receiving else []
+    stages += list(state.values())
+    stages += ["spool mark" for n in marks.values() if n > 0]
+    stages += ["publish"] * (len(unpublished) + (from_before > 0))
+    return sorted(set(stages), key=STAGES.index)
+
+
+def write_config(work, mnt, dicom_port, mqtt_port, quiet):
+    cfg = work / "config.toml"
+    cfg.write_text(f"""
+[dicom]
+ae_title = "CSPINE"
+bind = "127.0.0.1"
+port = {dicom_port}
+spool_dir = "{mnt}/spool"
+[series]
+quiet_period_secs = {quiet}
+[inference]
+model = "{ROOT}/models/model.json"
+[alert]
+mqtt_url = "mqtt://127.0.0.1:{mqtt_port}"
+site = "bench"
+device = "box"
+outbox_dir = "{mnt}/outbox"
+""")
+    return cfg
+
+
+def wait_line(log_path, needle, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if needle in log_path.read_text(errors="replace"):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.002)
+    return False
+
+
+def run(work, args):
+    sys.path.insert(0, str(ROOT / "benches"))
+    from loopback import free_port, start_mosquitto, wait_port
+
+    seed = args.seed if args.seed is not None else int(time.time() * 1000) % 10**9
+    print(f"power cut run: --seed {seed} (set it to replay the same draws), {args.cuts} cuts, "
+          f"{args.studies} studies, binary {bin_path()}, work {work}")
+    rng = random.Random(seed)
+    t0 = time.time()
+    studies = make_studies(work, args.studies, seed)
+    every = [s for st in studies for s in st]
+    series = {}
+    for s in every:
+        series.setdefault(s.series, []).append(s)
+    print(f"{len(every)} instances in {len(series)} series "
+          f"({', '.join(str(len(v)) for v in series.values())} instances)")
+    fs = Fs(work)
+    broker, mqtt_port = start_mosquitto(work)
+    sub = Subscriber(mqtt_port)
+    port = free_port()
+    cfg = write_config(work, fs.mnt, port, mqtt_port, args.quiet_period)
+    spool = fs.mnt / "spool"
+    acked = {}
+    lost_total = 0
+    runs = []
+    daemon = None
+    try:
+        for cut in range(1, args.cuts + 1):
+            log_path = work / f"daemon-{cut}.log"
+            logf = open(log_path, "w")
+            daemon = subprocess.Popen([bin_path(), "serve", "--config", str(cfg)],
+                                      stdout=logf, stderr=subprocess.STDOUT)
+            scanner = Scanner(port, studies, acked, rng)
+            draw = rng.random()
+            if draw < 0.1:
+                scanner.start()
+                ms = rng.uniform(0, 400)
+                time.sleep(ms / 1000)
+                aim = f"{ms:.0f} ms after start-up began"
+            else:
+                wait_port(port, 120)
+                scanner.start()
+                if draw < 0.5:
+                    k = rng.randint(0, 40)
+                    deadline = time.time() + 30
+                    while scanner.successes < k and scanner.is_alive() and time.time() < deadline:
+                        time.sleep(0.001)
+                    ms = rng.uniform(0, 12)
+                    time.sleep(ms / 1000)
+                    aim = f"{ms:.1f} ms after response {k}"
+                else:
+                    needle, span = rng.choice([
+                        (": analysing series ", 150), (" inference starts", 700),
+                        (" model slices, ", 10), (" committed to the outbox as entry ", 3),
+                        (" delivered: the broker acknowledged ", 3)])
+                    found = wait_line(log_path, needle, 30)
+                    ms = rng.uniform(0, span)
+                    time.sleep(ms / 1000)
+                    aim = (f"{ms:.1f} ms after '{needle.strip()}'" if found
+                           else f"'{needle.strip()}' not logged within 30 s")
+            # The cut: the file system first (nothing later reaches "disk"), then SIGKILL.
+            scanner.stop.set()
+            reverted = fs.cut()
+            daemon.send_signal(signal.SIGKILL)
+            receiving = scanner.sending
+            daemon.wait()
+            scanner.join(120)
+            logf.close()
+            fs.on()
+            log = log_path.read_text(errors="replace")
+            stages = stages_at_cut(log, receiving)
+            on_disk = spooled(spool)
+            missing, damaged = [], []
+            for s in every:
+                if s.sop in acked:
+                    if s.sop not in on_disk:
+                        missing.append(s)
+                    else:
+                        why = intact(s, on_disk[s.sop])
+                        if why:
+                            damaged.append((s, why))
+            unanswered = len([sop for sop in on_disk if sop not in acked])
+            lost_total += len(missing) + len(damaged)
+            runs.append({"cut": cut, "aim": aim, "stages": stages, "acked_run": len(scanner.acked_now),
+                         "acked": len(acked), "lost": len(missing) + len(damaged), **reverted})
+            print(f"cut {cut:2} ({aim}; in progress: {', '.join(stages) or 'nothing'}): "
+                  f"{len(scanner.acked_now)} acknowledged in this run, {len(acked)}/{len(every)} "
+                  f"in all; {len(acked) - len(missing)} in the spool after the cut "
+                  f"(all re-read, {len(damaged)} damaged), "
+                  f"{len(missing)} LOST; {unanswered} stored but unanswered; the cut dropped "
+                  f"{reverted['names_lost']} names, brought back {reverted['names_back']}, "
+                  f"reverted {reverted['files_reverted']} files' data")
+            for s in missing[:10]:
+                print(f"    LOST {s.sop} (series {s.series}): acknowledged, not in the spool")
+            for s, why in damaged[:10]:
+                print(f"    DAMAGED {s.sop}: {why}")
+            if scanner.refused:
+                print(f"    refused by the daemon (re-sent later): {len(scanner.refused)}")
+            if missing or damaged:
+                shutil.copy(log_path, work / f"lost-at-cut-{cut}.log")
+        # The final start: send what is left, wait for every series' whole result.
+        log_path = work / "daemon-final.log"
+        logf = open(log_path, "w")
+        daemon = subprocess.Popen([bin_path(), "serve", "--config", str(cfg)],
+                                  stdout=logf, stderr=subprocess.STDOUT)
+        wait_port(port, 120)
+        scanner = Scanner(port, studies, acked, random.Random(0))
+        scanner.rng = random.Random(0)
+        scanner.run()  # in this thread, till everything is acknowledged
+        last_response = time.time()
+        assert scanner.sent_everything and len(acked) == len(every), "final send incomplete"
+        final_missing = [s for s in every if s.sop not in spooled(spool)]
+        expected = {name: {documented_id(srcs, st) for st in
+                           ("positive", "negative", "indeterminate", "failed")}
+                    for name, srcs in series.items()}
+        deadline = time.time() + args.result_timeout
+        got = {}
+        while time.time() < deadline:
+            ids = {r["id"]: r for r in sub.results()}
+            got = {name: [i for i in ids if i in cands] for name, cands in expected.items()}
+            if all(got.values()):
+                break
+            time.sleep(0.2)
+        ids = {r["id"]: r for r in sub.results()}
+        results_time = time.time() - last_response
+        outbox = fs.mnt / "outbox"
+        deadline = time.time() + 60
+        while any(p.suffix == ".entry" for p in outbox.iterdir()) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [p.name for p in outbox.iterdir() if p.suffix == ".entry"]
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        logf.close()
+        whole = {name: v[0] for name, v in got.items() if v}
+        failed = [name for name, i in whole.items() if ids[i]["status"] == "failed"]
+        partial = [i for i, r in ids.items() if i not in whole.values()]
+        copies = {}
+        for r in sub.results():
+            copies[r["id"]] = copies.get(r["id"], 0) + 1
+        print(f"final start: {len(final_missing)} acknowledged instances missing from the "
+              f"spool; results of every instance for {len(whole)}/{len(series)} series under "
+              f"their documented ids ({results_time:.1f} s after the last response), "
+              f"{len(failed)} failed, {len(partial)} other ids (partial results or other), "
+              f"copies per id {sorted(copies.values())}, outbox entries left {len(left)}")
+        stage_counts = {st: sum(st in r["stages"] for r in runs) for st in STAGES}
+        print("cuts per stage in progress: " + ", ".join(f"{k} {v}" for k, v in stage_counts.items()))
+        print(f"SUMMARY: {args.cuts} cuts, {len(every)} instances acknowledged, "
+              f"{lost_total} lost after a cut, {len(final_missing)} missing at the end, "
+              f"{len(whole)}/{len(series)} whole results delivered, {time.time() - t0:.0f} s")
+        ok = (lost_total == 0 and not final_missing and len(whole) == len(series)
+              and not failed and not left)
+        print("PASS" if ok else "FAIL")
+        return ok
+    finally:
+        if daemon and daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+        broker.terminate()
+        fs.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--self-test", action="store_true")
     ap.add_argument("--serve-fs", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
     ap.add_argument("--control", help=argparse.SUPPRESS)
     ap.add_argument("--work", help="working directory (default: a new temp dir)")
+    ap.add_argument("--cuts", type=int, default=10)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--studies", type=int, default=3)
+    ap.add_argument("--quiet-period", type=float, default=2.0)
+    ap.add_argument("--result-timeout", type=float, default=300)
+    ap.add_argument("--no-self-test", action="store_true", help="skip the self-test before the run")
     args = ap.parse_args()
     if args.serve_fs:
         serve_fs(args.serve_fs, args.control)
@@ -666,6 +1092,9 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     if args.self_test:
         sys.exit(0 if self_test(work) else 1)
+    if not args.no_self_test and not self_test(work / "self-test"):
+        sys.exit("the self-test failed: the model cannot be trusted")
+    sys.exit(0 if run(work, args) else 1)
 
 
 if __name__ == "__main__":
