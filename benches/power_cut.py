@@ -51,7 +51,7 @@ Commands (as root, from the repository root):
 
     python3 benches/power_cut.py --self-test
     CSPINE_BIN=$PWD/target/release/cspine-triage nice -n 5 python3 benches/power_cut.py \
-        --cuts 10 [--seed S] [--studies 3]
+        --cuts 10 [--seed S] [--studies 5]
 """
 import argparse
 import errno
@@ -679,7 +679,7 @@ def make_studies(work, n, seed):
         subprocess.run([bin_path(), "synth", str(out), "--count", "1", "--seed",
                         str(seed * 100 + i), "--fracture", fracture, "--matrix", "256",
                         "--transfer-syntax", "explicit", "--slice-thickness", "1.5"],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         files = sorted((out / "train_images").glob("*/*.dcm"), key=lambda p: int(p.stem))
         study = []
         for f in files:
@@ -771,11 +771,15 @@ class Subscriber:
 
 class Scanner(threading.Thread):
     """Sends the studies one association each, in order (what is not acknowledged yet),
-    0-1.5 s apart, until told to stop; records every Success from storescu's output."""
+    until told to stop; records every Success from storescu's output. After a study it
+    sent, it waits until the daemon's log (`log_path`) shows the study's series being
+    analysed (15 s at most), then 0-1.5 s, so that the stream overlaps analyses without
+    running far ahead of them (as tests/faults.rs does) and the cuts find work to hit."""
 
-    def __init__(self, port, studies, acked, rng):
+    def __init__(self, port, studies, acked, rng, log_path=None):
         super().__init__(daemon=True)
         self.port, self.studies, self.acked, self.rng = port, studies, acked, rng
+        self.log_path = log_path
         self.stop = threading.Event()
         self.successes = 0  # in this scanner's life
         self.sending = False
@@ -787,10 +791,12 @@ class Scanner(threading.Thread):
     def run(self):
         by_path = {str(s.path): s for st in self.studies for s in st}
         for study in self.studies:
+            sent = False
             while not self.stop.is_set():
                 todo = [s for s in study if s.sop not in self.acked]
                 if not todo:
                     break
+                sent = True
                 self.sending = True
                 self.proc = subprocess.Popen(
                     ["/usr/bin/storescu", "-v", "-aec", "CSPINE", "-aet", "CTSCANNER",
@@ -815,6 +821,14 @@ class Scanner(threading.Thread):
                     time.sleep(0.2)  # the daemon is starting or gone: a scanner retries
             if self.stop.is_set():
                 return
+            if not sent:
+                continue
+            deadline = time.time() + 15
+            needle = f"analysing series {study[0].series}"
+            while self.log_path and time.time() < deadline and not self.stop.is_set():
+                if needle in self.log_path.read_text(errors="replace"):
+                    break
+                self.stop.wait(0.05)
             if self.stop.wait(self.rng.uniform(0, 1.5)):
                 return
         self.sent_everything = True
@@ -943,7 +957,7 @@ def run(work, args):
             logf = open(log_path, "w")
             daemon = subprocess.Popen([bin_path(), "serve", "--config", str(cfg)],
                                       stdout=logf, stderr=subprocess.STDOUT)
-            scanner = Scanner(port, studies, acked, rng)
+            scanner = Scanner(port, studies, acked, rng, log_path)
             draw = rng.random()
             if draw < 0.1:
                 scanner.start()
@@ -966,11 +980,11 @@ def run(work, args):
                         (": analysing series ", 150), (" inference starts", 700),
                         (" model slices, ", 10), (" committed to the outbox as entry ", 3),
                         (" delivered: the broker acknowledged ", 3)])
-                    found = wait_line(log_path, needle, 30)
+                    found = wait_line(log_path, needle, 15)
                     ms = rng.uniform(0, span)
                     time.sleep(ms / 1000)
                     aim = (f"{ms:.1f} ms after '{needle.strip()}'" if found
-                           else f"'{needle.strip()}' not logged within 30 s")
+                           else f"'{needle.strip()}' not logged within 15 s")
             # The cut: the file system first (nothing later reaches "disk"), then SIGKILL.
             scanner.stop.set()
             reverted = fs.cut()
@@ -1047,14 +1061,26 @@ def run(work, args):
         whole = {name: v[0] for name, v in got.items() if v}
         failed = [name for name, i in whole.items() if ids[i]["status"] == "failed"]
         partial = [i for i, r in ids.items() if i not in whole.values()]
-        copies = {}
-        for r in sub.results():
-            copies[r["id"]] = copies.get(r["id"], 0) + 1
+        copies, payloads = {}, {}
+        for t, p in list(sub.messages):
+            if t == TOPIC_PREFIX + "result":
+                i = json.loads(p)["id"]
+                copies[i] = copies.get(i, 0) + 1
+                payloads.setdefault(i, set()).add(p)
+        # Same id, other bytes: the same analysis done again after a cut between the outbox
+        # commit and the spool mark (docs/ALERTS.md allows it; only `timings` may differ).
+        redone = [i for i, ps in payloads.items() if len(ps) > 1]
+        for i in redone:
+            bodies = [json.loads(p) for p in payloads[i]]
+            for b in bodies:
+                b.pop("timings", None)
+            assert all(b == bodies[0] for b in bodies), f"copies of {i} differ beyond timings"
         print(f"final start: {len(final_missing)} acknowledged instances missing from the "
               f"spool; results of every instance for {len(whole)}/{len(series)} series under "
               f"their documented ids ({results_time:.1f} s after the last response), "
               f"{len(failed)} failed, {len(partial)} other ids (partial results or other), "
-              f"copies per id {sorted(copies.values())}, outbox entries left {len(left)}")
+              f"copies per id {sorted(copies.values())} ({len(redone)} ids with copies that differ "
+              f"in `timings` only), outbox entries left {len(left)}")
         stage_counts = {st: sum(st in r["stages"] for r in runs) for st in STAGES}
         print("cuts per stage in progress: " + ", ".join(f"{k} {v}" for k, v in stage_counts.items()))
         print(f"SUMMARY: {args.cuts} cuts, {len(every)} instances acknowledged, "
@@ -1080,7 +1106,7 @@ def main():
     ap.add_argument("--work", help="working directory (default: a new temp dir)")
     ap.add_argument("--cuts", type=int, default=10)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--studies", type=int, default=3)
+    ap.add_argument("--studies", type=int, default=5)
     ap.add_argument("--quiet-period", type=float, default=2.0)
     ap.add_argument("--result-timeout", type=float, default=300)
     ap.add_argument("--no-self-test", action="store_true", help="skip the self-test before the run")
