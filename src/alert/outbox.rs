@@ -155,7 +155,8 @@ impl Outbox {
     /// previous run. Leftover temporary files (a crash during a write: never acknowledged
     /// upstream) are deleted; damaged entries are moved to `dir/corrupt/` and logged.
     pub fn open(dir: &Path, limits: OutboxLimits) -> Result<Outbox> {
-        fs::create_dir_all(dir)
+        // Durable in its parent too, or a power cut takes committed entries with it.
+        crate::dicom::spool::create_dir_all_durably(dir)
             .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
         let lock_path = dir.join(".lock");
         let lock_file = File::create(&lock_path)

@@ -121,7 +121,7 @@ impl Spool {
     /// Opens (creating if needed) the spool at `root`. Leftovers of interrupted receives
     /// in `.tmp/` are removed: they were never acknowledged.
     pub fn open(root: &Path, our_ae: &str, min_free_mb: u64) -> Result<Spool> {
-        fs::create_dir_all(root)
+        create_dir_all_durably(root)
             .with_context(|| format!("cannot create spool directory {}", root.display()))?;
         let tmp = root.join(TMP_DIR);
         if tmp.exists() {
@@ -925,6 +925,46 @@ fn create_dir_durably(root: &Path, dir: &Path) -> Result<()> {
     }
 }
 
+/// Creates `dir` and any missing ancestors (like `fs::create_dir_all`) and makes each
+/// one's entry in its parent durable: the parent of every directory created here is
+/// fsynced, and so is the parent of `dir` when `dir` already existed (an earlier run may
+/// have died between its mkdir and that fsync). Without this, everything later made
+/// durable *inside* `dir` (spool instances, outbox entries) is lost with `dir` itself at a
+/// power cut: `benches/power_cut.py` found it. For the spool root and the outbox directory.
+pub fn create_dir_all_durably(dir: &Path) -> Result<()> {
+    create_dir_all_syncing(dir, &mut |d: &Path| fsync_dir(d))
+}
+
+fn create_dir_all_syncing(dir: &Path, sync_dir: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+    let parent_of = |d: &Path| -> PathBuf {
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.is_dir() {
+        missing.push(p);
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return sync_dir(&parent_of(dir));
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(anyhow!("cannot create {}: {e}", d.display())),
+        }
+        sync_dir(&parent_of(d))?;
+    }
+    Ok(())
+}
+
 fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -941,6 +981,32 @@ mod tests {
         let bad = safe_name("../../etc/passwd");
         assert!(bad.starts_with('x') && !bad.contains('/') && bad.len() == 41);
         assert_ne!(safe_name("a"), safe_name("b"));
+    }
+
+    #[test]
+    fn the_spool_root_is_made_durable_in_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("a").join("spool");
+        let mut synced = Vec::new();
+        create_dir_all_syncing(&root, &mut |d: &Path| {
+            synced.push(d.to_path_buf());
+            fsync_dir(d)
+        })
+        .unwrap();
+        assert!(root.is_dir());
+        // Each new directory's parent, outermost first.
+        assert_eq!(synced, vec![dir.path().to_path_buf(), dir.path().join("a")]);
+        // Already there (an earlier run may have died before the fsync): its parent again.
+        synced.clear();
+        create_dir_all_syncing(&root, &mut |d: &Path| {
+            synced.push(d.to_path_buf());
+            fsync_dir(d)
+        })
+        .unwrap();
+        assert_eq!(synced, vec![dir.path().join("a")]);
+        // What the spool and the outbox call.
+        create_dir_all_durably(&dir.path().join("b/c")).unwrap();
+        assert!(dir.path().join("b/c").is_dir());
     }
 
     #[test]
