@@ -113,7 +113,14 @@ pub struct Spool {
     tmp: PathBuf,
     our_ae: String,
     min_free_bytes: u64,
+    /// Study and series directories whose entry in their parent this process has fsynced
+    /// ([`Spool::make_dir_durable`]).
+    durable_dirs: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
+
+/// [`Spool::durable_dirs`] is cleared past this many entries (series directories are
+/// released over time; a cleared one costs one more fsync when used again).
+const DURABLE_DIRS_MAX: usize = 10_000;
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -147,6 +154,7 @@ impl Spool {
             tmp,
             our_ae: our_ae.to_string(),
             min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
+            durable_dirs: Default::default(),
         })
     }
 
@@ -218,13 +226,24 @@ impl Spool {
             calling_ae: h.calling_ae.clone(),
             received_at: received_at.unwrap_or(h.received_at),
         };
-        if final_path.exists() {
-            return Ok(Stored::Duplicate(stored));
-        }
-
         let io = |what: &str, p: &Path, e: io::Error| {
             StoreError::OutOfResources(anyhow!("{what} {}: {e}", p.display()))
         };
+        let dir_error = |e: anyhow::Error| {
+            StoreError::OutOfResources(e.context("cannot make the series directory durable"))
+        };
+        // Already here: its data was fdatasynced before it was linked, but its name may not
+        // be durable yet (an earlier attempt answered A700 after the link, or a run was
+        // killed before its directory fsync): Success only once it is.
+        let duplicate = |stored: StoredInstance| -> Result<Stored, StoreError> {
+            self.make_dir_durable(&series_dir).map_err(dir_error)?;
+            fsync_dir(&series_dir).map_err(StoreError::OutOfResources)?;
+            Ok(Stored::Duplicate(stored))
+        };
+        if final_path.exists() {
+            return duplicate(stored);
+        }
+
         // fdatasync: the data and what is needed to read it back (size, extents); the
         // name is made durable by the directory fsync below.
         let tmp_path = incoming.tmp_path.clone();
@@ -233,18 +252,46 @@ impl Spool {
             .map_err(|e| StoreError::OutOfResources(e.context("cannot write temp file")))?
             .sync_data()
             .map_err(|e| io("cannot fsync", &tmp_path, e))?;
-        create_dir_durably(&self.root, &series_dir)
-            .map_err(|e| StoreError::OutOfResources(e.context("cannot create series directory")))?;
+        self.make_dir_durable(&series_dir).map_err(dir_error)?;
         match fs::hard_link(&incoming.tmp_path, &final_path) {
             Ok(()) => {}
             // Another association stored the same instance in the meantime.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Ok(Stored::Duplicate(stored))
-            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return duplicate(stored),
             Err(e) => return Err(io("cannot link into place", &final_path, e)),
         }
         fsync_dir(&series_dir).map_err(StoreError::OutOfResources)?;
         Ok(Stored::New(stored))
+    }
+
+    /// Makes `dir` (below the root) and its parents up to the root exist durably: each is
+    /// created if missing and its parent fsynced, once per directory per process, also
+    /// when it was already there: another association may have created it and not yet
+    /// fsynced its parent, or an earlier run may have died before it did.
+    fn make_dir_durable(&self, dir: &Path) -> Result<()> {
+        if self
+            .durable_dirs
+            .lock()
+            .expect("not poisoned")
+            .contains(dir)
+        {
+            return Ok(());
+        }
+        let parent = dir.parent().context("directory without parent")?;
+        if parent != self.root && parent.starts_with(&self.root) {
+            self.make_dir_durable(parent)?;
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) => bail!("cannot create {}: {e}", dir.display()),
+        }
+        fsync_dir(parent)?;
+        let mut known = self.durable_dirs.lock().expect("not poisoned");
+        if known.len() >= DURABLE_DIRS_MAX {
+            known.clear();
+        }
+        known.insert(dir.to_path_buf());
+        Ok(())
     }
 
     /// Deletes a series from the spool (call once its result is durable downstream).
@@ -908,23 +955,6 @@ fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Creates `dir` (below `root`) and any missing parents, fsyncing each parent that got
-/// a new entry, so the directory survives a crash.
-fn create_dir_durably(root: &Path, dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().context("directory without parent")?;
-    if parent != root && parent.starts_with(root) {
-        create_dir_durably(root, parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => fsync_dir(parent),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(anyhow!("cannot create {}: {e}", dir.display())),
-    }
-}
-
 /// Creates `dir` and any missing ancestors (like `fs::create_dir_all`) and makes each
 /// one's entry in its parent durable: the parent of every directory created here is
 /// fsynced, and so is the parent of `dir` when `dir` already existed (an earlier run may
@@ -1063,6 +1093,36 @@ mod tests {
             .unwrap()
             .block_on(incoming.push(data));
         spool.commit(incoming)
+    }
+
+    #[test]
+    fn directories_left_by_an_earlier_run_are_made_durable_before_success() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a run killed between its mkdirs and their parents' fsyncs leaves behind.
+        fs::create_dir_all(dir.path().join("1.2.3/1.2.3.4")).unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        let ds = dataset("1.2.3", "1.2.3.4", "1.2.3.4.5");
+        assert!(matches!(
+            store(&spool, "1.2.3.4.5", &ds),
+            Ok(Stored::New(_))
+        ));
+        let known = spool.durable_dirs.lock().unwrap().clone();
+        assert_eq!(
+            known,
+            [dir.path().join("1.2.3"), dir.path().join("1.2.3/1.2.3.4")]
+                .into_iter()
+                .collect(),
+            "both existing levels had their parents fsynced"
+        );
+        // A restart: the same instance again is a duplicate, answered once its directory
+        // is durable in this process too.
+        drop(spool);
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        assert!(matches!(
+            store(&spool, "1.2.3.4.5", &ds),
+            Ok(Stored::Duplicate(_))
+        ));
+        assert_eq!(spool.durable_dirs.lock().unwrap().len(), 2);
     }
 
     #[test]
