@@ -16,10 +16,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
+
+from infer_vs_ort import make_series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +48,7 @@ def main():
     a = ap.parse_args()
     env = dict(os.environ, RUST_LOG="warn")
     with tempfile.TemporaryDirectory() as tmp:
-        series = a.series
-        if not series:
-            series = os.path.join(tmp, "series")
-            subprocess.run(
-                [sys.executable, str(ROOT / "tests/python/infer_make_series.py"), series,
-                 "--slices", str(a.slices), "--rows", str(a.rows), "--cols", str(a.rows)],
-                check=True, stdout=subprocess.DEVNULL,
-            )
+        series = a.series or make_series(os.path.join(tmp, "series"), a.slices, a.rows, quiet=True)
         times = {"A": [], "B": []}
         print(f"load average before: {load()}")
         for _ in range(a.pairs):

@@ -31,6 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def make_series(out, slices, rows, quiet=False):
+    """A square test series of `slices` x `rows` x `rows` in `out` (tests/python/infer_make_series.py)."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests/python/infer_make_series.py"), out,
+         "--slices", str(slices), "--rows", str(rows), "--cols", str(rows)],
+        check=True, stdout=subprocess.DEVNULL if quiet else None,
+    )
+    return out
+
+
 def run_measured(cmd, env=None):
     """Runs cmd; returns (wall seconds, peak RSS MiB, stdout, stderr)."""
     t0 = time.perf_counter()
@@ -116,14 +126,7 @@ def main():
         raise SystemExit(f"{a.bin} not found: run `cargo build --release` first or pass --bin")
 
     with tempfile.TemporaryDirectory() as tmp:
-        series = a.series
-        if not series:
-            series = os.path.join(tmp, "series")
-            subprocess.run(
-                [sys.executable, str(ROOT / "tests/python/infer_make_series.py"), series,
-                 "--slices", str(a.slices), "--rows", str(a.rows), "--cols", str(a.rows)],
-                check=True,
-            )
+        series = a.series or make_series(os.path.join(tmp, "series"), a.slices, a.rows)
         model = str(ROOT / "models" / "model.json")
         env = dict(os.environ, RUST_LOG="warn", OMP_NUM_THREADS=str(a.threads))
         infer = [a.bin, "infer", "--model", model, "--runtime", "cpu", "--threads", str(a.threads), series]

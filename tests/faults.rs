@@ -43,6 +43,19 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `FAULTS_SEED` when set (to replay a run's random draws), else a fresh one.
+fn faults_seed() -> u64 {
+    std::env::var("FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
 // ---------------------------------------------------------------- studies and the spool
 
 /// One synthetic study: 256x256 slices `slice_mm` apart (0.6 mm: ~300 slices, 1.5 mm:
@@ -468,15 +481,7 @@ fn kill_9_during_a_stream_of_studies_loses_no_acknowledged_instance() {
     let config = serve_config_full(tmp.path(), port, &broker.url(), "", RETENTION_2S, "");
     let serve_args = ["--quiet-period", QUIET_PERIOD];
 
-    let seed: u64 = std::env::var("FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = faults_seed();
     eprintln!("kill -9 test: FAULTS_SEED={seed} (set it to replay the same kill moments)");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     // At most this many Success responses before a kill, so that all the kills fall inside
@@ -988,15 +993,7 @@ fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
     );
     let serve_args = ["--quiet-period", "1"];
 
-    let seed: u64 = std::env::var("FAULTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = faults_seed();
     eprintln!("kill -9 through analysis: FAULTS_SEED={seed} (set it to replay the same aims)");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let max_k = studies[0].len() / 6;

@@ -261,17 +261,7 @@ async fn keep_spool(
     loop {
         tokio::select! {
             Some(c) = committed.recv() => {
-                let dir = spool_dir.clone();
-                let (study, series, id, sops) = (
-                    c.study_instance_uid.clone(),
-                    c.series_instance_uid.clone(),
-                    c.id.clone(),
-                    c.sop_instance_uids.clone(),
-                );
-                let marked = tokio::task::spawn_blocking(move || {
-                    spool::mark_analysed(&dir, &study, &series, &id, &sops, time::OffsetDateTime::now_utc())
-                })
-                .await?;
+                let marked = mark(&spool_dir, &c, &c.series_instance_uid, &c.sop_instance_uids).await?;
                 let series = &c.series_instance_uid;
                 match marked {
                     Ok(Some(n)) => log::info!(
@@ -291,19 +281,8 @@ async fn keep_spool(
                 }
                 // The better series this one stood in for: dealt with by the same result.
                 for failed in &c.failed_better {
-                    let dir = spool_dir.clone();
-                    let (study, failed_series, id, sops) = (
-                        c.study_instance_uid.clone(),
-                        failed.series_instance_uid.clone(),
-                        c.id.clone(),
-                        failed.sop_instance_uids.clone(),
-                    );
-                    let marked = tokio::task::spawn_blocking(move || {
-                        spool::mark_analysed(&dir, &study, &failed_series, &id, &sops, time::OffsetDateTime::now_utc())
-                    })
-                    .await?;
                     let failed_series = &failed.series_instance_uid;
-                    match marked {
+                    match mark(&spool_dir, &c, failed_series, &failed.sop_instance_uids).await? {
                         Ok(n) => log::info!(
                             "series {failed_series} (could not be built: {}; fallback {series} \
                              analysed, result {}): {} instances marked in the spool",
@@ -338,6 +317,34 @@ async fn keep_spool(
             else => return Ok(()),
         }
     }
+}
+
+/// Writes the spool's analysed mark of `series` (instances `sops`) for committed result
+/// `c`, off the async runtime ([`spool::mark_analysed`]).
+async fn mark(
+    spool_dir: &std::path::Path,
+    c: &Committed,
+    series: &str,
+    sops: &[String],
+) -> Result<Result<Option<usize>>> {
+    let (dir, study, series, id, sops) = (
+        spool_dir.to_path_buf(),
+        c.study_instance_uid.clone(),
+        series.to_owned(),
+        c.id.clone(),
+        sops.to_vec(),
+    );
+    Ok(tokio::task::spawn_blocking(move || {
+        spool::mark_analysed(
+            &dir,
+            &study,
+            &series,
+            &id,
+            &sops,
+            time::OffsetDateTime::now_utc(),
+        )
+    })
+    .await?)
 }
 
 /// The spool is short of space below twice the SCP's free-space floor: room for finished
