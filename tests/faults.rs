@@ -1721,6 +1721,14 @@ impl Tmpfs {
         })
     }
 
+    /// [`Tmpfs::mount`], or `None` after printing `SKIPPED <what>: <why>` (the test then
+    /// returns: it needs a tmpfs).
+    fn mount_or_skip(dir: &Path, mib: u64, what: &str) -> Option<Tmpfs> {
+        Tmpfs::mount(dir, mib)
+            .inspect_err(|why| eprintln!("SKIPPED {what}: {why}"))
+            .ok()
+    }
+
     fn free_bytes(&self) -> u64 {
         let st = nix::sys::statvfs::statvfs(&self.dir).unwrap();
         st.blocks_available() as u64 * st.fragment_size() as u64
@@ -1814,12 +1822,8 @@ fn disk_full_on_a_tmpfs_spool_answers_a700_and_recovers_when_space_returns() {
     let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let spool = tmp.path().join("spool");
-    let mount = match Tmpfs::mount(&spool, 24) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED disk full on a tmpfs spool: {why}");
-            return;
-        }
+    let Some(mount) = Tmpfs::mount_or_skip(&spool, 24, "disk full on a tmpfs spool") else {
+        return;
     };
     let all = sources(&study(&tmp.path().join("a"), 7301, "C6", "1.5"));
     let broker = Mosquitto::start();
@@ -1891,12 +1895,12 @@ fn short_of_space_an_analysed_study_is_released_before_its_retention() {
         .map(|s| std::fs::metadata(&s.path).unwrap().len())
         .sum();
     // The study plus 8 MiB: it leaves about 7.5 MiB once spooled.
-    let mount = match Tmpfs::mount(&spool, study_bytes.div_ceil(1 << 20) + 8) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED spool short of space on a tmpfs: {why}");
-            return;
-        }
+    let Some(mount) = Tmpfs::mount_or_skip(
+        &spool,
+        study_bytes.div_ceil(1 << 20) + 8,
+        "spool short of space on a tmpfs",
+    ) else {
+        return;
     };
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, TOPICS);
@@ -2005,12 +2009,8 @@ fn disk_full_under_the_outbox_holds_the_result_until_space_returns_even_across_k
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let outbox = tmp.path().join("outbox");
-    let mount = match Tmpfs::mount(&outbox, 1) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED disk full under the outbox: {why}");
-            return;
-        }
+    let Some(mount) = Tmpfs::mount_or_skip(&outbox, 1, "disk full under the outbox") else {
+        return;
     };
     let first = sources(&study(&tmp.path().join("a"), 7701, "C3", "1.5"));
     let second = sources(&study(&tmp.path().join("b"), 7702, "none", "1.5"));
