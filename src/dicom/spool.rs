@@ -904,6 +904,72 @@ pub fn recover(root: &Path) -> Result<Recovered> {
     Ok(out)
 }
 
+/// A crash between committing a result to the outbox and writing its series' analysed
+/// mark leaves the series unmarked although its result waits in the outbox: recovered as
+/// is, the series would be analysed again and its id published a second time, with other
+/// `timings`. This marks each series of `recovered.instances` for which `committed_id`
+/// (given the series and the SOP Instance UIDs the spool holds of it, marked ones
+/// included) names a committed result, and moves its instances to `analysed`. Call it
+/// before the outbox publishes anything, so that a waiting entry is still there to find.
+pub fn mark_committed(
+    root: &Path,
+    mut recovered: Recovered,
+    committed_id: impl Fn(&str, &[String]) -> Option<String>,
+) -> Result<Recovered> {
+    let key = |study: &str, series: &str| (study.to_owned(), series.to_owned());
+    let mut unmarked: std::collections::BTreeMap<(String, String), Vec<StoredInstance>> =
+        Default::default();
+    for i in std::mem::take(&mut recovered.instances) {
+        unmarked
+            .entry(key(&i.study_instance_uid, &i.series_instance_uid))
+            .or_default()
+            .push(i);
+    }
+    let mut keep = Vec::new();
+    for ((study, series), instances) in unmarked {
+        let earlier = recovered.analysed.iter().position(|a| {
+            a.mark.study_instance_uid == study && a.mark.series_instance_uid == series
+        });
+        let mut sops: Vec<String> = instances
+            .iter()
+            .map(|i| i.sop_instance_uid.clone())
+            .collect();
+        if let Some(a) = earlier {
+            sops.extend(recovered.analysed[a].mark.sop_instance_uids.iter().cloned());
+        }
+        sops.sort_unstable();
+        sops.dedup();
+        let Some(id) = committed_id(&series, &sops) else {
+            keep.push(instances);
+            continue;
+        };
+        let now = OffsetDateTime::now_utc();
+        mark_analysed(root, &study, &series, &id, &sops, now)?;
+        log::info!(
+            "series {series} of study {study}: result {id} waits in the outbox but the series \
+             was not marked analysed (a crash in between): marked now, not analysed again"
+        );
+        let mark = AnalysedMark {
+            study_instance_uid: study,
+            series_instance_uid: series,
+            analysed_at: now,
+            result_id: id,
+            sop_instance_uids: sops,
+        };
+        match earlier {
+            Some(a) => {
+                recovered.analysed[a].mark = mark;
+                recovered.analysed[a].instances.extend(instances);
+            }
+            None => recovered.analysed.push(AnalysedSeries { mark, instances }),
+        }
+    }
+    // Oldest first again, as `recover` orders them.
+    recovered.instances = keep.into_iter().flatten().collect();
+    recovered.instances.sort_by_key(|i| i.received_at);
+    Ok(recovered)
+}
+
 fn has_instances(dir: &Path) -> Result<bool> {
     Ok(fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
@@ -1093,6 +1159,45 @@ mod tests {
             .unwrap()
             .block_on(incoming.push(data));
         spool.commit(incoming)
+    }
+
+    #[test]
+    fn a_series_whose_result_is_committed_but_not_marked_is_marked_at_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
+        for (series, sop) in [
+            ("1.2.3.4", "1.2.3.4.1"),
+            ("1.2.3.4", "1.2.3.4.2"),
+            ("1.2.3.5", "1.2.3.5.1"),
+        ] {
+            store(&spool, sop, &dataset("1.2.3", series, sop)).unwrap();
+        }
+        // Only series 1.2.3.4 has a result waiting in the outbox, for both its instances.
+        let recovered = mark_committed(dir.path(), recover(dir.path()).unwrap(), |series, sops| {
+            (series == "1.2.3.4" && sops == ["1.2.3.4.1", "1.2.3.4.2"]).then(|| "id-4".to_string())
+        })
+        .unwrap();
+        let left: Vec<&str> = recovered
+            .instances
+            .iter()
+            .map(|i| i.sop_instance_uid.as_str())
+            .collect();
+        assert_eq!(
+            left,
+            ["1.2.3.5.1"],
+            "the other series is assembled as before"
+        );
+        assert_eq!(recovered.analysed.len(), 1);
+        assert_eq!(recovered.analysed[0].mark.result_id, "id-4");
+        assert_eq!(recovered.analysed[0].instances.len(), 2);
+        // Durable: the next recovery finds the mark by itself.
+        let again = recover(dir.path()).unwrap();
+        assert_eq!(again.analysed.len(), 1);
+        assert_eq!(
+            again.analysed[0].mark.sop_instance_uids,
+            ["1.2.3.4.1", "1.2.3.4.2"]
+        );
+        assert_eq!(again.instances.len(), 1);
     }
 
     #[test]

@@ -78,10 +78,33 @@ async fn run(config: Config) -> Result<()> {
         alerts.broker_url()
     );
 
+    // Before anything is published: a result still waiting in the outbox marks its series
+    // if a crash came before the mark (see `spool::mark_committed`).
+    let waiting: std::collections::HashSet<String> = alerts
+        .outbox()
+        .pending()
+        .into_iter()
+        .map(|entry| entry.id)
+        .collect();
     let spool::Recovered {
         instances: recovered,
         analysed,
-    } = spool::recover(&config.dicom.spool_dir)?;
+    } = spool::mark_committed(
+        &config.dicom.spool_dir,
+        spool::recover(&config.dicom.spool_dir)?,
+        |series, sops| {
+            use alert::result::{result_id, Status};
+            [
+                Status::Positive,
+                Status::Negative,
+                Status::Indeterminate,
+                Status::Failed,
+            ]
+            .into_iter()
+            .map(|status| result_id(series, &model.sha256, status, sops))
+            .find(|id| waiting.contains(id))
+        },
+    )?;
     for instance in &recovered {
         log::info!(
             "recovered from spool: {} (series {}, from {})",
