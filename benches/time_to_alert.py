@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,8 @@ def main():
     ap.add_argument("--coverage-check-secs", default="2.0")
     ap.add_argument("--force-early-accept", action="store_true")
     ap.add_argument("--in-order", action="store_true")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work dir (studies, spool, daemon log: about 2 GB with 4 scanners)")
     args = ap.parse_args()
     global IN_ORDER
     IN_ORDER = args.in_order
@@ -191,7 +194,10 @@ def main():
         daemon.terminate()
         daemon.wait(timeout=30)
         broker.terminate()
-        print(f"\n(work dir {work}; daemon log {work}/serve.log)", file=sys.stderr)
+        if args.keep:
+            print(f"\n(work dir {work}; daemon log {work}/serve.log)", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
