@@ -1385,6 +1385,24 @@ fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
 
 // ---------------------------------------------------------------- broker down
 
+/// A dashboard subscribed while the broker was still up, with a persistent session (the
+/// broker keeps its subscription and queues QoS 1 messages for it, docs/ALERTS.md), then
+/// the broker stopped: `broker.restart()` brings it back on the same port.
+fn dashboard_then_broker_down(client_id: &'static str) -> (Mosquitto, Subscriber) {
+    let mut broker = Mosquitto::start();
+    let sub = Subscriber::start_with(
+        broker.port,
+        TOPICS,
+        SubOptions {
+            client_id,
+            persistent: true,
+            ..SubOptions::default()
+        },
+    );
+    broker.stop();
+    (broker, sub)
+}
+
 /// The broker is down from before the daemon starts: two studies arrive, one before and
 /// one after a kill -9 of the daemon, their results wait in the outbox (the spool keeps
 /// the analysed series, marked analysed), and both reach a dashboard with a persistent
@@ -1395,19 +1413,7 @@ fn kill_9_during_analysis_and_publishing_every_series_result_arrives() {
 fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
     let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
-    // The dashboard subscribes while the broker is still up, with a persistent session:
-    // the broker keeps its subscription and queues QoS 1 messages for it (docs/ALERTS.md).
-    let mut broker = Mosquitto::start();
-    let sub = Subscriber::start_with(
-        broker.port,
-        TOPICS,
-        SubOptions {
-            client_id: "faults-dashboard",
-            persistent: true,
-            ..SubOptions::default()
-        },
-    );
-    broker.stop();
+    let (mut broker, sub) = dashboard_then_broker_down("faults-dashboard");
     let down = Instant::now();
 
     let first = sources(&study(&tmp.path().join("a"), 7201, "C3", "1.5"));
@@ -1586,17 +1592,7 @@ fn broker_down_results_wait_in_the_outbox_across_a_restart_then_arrive() {
 fn a_result_committed_before_its_series_was_marked_is_not_analysed_again() {
     let _serial = one_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start();
-    let sub = Subscriber::start_with(
-        broker.port,
-        TOPICS,
-        SubOptions {
-            client_id: "faults-commit-mark",
-            persistent: true,
-            ..SubOptions::default()
-        },
-    );
-    broker.stop();
+    let (mut broker, sub) = dashboard_then_broker_down("faults-commit-mark");
     let all = sources(&study(&tmp.path().join("a"), 7501, "C5", "1.5"));
     let ids = complete_ids(&all);
     let outbox = tmp.path().join("outbox");
