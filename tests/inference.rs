@@ -8,11 +8,8 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, ensure, Context, Result};
 use cspine_triage::inference::engine::{Engine, EngineOptions, RuntimeChoice};
-use cspine_triage::inference::preprocess::{preprocess, source_window, Preprocessed};
-use cspine_triage::series::volume::VolumePlan;
-use cspine_triage::series::{
-    load_series_from_paths, load_series_report, SeriesOutcome, VolumeWindow,
-};
+use cspine_triage::inference::preprocess::{sample_planes, volume_window, Sampled};
+use cspine_triage::series::{load_series_from_paths, load_series_report, SeriesOutcome};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -139,9 +136,10 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
             slice_parallel,
         },
     )?;
-    let Preprocessed::Input(input) = preprocess(&volume, &engine.files.contract.input, 2)? else {
+    let Sampled::Planes(planes) = sample_planes(&volume, &engine.files.contract.input, 2)? else {
         bail!("series unexpectedly too short");
     };
+    let input = planes.to_input();
     let info: Value =
         serde_json::from_str(&std::fs::read_to_string(reference.join("reference.json"))?)?;
     let (shape, want) = read_npy(&reference.join("input.npy"))?;
@@ -163,10 +161,7 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
 
     // The daemon's volumes keep only the part of each slice the model grid reads: the
     // input must not change by a bit.
-    let spec = engine.files.contract.input.clone();
-    let window = VolumeWindow(std::sync::Arc::new(move |plan: &VolumePlan| {
-        source_window(plan, &spec)
-    }));
+    let window = volume_window(&engine.files.contract.input);
     let report = load_series_report(&[&series], &[])?;
     let windowed = match report
         .studies
@@ -178,11 +173,12 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
         SeriesOutcome::Volume(v) => v,
         SeriesOutcome::Failed { reason, .. } => bail!("windowed series failed: {reason}"),
     };
-    let Preprocessed::Input(windowed_input) =
-        preprocess(&windowed, &engine.files.contract.input, 2)?
+    let Sampled::Planes(windowed_planes) =
+        sample_planes(&windowed, &engine.files.contract.input, 2)?
     else {
         bail!("windowed series unexpectedly too short");
     };
+    let windowed_input = windowed_planes.to_input();
     ensure!(
         windowed_input.grid == input.grid
             && windowed_input

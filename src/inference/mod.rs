@@ -192,12 +192,9 @@ impl Pipeline {
     }
 
     /// What volumes built for this model need keep of each slice
-    /// ([`preprocess::source_window`]).
+    /// ([`preprocess::volume_window`]).
     pub fn volume_window(&self) -> crate::series::VolumeWindow {
-        let spec = self.engine.files.contract.input.clone();
-        crate::series::VolumeWindow(Arc::new(move |plan: &crate::series::volume::VolumePlan| {
-            preprocess::source_window(plan, &spec)
-        }))
+        preprocess::volume_window(&self.engine.files.contract.input)
     }
 
     /// Name, version and sha256 of the loaded model, as results and the status topic report it.
@@ -232,7 +229,6 @@ impl Pipeline {
         let t0 = Instant::now();
         let sampled =
             preprocess::sample_planes(access.volume(), &contract.input, self.engine.threads())?;
-        let preprocess_time = t0.elapsed();
         if let VolumeAccess::Owned(v) = &mut access {
             // Only geometry and slice records are read from here on.
             v.voxels = Vec::new();
@@ -250,7 +246,7 @@ impl Pipeline {
                     early_rejection: volume.meta.early.map(|_| reason.clone()),
                     result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
                     key_image_png: None,
-                    preprocess_time,
+                    preprocess_time: t0.elapsed(),
                     model_time: Duration::ZERO,
                     profile: None,
                 });

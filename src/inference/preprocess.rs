@@ -7,7 +7,7 @@
 //! model input copies every plane into three channels (its own slice's and its
 //! neighbours'), and can be made once the source volume is gone.
 //!
-//! [`source_window`] tells volume building which part of each slice the sampling can touch
+//! [`volume_window`] tells volume building which part of each slice the sampling can touch
 //! (a volume that keeps only that gives the same input, to the bit: every index is still
 //! computed in the full matrix).
 
@@ -15,7 +15,7 @@ use anyhow::{ensure, Result};
 
 use super::contract::InputSpec;
 use crate::series::volume::VolumePlan;
-use crate::series::{CtVolume, Geometry, InPlaneWindow};
+use crate::series::{CtVolume, Geometry, InPlaneWindow, VolumeWindow};
 
 /// The model input of one series.
 #[derive(Debug, Clone)]
@@ -89,17 +89,6 @@ impl ModelPlanes {
 #[derive(Debug, Clone)]
 pub enum Sampled {
     Planes(ModelPlanes),
-    /// The series spans fewer model slices than the contract's `min_slices`.
-    TooShort {
-        slices: usize,
-        min_slices: usize,
-    },
-}
-
-/// What preprocessing decided.
-#[derive(Debug, Clone)]
-pub enum Preprocessed {
-    Input(ModelInput),
     /// The series spans fewer model slices than the contract's `min_slices`.
     TooShort {
         slices: usize,
@@ -328,16 +317,19 @@ fn axis_cell(x: f64, n: usize) -> Option<(usize, f64)> {
     Some((i, x - i as f64))
 }
 
-/// The part of each slice of the series planned in `plan` that [`preprocess`] with `spec`
-/// reads: a volume that keeps only that (see [`crate::series::VolumeWindow`]) gives the
-/// same model input, and for 512 x 512 slices of 320 mm holds about a quarter of them.
-pub fn source_window(plan: &VolumePlan, spec: &InputSpec) -> InPlaneWindow {
-    Frame {
-        geometry: &plan.geometry,
-        dims: plan.dims,
-        slice_pos: plan.z.clone(),
-    }
-    .window(spec)
+/// Chooses, for each series planned, the part of its slices that [`sample_planes`] with
+/// `spec` reads: a volume that keeps only that gives the same model input, and for
+/// 512 x 512 slices of 320 mm holds about a quarter of them.
+pub fn volume_window(spec: &InputSpec) -> VolumeWindow {
+    let spec = spec.clone();
+    VolumeWindow(std::sync::Arc::new(move |plan: &VolumePlan| {
+        Frame {
+            geometry: &plan.geometry,
+            dims: plan.dims,
+            slice_pos: plan.z.clone(),
+        }
+        .window(&spec)
+    }))
 }
 
 /// Samples and windows every model slice of `volume` as `spec` says (channel 1 of the
@@ -417,15 +409,6 @@ pub fn sample_planes(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Res
         width: w,
         grid,
     }))
-}
-
-/// Builds the model input of `volume` as `spec` says; `threads` model slices are sampled
-/// in parallel.
-pub fn preprocess(volume: &CtVolume, spec: &InputSpec, threads: usize) -> Result<Preprocessed> {
-    Ok(match sample_planes(volume, spec, threads)? {
-        Sampled::Planes(planes) => Preprocessed::Input(planes.to_input()),
-        Sampled::TooShort { slices, min_slices } => Preprocessed::TooShort { slices, min_slices },
-    })
 }
 
 /// Samples and windows model slice `k` of `grid` into `out` (`height * width` values).
@@ -650,12 +633,13 @@ pub(crate) mod tests {
                 w.len()
             );
             let part = keep_window(&whole, w);
-            let (Preprocessed::Input(x), Preprocessed::Input(y)) = (
-                preprocess(&whole, &spec, 2).unwrap(),
-                preprocess(&part, &spec, 2).unwrap(),
+            let (Sampled::Planes(x), Sampled::Planes(y)) = (
+                sample_planes(&whole, &spec, 2).unwrap(),
+                sample_planes(&part, &spec, 2).unwrap(),
             ) else {
                 panic!("{name}: too short")
             };
+            let (x, y) = (x.to_input(), y.to_input());
             assert!(
                 x.tensor.iter().any(|&v| v > 0.0 && v < 1.0),
                 "{name}: the grid must sample the volume"
@@ -687,13 +671,13 @@ pub(crate) mod tests {
         let w = window_of(&whole, &spec);
         let w = InPlaneWindow::new(300, 300, w.rows()[1..].to_vec(), w.cols().to_vec());
         let part = keep_window(&whole, w);
-        let err = preprocess(&part, &spec, 1).unwrap_err().to_string();
+        let err = sample_planes(&part, &spec, 1).unwrap_err().to_string();
         assert!(err.contains("the model grid reads"), "{err}");
     }
 
     fn input(v: &CtVolume) -> ModelInput {
-        match preprocess(v, &spec(), 2).unwrap() {
-            Preprocessed::Input(i) => i,
+        match sample_planes(v, &spec(), 2).unwrap() {
+            Sampled::Planes(p) => p.to_input(),
             other => panic!("{other:?}"),
         }
     }
@@ -714,9 +698,10 @@ pub(crate) mod tests {
         let v = linear_volume(40, 16, 16, false);
         let mut s = spec();
         s.max_slices = 10;
-        let Preprocessed::Input(i) = preprocess(&v, &s, 1).unwrap() else {
+        let Sampled::Planes(p) = sample_planes(&v, &s, 1).unwrap() else {
             panic!()
         };
+        let i = p.to_input();
         assert_eq!(i.slices, 10);
         assert_eq!(*i.grid.z_mm.last().unwrap(), 10.0 + 39.0 * 2.5);
     }
@@ -725,8 +710,8 @@ pub(crate) mod tests {
     fn short_series_is_reported() {
         let v = linear_volume(3, 16, 16, false);
         assert!(matches!(
-            preprocess(&v, &spec(), 1).unwrap(),
-            Preprocessed::TooShort { slices: 3, .. }
+            sample_planes(&v, &spec(), 1).unwrap(),
+            Sampled::TooShort { slices: 3, .. }
         ));
     }
 

@@ -345,7 +345,7 @@ impl InPlaneWindow {
 
 /// Chooses, once a series' geometry is validated and before any pixel is decoded, the
 /// [`InPlaneWindow`] its volume keeps. The daemon passes the model's
-/// ([`crate::inference::preprocess::source_window`]); without one, volumes are whole.
+/// ([`crate::inference::preprocess::volume_window`]); without one, volumes are whole.
 #[derive(Clone)]
 pub struct VolumeWindow(
     pub std::sync::Arc<dyn Fn(&volume::VolumePlan) -> InPlaneWindow + Send + Sync>,
