@@ -280,12 +280,7 @@ impl Spool {
         if parent != self.root && parent.starts_with(&self.root) {
             self.make_dir_durable(parent)?;
         }
-        match fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-            Err(e) => bail!("cannot create {}: {e}", dir.display()),
-        }
-        fsync_dir(parent)?;
+        create_dir_in(dir, parent, &mut |d: &Path| fsync_dir(d))?;
         let mut known = self.durable_dirs.lock().expect("not poisoned");
         if known.len() >= DURABLE_DIRS_MAX {
             known.clear();
@@ -1051,14 +1046,23 @@ fn create_dir_all_syncing(dir: &Path, sync_dir: &mut dyn FnMut(&Path) -> Result<
         return sync_dir(&parent_of(dir));
     }
     for d in missing.into_iter().rev() {
-        match fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
-            Err(e) => return Err(anyhow!("cannot create {}: {e}", d.display())),
-        }
-        sync_dir(&parent_of(d))?;
+        create_dir_in(d, &parent_of(d), sync_dir)?;
     }
     Ok(())
+}
+
+/// Creates `dir` (or finds it already there) and makes its entry in `parent` durable.
+fn create_dir_in(
+    dir: &Path,
+    parent: &Path,
+    sync_dir: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => bail!("cannot create {}: {e}", dir.display()),
+    }
+    sync_dir(parent)
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {

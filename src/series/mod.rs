@@ -260,18 +260,14 @@ const NOT_KEPT: u32 = u32::MAX;
 
 impl KeptIndices {
     fn new(n: usize, kept: impl IntoIterator<Item = usize>) -> KeptIndices {
-        let mut position = vec![NOT_KEPT; n];
-        for i in kept {
-            if i < n {
-                position[i] = 0;
-            }
+        let mut is_kept = vec![false; n];
+        for i in kept.into_iter().filter(|&i| i < n) {
+            is_kept[i] = true;
         }
-        let mut kept = Vec::new();
-        for (i, p) in position.iter_mut().enumerate() {
-            if *p == 0 {
-                *p = kept.len() as u32;
-                kept.push(i);
-            }
+        let kept: Vec<usize> = (0..n).filter(|&i| is_kept[i]).collect();
+        let mut position = vec![NOT_KEPT; n];
+        for (p, &i) in kept.iter().enumerate() {
+            position[i] = p as u32;
         }
         KeptIndices { kept, position }
     }
