@@ -18,6 +18,14 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, e.g. to find which id an analysis of some instances was given.
+    pub const ALL: [Status; 4] = [
+        Status::Positive,
+        Status::Negative,
+        Status::Indeterminate,
+        Status::Failed,
+    ];
+
     /// The name in the JSON document.
     pub fn as_str(self) -> &'static str {
         match self {

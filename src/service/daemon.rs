@@ -94,15 +94,10 @@ async fn run(config: Config) -> Result<()> {
         spool::recover(&config.dicom.spool_dir)?,
         |series, sops| {
             use alert::result::{result_id, Status};
-            [
-                Status::Positive,
-                Status::Negative,
-                Status::Indeterminate,
-                Status::Failed,
-            ]
-            .into_iter()
-            .map(|status| result_id(series, &model.sha256, status, sops))
-            .find(|id| waiting.contains(id))
+            Status::ALL
+                .into_iter()
+                .map(|status| result_id(series, &model.sha256, status, sops))
+                .find(|id| waiting.contains(id))
         },
     )?;
     for instance in &recovered {
