@@ -3,7 +3,10 @@
 ingest target, see BENCHMARKS.md): per instance, the spool's file-system steps alone:
 write 525 KB (a 512x512 16-bit slice) to a new temp file, fdatasync, link it into the
 series directory, fsync the directory, unlink the temp name. Interleaved with the same
-steps without the two syncs (what DCMTK storescp does).
+steps without the two syncs (what DCMTK storescp does), and with what a write-ahead
+journal would do instead: overwrite 525 KB of a segment file whose blocks were written and
+synced beforehand, then fdatasync (no new inode, no directory entry, no allocation to
+commit: the design sketched in issue 2, not built).
 
     python3 benches/durable_floor.py DIR [INSTANCES] [ROUNDS]
 
@@ -36,9 +39,26 @@ def run(sync):
         os.rmdir(f"{d}/{sub}")
     os.rmdir(d)
     return dt
-fast, durable = [], []
+def journal():
+    path = os.path.join(root, f"j{time.time_ns()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    zeros = bytes(len(data))
+    for _ in range(n):  # a recycled segment: its blocks exist and hold old bytes
+        os.write(fd, zeros)
+    os.fsync(fd)
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.pwrite(fd, data, i * len(data))
+        os.fdatasync(fd)
+    dt = time.perf_counter() - t0
+    os.close(fd); os.unlink(path)
+    return dt
+fast, durable, journalled = [], [], []
 for r in range(rounds):
     fast.append(run(False) / n * 1e3)
     durable.append(run(True) / n * 1e3)
-    print(f"round {r}: no sync {fast[-1]:.3f} ms/instance, durable {durable[-1]:.3f} ms/instance")
-print(f"median of {rounds}: no sync {statistics.median(fast):.3f} ms, durable {statistics.median(durable):.3f} ms per instance")
+    journalled.append(journal() / n * 1e3)
+    print(f"round {r}: no sync {fast[-1]:.3f} ms/instance, durable {durable[-1]:.3f} ms/instance, "
+          f"journal {journalled[-1]:.3f} ms/instance")
+print(f"median of {rounds}: no sync {statistics.median(fast):.3f} ms, durable {statistics.median(durable):.3f} ms, "
+      f"journal {statistics.median(journalled):.3f} ms per instance")
