@@ -21,7 +21,7 @@ def main():
     names = ["fp32", "pruned", "int8"]
     doc = {
         "note": "Synthetic phantoms only (cspine-triage synth). No number here is clinical.",
-        "test_set": {"data": ev["data"], "n_studies": ev["n_studies"], "seed": 3000},
+        "test_set": {"data": ev["data"], "n_studies": ev["n_studies"], "seeds": [3000, 3001]},
         "params": {"fp32": pr["before"]["params"], "pruned": pr["after"]["params"]},
         "macs_per_64_slices": {"fp32": pr["before"]["macs_S64"]["total"], "pruned": pr["after"]["macs_S64"]["total"]},
     }

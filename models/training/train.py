@@ -255,6 +255,8 @@ def main():
             log.log(stage, step, t0, "val", k, m[k])
         print(f"[{stage} {step}] val patient AUC {m['patient_auc']:.4f} vertebra AUC "
               f"{m['mean_vertebra_auc']:.4f} RSNA wll {m['rsna_wll']:.4f}", flush=True)
+        if stage == "A":  # long runs: keep every evaluated checkpoint, to choose one on validation
+            save_checkpoint(model, args.out / f"model_a_{step}.pt", seed=args.seed)
 
     # Stage A: end to end on windows.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr_a, weight_decay=1e-4)
