@@ -67,7 +67,7 @@ def wrapped(cmd, env=None):
     return wall, rss, out, err
 
 
-def ort_worker(series, threads, runs):
+def ort_worker(series, threads, runs, model):
     """The onnxruntime side of one study, in one process (timed by the caller)."""
     t_start = time.perf_counter()
     sys.path.insert(0, str(ROOT / "models" / "training"))
@@ -79,12 +79,12 @@ def ort_worker(series, threads, runs):
     t_load = time.perf_counter()
     x = preprocess.preprocess(vol)
     t_pre = time.perf_counter()
-    contract = json.loads((ROOT / "models" / "model.json").read_text())
+    contract = json.loads(Path(model).read_text())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(
-        str(ROOT / "models" / contract["onnx"]), opts, providers=["CPUExecutionProvider"]
+        str(Path(model).parent / contract["onnx"]), opts, providers=["CPUExecutionProvider"]
     )
     name = sess.get_inputs()[0].name
     times = []
@@ -117,17 +117,19 @@ def main():
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--profile", action="store_true", help="print tract's per-op profile")
     ap.add_argument("--series", help="use this DICOM folder instead of a generated one")
-    ap.add_argument("--ort-worker", nargs=3, metavar=("SERIES", "THREADS", "RUNS"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=str(ROOT / "models" / "model.json"),
+                    help="model contract (model.json; its ONNX file lies next to it)")
+    ap.add_argument("--ort-worker", nargs=4, metavar=("SERIES", "THREADS", "RUNS", "MODEL"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ort_worker:
-        ort_worker(a.ort_worker[0], int(a.ort_worker[1]), int(a.ort_worker[2]))
+        ort_worker(a.ort_worker[0], int(a.ort_worker[1]), int(a.ort_worker[2]), a.ort_worker[3])
         return
     if not Path(a.bin).exists():
         raise SystemExit(f"{a.bin} not found: run `cargo build --release` first or pass --bin")
 
     with tempfile.TemporaryDirectory() as tmp:
         series = a.series or make_series(os.path.join(tmp, "series"), a.slices, a.rows)
-        model = str(ROOT / "models" / "model.json")
+        model = a.model
         env = dict(os.environ, RUST_LOG="warn", OMP_NUM_THREADS=str(a.threads))
         infer = [a.bin, "infer", "--model", model, "--runtime", "cpu", "--threads", str(a.threads), series]
 
@@ -143,7 +145,7 @@ def main():
             tract_wall.append(wall)
             tract_rss.append(rss)
             wall, rss, out, _ = wrapped(
-                [sys.executable, __file__, "--ort-worker", series, str(a.threads), "1"], env
+                [sys.executable, __file__, "--ort-worker", series, str(a.threads), "1", model], env
             )
             r = json.loads(out)
             ort_model.append(r["model_median_s"])

@@ -195,6 +195,28 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
         root().join("models/fixtures/tolerances.json"),
     )?)?;
     let out = engine.run(input)?;
+
+    // `infer --profile` times the plans that `run` uses: the same outputs, every node timed.
+    let (profiled, times) = engine.run_profiled(planes.to_input())?;
+    for (name, a, b) in [
+        ("seg_logits", &profiled.seg_logits, &out.seg_logits),
+        ("attention", &profiled.attention, &out.attention),
+        (
+            "vertebra_logits",
+            &profiled.vertebra_logits.to_vec(),
+            &out.vertebra_logits.to_vec(),
+        ),
+    ] {
+        let d = max_abs(a, b);
+        ensure!(d <= 1e-5, "profiled run differs from run in {name} by {d}");
+    }
+    let per_slice_nodes = times.iter().filter(|t| t.0.starts_with("slice:")).count();
+    ensure!(
+        (per_slice_nodes > 0) == slice_parallel && times.len() > 50,
+        "profile of {} nodes, {per_slice_nodes} of the per-slice part (slice_parallel {slice_parallel})",
+        times.len()
+    );
+
     let pairs: [(&str, &[f32]); 4] = [
         ("seg_logits", &out.seg_logits),
         ("vertebra_logits", &out.vertebra_logits),

@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--calib", type=int, default=16, help="number of calibration studies")
     ap.add_argument("--per-channel", action="store_true")
+    ap.add_argument("--float-convs", default="",
+                    help="comma-separated Conv node names to keep in float (e.g. '/enc1/enc1.0/Conv')")
     ap.add_argument("--fuse-relu", action="store_true",
                     help="fold each Conv's ReLU into its QLinearConv (Relu in op_types_to_quantize)")
     args = ap.parse_args()
@@ -132,6 +134,7 @@ def main():
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=args.per_channel,
+        nodes_to_exclude=[n for n in args.float_convs.split(",") if n],
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )

@@ -211,7 +211,17 @@ fn summary(r: &TriageResult, timing: &str) -> String {
     s
 }
 
-/// Totals per op type and the slowest nodes, to stderr.
+/// The ONNX node a tract node was derived from: its name up to the first `.` or `_` after the
+/// last `/`.
+fn onnx_layer(node: &str) -> &str {
+    let base = node.rfind('/').map_or(0, |i| i + 1);
+    let end = node[base..]
+        .find(['.', '_'])
+        .map_or(node.len(), |i| base + i);
+    &node[..end]
+}
+
+/// Totals per op type, per ONNX layer and the slowest nodes, to stderr.
 fn print_profile(profile: &[(String, String, Duration)]) {
     let total: Duration = profile.iter().map(|p| p.2).sum();
     let mut by_op: BTreeMap<&str, (Duration, usize)> = BTreeMap::new();
@@ -233,6 +243,17 @@ fn print_profile(profile: &[(String, String, Duration)]) {
             t.as_secs_f64() * 1e3,
             100.0 * t.as_secs_f64() / total.as_secs_f64().max(1e-12)
         );
+    }
+    // tract names the nodes it derives from an ONNX node after it ("/dec2/a/a.0/Conv" gives
+    // "/dec2/a/a.0/Conv_quant.im2col", ".max", ...): their sum is what that layer costs.
+    let mut by_layer: BTreeMap<&str, Duration> = BTreeMap::new();
+    for (name, _, t) in profile {
+        *by_layer.entry(onnx_layer(name)).or_default() += *t;
+    }
+    let mut layers: Vec<_> = by_layer.into_iter().collect();
+    layers.sort_by_key(|l| std::cmp::Reverse(l.1));
+    for (layer, t) in layers.iter().take(12) {
+        eprintln!("  layer {layer:<50} {:>9.1} ms", t.as_secs_f64() * 1e3);
     }
     let mut nodes: Vec<_> = profile.iter().collect();
     nodes.sort_by_key(|n| std::cmp::Reverse(n.2));

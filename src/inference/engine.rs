@@ -173,36 +173,28 @@ impl Engine {
     }
 
     /// Runs the model once, timing every node of the plan (CPU runtime only). Returns the
-    /// outputs and `(node name, op name, time)` per node, in plan order.
+    /// outputs and `(node name, op name, time)` per node, in plan order. With the slice
+    /// plan, its per-slice part runs slice after slice on this thread (node times summed
+    /// over slices), then its across-slices part: the plans the engine really runs.
     pub fn run_profiled(&self, input: ModelInput) -> Result<(ModelOutputs, NodeTimes)> {
+        let slices = input.slices;
+        let failed = |e: anyhow::Error| anyhow!("model run failed on {slices} slices: {e:#}");
+        if let Some(plan) = &self.slice_plan {
+            let (outputs, profile) = plan.run_profiled(input).map_err(failed)?;
+            return Ok((self.read_outputs(slices, &outputs)?, profile));
+        }
         let plan = self
             .runnable
             .typed_plan()
-            .context("profiling needs the CPU runtime")?
-            .clone();
-        let slices = input.slices;
-        let tensor = input_tensor(input)?;
-        let mut times: BTreeMap<usize, Duration> = BTreeMap::new();
-        let mut state = plan.spawn()?;
-        let outputs = state
-            .run_plan_with_eval(
-                tvec![tensor.into_tvalue()],
-                |ctx, op_state, node, inputs| {
-                    let t = Instant::now();
-                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                    *times.entry(node.id).or_default() += t.elapsed();
-                    r
-                },
-            )
-            .map_err(|e| anyhow!("model run failed on {slices} slices: {e:#}"))?;
-        let model = plan.model();
-        let profile = times
-            .into_iter()
-            .map(|(id, t)| {
-                let node = model.node(id);
-                (node.name.clone(), node.op().name().to_string(), t)
-            })
-            .collect();
+            .context("profiling needs the CPU runtime")?;
+        let mut profile = vec![];
+        let outputs = run_timed(
+            plan,
+            tvec![input_tensor(input)?.into_tvalue()],
+            "",
+            &mut profile,
+        )
+        .map_err(failed)?;
         Ok((self.read_outputs(slices, &outputs)?, profile))
     }
 
@@ -261,6 +253,34 @@ pub fn avoid_amx_int8() {
     if std::env::var_os("TRACT_CPU_ISA").is_none() {
         std::env::set_var("TRACT_CPU_ISA", "-amx-int8");
     }
+}
+
+/// Runs `plan` once on `inputs`, adding each node's time to `profile` (an entry per node,
+/// in plan order, named `prefix` + node name; repeated runs sum into the same entries).
+fn run_timed(
+    plan: &Arc<TypedRunnableModel>,
+    inputs: TVec<TValue>,
+    prefix: &str,
+    profile: &mut NodeTimes,
+) -> TractResult<TVec<TValue>> {
+    let mut times: BTreeMap<usize, Duration> = BTreeMap::new();
+    let mut state = plan.spawn()?;
+    let outputs = state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+        let t = Instant::now();
+        let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+        *times.entry(node.id).or_default() += t.elapsed();
+        r
+    })?;
+    let model = plan.model();
+    for (id, t) in times {
+        let node = model.node(id);
+        let name = format!("{prefix}{}", node.name);
+        match profile.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(entry) => entry.2 += t,
+            None => profile.push((name, node.op().name().to_string(), t)),
+        }
+    }
+    Ok(outputs)
 }
 
 fn input_tensor(input: ModelInput) -> Result<Tensor> {
@@ -646,7 +666,39 @@ impl SlicePlan {
         for part in parts {
             per_slice.extend(part?);
         }
-        // Stack every per-slice output along axis 0.
+        self.finish(per_slice, |across, cuts| across.run(cuts))
+    }
+
+    /// [`SlicePlan::run`] on this thread alone, timing every node of both parts.
+    fn run_profiled(&self, input: ModelInput) -> TractResult<(TVec<TValue>, NodeTimes)> {
+        let mut profile = vec![];
+        let (h, w) = (input.height, input.width);
+        let per_slice = input
+            .tensor
+            .chunks(3 * h * w)
+            .map(|one| {
+                let t = Tensor::from_shape(&[1, 3, h, w], one)?;
+                run_timed(
+                    &self.per_slice,
+                    tvec![t.into_tvalue()],
+                    "slice:",
+                    &mut profile,
+                )
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let outputs = self.finish(per_slice, |across, cuts| {
+            run_timed(across, cuts, "across:", &mut profile)
+        })?;
+        Ok((outputs, profile))
+    }
+
+    /// Stacks the per-slice outputs over slices, runs the across-slices part on the cut
+    /// tensors with `run_across`, and returns the whole graph's outputs in its order.
+    fn finish(
+        &self,
+        per_slice: Vec<TVec<TValue>>,
+        run_across: impl FnOnce(&Arc<TypedRunnableModel>, TVec<TValue>) -> TractResult<TVec<TValue>>,
+    ) -> TractResult<TVec<TValue>> {
         let n_out = per_slice.first().map_or(0, |outs| outs.len());
         let mut stacked: Vec<Tensor> = Vec::with_capacity(n_out);
         for o in 0..n_out {
@@ -654,9 +706,10 @@ impl SlicePlan {
             stacked.push(Tensor::stack_tensors(0, &views)?);
         }
         let cuts = stacked.split_off(self.direct);
-        let across = self
-            .across
-            .run(cuts.into_iter().map(|t| t.into_tvalue()).collect())?;
+        let across = run_across(
+            &self.across,
+            cuts.into_iter().map(|t| t.into_tvalue()).collect(),
+        )?;
         Ok(self
             .sources
             .iter()
