@@ -107,10 +107,10 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 /// Tolerances: model input max |diff| <= 1e-5 (both interpolate HU in f64 and window to
 /// f32: only rounding differs); model outputs: max |diff| within
 /// `models/fixtures/tolerances.json` and relative L2 error <= the larger of its `rel_l2`
-/// and 5e-3. On a phantom (not the model's own fixture) the int8 convolutions of tract
-/// and onnxruntime round a few requantization ties differently: the untrained stand-in
-/// gave seg_logits max |diff| 1.7e-3, rel L2 1.1e-3, identical for the whole graph and
-/// the slice-parallel plan.
+/// and 5e-3. On a phantom (not the model's own fixture) tract and onnxruntime round a few
+/// requantization ties differently, and with model 0.4.1's float first conv a tie there
+/// reaches many channels: seg_logits max |diff| 0.66 (bound 1.92, see
+/// `models/training/make_fixtures.py`), rel L2 6.6e-4; vertebra logits 2e-4.
 fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let series = tmp.path().join("series");
@@ -223,17 +223,20 @@ fn parity(extra: &[&str], slice_parallel: bool) -> Result<()> {
         ("patient_logit", std::slice::from_ref(&out.patient_logit)),
         ("attention", &out.attention),
     ];
+    let mut report = vec![];
+    let mut ok = true;
     for (name, got) in pairs {
         let (_, want) = read_npy(&reference.join(format!("{name}.npy")))?;
         let t = &tol["tolerances"][name];
         let (m, r) = (max_abs(got, &want), rel_l2(got, &want));
         let rel_tol = t["rel_l2"].as_f64().unwrap().max(5e-3);
-        ensure!(
-            m as f64 <= t["max_abs"].as_f64().unwrap() && r <= rel_tol,
-            "{name}: tract vs onnxruntime max_abs {m}, rel_l2 {r}, tolerance {t} \
-             (slice_parallel {slice_parallel})"
-        );
+        ok &= m as f64 <= t["max_abs"].as_f64().unwrap() && r <= rel_tol;
+        report.push(format!(
+            "{name}: max_abs {m:.3e}, rel_l2 {r:.3e} (tolerance {t})"
+        ));
     }
+    eprintln!("tract vs onnxruntime (slice_parallel {slice_parallel}): {report:#?}");
+    ensure!(ok, "tract vs onnxruntime out of tolerance: {report:#?}");
     Ok(())
 }
 

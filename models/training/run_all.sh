@@ -69,7 +69,9 @@ cp $R/cpu/model_a_27000.pt $R/cpu/model.pt
 python3 export.py $R/cpu/model.pt $R/cpu/model_fp32.onnx
 python3 size_report.py $R/fp32/model.pt $R/cpu/model.pt $R/prune_report.json $R/size_report.json
 
-# 4. int8: QLinearConv only, calibrated on training studies.
+# 4. int8: QLinearConv only, calibrated on training studies; the first conv and the two 1x1
+#    heads stay float (quantize.py FLOAT_CONVS; 0.4.1: the 0.4.0 weights, re-exported with
+#    the class max as element-wise maxima and re-quantized this way).
 python3 quantize.py $R/cpu/model_fp32.onnx ../cspine_triage_int8.onnx --data "$D/train0" --cache "$C" --calib 8
 
 # 5. Thresholds on validation (shipped int8 model), then the held-out test sets (float
