@@ -209,6 +209,9 @@ def main():
     ap.add_argument("--frac-hires", type=int, default=16,
                     help="width of the high-resolution fracture branch (0: none); added to an --init model without one")
     ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="stage A: also keep an exponential moving average of the weights (and BN "
+                         "statistics) with this decay, e.g. 0.999; evaluated and saved next to the model")
     ap.add_argument("--eval-every-b", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
     ap.add_argument("--cached-only", action="store_true", help="train only on studies already in the cache")
@@ -245,22 +248,27 @@ def main():
     model.to(dev)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
-    def evaluate(stage, step):
+    def evaluate(stage, step, net=model, name="model"):
         if not val:
             return
-        p = predict(model, val)
+        p = predict(net, val)
         y = np.stack([st.labels for st in val])
         m = summary(y, p, 0.5, [0.5] * 7)
+        split = "val" if name == "model" else f"val_{name}"
         for k in ("patient_auc", "mean_vertebra_auc", "rsna_wll"):
-            log.log(stage, step, t0, "val", k, m[k])
-        print(f"[{stage} {step}] val patient AUC {m['patient_auc']:.4f} vertebra AUC "
+            log.log(stage, step, t0, split, k, m[k])
+        print(f"[{stage} {step}] {split} patient AUC {m['patient_auc']:.4f} vertebra AUC "
               f"{m['mean_vertebra_auc']:.4f} RSNA wll {m['rsna_wll']:.4f}", flush=True)
         if stage == "A":  # long runs: keep every evaluated checkpoint, to choose one on validation
-            save_checkpoint(model, args.out / f"model_a_{step}.pt", seed=args.seed)
+            save_checkpoint(net, args.out / f"{name}_a_{step}.pt", seed=args.seed)
 
     # Stage A: end to end on windows.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr_a, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr_a, total_steps=max(1, args.steps_a), pct_start=0.1)
+    ema = None
+    if args.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
     t_a = time.time()
     run = {}
     # --minutes-a: the rate is timed over RATE_STEPS steps after WARMUP_STEPS (allocator,
@@ -285,6 +293,8 @@ def main():
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
                              args.frac_weight)
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         for k, v in parts.items():
             run[k] = 0.95 * run.get(k, v) + 0.05 * v
         if step % 20 == 0 or step == args.steps_a:
@@ -293,11 +303,15 @@ def main():
             print(f"[A {step}] " + " ".join(f"{k} {v:.4f}" for k, v in run.items()) + f" {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0:
             evaluate("A", step)
+            if ema is not None:
+                evaluate("A", step, ema.module, "ema")
     if args.steps_b:
         evaluate("A", args.steps_a)
 
     if args.steps_b == 0:  # stage A only (time-limited runs): heads trained on windows only
         save_checkpoint(model, args.out / "model.pt", seed=args.seed)
+        if ema is not None:
+            evaluate("A", args.steps_a, ema.module, "ema")
         print(f"saved {args.out / 'model.pt'} after stage A only ({time.time() - t0:.0f} s)")
         return
     save_checkpoint(model, args.out / "model_a.pt", seed=args.seed)  # stage B can be redone from here
