@@ -187,15 +187,11 @@ impl Engine {
             .runnable
             .typed_plan()
             .context("profiling needs the CPU runtime")?;
-        let mut profile = vec![];
-        let outputs = run_timed(
-            plan,
-            tvec![input_tensor(input)?.into_tvalue()],
-            "",
-            &mut profile,
-        )
-        .map_err(failed)?;
-        Ok((self.read_outputs(slices, &outputs)?, profile))
+        let mut timer = PlanTimer::new(plan)?;
+        let outputs = timer
+            .run(tvec![input_tensor(input)?.into_tvalue()])
+            .map_err(failed)?;
+        Ok((self.read_outputs(slices, &outputs)?, timer.node_times("")))
     }
 
     fn read_outputs(&self, slices: usize, outputs: &[TValue]) -> Result<ModelOutputs> {
@@ -255,32 +251,46 @@ pub fn avoid_amx_int8() {
     }
 }
 
-/// Runs `plan` once on `inputs`, adding each node's time to `profile` (an entry per node,
-/// in plan order, named `prefix` + node name; repeated runs sum into the same entries).
-fn run_timed(
-    plan: &Arc<TypedRunnableModel>,
-    inputs: TVec<TValue>,
-    prefix: &str,
-    profile: &mut NodeTimes,
-) -> TractResult<TVec<TValue>> {
-    let mut times: BTreeMap<usize, Duration> = BTreeMap::new();
-    let mut state = plan.spawn()?;
-    let outputs = state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
-        let t = Instant::now();
-        let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-        *times.entry(node.id).or_default() += t.elapsed();
-        r
-    })?;
-    let model = plan.model();
-    for (id, t) in times {
-        let node = model.node(id);
-        let name = format!("{prefix}{}", node.name);
-        match profile.iter_mut().find(|(n, _, _)| *n == name) {
-            Some(entry) => entry.2 += t,
-            None => profile.push((name, node.op().name().to_string(), t)),
-        }
+/// Runs one plan any number of times, summing each node's time over the runs.
+struct PlanTimer {
+    state: TypedSimpleState,
+    times: BTreeMap<usize, Duration>,
+}
+
+impl PlanTimer {
+    fn new(plan: &Arc<TypedRunnableModel>) -> TractResult<PlanTimer> {
+        Ok(PlanTimer {
+            state: plan.spawn()?,
+            times: BTreeMap::new(),
+        })
     }
-    Ok(outputs)
+
+    fn run(&mut self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let times = &mut self.times;
+        self.state
+            .run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+                let t = Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                *times.entry(node.id).or_default() += t.elapsed();
+                r
+            })
+    }
+
+    /// `(prefix + node name, op name, time)` per node, in plan order.
+    fn node_times(&self, prefix: &str) -> NodeTimes {
+        let model = self.state.plan().model();
+        self.times
+            .iter()
+            .map(|(&id, &t)| {
+                let node = model.node(id);
+                (
+                    format!("{prefix}{}", node.name),
+                    node.op().name().to_string(),
+                    t,
+                )
+            })
+            .collect()
+    }
 }
 
 fn input_tensor(input: ModelInput) -> Result<Tensor> {
@@ -666,38 +676,34 @@ impl SlicePlan {
         for part in parts {
             per_slice.extend(part?);
         }
-        self.finish(per_slice, |across, cuts| across.run(cuts))
+        self.finish(per_slice, |cuts| self.across.run(cuts))
     }
 
     /// [`SlicePlan::run`] on this thread alone, timing every node of both parts.
     fn run_profiled(&self, input: ModelInput) -> TractResult<(TVec<TValue>, NodeTimes)> {
-        let mut profile = vec![];
         let (h, w) = (input.height, input.width);
+        let mut per_slice_timer = PlanTimer::new(&self.per_slice)?;
         let per_slice = input
             .tensor
             .chunks(3 * h * w)
             .map(|one| {
-                let t = Tensor::from_shape(&[1, 3, h, w], one)?;
-                run_timed(
-                    &self.per_slice,
-                    tvec![t.into_tvalue()],
-                    "slice:",
-                    &mut profile,
-                )
+                per_slice_timer.run(tvec![Tensor::from_shape(&[1, 3, h, w], one)?.into_tvalue()])
             })
             .collect::<TractResult<Vec<_>>>()?;
-        let outputs = self.finish(per_slice, |across, cuts| {
-            run_timed(across, cuts, "across:", &mut profile)
-        })?;
+        let mut across_timer = PlanTimer::new(&self.across)?;
+        let outputs = self.finish(per_slice, |cuts| across_timer.run(cuts))?;
+        let mut profile = per_slice_timer.node_times("slice:");
+        profile.extend(across_timer.node_times("across:"));
         Ok((outputs, profile))
     }
 
     /// Stacks the per-slice outputs over slices, runs the across-slices part on the cut
-    /// tensors with `run_across`, and returns the whole graph's outputs in its order.
+    /// tensors with `run_across` (its plan, timed or not), and returns the whole graph's
+    /// outputs in its order.
     fn finish(
         &self,
         per_slice: Vec<TVec<TValue>>,
-        run_across: impl FnOnce(&Arc<TypedRunnableModel>, TVec<TValue>) -> TractResult<TVec<TValue>>,
+        run_across: impl FnOnce(TVec<TValue>) -> TractResult<TVec<TValue>>,
     ) -> TractResult<TVec<TValue>> {
         let n_out = per_slice.first().map_or(0, |outs| outs.len());
         let mut stacked: Vec<Tensor> = Vec::with_capacity(n_out);
@@ -706,10 +712,7 @@ impl SlicePlan {
             stacked.push(Tensor::stack_tensors(0, &views)?);
         }
         let cuts = stacked.split_off(self.direct);
-        let across = run_across(
-            &self.across,
-            cuts.into_iter().map(|t| t.into_tvalue()).collect(),
-        )?;
+        let across = run_across(cuts.into_iter().map(|t| t.into_tvalue()).collect())?;
         Ok(self
             .sources
             .iter()
