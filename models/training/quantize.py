@@ -10,9 +10,9 @@ The first conv (3 input channels) and the two 1x1 output heads stay float (`--fl
 the usual choice for accuracy, and here also for speed: in tract 0.23.9 (`infer --profile`,
 74 slices) the int8 first conv took 57 ms where the float one takes 11 ms (its K=27 int8
 matrix product and the quantization of the input), and the int8 seg head 15 ms (under 6 in
-float). With the three in float, tract's model time fell from 0.19 to 0.15 s (benches/infer_vs_ort.py,
-2 threads) and the largest
-int8-vs-fp32 vertebra-logit error on the calibration check from 2.15 to 0.55.
+float). With the three in float, tract's model time fell from 0.19 to 0.15 s
+(benches/infer_vs_ort.py, 2 threads) and the largest int8-vs-fp32 vertebra-logit error on
+the calibration check from 2.15 to 0.55.
 
 `--fuse-relu` also lists `Relu` in op_types_to_quantize: onnxruntime then gives each
 Conv->Relu pair's QLinearConv the ReLU output's calibrated range (zero point 0, so uint8
