@@ -24,13 +24,19 @@ FIX = MODELS / "fixtures"
 # quantum apart, and a flip in an earlier int8 layer can move a later one by a quantum or
 # two more. A max-abs bound on logits plus a relative L2 bound; for the segmentation logits
 # the max-abs bound is what such ties can do to them (`seg_logit_bound`, read from the graph;
-# 0.4.1, measured on a phantom in tests/inference.rs: 0.66 of a bound of 1.92), the relative
-# L2 bound stays tight (measured: 2e-4 to 7e-4).
+# 0.4.1, measured on a phantom in tests/inference.rs: 0.66 of a bound of 1.92). How many
+# ties flip is chance (the float first conv's output is quantized from sums the runtimes
+# order differently), so the segmentation logits' relative L2 bound allows a few times the
+# flips seen: measured 4e-6 (0.5.0, this fixture), 2e-4 to 7e-4 (0.4.1, phantoms), 5.0e-4
+# (0.6.0, a phantom) and 1.23e-3 (0.6.0, this fixture). The attention weights, read from the
+# pooled segmentation, follow: 1.5e-4 (0.6.0, a phantom), 1.84e-3 (0.6.0, this fixture, max
+# abs 1.1e-3 of weights near 1/24). The vertebra and patient logits, what the daemon
+# decides on, keep 1e-3: 3e-5 to 1.5e-4 in the same runs.
 TOLERANCES = {
-    "seg_logits": {"max_abs": 0.05, "rel_l2": 1e-3},
+    "seg_logits": {"max_abs": 0.05, "rel_l2": 3e-3},
     "vertebra_logits": {"max_abs": 0.02, "rel_l2": 1e-3},
     "patient_logit": {"max_abs": 0.02, "rel_l2": 1e-3},
-    "attention": {"max_abs": 2e-3, "rel_l2": 1e-3},
+    "attention": {"max_abs": 2e-3, "rel_l2": 4e-3},
 }
 
 
