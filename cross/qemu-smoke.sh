@@ -32,8 +32,8 @@ diff -u "$WORK/host.toml" "$WORK/arm.toml"
 
 echo "== synth (host and aarch64, same seed)"
 start=$(date +%s)
-"$HOST" synth "$WORK/study-host" --count 1 --seed 7 --fracture C2
-arm synth "$WORK/study-arm" --count 1 --seed 7 --fracture C2
+"$HOST" synth "$WORK/study-host" --count 1 --seed 7 --fracture C2 --matrix 256
+arm synth "$WORK/study-arm" --count 1 --seed 7 --fracture C2 --matrix 256
 echo "aarch64 synth under qemu: $(( $(date +%s) - start )) s (host + qemu)"
 n_host=$(find "$WORK/study-host" -type f | wc -l); n_arm=$(find "$WORK/study-arm" -type f | wc -l)
 echo "files: host $n_host, aarch64 $n_arm"
