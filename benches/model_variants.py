@@ -9,7 +9,8 @@ int8-quantizes each exactly as the recipe does (`export_onnx`, `quantize.py`, ca
 
   python3 benches/model_variants.py --bin target/release/cspine-triage
 
-Variants:
+Variants (TriageNet's `dec2_kernel` and `frac_branch_layout`; with --checkpoint, converted
+by `model.with_layout`):
   base          the shipped architecture
   dec2-1x1      the decoder's last block (32x32) with 1x1 instead of 3x3 convolutions
   frac-strided  the fracture branch as one strided 3x3 from enc1, without its 3x3 at 64x64
@@ -34,9 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ROOT / "models" / "training"
 sys.path.insert(0, str(TRAINING))
 
-from model import ConvBNReLU, TriageNet, export_onnx, load_checkpoint  # noqa: E402
+from model import ConvBNReLU, TriageNet, export_onnx, load_checkpoint, with_layout  # noqa: E402
 
-VARIANTS = ("base", "dec2-1x1", "frac-strided", "both")
 
 
 def distinct_bn(block: ConvBNReLU) -> ConvBNReLU:
@@ -50,26 +50,24 @@ def distinct_bn(block: ConvBNReLU) -> ConvBNReLU:
     return block
 
 
+LAYOUTS = {  # variant -> (dec2_kernel, frac_branch_layout), TriageNet's options
+    "base": (3, "hires"),
+    "dec2-1x1": (1, "hires"),
+    "frac-strided": (3, "strided"),
+    "both": (1, "strided"),
+}
+
+
 def network(variant: str, checkpoint: Path | None) -> TriageNet:
+    dec2_kernel, layout = LAYOUTS[variant]
     if checkpoint:
-        m = load_checkpoint(checkpoint)
-    else:
-        config = json.loads((TRAINING / "runs" / "size_report.json").read_text())["after"]["config"]
-        m = TriageNet(**config)
-        for mod in m.modules():
-            if isinstance(mod, ConvBNReLU):
-                distinct_bn(mod)
-
-    def one_by_one(block: ConvBNReLU) -> ConvBNReLU:
-        conv = block[0]
-        return distinct_bn(ConvBNReLU(conv.in_channels, conv.out_channels, stride=conv.stride[0], k=1))
-
-    if variant in ("dec2-1x1", "both"):
-        m.dec2.a, m.dec2.b = one_by_one(m.dec2.a), one_by_one(m.dec2.b)
-    if variant in ("frac-strided", "both"):
-        first, second = m.frac_branch[0][0], m.frac_branch[1][0]
-        m.frac_branch = torch.nn.Sequential(
-            distinct_bn(ConvBNReLU(first.in_channels, second.out_channels, stride=2)))
+        return with_layout(load_checkpoint(checkpoint), dec2_kernel, layout).eval()
+    config = json.loads((TRAINING / "runs" / "size_report.json").read_text())["after"]["config"]
+    config.update(dec2_kernel=dec2_kernel, frac_branch_layout=layout)
+    m = TriageNet(**config)
+    for mod in m.modules():
+        if isinstance(mod, ConvBNReLU):
+            distinct_bn(mod)
     return m.eval()
 
 
@@ -77,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "cspine-triage")
     ap.add_argument("--checkpoint", type=Path, help="trained weights instead of random ones")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--slices", type=int, default=60)
     ap.add_argument("--rows", type=int, default=256)

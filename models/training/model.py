@@ -55,13 +55,14 @@ class ConvBNReLU(nn.Sequential):
 
 
 class Block(nn.Module):
-    """Two 3x3 conv-BN-ReLU; the first may stride. `mid` is the hidden width (prunable)."""
+    """Two k x k conv-BN-ReLU (3x3 unless `k`); the first may stride. `mid` is the hidden
+    width (prunable)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, mid: int | None = None):
+    def __init__(self, cin: int, cout: int, stride: int, mid: int | None = None, k: int = 3):
         super().__init__()
         mid = cout if mid is None else mid
-        self.a = ConvBNReLU(cin, mid, stride)
-        self.b = ConvBNReLU(mid, cout, 1)
+        self.a = ConvBNReLU(cin, mid, stride, k)
+        self.b = ConvBNReLU(mid, cout, 1, k)
 
     def forward(self, x):
         return self.b(self.a(x))
@@ -75,7 +76,8 @@ class TriageNet(nn.Module):
     and the segmentation is pixel evidence + the slice's level prior (log-softmax)."""
 
     def __init__(self, widths: dict | None = None, mids: dict | None = None, gru_hidden: int = 32,
-                 level_hidden: int = 24, frac_hires: int = 0):
+                 level_hidden: int = 24, frac_hires: int = 0, dec2_kernel: int = 3,
+                 frac_branch_layout: str = "hires"):
         super().__init__()
         w = dict(DEFAULT_WIDTHS)
         if widths:
@@ -85,17 +87,23 @@ class TriageNet(nn.Module):
             m.update(mids)
         self.widths, self.mids, self.gru_hidden, self.level_hidden = w, m, gru_hidden, level_hidden
         self.frac_hires = frac_hires
+        # The two cheaper options of benches/model_variants.py (tract 0.130 -> 0.090 s on
+        # 60 slices): `dec2_kernel` 1 makes the 32x32 decoder block 1x1, `frac_branch_layout`
+        # "strided" reads enc1 with one strided 3x3 instead of a 3x3 at 64x64 first.
+        self.dec2_kernel, self.frac_branch_layout = dec2_kernel, frac_branch_layout
         self.enc1 = ConvBNReLU(3, w["enc1"], stride=2)  # one conv only at 64x64: im2col cost
         self.enc2 = Block(w["enc1"], w["enc2"], 2, m["enc2"])
         self.enc3 = Block(w["enc2"], w["enc3"], 2, m["enc3"])
         self.enc4 = Block(w["enc3"], w["enc4"], 2, m["enc4"])
         self.dec3 = Block(w["enc4"] + w["enc3"], w["dec3"], 1, m["dec3"])
-        self.dec2 = Block(w["dec3"] + w["enc2"], w["dec2"], 1, m["dec2"])
+        self.dec2 = Block(w["dec3"] + w["enc2"], w["dec2"], 1, m["dec2"], k=dec2_kernel)
         self.seg_head = nn.Conv2d(w["dec2"], N_CLASSES, 1)
         # Fracture evidence per 32x32 cell. A crack is 1-3 pixels wide at 1.25 mm: with
         # `frac_hires` > 0 a small branch reads the stride-2 (64x64) features and strides
         # down itself, so the head sees the crack before the encoder has blurred it away.
-        if frac_hires:
+        if frac_hires and frac_branch_layout == "strided":
+            self.frac_branch = nn.Sequential(ConvBNReLU(w["enc1"], frac_hires, stride=2))
+        elif frac_hires:
             self.frac_branch = nn.Sequential(ConvBNReLU(w["enc1"], frac_hires),
                                              ConvBNReLU(frac_hires, frac_hires, stride=2))
         self.frac_head = nn.Conv2d(w["dec2"] + frac_hires, 1, 1)
@@ -195,7 +203,8 @@ class TriageNet(nn.Module):
 
     def config(self) -> dict:
         return {"widths": self.widths, "mids": self.mids, "gru_hidden": self.gru_hidden,
-                "level_hidden": self.level_hidden, "frac_hires": self.frac_hires}
+                "level_hidden": self.level_hidden, "frac_hires": self.frac_hires,
+                "dec2_kernel": self.dec2_kernel, "frac_branch_layout": self.frac_branch_layout}
 
 
 def save_checkpoint(model: "TriageNet", path, **extra) -> None:
@@ -208,6 +217,30 @@ def load_checkpoint(path) -> "TriageNet":
     m = TriageNet(**ck["config"])
     m.load_state_dict(ck["state_dict"])
     return m
+
+
+def with_layout(model: "TriageNet", dec2_kernel: int, frac_branch_layout: str) -> "TriageNet":
+    """The same network with the dec2 kernel size and fracture-branch layout changed, as a
+    warm start: every other weight is kept, a 1x1 conv starts from the centre tap of the 3x3
+    it replaces, and a "strided" branch from the first conv of the "hires" one (same shape)."""
+    cfg = model.config()
+    cfg.update(dec2_kernel=dec2_kernel, frac_branch_layout=frac_branch_layout)
+    new = TriageNet(**cfg)
+    old = model.state_dict()
+    if frac_branch_layout != model.frac_branch_layout:
+        old = {k: v for k, v in old.items() if not k.startswith("frac_branch.1.")}
+    state = new.state_dict()
+    for k, v in old.items():
+        if k not in state:
+            continue
+        if state[k].shape == v.shape:
+            state[k] = v
+        elif v.dim() == 4 and state[k].shape[2:] == (1, 1):  # 3x3 -> 1x1: the centre tap
+            state[k] = v[:, :, v.shape[2] // 2: v.shape[2] // 2 + 1, v.shape[3] // 2: v.shape[3] // 2 + 1]
+        else:
+            raise ValueError(f"{k}: {tuple(v.shape)} cannot start {tuple(state[k].shape)}")
+    new.load_state_dict(state)
+    return new
 
 
 def add_frac_branch(model: "TriageNet", width: int) -> "TriageNet":

@@ -65,7 +65,8 @@ def prune(model: TriageNet, keep: float) -> TriageNet:
         mids[blk] = len(idx[f"{blk}.a"])
         widths[blk] = len(idx[f"{blk}.b"])
     new = TriageNet(widths=widths, mids=mids, gru_hidden=model.gru_hidden, level_hidden=model.level_hidden,
-                    frac_hires=model.frac_hires)
+                    frac_hires=model.frac_hires, dec2_kernel=model.dec2_kernel,
+                    frac_branch_layout=model.frac_branch_layout)
     for g in GROUPS:
         src, dst = _cbr(model, g), _cbr(new, g)
         o, i = torch.from_numpy(idx[g]), torch.from_numpy(inp[g])
@@ -84,7 +85,8 @@ def prune(model: TriageNet, keep: float) -> TriageNet:
         dst[0][0].weight.copy_(src[0][0].weight[:, torch.from_numpy(idx["enc1"])])
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(dst[0][1], name).copy_(getattr(src[0][1], name))
-        dst[1].load_state_dict(src[1].state_dict())
+        if len(dst) > 1:  # "hires" layout: its strided second conv reads the branch itself
+            dst[1].load_state_dict(src[1].state_dict())
     # slice-level GRU input = mean of enc4 (pruned); sequence GRU input = [pooled dec2
     # features (pruned), max fracture evidence, log mass (both kept)]
     c = model.widths["dec2"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from data import FRACTURE_TARGETS, Study, load_dataset
 from metrics import summary
-from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint
+from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint, with_layout
 
 VERT_W = (1.0, 2.0)  # RSNA weights (negative, positive) for vertebra rows
 PAT_W = (7.0, 14.0)  # and for the patient row
@@ -208,6 +208,12 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="processes that build the cache")
     ap.add_argument("--frac-hires", type=int, default=16,
                     help="width of the high-resolution fracture branch (0: none); added to an --init model without one")
+    ap.add_argument("--dec2-kernel", type=int, choices=(1, 3),
+                    help="kernel of the 32x32 decoder block (default: the --init model's, else 3); "
+                         "changing it warm-starts a 1x1 from the 3x3's centre tap")
+    ap.add_argument("--frac-branch-layout", choices=("hires", "strided"),
+                    help="fracture branch: a 3x3 at 64x64 then a strided one (hires), or one "
+                         "strided 3x3 (strided; cheaper in tract, benches/model_variants.py)")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--ema", type=float, default=0.0,
                     help="stage A: also keep an exponential moving average of the weights (and BN "
@@ -245,6 +251,10 @@ def main():
     model = load_checkpoint(args.init) if args.init else TriageNet(frac_hires=args.frac_hires)
     if args.init and args.frac_hires and not model.frac_hires:
         model = add_frac_branch(model, args.frac_hires)
+    dec2_kernel = args.dec2_kernel or model.dec2_kernel
+    layout = args.frac_branch_layout or model.frac_branch_layout
+    if (dec2_kernel, layout) != (model.dec2_kernel, model.frac_branch_layout):
+        model = with_layout(model, dec2_kernel, layout)
     model.to(dev)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
