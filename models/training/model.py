@@ -87,7 +87,7 @@ class TriageNet(nn.Module):
             m.update(mids)
         self.widths, self.mids, self.gru_hidden, self.level_hidden = w, m, gru_hidden, level_hidden
         self.frac_hires = frac_hires
-        # The two cheaper options of benches/model_variants.py (tract 0.130 -> 0.090 s on
+        # The two cheaper options of benches/model_variants.py (tract 0.134 -> 0.090 s on
         # 60 slices): `dec2_kernel` 1 makes the 32x32 decoder block 1x1, `frac_branch_layout`
         # "strided" reads enc1 with one strided 3x3 instead of a 3x3 at 64x64 first.
         self.dec2_kernel, self.frac_branch_layout = dec2_kernel, frac_branch_layout

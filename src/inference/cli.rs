@@ -112,7 +112,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
                         bar.suspend(|| print_profile(profile));
                     }
                     let timing = format!(
-                        "{} slices, preprocess {:.2} s, model {:.2} s",
+                        "{} slices, preprocess {:.3} s, model {:.3} s",
                         volume.dims[0],
                         a.preprocess_time.as_secs_f64(),
                         a.model_time.as_secs_f64()
