@@ -248,13 +248,18 @@ def main():
     log = Logger(args.out / "train_log.csv")
     (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train))
 
-    model = load_checkpoint(args.init) if args.init else TriageNet(frac_hires=args.frac_hires)
-    if args.init and args.frac_hires and not model.frac_hires:
-        model = add_frac_branch(model, args.frac_hires)
-    dec2_kernel = args.dec2_kernel or model.dec2_kernel
-    layout = args.frac_branch_layout or model.frac_branch_layout
-    if (dec2_kernel, layout) != (model.dec2_kernel, model.frac_branch_layout):
-        model = with_layout(model, dec2_kernel, layout)
+    layout = {k: v for k, v in (("dec2_kernel", args.dec2_kernel), ("frac_branch_layout", args.frac_branch_layout))
+              if v is not None}
+    if args.init:
+        model = load_checkpoint(args.init)
+        if args.frac_hires and not model.frac_hires:
+            model = add_frac_branch(model, args.frac_hires)
+        cfg = model.config()
+        if any(cfg[k] != v for k, v in layout.items()):
+            model = with_layout(model, **{"dec2_kernel": cfg["dec2_kernel"],
+                                          "frac_branch_layout": cfg["frac_branch_layout"], **layout})
+    else:
+        model = TriageNet(frac_hires=args.frac_hires, **layout)
     model.to(dev)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
