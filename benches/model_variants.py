@@ -38,7 +38,6 @@ sys.path.insert(0, str(TRAINING))
 from model import ConvBNReLU, TriageNet, export_onnx, load_checkpoint, with_layout  # noqa: E402
 
 
-
 def distinct_bn(block: ConvBNReLU) -> ConvBNReLU:
     """Random BatchNorm statistics: with the defaults every folded bias is zero and the
     exporter shares them as one constant, which quantize.py cannot read as a conv bias."""
@@ -79,10 +78,14 @@ def main():
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--slices", type=int, default=60)
     ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--keep", type=Path,
+                    help="write the variants here (VARIANT/model.json, for `infer --profile --model`) "
+                         "instead of a temporary directory")
     args = ap.parse_args()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         calib = tmp / "calib"
         subprocess.run([str(args.bin), "synth", str(calib), "--count", "8", "--seed", "77", "--matrix", "256"],
                        check=True, stderr=subprocess.DEVNULL)
@@ -90,7 +93,7 @@ def main():
         rows = []
         for variant in args.variants:
             out = tmp / variant
-            out.mkdir()
+            out.mkdir(exist_ok=True)
             export_onnx(network(variant, args.checkpoint), str(out / "fp32.onnx"))
             subprocess.run([sys.executable, "quantize.py", str(out / "fp32.onnx"), str(out / "int8.onnx"),
                             "--data", str(calib), "--cache", str(tmp / "cache"), "--calib", "8"],
