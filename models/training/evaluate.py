@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--vertebra-thresholds", choices=("pooled", "per-vertebra"), default="pooled",
                     help="one threshold for all seven vertebrae (default), or one each (needs many positives)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--by-root", action="store_true",
+                    help="with several --data roots, also report each root on its own (one preprocessing pass)")
     ap.add_argument("--limit", type=int, help="only the first N studies of each root's train.csv")
     ap.add_argument("--bootstrap", type=int, default=2000,
                     help="resamples of the studies for the 95 %% intervals of the AUCs (0: none)")
@@ -124,6 +126,19 @@ def main():
             print(f"  95 % bootstrap intervals ({args.bootstrap} resamples of the studies): patient AUC "
                   f"{b['patient_auc'][0]:.3f}-{b['patient_auc'][1]:.3f}, mean vertebra AUC "
                   f"{b['mean_vertebra_auc'][0]:.3f}-{b['mean_vertebra_auc'][1]:.3f}")
+    if args.by_root:
+        results["by_root"] = {}
+        for root in args.data:
+            mask = np.array([r == root for r, _, _ in rows])
+            per = results["by_root"][str(root)] = {"n_studies": int(mask.sum()), "models": {}}
+            for path, p in zip(args.onnx, probs):
+                m = summary(y[mask], p[mask], tp, tv)
+                if args.bootstrap:
+                    m["bootstrap_95"] = bootstrap_intervals(y[mask], p[mask], args.bootstrap)
+                per["models"][path] = m
+                print(f"  {root} ({mask.sum()} studies) {path}: patient AUC {m['patient_auc']:.4f}, "
+                      f"mean vertebra AUC {m['mean_vertebra_auc']:.4f}, RSNA wll {m['rsna_wll']:.4f}, "
+                      f"published status sens/spec {m['status_sens']:.3f}/{m['status_spec']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(finite(results), indent=2) + "\n")
