@@ -2,7 +2,7 @@
 # The whole recipe. From the repo root:
 #   cargo build && bash models/training/run_all.sh /tmp/cspine
 # Defaults = the run that produced the committed model (see MODEL_CARD.md for its timings).
-# Seeds: training 1000-1063, validation 2000-2002, model-card tests 3000 and 3001;
+# Seeds: training 1000-1063, validation 2000-2003, model-card tests 3000 and 3001;
 # tests/model.rs uses 4242.
 set -euo pipefail
 W=${1:?work dir}
@@ -27,6 +27,7 @@ for s in $(seq 1008 1063); do synth "$D/train$s" --count 40 --seed $s; done
 synth "$D/val" --count 30 --seed 2000 --slice-thickness 1.5
 synth "$D/val2" --count 100 --seed 2001
 synth "$D/val3" --count 300 --seed 2002
+synth "$D/val2003" --count 200 --seed 2003
 synth "$D/test" --count 50 --seed 3000
 synth "$D/test2" --count 100 --seed 3001
 TRAIN=("$D"/train0 "$D"/train1 "$D"/train2 "$D"/train3 "$D"/train4 "$D"/train5 "$D"/train6 "$D"/train7)
@@ -85,14 +86,14 @@ cp $R/next/ema_a_6000.pt $R/next/model.pt
 python3 export.py $R/next/model.pt $R/next/model_fp32.onnx
 python3 size_report.py $R/fp32/model.pt $R/next/model.pt $R/prune_report.json $R/size_report.json
 
-# 4. int8: QLinearConv only, calibrated on training studies; the first conv and the two 1x1
-#    heads stay float (quantize.py FLOAT_CONVS; 0.4.1: the 0.4.0 weights, re-exported with
-#    the class max as element-wise maxima and re-quantized this way).
+# 4. int8: QLinearConv only, calibrated on training studies; the first conv, the two 1x1
+#    heads (0.4.1) and the 16x16 and 8x8 encoder blocks (0.6.1: 0.6.0's weights converted
+#    again) stay float (quantize.py FLOAT_CONVS).
 python3 quantize.py $R/next/model_fp32.onnx ../cspine_triage_int8.onnx --data "$D/train0" --cache "$C" --calib 8
 
 # 5. Thresholds on validation (shipped int8 model), then the held-out test sets (float
 #    preprocessing, as the daemon) for all three.
-python3 evaluate.py ../cspine_triage_int8.onnx --data "$D/val" "$D/val2" "$D/val3" --cache "$C" --contract ../model.json \
+python3 evaluate.py ../cspine_triage_int8.onnx --data "$D/val" "$D/val2" "$D/val3" "$D/val2003" --cache "$C" --contract ../model.json \
   --choose-thresholds --out $R/val_eval.json
 python3 evaluate.py $R/fp32/model_fp32.onnx $R/next/model_fp32.onnx ../cspine_triage_int8.onnx \
   --data "$D/test" "$D/test2" --limit "$TEST_N" --contract ../model.json --out $R/test_eval.json
