@@ -4,7 +4,7 @@
 # time (`KOut4Writer::write_slice`); tract-linalg-kout4.patch splits the row at panel
 # boundaries instead. This script builds cspine-triage at HEAD against the patched crate
 # (in target/kout4; the tree and its Cargo.lock are not touched), then times it against
-# the normal release build on the same model and series, alternated run by run
+# the normal release build on the same model and a C5-fracture phantom, alternated run by run
 # (benches/infer_ab.py --bin-b), and prints the largest difference between the two
 # builds' probabilities (the patch changes where bytes are written, not their values).
 #
@@ -36,5 +36,8 @@ git archive HEAD | tar -x -C "$W/tree"
   --config "patch.crates-io.tract-linalg.path=\"$W/tract-linalg\"")
 
 [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
+# A fractured neck phantom, so that both builds produce probabilities to compare.
+[ -f "$W/phantom/train.csv" ] || target/release/cspine-triage synth "$W/phantom" --count 1 --seed 7 \
+  --fracture C5 --matrix 256 2>/dev/null
 python3 benches/infer_ab.py --bin target/release/cspine-triage --bin-b "$W/target/release/cspine-triage" \
-  --pairs "$PAIRS" models/model.json models/model.json
+  --pairs "$PAIRS" --series "$(ls -d "$W"/phantom/train_images/*)" models/model.json models/model.json
