@@ -111,11 +111,17 @@ def main():
     results = {"data": " ".join(map(str, args.data)), "n_studies": len(rows),
                "preprocessing": "uint8 cache" if args.cache else "float (preprocess.py)",
                "mean_model_slices": float(np.mean(n_slices)), "models": {}}
-    for path, p, sec in zip(args.onnx, probs, secs):
+
+    def score(y, p) -> dict:
+        """The summary metrics at the contract's thresholds, with bootstrap intervals if asked."""
         m = summary(y, p, tp, tv)
-        m["ort_ms_per_study"] = 1000 * sec / len(rows)
         if args.bootstrap:
             m["bootstrap_95"] = bootstrap_intervals(y, p, args.bootstrap)
+        return m
+
+    for path, p, sec in zip(args.onnx, probs, secs):
+        m = score(y, p)
+        m["ort_ms_per_study"] = 1000 * sec / len(rows)
         results["models"][path] = m
         print(f"{path}: patient AUC {m['patient_auc']:.4f}, mean vertebra AUC {m['mean_vertebra_auc']:.4f}, "
               f"RSNA wll {m['rsna_wll']:.4f}, patient sens/spec {m['patient_sens']:.3f}/{m['patient_spec']:.3f}, "
@@ -132,10 +138,7 @@ def main():
             mask = np.array([r == root for r, _, _ in rows])
             per = results["by_root"][str(root)] = {"n_studies": int(mask.sum()), "models": {}}
             for path, p in zip(args.onnx, probs):
-                m = summary(y[mask], p[mask], tp, tv)
-                if args.bootstrap:
-                    m["bootstrap_95"] = bootstrap_intervals(y[mask], p[mask], args.bootstrap)
-                per["models"][path] = m
+                m = per["models"][path] = score(y[mask], p[mask])
                 print(f"  {root} ({mask.sum()} studies) {path}: patient AUC {m['patient_auc']:.4f}, "
                       f"mean vertebra AUC {m['mean_vertebra_auc']:.4f}, RSNA wll {m['rsna_wll']:.4f}, "
                       f"published status sens/spec {m['status_sens']:.3f}/{m['status_spec']:.3f}")
