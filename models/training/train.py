@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import preprocess as pp
+
 from data import FRACTURE_TARGETS, Study, load_dataset
 from metrics import summary
 from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint, with_layout
@@ -72,6 +74,66 @@ def level_loss(level_logits: torch.Tensor, seg: np.ndarray) -> torch.Tensor | No
     return F.cross_entropy(level_logits, target, ignore_index=-1)
 
 
+def random_pose(rng: random.Random, max_deg: tuple) -> np.ndarray | None:
+    """A rotation (3x3, acting on LPS mm) by up to `max_deg` = (about z, about y, about x)
+    degrees, uniform in each; None when all three are 0."""
+    if not any(max_deg):
+        return None
+    r = np.eye(3)
+    for axis, m in zip((2, 1, 0), max_deg):
+        a = np.deg2rad(rng.uniform(-m, m))
+        j, k = [n for n in range(3) if n != axis]
+        q = np.eye(3)
+        q[j, j], q[j, k], q[k, j], q[k, k] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+        r = r @ q
+    return r
+
+
+def posed_window(st: Study, lo: int, hi: int, rot: np.ndarray):
+    """Model slices lo..hi of `st` as if the patient lay rotated by `rot` about the window's
+    centre: the cached windowed volume resampled (trilinear; outside it 0, i.e. pad_hu) with
+    its labels (nearest). Returns x [W, 3, 128, 128] float32 and seg, frac [W, 32, 32] (or None).
+    The 2.5D neighbours are resampled too (slices lo-1 and hi), so they stay the neighbours."""
+    s = st.v.shape[0]
+    dz, dr, dc = pp.DZ, pp.DR, pp.DC
+    # How far (in slices) a rotated point of the window can reach beyond it along z.
+    reach = int(np.ceil((np.abs(rot[2, 0]) * 64 * dc + np.abs(rot[2, 1]) * 64 * dr) / dz)) + 2
+    a, b = max(0, lo - 1 - reach), min(s, hi + 1 + reach)
+    kc = (lo + hi - 1) / 2
+
+    def sample(vol: np.ndarray, ks: np.ndarray, rows: np.ndarray, mode: str) -> torch.Tensor:
+        # Output point (model slice k, pixel row i, column j) -> mm about the centre -> rotated
+        # -> source indices -> grid_sample's [-1, 1]: one affine map, built per axis and
+        # broadcast (a full float64 grid of points costs more than the sampling).
+        n_k, n_i, n_j = vol.shape
+        to_mm = np.diag([dc, dr, dz])  # (j, i, k) offsets -> (x, y, z) mm
+        centre = np.array([(pp.W - 1) / 2, (pp.H - 1) / 2, kc])
+        lin = np.linalg.inv(to_mm) @ rot @ to_mm  # (j, i, k) offsets -> source (j, i, k) offsets
+        off = centre - np.array([0.0, 0.0, a])  # source offsets -> indices in vol
+        scale = np.ones(3)
+        if mode == "nearest":  # label grids: cell centres sit at pixel 4c + 1.5
+            scale[:2] = 1 / pp.SEG_STRIDE
+            off[:2] -= (pp.SEG_STRIDE - 1) / 2
+        norm = 2 / np.maximum(np.array([n_j, n_i, n_k]) - 1, 1)
+        axes = [torch.from_numpy(t - c).float() for t, c in ((rows, centre[0]), (rows, centre[1]), (ks, kc))]
+        grid = torch.zeros(len(ks), len(rows), len(rows), 3)
+        for c in range(3):
+            m = lin[c] * scale[c] * norm[c]
+            grid[..., c] = (m[2] * axes[2][:, None, None] + m[1] * axes[1][None, :, None]
+                            + m[0] * axes[0][None, None, :] + ((off[c] * scale[c]) * norm[c] - 1))
+        src_t = torch.from_numpy(vol.astype(np.float32))[None, None]
+        return F.grid_sample(src_t, grid[None], mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
+
+    pix = np.arange(pp.H, dtype=np.float64)
+    cells = np.arange(pp.H // pp.SEG_STRIDE) * pp.SEG_STRIDE + (pp.SEG_STRIDE - 1) / 2
+    v = sample(st.v[a:b], np.arange(lo - 1, hi + 1, dtype=np.float64), pix, "bilinear") / 255.0
+    x = torch.stack([v[:-2], v[1:-1], v[2:]], 1).contiguous()
+    ks = np.arange(lo, hi, dtype=np.float64)
+    seg = None if st.seg is None else sample(st.seg[a:b], ks, cells, "nearest").numpy().astype(np.uint8)
+    frac = None if st.frac is None else sample(st.frac[a:b], ks, cells, "nearest").numpy().astype(np.uint8)
+    return x, seg, frac
+
+
 class Logger:
     def __init__(self, path: Path):
         self.f = open(path, "a", newline="")
@@ -85,7 +147,7 @@ class Logger:
 
 
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
-                 frac_weight: float):
+                 frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0)):
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -106,9 +168,14 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         b = max(a, min(hi_c - window // 2, s - window))
         lo = rng.randint(a, b)
         hi = min(s, lo + window)
-    x = torch.from_numpy(st.slices(lo, hi)).to(dev)
-    seg = None if st.seg is None else st.seg[lo:hi]
-    frac = None if st.frac is None else st.frac[lo:hi]
+    rot = random_pose(rng, pose_deg)
+    if rot is None:
+        x = torch.from_numpy(st.slices(lo, hi))
+        seg = None if st.seg is None else st.seg[lo:hi]
+        frac = None if st.frac is None else st.frac[lo:hi]
+    else:
+        x, seg, frac = posed_window(st, lo, hi, rot)
+    x = x.to(dev)
     if rng.random() < 0.5:  # left-right mirror: a neck is (nearly) symmetric
         x = x.flip(3)
         seg = None if seg is None else seg[:, :, ::-1].copy()
@@ -126,8 +193,12 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         if ll is not None:
             loss = loss + 0.5 * ll
             parts["level_ce"] = float(ll.detach())
-        spans = vertebra_spans(st.seg)
-        inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
+        if rot is None:
+            spans = vertebra_spans(st.seg)
+            inside = [v for v, sp in enumerate(spans) if sp and sp[0] >= lo and sp[1] < hi]
+        else:  # posed: a vertebra is whole if it is in the window but on neither end slice
+            ends = set(np.unique(seg[0])) | set(np.unique(seg[-1]))
+            inside = [v for v, sp in enumerate(vertebra_spans(seg)) if sp and v + 1 not in ends]
         if inside:
             idx = torch.tensor(inside, device=dev)
             y = torch.from_numpy(st.labels[1:]).to(dev)[idx]
@@ -219,6 +290,13 @@ def main():
                     help="stage A: also keep an exponential moving average of the weights (and BN "
                          "statistics) with this decay, e.g. 0.999; evaluated and saved next to the model")
     ap.add_argument("--eval-every-b", type=int, default=1000)
+    ap.add_argument("--pose-deg", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("Z", "Y", "X"),
+                    help="stage A: show each window as if the patient lay rotated, by up to these degrees "
+                         "about z (head turned), y (tilted to a shoulder) and x (nodded); "
+                         "robustness.py measures what the phantoms' straight necks leave out")
+    ap.add_argument("--freeze-bn", action="store_true",
+                    help="BatchNorm normalises with its running statistics and keeps them (needed to continue "
+                         "a checkpoint recovered from ONNX by from_onnx.py, whose BatchNorm is folded)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
     ap.add_argument("--cached-only", action="store_true", help="train only on studies already in the cache")
     args = ap.parse_args()
@@ -305,8 +383,12 @@ def main():
             print(f"--minutes-a {args.minutes_a}: {per_step * 1000:.1f} ms/step, stage A runs {args.steps_a} steps",
                   flush=True)
         model.train()
+        if args.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
-                             args.frac_weight)
+                             args.frac_weight, tuple(args.pose_deg))
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
