@@ -23,7 +23,7 @@ import onnxruntime as ort
 import preprocess as pp
 from contract import VERSION, VERTEBRAE, write_model_json
 from data import read_train_csv
-from metrics import auc, choose_threshold, finite, summary
+from metrics import auc, brief, choose_threshold, summary, write_json
 
 
 def sigmoid(x):
@@ -139,12 +139,9 @@ def main():
             per = results["by_root"][str(root)] = {"n_studies": int(mask.sum()), "models": {}}
             for path, p in zip(args.onnx, probs):
                 m = per["models"][path] = score(y[mask], p[mask])
-                print(f"  {root} ({mask.sum()} studies) {path}: patient AUC {m['patient_auc']:.4f}, "
-                      f"mean vertebra AUC {m['mean_vertebra_auc']:.4f}, RSNA wll {m['rsna_wll']:.4f}, "
-                      f"published status sens/spec {m['status_sens']:.3f}/{m['status_spec']:.3f}")
+                print(f"  {root} ({mask.sum()} studies) {path}: {brief(m)}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(finite(results), indent=2) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ sensitivity/specificity at a threshold. Plain numpy so that no extra package is 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 
@@ -103,3 +105,16 @@ def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[flo
         "status_sens": float((status & py).sum() / max(1, py.sum())),
         "status_spec": float((~status & ~py).sum() / max(1, (~py).sum())),
     }
+
+
+def brief(m: dict) -> str:
+    """One line of a `summary`: the AUCs, the log loss and what the daemon would publish."""
+    return (f"patient AUC {m['patient_auc']:.4f}, mean vertebra AUC {m['mean_vertebra_auc']:.4f}, "
+            f"RSNA wll {m['rsna_wll']:.4f}, published status sens/spec "
+            f"{m['status_sens']:.3f}/{m['status_spec']:.3f}")
+
+
+def write_json(path, results: dict) -> None:
+    """A results file (NaN written as null), its directory created if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(results), indent=2) + "\n")

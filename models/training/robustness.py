@@ -30,7 +30,7 @@ import preprocess as pp
 from contract import VERTEBRAE
 from data import read_train_csv
 from evaluate import sigmoid
-from metrics import finite, summary
+from metrics import brief, summary, write_json
 
 DEFAULT_POSES = ["0", "z:-20", "z:-10", "z:10", "z:20", "y:-10", "y:10", "x:-10", "x:10"]
 
@@ -99,12 +99,9 @@ def main():
         per = results["models"][path] = {}
         for pose in args.poses:
             m = per[pose] = summary(y, np.stack(probs[path, pose]), tp, tv)
-            print(f"  pose {pose:>6}: patient AUC {m['patient_auc']:.4f}, mean vertebra AUC "
-                  f"{m['mean_vertebra_auc']:.4f}, RSNA wll {m['rsna_wll']:.4f}, published status "
-                  f"sens/spec {m['status_sens']:.3f}/{m['status_spec']:.3f}")
+            print(f"  pose {pose:>6}: {brief(m)}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(finite(results), indent=2) + "\n")
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":
