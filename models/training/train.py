@@ -1,7 +1,8 @@
 """Training on the RSNA layout (our phantoms or the real Kaggle data).
 
 Two stages, because 2 CPU cores cannot push whole studies end to end often enough:
-  A. end to end on windows of W model slices (randomly mirrored left-right): segmentation
+  A. end to end on windows of W model slices (randomly mirrored left-right, and with
+     --pose-deg resampled as if the patient lay rotated): segmentation
      cross-entropy and slice-level cross-entropy on every slice with a mask, fracture-evidence
      BCE where fractures are localised (phantom ground truth or RSNA boxes), plus RSNA-weighted
      BCE for each vertebra that lies entirely inside the window (its label is then known;
@@ -97,7 +98,7 @@ def posed_window(st: Study, lo: int, hi: int, rot: np.ndarray):
     s = st.v.shape[0]
     dz, dr, dc = pp.DZ, pp.DR, pp.DC
     # How far (in slices) a rotated point of the window can reach beyond it along z.
-    reach = int(np.ceil((np.abs(rot[2, 0]) * 64 * dc + np.abs(rot[2, 1]) * 64 * dr) / dz)) + 2
+    reach = int(np.ceil((abs(rot[2, 0]) * pp.W / 2 * dc + abs(rot[2, 1]) * pp.H / 2 * dr) / dz)) + 2
     a, b = max(0, lo - 1 - reach), min(s, hi + 1 + reach)
     kc = (lo + hi - 1) / 2
 
