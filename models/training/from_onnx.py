@@ -48,8 +48,7 @@ SHIPPED_CONFIG = {
 
 class Graph:
     def __init__(self, path: Path):
-        self.model = onnx.load(str(path))
-        g = self.model.graph
+        g = onnx.load(str(path)).graph
         self.values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         for n in g.node:
             if n.op_type == "Constant":
@@ -175,14 +174,13 @@ def main():
     ap.add_argument("--self-check", action="store_true",
                     help="first check the mapping on a random network exported to fp32 (CI)")
     args = ap.parse_args()
+    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if args.self_check:
-        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         worst = self_check(args.checkpoint.parent)
         print(f"self-check (random fp32 network exported, recovered, exported again): max |diff| {worst:.2e}")
         if worst > 1e-4:
             raise SystemExit("from_onnx.py does not recover an fp32 export exactly: the mapping is wrong")
     model = recover(args.onnx)
-    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, args.checkpoint, recovered_from=str(args.onnx))
     fp32 = args.checkpoint.with_suffix(".onnx")
     export_onnx(model, str(fp32))

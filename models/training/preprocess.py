@@ -177,12 +177,17 @@ def _trilinear(vol: np.ndarray, k, i, j, inside, pad: float) -> np.ndarray:
     return np.where(inside, out, pad)
 
 
-def resample_hu(vol: Volume, grid: Grid | None = None) -> np.ndarray:
-    """Steps 1-3: HU on the target grid, [S, 128, 128] float32."""
+def resample_hu(vol: Volume, grid: Grid | None = None, rotation: np.ndarray | None = None) -> np.ndarray:
+    """Steps 1-3: HU on the target grid, [S, 128, 128] float32. `rotation` (3x3, not part of
+    the contract) turns the grid about its centre first: the patient seen rotated the other
+    way (`robustness.py`)."""
     grid = grid or target_grid(vol)
     out = np.empty((grid.s, H, W), np.float32)
     rows, cols = np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64)
     pts = grid_points(grid, rows, cols)
+    if rotation is not None:
+        centre = np.array([grid.cx, grid.cy, float(grid.z().mean())])
+        pts = centre + (pts - centre) @ rotation.T
     for s in range(grid.s):  # one slice at a time keeps memory small
         k, i, j, inside = continuous_index(vol, pts[s])
         out[s] = _trilinear(vol.hu, k, i, j, inside, PAD_HU)

@@ -35,32 +35,28 @@ from metrics import brief, summary, write_json
 DEFAULT_POSES = ["0", "z:-20", "z:-10", "z:10", "z:20", "y:-10", "y:10", "x:-10", "x:10"]
 
 
+def axis_rotation(axis: str, deg: float) -> np.ndarray:
+    """3x3 rotation by `deg` degrees about LPS axis `axis` (x, y or z), acting on points."""
+    a = np.deg2rad(deg)
+    i = "xyz".index(axis)
+    j, k = [n for n in range(3) if n != i]
+    r = np.eye(3)
+    r[j, j], r[j, k], r[k, j], r[k, k] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+    return r
+
+
 def rotation(pose: str) -> np.ndarray:
     """`AXIS:DEGREES` (or `0`) -> 3x3 rotation matrix acting on LPS points."""
     if pose == "0":
         return np.eye(3)
     axis, deg = pose.split(":")
-    a = np.deg2rad(float(deg))
-    c, s = np.cos(a), np.sin(a)
-    i = "xyz".index(axis)
-    j, k = [n for n in range(3) if n != i]
-    r = np.eye(3)
-    r[j, j], r[j, k], r[k, j], r[k, k] = c, -s, s, c
-    return r
+    return axis_rotation(axis, float(deg))
 
 
 def rotated_input(vol: pp.Volume, rot: np.ndarray) -> np.ndarray:
     """The contract's model input with the model grid rotated by `rot` about its centre."""
-    grid = pp.target_grid(vol)
-    centre = np.array([grid.cx, grid.cy, float(grid.z().mean())])
-    rows, cols = np.arange(pp.H, dtype=np.float64), np.arange(pp.W, dtype=np.float64)
-    pts = pp.grid_points(grid, rows, cols)
-    out = np.empty((grid.s, pp.H, pp.W), np.float32)
-    for s in range(grid.s):
-        p = centre + (pts[s] - centre) @ rot.T
-        k, i, j, inside = pp.continuous_index(vol, p)
-        out[s] = pp._trilinear(vol.hu, k, i, j, inside, pp.PAD_HU)
-    return np.ascontiguousarray(pp.stack_channels(pp.window(out)))
+    hu = pp.resample_hu(vol, pp.target_grid(vol), rotation=rot)
+    return np.ascontiguousarray(pp.stack_channels(pp.window(hu)))
 
 
 def main():

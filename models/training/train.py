@@ -38,6 +38,7 @@ import preprocess as pp
 from data import FRACTURE_TARGETS, Study, load_dataset
 from metrics import summary
 from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint, with_layout
+from robustness import axis_rotation
 
 VERT_W = (1.0, 2.0)  # RSNA weights (negative, positive) for vertebra rows
 PAT_W = (7.0, 14.0)  # and for the patient row
@@ -81,12 +82,8 @@ def random_pose(rng: random.Random, max_deg: tuple) -> np.ndarray | None:
     if not any(max_deg):
         return None
     r = np.eye(3)
-    for axis, m in zip((2, 1, 0), max_deg):
-        a = np.deg2rad(rng.uniform(-m, m))
-        j, k = [n for n in range(3) if n != axis]
-        q = np.eye(3)
-        q[j, j], q[j, k], q[k, j], q[k, k] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
-        r = r @ q
+    for axis, m in zip("zyx", max_deg):
+        r = r @ axis_rotation(axis, rng.uniform(-m, m))
     return r
 
 
