@@ -10,7 +10,7 @@ from pathlib import Path
 
 FORMAT = "cspine-triage/model-contract/v1"
 NAME = "cspine-triage-synthetic"
-VERSION = "0.6.1"
+VERSION = "0.7.0"
 
 INPUT = {
     "name": "slices",
