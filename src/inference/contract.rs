@@ -95,6 +95,11 @@ pub struct Coverage {
     pub min_vertebrae: usize,
     /// Cells of one model slice that must have a vertebra as argmax for it to be present there.
     pub min_pixels: usize,
+    /// Largest sideways tilt of the neck (degrees from the scanner's z axis in the coronal
+    /// plane, measured from the segmentation) the model was validated for; beyond it the
+    /// result is `indeterminate`. Absent: no pose check (contracts before 0.7.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lateral_tilt_deg: Option<f64>,
 }
 
 impl ModelContract {

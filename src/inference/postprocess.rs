@@ -17,6 +17,7 @@ use crate::series::{CtVolume, SeriesMeta};
 
 pub const REASON_NOT_CERVICAL: &str = "series does not cover the cervical spine";
 pub const REASON_TOO_SHORT: &str = "series too short along z";
+pub const REASON_POSE: &str = "neck tilted beyond the poses the model was validated for";
 
 /// Decision thresholds in effect: the contract's, possibly overridden by configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,6 +106,50 @@ pub fn vertebra_extent(out: &ModelOutputs, coverage: &Coverage) -> [Option<(usiz
         }
     }
     best.map(|b| b.map(|(first, last, _)| (first, last)))
+}
+
+/// Sideways tilt of the neck: the angle (degrees) of its axis from the scanner's z axis in the
+/// coronal plane, from the segmentation alone. Each vertebra's column centroid over its main
+/// run (`extent`) is fitted against its slice centroid by least squares, one point per
+/// vertebra. A head tilted towards a shoulder tilts this axis; lordosis (a sagittal bend), a
+/// turn or a nod do not. `None` with fewer than `coverage.min_vertebrae` vertebrae found.
+/// `models/training/robustness.py` (`lateral_tilt_deg`) is the reference and measures it.
+pub fn lateral_tilt_deg(
+    out: &ModelOutputs,
+    extent: &[Option<(usize, usize)>; 7],
+    contract: &ModelContract,
+) -> Option<f64> {
+    let cell_mm = contract.outputs.segmentation.stride as f64 * contract.input.spacing_mm.column;
+    let slice_mm = contract.input.spacing_mm.slice;
+    let mut points = Vec::with_capacity(7);
+    for (v, run) in extent.iter().enumerate() {
+        let Some((first, last)) = *run else { continue };
+        let (mut cells, mut col_sum, mut k_sum) = (0usize, 0usize, 0usize);
+        for k in first..=last {
+            for (cell, &class) in seg_argmax(out, k).iter().enumerate() {
+                if class as usize == v + 1 {
+                    cells += 1;
+                    col_sum += cell % out.seg_w;
+                    k_sum += k;
+                }
+            }
+        }
+        points.push((
+            k_sum as f64 / cells as f64 * slice_mm,
+            col_sum as f64 / cells as f64 * cell_mm,
+        ));
+    }
+    if points.len() < contract.coverage.min_vertebrae.max(2) {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (z_mean, x_mean) = points
+        .iter()
+        .fold((0.0, 0.0), |(z, x), p| (z + p.0 / n, x + p.1 / n));
+    let (cov, var) = points.iter().fold((0.0, 0.0), |(c, v), (z, x)| {
+        (c + (z - z_mean) * (x - x_mean), v + (z - z_mean).powi(2))
+    });
+    (var > 0.0).then(|| (cov / var).atan().to_degrees())
 }
 
 /// The coverage check of an early analysis (the anatomy-coverage trigger,
@@ -301,6 +346,21 @@ pub fn interpret(
             key_model_slice: None,
             key_vertebra: None,
         };
+    }
+    if let Some(max) = contract.coverage.max_lateral_tilt_deg {
+        if let Some(tilt) = lateral_tilt_deg(out, &extent, contract).filter(|t| t.abs() > max) {
+            let reason = format!(
+                "{REASON_POSE}: the vertebrae found lie {:.0} degrees off the scanner axis \
+                 towards a shoulder, the model is validated up to {max:.0}; read this study \
+                 without triage",
+                tilt.abs()
+            );
+            return Verdict {
+                result: indeterminate_result(meta, run, &reason),
+                key_model_slice: None,
+                key_vertebra: None,
+            };
+        }
     }
     let probs: Vec<f32> = out.vertebra_logits.iter().map(|&l| sigmoid(l)).collect();
     let flagged_v: Vec<bool> = (0..7)
@@ -621,6 +681,73 @@ mod tests {
         let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
         assert_eq!(v.result.status, Status::Negative);
         assert!(!v.result.vertebrae["C5"].flagged);
+    }
+
+    /// `outputs(30, ..)` with vertebra v moved `shift * v` cells along the columns: a neck
+    /// whose axis leans `shift` cells (5 mm) per vertebra (4 slices of 2 mm).
+    fn leaning_outputs(
+        shift: usize,
+        vertebra_logits: [f32; 7],
+        patient_logit: f32,
+    ) -> ModelOutputs {
+        let mut out = outputs(30, vertebra_logits, patient_logit);
+        let plane = out.seg_h * out.seg_w;
+        for k in 0..28 {
+            let v = k / 4;
+            for cell in 0..plane {
+                let class = if (400 + shift * v..410 + shift * v).contains(&cell) {
+                    v + 1
+                } else {
+                    0
+                };
+                for c in 0..out.seg_classes {
+                    out.seg_logits[(k * out.seg_classes + c) * plane + cell] =
+                        if c == class { 5.0 } else { 0.0 };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lateral_tilt_is_the_angle_of_the_vertebra_centroids() {
+        let c = contract();
+        let straight = leaning_outputs(0, [0.0; 7], 0.0);
+        let tilt = lateral_tilt_deg(&straight, &vertebra_extent(&straight, &c.coverage), &c);
+        assert!(tilt.unwrap().abs() < 1e-9, "{tilt:?}");
+        // One 5 mm cell per 8 mm of z: atan(5 / 8) = 32.0 degrees.
+        let leaning = leaning_outputs(1, [0.0; 7], 0.0);
+        let tilt = lateral_tilt_deg(&leaning, &vertebra_extent(&leaning, &c.coverage), &c).unwrap();
+        assert!((tilt - 32.005).abs() < 0.01, "{tilt}");
+        // Too few vertebrae to fit an axis.
+        let short = outputs(12, [0.0; 7], 0.0);
+        assert_eq!(
+            lateral_tilt_deg(&short, &vertebra_extent(&short, &c.coverage), &c),
+            None
+        );
+    }
+
+    #[test]
+    fn a_neck_tilted_beyond_the_contract_is_indeterminate_never_negative_or_positive() {
+        let mut c = contract();
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let leaning = leaning_outputs(1, [5.0; 7], 5.0);
+        // Without the limit (contracts before 0.7.0) the result is published as before.
+        let v = interpret(&vol, &grid(30), &leaning, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Positive);
+        c.coverage.max_lateral_tilt_deg = Some(15.0);
+        let v = interpret(&vol, &grid(30), &leaning, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Indeterminate);
+        let reason = v.result.reason.unwrap();
+        assert!(
+            reason.contains(REASON_POSE) && reason.contains("32 degrees"),
+            "{reason}"
+        );
+        // A straight neck under the same limit is unaffected.
+        let straight = leaning_outputs(0, [5.0; 7], 5.0);
+        let v = interpret(&vol, &grid(30), &straight, &c, &t, &RunInfo::new(&c, "cpu"));
+        assert_eq!(v.result.status, Status::Positive);
     }
 
     #[test]
