@@ -38,7 +38,11 @@ OUTPUTS = {
     "attention": {"name": "attention", "shape": [7, "S"]},
 }
 
-COVERAGE = {"min_vertebrae": 5, "min_pixels": 4}
+# max_lateral_tilt_deg: the sideways tilt the model was trained on (`train.py --pose-deg` Y of
+# the `pose` run, 0.7.0); beyond it the daemon answers `indeterminate` (docs/model-contract.md).
+# Not tuned: robustness.py's estimate of it reads 0.0 +- 0.5 degrees on straight phantoms and
+# 13.4 on ones tilted 15 (MODEL_CARD "Robustness to patient pose").
+COVERAGE = {"min_vertebrae": 5, "min_pixels": 4, "max_lateral_tilt_deg": 12.0}
 VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 
 

@@ -10,7 +10,10 @@ same anatomy rotated the other way. Pose 0 is exactly `preprocess.preprocess`.
   python3 robustness.py ../cspine_triage_int8.onnx [MORE.onnx ...] --data ROOT \
       --contract ../model.json --out runs/robustness_eval.json
 
-Each study is loaded once and each pose sampled once for all the models given.
+Each study is loaded once and each pose sampled once for all the models given. It also
+prints, per pose, the neck's sideways tilt as the daemon estimates it from the first model's
+segmentation (`lateral_tilt_deg`, the reference of `postprocess::lateral_tilt_deg`, which
+answers `indeterminate` beyond the contract's `coverage.max_lateral_tilt_deg`).
 
 Poses are rotations in degrees about the patient's axes (LPS): `z` turns the head (yaw, in
 the axial plane), `y` tilts it towards a shoulder (roll), `x` nods it (pitch, on top of the
@@ -27,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 import preprocess as pp
-from contract import VERTEBRAE
+from contract import COVERAGE, INPUT, OUTPUTS, VERTEBRAE
 from data import read_train_csv
 from evaluate import sigmoid
 from metrics import brief, summary, write_json
@@ -59,6 +62,48 @@ def rotated_input(vol: pp.Volume, rot: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pp.stack_channels(pp.window(hu)))
 
 
+MAX_GAP_SLICES = 2  # as src/inference/postprocess.rs
+
+
+def vertebra_runs(labels: np.ndarray, min_pixels: int) -> list:
+    """Per vertebra, the slices of its main run (the daemon's `vertebra_extent`): slices with at
+    least `min_pixels` cells of it, gaps of up to MAX_GAP_SLICES bridged, the run with most cells."""
+    runs = []
+    for v in range(1, 8):
+        counts = (labels == v).reshape(labels.shape[0], -1).sum(1)
+        best, cur = None, None
+        for k, n in enumerate(counts):
+            if n < max(min_pixels, 1):
+                continue
+            cur = (cur[0], k, cur[2] + n) if cur and k - cur[1] <= MAX_GAP_SLICES + 1 else (k, k, n)
+            if best is None or cur[2] > best[2]:
+                best = cur
+        runs.append(None if best is None else (best[0], best[1]))
+    return runs
+
+
+def lateral_tilt_deg(seg: np.ndarray) -> float | None:
+    """Angle (degrees) of the neck's axis from the scanner's z axis in the coronal plane, from
+    the segmentation alone: the column centroid of each vertebra found, over its main run, fitted
+    against its slice centroid by least squares. A head tilted towards a shoulder tilts it; a turn
+    or a nod does not (lordosis bends the neck in the sagittal plane). None below the contract's
+    minimum vertebra count."""
+    labels = seg.argmax(1)  # [S, H, W]
+    cell_mm = OUTPUTS["segmentation"]["stride"] * INPUT["spacing_mm"]["column"]
+    xs, zs = [], []
+    for v, run in enumerate(vertebra_runs(labels, COVERAGE["min_pixels"]), start=1):
+        if run is None:
+            continue
+        k, _, col = np.nonzero(labels[run[0]: run[1] + 1] == v)
+        xs.append(col.mean() * cell_mm)
+        zs.append((k.mean() + run[0]) * INPUT["spacing_mm"]["slice"])
+    if len(xs) < COVERAGE["min_vertebrae"]:
+        return None
+    xs, zs = np.array(xs), np.array(zs)
+    slope = ((zs - zs.mean()) * (xs - xs.mean())).sum() / ((zs - zs.mean()) ** 2).sum()
+    return float(np.degrees(np.arctan(slope)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("onnx", nargs="+")
@@ -79,6 +124,7 @@ def main():
     rows = [(root, uid, lab) for root in args.data for uid, lab in read_train_csv(root)[: args.limit]]
     y = np.stack([lab for _, _, lab in rows])
     probs = {(path, pose): [] for path in args.onnx for pose in args.poses}
+    tilts = {pose: [] for pose in args.poses}  # estimated from the first model's segmentation
     for n, (root, uid, _) in enumerate(rows):
         vol = pp.load_dicom_series(root / "train_images" / uid)
         for pose in args.poses:
@@ -86,6 +132,8 @@ def main():
             for path, sess in zip(args.onnx, sessions):
                 seg, vlog, plog, att = sess.run(None, {"slices": x})
                 probs[path, pose].append(sigmoid(np.concatenate([plog, vlog])))
+                if path == args.onnx[0]:
+                    tilts[pose].append(lateral_tilt_deg(seg))
         if (n + 1) % 20 == 0:
             print(f"{n + 1}/{len(rows)} studies", flush=True)
     results = {"data": " ".join(map(str, args.data)), "n_studies": len(rows),
@@ -96,6 +144,14 @@ def main():
         for pose in args.poses:
             m = per[pose] = summary(y, np.stack(probs[path, pose]), tp, tv)
             print(f"  pose {pose:>6}: {brief(m)}")
+    print(f"estimated lateral tilt (degrees; {args.onnx[0]}), per pose: mean, sd, min, max, not found")
+    results["lateral_tilt_deg"] = {}
+    for pose in args.poses:
+        t = np.array([a for a in tilts[pose] if a is not None])
+        results["lateral_tilt_deg"][pose] = tilts[pose]
+        if len(t):
+            print(f"  pose {pose:>6}: {t.mean():6.1f} {t.std():5.1f} {t.min():6.1f} {t.max():6.1f}"
+                  f"  {len(tilts[pose]) - len(t)}")
     if args.out:
         write_json(args.out, results)
 
