@@ -23,7 +23,7 @@ import onnxruntime as ort
 import preprocess as pp
 from contract import VERSION, VERTEBRAE, write_model_json
 from data import read_train_csv
-from metrics import auc, brief, choose_threshold, summary, write_json
+from metrics import auc, brief, choose_thresholds, summary, write_json
 
 
 def sigmoid(x):
@@ -94,15 +94,8 @@ def main():
 
     contract = json.loads(args.contract.read_text())
     if args.choose_thresholds:
-        p = probs[-1]
-        tp = choose_threshold(y[:, 0], p[:, 0], args.min_sens)
-        if args.vertebra_thresholds == "pooled":
-            # A validation set of tens of studies holds a handful of fractures per vertebra:
-            # a threshold chosen on 1-5 positives is noise. One threshold on all vertebra rows.
-            t = choose_threshold(y[:, 1:].ravel(), p[:, 1:].ravel(), args.min_sens)
-            tv = {v: t for v in VERTEBRAE}
-        else:
-            tv = {v: choose_threshold(y[:, 1 + i], p[:, 1 + i], args.min_sens) for i, v in enumerate(VERTEBRAE)}
+        tp, tv = choose_thresholds(y, probs[-1], args.min_sens, args.vertebra_thresholds == "per-vertebra")
+        tv = dict(zip(VERTEBRAE, tv))
         onnx_path = args.contract.parent / contract["onnx"]
         contract = write_model_json(onnx_path, args.contract, tp, tv, version=VERSION)
         print(f"thresholds (validation, sensitivity >= {args.min_sens}): patient {tp:.4f}, vertebrae {tv}")

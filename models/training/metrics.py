@@ -80,6 +80,18 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, min_sens: float = 0.95) -> fl
     return float(cands[-1])
 
 
+
+def choose_thresholds(y: np.ndarray, p: np.ndarray, min_sens: float = 0.95, per_vertebra: bool = False):
+    """Patient threshold and the seven vertebra thresholds (rows of y and p: patient, C1..C7),
+    each by `choose_threshold`. Pooled by default: a validation set of tens of studies holds a
+    handful of fractures per vertebra, and a threshold chosen on 1-5 positives is noise."""
+    tp = choose_threshold(y[:, 0], p[:, 0], min_sens)
+    if per_vertebra:
+        tv = [choose_threshold(y[:, 1 + i], p[:, 1 + i], min_sens) for i in range(7)]
+    else:
+        tv = [choose_threshold(y[:, 1:].ravel(), p[:, 1:].ravel(), min_sens)] * 7
+    return tp, tv
+
 def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[float]) -> dict:
     """All the model-card numbers for probabilities p [N, 8] against labels y [N, 8]."""
     vaucs = [auc(y[:, 1 + v], p[:, 1 + v]) for v in range(7)]

@@ -30,10 +30,10 @@ import numpy as np
 import onnxruntime as ort
 
 import preprocess as pp
-from contract import COVERAGE, INPUT, OUTPUTS, VERTEBRAE
+from contract import COVERAGE, INPUT, OUTPUTS, VERSION, VERTEBRAE, write_model_json
 from data import read_train_csv
 from evaluate import sigmoid
-from metrics import brief, summary, write_json
+from metrics import brief, choose_thresholds, summary, write_json
 
 DEFAULT_POSES = ["0", "z:-20", "z:-10", "z:10", "z:20", "y:-10", "y:10", "x:-10", "x:10"]
 
@@ -113,6 +113,10 @@ def main():
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--choose-thresholds", action="store_true",
+                    help="on VALIDATION data only: choose thresholds from the first model's "
+                         "probabilities pooled over every study and pose, write them into --contract")
+    ap.add_argument("--min-sens", type=float, default=0.95)
     args = ap.parse_args()
 
     so = ort.SessionOptions()
@@ -136,6 +140,16 @@ def main():
                     tilts[pose].append(lateral_tilt_deg(seg))
         if (n + 1) % 20 == 0:
             print(f"{n + 1}/{len(rows)} studies", flush=True)
+    if args.choose_thresholds:
+        # The poses a model is claimed for are the population its operating point must hold on.
+        tp, tv = choose_thresholds(np.concatenate([y] * len(args.poses)),
+                                   np.concatenate([np.stack(probs[args.onnx[0], pose]) for pose in args.poses]),
+                                   args.min_sens)
+        onnx_path = args.contract.parent / contract["onnx"]
+        contract = write_model_json(onnx_path, args.contract, tp, dict(zip(VERTEBRAE, tv)), version=VERSION)
+        tv = [contract["thresholds"]["vertebrae"][v] for v in VERTEBRAE]
+        print(f"thresholds (validation over {len(args.poses)} poses, sensitivity >= {args.min_sens}): "
+              f"patient {tp:.4f}, vertebrae {tv[0]:.4f}")
     results = {"data": " ".join(map(str, args.data)), "n_studies": len(rows),
                "n_fractured": int(y[:, 0].sum()), "thresholds": str(args.contract), "models": {}}
     for path in args.onnx:
