@@ -80,7 +80,6 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, min_sens: float = 0.95) -> fl
     return float(cands[-1])
 
 
-
 def choose_thresholds(y: np.ndarray, p: np.ndarray, min_sens: float = 0.95, per_vertebra: bool = False):
     """Patient threshold and the seven vertebra thresholds (rows of y and p: patient, C1..C7),
     each by `choose_threshold`. Pooled by default: a validation set of tens of studies holds a
@@ -91,6 +90,7 @@ def choose_thresholds(y: np.ndarray, p: np.ndarray, min_sens: float = 0.95, per_
     else:
         tv = [choose_threshold(y[:, 1:].ravel(), p[:, 1:].ravel(), min_sens)] * 7
     return tp, tv
+
 
 def summary(y: np.ndarray, p: np.ndarray, thr_patient: float, thr_vert: list[float]) -> dict:
     """All the model-card numbers for probabilities p [N, 8] against labels y [N, 8]."""

@@ -295,6 +295,15 @@ pub fn indeterminate_result(meta: &SeriesMeta, run: &RunInfo, reason: &str) -> T
     base_result(meta, run, Status::Indeterminate, Some(reason.to_string()))
 }
 
+/// An `indeterminate` verdict: nothing to localise, no key slice.
+fn indeterminate_verdict(meta: &SeriesMeta, run: &RunInfo, reason: &str) -> Verdict {
+    Verdict {
+        result: indeterminate_result(meta, run, reason),
+        key_model_slice: None,
+        key_vertebra: None,
+    }
+}
+
 /// The verdict, plus the model slice the key image should show.
 #[derive(Debug, Clone)]
 pub struct Verdict {
@@ -341,11 +350,7 @@ pub fn interpret(
             "{REASON_NOT_CERVICAL}: {present} of 7 cervical vertebrae found, at least {} needed",
             contract.coverage.min_vertebrae
         );
-        return Verdict {
-            result: indeterminate_result(meta, run, &reason),
-            key_model_slice: None,
-            key_vertebra: None,
-        };
+        return indeterminate_verdict(meta, run, &reason);
     }
     if let Some(max) = contract.coverage.max_lateral_tilt_deg {
         if let Some(tilt) = lateral_tilt_deg(out, &extent, contract).filter(|t| t.abs() > max) {
@@ -355,11 +360,7 @@ pub fn interpret(
                  without triage",
                 tilt.abs()
             );
-            return Verdict {
-                result: indeterminate_result(meta, run, &reason),
-                key_model_slice: None,
-                key_vertebra: None,
-            };
+            return indeterminate_verdict(meta, run, &reason);
         }
     }
     let probs: Vec<f32> = out.vertebra_logits.iter().map(|&l| sigmoid(l)).collect();
