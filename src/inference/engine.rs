@@ -3,7 +3,8 @@
 //!
 //! Runtimes: `cpu` (tract's optimized CPU plan; slices run in parallel, see [`SlicePlan`]), `cuda`
 //! (tract-cuda; only with the `cuda` Cargo feature) and `gpu-or-cpu` (CUDA when a driver,
-//! the CUDA libraries and NVRTC work, else CPU, with a log line saying why).
+//! the CUDA libraries and NVRTC work and CUDA runs a start-up probe faster than the CPU,
+//! else CPU, with a log line saying why).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir;
 
-use super::contract::{ModelFiles, VERTEBRAE};
+use super::contract::{InputSpec, ModelFiles, VERTEBRAE};
 use super::preprocess::ModelInput;
 
 /// `(node name, op name, time)` per node of a plan, in plan order.
@@ -113,7 +114,7 @@ impl Engine {
             .with_context(|| format!("cannot load the ONNX model {}", files.onnx_path.display()))?;
         let outputs = output_index(&decluttered, &files)?;
         let threads = options.threads.max(1);
-        let (runtime, runnable) = prepare(decluttered, options)?;
+        let (runtime, runnable) = prepare(decluttered.clone(), options)?;
         let mut engine = Engine {
             files,
             runnable,
@@ -125,11 +126,15 @@ impl Engine {
         if runtime == "cpu" && options.slice_parallel {
             engine.slice_plan = engine.try_slice_plan();
         }
+        if runtime == "cuda" && options.runtime == RuntimeChoice::GpuOrCpu {
+            engine = engine.or_cpu_if_faster(decluttered, options)?;
+        }
         log::info!(
-            "model {} {} ({}) ready on runtime {runtime} with {threads} CPU threads{} in {:.2} s",
+            "model {} {} ({}) ready on runtime {} with {threads} CPU threads{} in {:.2} s",
             engine.files.contract.name,
             engine.files.contract.version,
             engine.files.onnx_path.display(),
+            engine.runtime,
             if engine.slice_plan.is_some() {
                 ", slices in parallel"
             } else {
@@ -421,9 +426,25 @@ fn prepare_cuda(model: TypedModel, cache_dir: &Path) -> Result<Arc<dyn Runnable>
     std::env::set_var("XDG_CACHE_HOME", cache_dir);
     // The CUDA runtime gets the decluttered model: it applies its own transform and
     // optimisation; a CPU-optimized plan would hide the ops it knows how to offload.
-    let runnable = rt
-        .prepare(model)
-        .map_err(|e| anyhow!("tract-cuda could not prepare the model: {e:#}"))?;
+    // tract-cuda 0.23.9 panics (rather than failing) when the CUDA libraries load but no
+    // device answers: seen with the toolkit's stub libcuda first on the library path, and
+    // what a container started without its GPU gives. `gpu-or-cpu` must still fall back.
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.prepare(model)))
+        .map_err(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .and_then(|m| m.lines().next())
+                .unwrap_or("no message");
+            anyhow!(
+                "tract-cuda panicked while preparing the model ({message}): is a GPU visible \
+                 to this process, and is the real libcuda.so.1 (not the toolkit's stub) first \
+                 on the library path?"
+            )
+        })?;
+    let runnable =
+        prepared.map_err(|e| anyhow!("tract-cuda could not prepare the model: {e:#}"))?;
     Ok(Arc::from(runnable))
 }
 
@@ -460,6 +481,61 @@ enum OutputSource {
 }
 
 impl Engine {
+    /// `gpu-or-cpu` keeps CUDA only if it runs the model faster than the CPU. tract-cuda
+    /// does not offload every op: 0.23.9 runs int8 convolutions on the CPU and copies their
+    /// tensors to and from the GPU, so the committed int8 model ran 4-6x slower on an H200
+    /// than on its 16 CPU threads (BENCHMARKS.md). Which wins depends on the model and the
+    /// box, so it is measured: a probe input of typical size, one warm-up run and the best
+    /// of three timed runs on each runtime.
+    fn or_cpu_if_faster(self, decluttered: TypedModel, options: &EngineOptions) -> Result<Engine> {
+        let mut cpu = Engine {
+            files: self.files.clone(),
+            runnable: prepare_cpu(decluttered)?,
+            slice_plan: None,
+            runtime: "cpu",
+            outputs: self.outputs,
+            threads: self.threads,
+        };
+        if options.slice_parallel {
+            cpu.slice_plan = cpu.try_slice_plan();
+        }
+        let spec = &self.files.contract.input;
+        let slices = PROBE_SLICES.clamp(spec.min_slices.max(3), spec.max_slices.max(3));
+        let cuda_time = self.probe_time(slices)?;
+        let cpu_time = cpu.probe_time(slices)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        if cuda_time <= cpu_time {
+            log::info!(
+                "runtime gpu-or-cpu: cuda ran the {slices}-slice probe in {:.0} ms, cpu in \
+                 {:.0} ms: using cuda",
+                ms(cuda_time),
+                ms(cpu_time)
+            );
+            Ok(self)
+        } else {
+            log::warn!(
+                "runtime gpu-or-cpu: cuda ran the {slices}-slice probe in {:.0} ms, cpu in \
+                 {:.0} ms: using cpu (runtime \"cuda\" forces the GPU)",
+                ms(cuda_time),
+                ms(cpu_time)
+            );
+            Ok(cpu)
+        }
+    }
+
+    /// The best of three timed runs on a probe input, after one warm-up run.
+    fn probe_time(&self, slices: usize) -> Result<Duration> {
+        let spec = &self.files.contract.input;
+        self.run(probe_input(spec, slices))?;
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            self.run(probe_input(spec, slices))?;
+            best = best.min(started.elapsed());
+        }
+        Ok(best)
+    }
+
     fn try_slice_plan(&self) -> Option<SlicePlan> {
         match SlicePlan::build(&self.files) {
             Ok(None) => None,
@@ -481,26 +557,7 @@ impl Engine {
     fn check_slice_plan(&self, plan: &SlicePlan) -> Result<()> {
         let spec = &self.files.contract.input;
         let s = spec.min_slices.max(3);
-        let hw = spec.height * spec.width;
-        let mut state = 0x2545F491u32;
-        let tensor: Vec<f32> = (0..s * 3 * hw)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 8) as f32 / (1u32 << 24) as f32
-            })
-            .collect();
-        let input = || ModelInput {
-            tensor: tensor.clone(),
-            slices: s,
-            height: spec.height,
-            width: spec.width,
-            grid: super::preprocess::ModelGrid {
-                centre: [0.0; 3],
-                z_mm: vec![0.0; s],
-            },
-        };
+        let input = || probe_input(spec, s);
         let whole = self.run_whole(input())?;
         let cut = self.read_outputs(s, &plan.run(input(), self.threads)?)?;
         let close = |a: &[f32], b: &[f32]| {
@@ -516,6 +573,34 @@ impl Engine {
             "the per-slice cut of the model does not reproduce the whole graph"
         );
         Ok(())
+    }
+}
+
+/// Model slices of the `gpu-or-cpu` probe: about a cervical spine at the contract's 2 mm.
+const PROBE_SLICES: usize = 96;
+
+/// A deterministic input of `slices` model slices with values in [0, 1) (xorshift), for the
+/// checks and timings made at load.
+fn probe_input(spec: &InputSpec, slices: usize) -> ModelInput {
+    let hw = spec.height * spec.width;
+    let mut state = 0x2545F491u32;
+    let tensor: Vec<f32> = (0..slices * 3 * hw)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 8) as f32 / (1u32 << 24) as f32
+        })
+        .collect();
+    ModelInput {
+        tensor,
+        slices,
+        height: spec.height,
+        width: spec.width,
+        grid: super::preprocess::ModelGrid {
+            centre: [0.0; 3],
+            z_mm: vec![0.0; slices],
+        },
     }
 }
 
