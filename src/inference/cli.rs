@@ -35,7 +35,7 @@ pub struct InferArgs {
     /// Threads for the model and preprocessing.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// gpu-or-cpu, cuda or cpu.
+    /// gpu-or-cpu (CUDA when usable and faster on a start-up probe), cuda or cpu.
     #[arg(long, default_value = "gpu-or-cpu")]
     pub runtime: String,
     /// Writable directory for the kernels tract-cuda compiles.

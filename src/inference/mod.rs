@@ -44,7 +44,8 @@ pub struct InferenceConfig {
     pub model: PathBuf,
     /// Threads for tract's kernels and for preprocessing.
     pub threads: usize,
-    /// "gpu-or-cpu" (CUDA when usable, else CPU), "cuda" (fail without it) or "cpu".
+    /// "gpu-or-cpu" (CUDA when usable and faster than the CPU on a start-up probe, else
+    /// CPU), "cuda" (fail without it) or "cpu".
     pub runtime: String,
     /// Writable directory where tract-cuda keeps the kernels NVRTC compiled.
     pub cuda_cache_dir: PathBuf,
