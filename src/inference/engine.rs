@@ -501,8 +501,9 @@ impl Engine {
         }
         let spec = &self.files.contract.input;
         let slices = PROBE_SLICES.clamp(spec.min_slices.max(3), spec.max_slices.max(3));
-        let cuda_time = self.probe_time(slices)?;
-        let cpu_time = cpu.probe_time(slices)?;
+        let input = probe_input(spec, slices);
+        let cuda_time = self.probe_time(&input)?;
+        let cpu_time = cpu.probe_time(&input)?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         if cuda_time <= cpu_time {
             log::info!(
@@ -524,13 +525,13 @@ impl Engine {
     }
 
     /// The best of three timed runs on a probe input, after one warm-up run.
-    fn probe_time(&self, slices: usize) -> Result<Duration> {
-        let spec = &self.files.contract.input;
-        self.run(probe_input(spec, slices))?;
+    fn probe_time(&self, input: &ModelInput) -> Result<Duration> {
+        self.run(input.clone())?;
         let mut best = Duration::MAX;
         for _ in 0..3 {
+            let input = input.clone();
             let started = Instant::now();
-            self.run(probe_input(spec, slices))?;
+            self.run(input)?;
             best = best.min(started.elapsed());
         }
         Ok(best)
@@ -557,9 +558,9 @@ impl Engine {
     fn check_slice_plan(&self, plan: &SlicePlan) -> Result<()> {
         let spec = &self.files.contract.input;
         let s = spec.min_slices.max(3);
-        let input = || probe_input(spec, s);
-        let whole = self.run_whole(input())?;
-        let cut = self.read_outputs(s, &plan.run(input(), self.threads)?)?;
+        let input = probe_input(spec, s);
+        let whole = self.run_whole(input.clone())?;
+        let cut = self.read_outputs(s, &plan.run(input, self.threads)?)?;
         let close = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)
