@@ -144,8 +144,37 @@ class Logger:
         self.f.flush()
 
 
+def evidence_loss(seq: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Multiple-instance loss on the strongest fracture evidence of each vertebra: seq[:, :, -2]
+    is, per slice, the highest fracture probability inside the vertebra, so its maximum over
+    the window must be high in a fractured vertebra and low in an intact one. The vertebra
+    labels thus train the fracture-evidence map directly (RSNA weights), where through the
+    GRU they reach it only once the heads have learnt to read that feature."""
+    p = seq[:, idx, -2].amax(0).clamp(1e-4, 1 - 1e-4)
+    weight = torch.where(y > 0.5, VERT_W[1], VERT_W[0])
+    return (F.binary_cross_entropy(p, y, reduction="none") * weight).sum() / weight.sum()
+
+
+def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: torch.Tensor | None) -> torch.Tensor:
+    """Fracture-evidence BCE as three means: fracture cells, the other cells inside the
+    vertebrae (normal bone: the negatives that teach what a crack is not) and, at a tenth of
+    the weight, the cells outside. With one BCE over all cells (the "weighted" loss) the
+    background's easy cells outnumber the cracks a thousandfold and the map learns bone from
+    air long before it learns a crack from a bone edge."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos = target > 0.5
+    inside = ~pos if bone is None else bone & ~pos
+    outside = ~pos & ~inside
+    loss = torch.zeros((), device=logits.device)
+    for mask, w in ((pos, 1.0), (inside, 1.0), (outside, 0.1)):
+        if mask.any():
+            loss = loss + w * bce[mask].mean()
+    return loss
+
+
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
-                 frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0)):
+                 frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
+                 frac_loss: str = "weighted"):
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -203,15 +232,26 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
             vl = wbce(vlog[idx], y, VERT_W)
             loss = loss + vl
             parts["vert_bce"] = float(vl.detach())
+            if mil_weight:
+                ml = evidence_loss(seq, idx, y)
+                loss = loss + mil_weight * ml
+                parts["mil_bce"] = float(ml.detach())
     else:
-        vl = wbce(vlog, torch.from_numpy(st.labels[1:]).to(dev), VERT_W)
+        y = torch.from_numpy(st.labels[1:]).to(dev)
+        vl = wbce(vlog, y, VERT_W)
         pl = wbce(plog, torch.from_numpy(st.labels[:1]).to(dev), PAT_W)
         loss = loss + vl + pl
         parts["vert_bce"], parts["pat_bce"] = float(vl.detach()), float(pl.detach())
+        if mil_weight:
+            ml = evidence_loss(seq, torch.arange(N_VERT, device=dev), y)
+            loss = loss + mil_weight * ml
+            parts["mil_bce"] = float(ml.detach())
     if frac is not None:
-        fl = F.binary_cross_entropy_with_logits(
-            frac_logits.squeeze(1), torch.from_numpy(frac.astype(np.float32)).to(dev),
-            pos_weight=FRAC_POS_WEIGHT.to(dev))
+        frac_t = torch.from_numpy(frac.astype(np.float32)).to(dev)
+        if frac_loss == "balanced":
+            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, None if seg is None else torch.from_numpy(seg > 0).to(dev))
+        else:
+            fl = F.binary_cross_entropy_with_logits(frac_logits.squeeze(1), frac_t, pos_weight=FRAC_POS_WEIGHT.to(dev))
         loss = loss + frac_weight * fl
         parts["frac_bce"] = float(fl.detach())
     opt.zero_grad()
@@ -268,6 +308,13 @@ def main():
     ap.add_argument("--frac-weight", type=float, default=3.0, help="stage A: weight of the fracture-evidence loss")
     ap.add_argument("--fracture-target", choices=FRACTURE_TARGETS, default="crack",
                     help="phantom fracture targets: cells on the crack (default) or a 10 mm ball (first design)")
+    ap.add_argument("--mil-weight", type=float, default=0.0,
+                    help="stage A: weight of the multiple-instance loss that asks each vertebra's strongest "
+                         "fracture evidence to match its label (the from-scratch recipe uses 1)")
+    ap.add_argument("--frac-loss", choices=("weighted", "balanced"), default="weighted",
+                    help="stage A: fracture-evidence loss: one BCE over all cells with positive weight 20 "
+                         "(weighted), or means over crack cells, other bone cells and the rest (balanced, "
+                         "the from-scratch recipe's)")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda): the same recipe, faster on a GPU")
@@ -386,7 +433,7 @@ def main():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
-                             args.frac_weight, tuple(args.pose_deg))
+                             args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss)
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
