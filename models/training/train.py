@@ -150,9 +150,7 @@ def evidence_loss(seq: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torc
     the window must be high in a fractured vertebra and low in an intact one. The vertebra
     labels thus train the fracture-evidence map directly (RSNA weights), where through the
     GRU they reach it only once the heads have learnt to read that feature."""
-    p = seq[:, idx, -2].amax(0).clamp(1e-4, 1 - 1e-4)
-    weight = torch.where(y > 0.5, VERT_W[1], VERT_W[0])
-    return (F.binary_cross_entropy(p, y, reduction="none") * weight).sum() / weight.sum()
+    return wbce(torch.logit(seq[:, idx, -2].amax(0), eps=1e-4), y, VERT_W)
 
 
 def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: torch.Tensor | None) -> torch.Tensor:
@@ -211,6 +209,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
     vlog, plog, _ = model.head(seq)
     loss = torch.zeros((), device=dev)
     parts = {}
+    labelled = None  # (vertebra indices, their labels) of the vertebrae whose label applies here
     if seg is not None:
         tgt = torch.from_numpy(seg.astype(np.int64)).to(dev)
         seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT.to(dev))
@@ -232,26 +231,26 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
             vl = wbce(vlog[idx], y, VERT_W)
             loss = loss + vl
             parts["vert_bce"] = float(vl.detach())
-            if mil_weight:
-                ml = evidence_loss(seq, idx, y)
-                loss = loss + mil_weight * ml
-                parts["mil_bce"] = float(ml.detach())
+            labelled = (idx, y)
     else:
         y = torch.from_numpy(st.labels[1:]).to(dev)
         vl = wbce(vlog, y, VERT_W)
         pl = wbce(plog, torch.from_numpy(st.labels[:1]).to(dev), PAT_W)
         loss = loss + vl + pl
         parts["vert_bce"], parts["pat_bce"] = float(vl.detach()), float(pl.detach())
-        if mil_weight:
-            ml = evidence_loss(seq, torch.arange(N_VERT, device=dev), y)
-            loss = loss + mil_weight * ml
-            parts["mil_bce"] = float(ml.detach())
+        labelled = (torch.arange(N_VERT, device=dev), y)
+    if mil_weight and labelled is not None:
+        ml = evidence_loss(seq, *labelled)
+        loss = loss + mil_weight * ml
+        parts["mil_bce"] = float(ml.detach())
     if frac is not None:
         frac_t = torch.from_numpy(frac.astype(np.float32)).to(dev)
         if frac_loss == "balanced":
-            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, None if seg is None else torch.from_numpy(seg > 0).to(dev))
+            bone = None if seg is None else torch.from_numpy(seg > 0).to(dev)
+            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, bone)
         else:
-            fl = F.binary_cross_entropy_with_logits(frac_logits.squeeze(1), frac_t, pos_weight=FRAC_POS_WEIGHT.to(dev))
+            fl = F.binary_cross_entropy_with_logits(frac_logits.squeeze(1), frac_t,
+                                                    pos_weight=FRAC_POS_WEIGHT.to(dev))
         loss = loss + frac_weight * fl
         parts["frac_bce"] = float(fl.detach())
     opt.zero_grad()
