@@ -153,12 +153,18 @@ def evidence_loss(seq: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torc
     return wbce(torch.logit(seq[:, idx, -2].amax(0), eps=1e-4), y, VERT_W)
 
 
-def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: torch.Tensor | None) -> torch.Tensor:
+def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: torch.Tensor | None,
+                           hard_negatives: int = 0) -> torch.Tensor:
     """Fracture-evidence BCE as three means: fracture cells, the other cells inside the
     vertebrae (normal bone: the negatives that teach what a crack is not) and, at a tenth of
     the weight, the cells outside. With one BCE over all cells (the "weighted" loss) the
     background's easy cells outnumber the cracks a thousandfold and the map learns bone from
-    air long before it learns a crack from a bone edge."""
+    air long before it learns a crack from a bone edge.
+    `hard_negatives` K > 0 adds a fourth mean: the K bone cells with the highest loss. The
+    heads read each vertebra's *strongest* evidence, so a few false alarms in thousands of
+    intact cells decide what they see, while the plain mean barely feels them. Cells next to
+    a crack (in-plane and in the neighbouring slices) are left out of it: where the crack's
+    label ends is not sharp, and they would be the "hardest" negatives."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     pos = target > 0.5
     inside = ~pos if bone is None else bone & ~pos
@@ -167,12 +173,17 @@ def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: tor
     for mask, w in ((pos, 1.0), (inside, 1.0), (outside, 0.1)):
         if mask.any():
             loss = loss + w * bce[mask].mean()
+    if hard_negatives:
+        near_crack = F.max_pool3d(pos[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+        candidates = bce[inside & ~near_crack]
+        if candidates.numel():
+            loss = loss + candidates.topk(min(hard_negatives, candidates.numel())).values.mean()
     return loss
 
 
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
-                 frac_loss: str = "weighted"):
+                 frac_loss: str = "weighted", hard_negatives: int = 0):
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -205,7 +216,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         x = x.flip(3)
         seg = None if seg is None else seg[:, :, ::-1].copy()
         frac = None if frac is None else frac[:, :, ::-1].copy()
-    seg_logits, frac_logits, lev, seq = model.features(x)
+    seg_logits, frac_logits, lev, seq = model.features(x.contiguous(memory_format=torch.channels_last))
     vlog, plog, _ = model.head(seq)
     loss = torch.zeros((), device=dev)
     parts = {}
@@ -247,7 +258,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         frac_t = torch.from_numpy(frac.astype(np.float32)).to(dev)
         if frac_loss == "balanced":
             bone = None if seg is None else torch.from_numpy(seg > 0).to(dev)
-            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, bone)
+            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, bone, hard_negatives)
         else:
             fl = F.binary_cross_entropy_with_logits(frac_logits.squeeze(1), frac_t,
                                                     pos_weight=FRAC_POS_WEIGHT.to(dev))
@@ -314,6 +325,9 @@ def main():
                     help="stage A: fracture-evidence loss: one BCE over all cells with positive weight 20 "
                          "(weighted), or means over crack cells, other bone cells and the rest (balanced, "
                          "the from-scratch recipe's)")
+    ap.add_argument("--hard-negatives", type=int, default=0,
+                    help="stage A, with --frac-loss balanced: also the mean loss of the K bone cells that look "
+                         "most like a crack, away from cracks (0: off)")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda): the same recipe, faster on a GPU")
@@ -344,6 +358,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="a few steps on 2 studies (CI)")
     ap.add_argument("--cached-only", action="store_true", help="train only on studies already in the cache")
     args = ap.parse_args()
+    if args.hard_negatives and args.frac_loss != "balanced":
+        ap.error("--hard-negatives is a term of --frac-loss balanced")
     if args.smoke:
         args.steps_a, args.steps_b, args.window, args.eval_every = 4, 6, 12, 1000
 
@@ -382,7 +398,9 @@ def main():
                                           "frac_branch_layout": cfg["frac_branch_layout"], **layout})
     else:
         model = TriageNet(frac_hires=args.frac_hires, **layout)
-    model.to(dev)
+    # Channels-last: oneDNN's convolutions (forward and backward) skip a layout conversion,
+    # 13 % less time per stage-A step on 2 cores; the same arithmetic, up to rounding.
+    model.to(dev, memory_format=torch.channels_last)
     (args.out / "config.json").write_text(json.dumps({**vars(args), "model": model.config()}, default=str, indent=2))
 
     def evaluate(stage, step, net=model, name="model"):
@@ -432,7 +450,8 @@ def main():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
-                             args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss)
+                             args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss,
+                             args.hard_negatives)
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
