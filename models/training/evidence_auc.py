@@ -18,7 +18,7 @@ import torch
 from data import load_dataset
 from metrics import auc
 from model import load_checkpoint
-from train import encode_study
+from train import encode_study, encoded_features
 
 
 def main():
@@ -35,9 +35,7 @@ def main():
     cell_y, cell_p, vert_y, vert_p = [], [], [], []
     with torch.no_grad():
         for st in studies:
-            enc = encode_study(model, st)
-            _, frac, _, seq = model.from_encoding(enc["pix"].float(), enc["frac"].float(), enc["d2"].float(),
-                                                  enc["desc"])
+            _, frac, _, seq = encoded_features(model, encode_study(model, st))
             if st.frac is not None and st.seg is not None:
                 bone = st.seg.reshape(-1) > 0
                 cell_y.append(st.frac.reshape(-1)[bone] > 0)

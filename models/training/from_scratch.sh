@@ -22,9 +22,12 @@ mkdir -p "$D" "$C" "$R"
 # 1. Phantoms. Each training chunk is cached (uint8 windowed volumes, ~1 MB a study) and its
 #    DICOM deleted: 1830 studies at matrix 256 would take ~50 GB. The test sets stay DICOM:
 #    evaluate.py reads them as the daemon does.
-synth() { [ -f "$1/train.csv" ] || "$BIN" synth "$@" --matrix 256 --threads 2 >/dev/null; }
+# synth: every generator default (matrix 256-512, random FOV, noise, transfer syntax);
+# synth256: matrix 256, as all training phantoms and test seeds 3000-3002.
+synth() { [ -f "$1/train.csv" ] || "$BIN" synth "$@" --threads 2 >/dev/null; }
+synth256() { synth "$@" --matrix 256; }
 cached() {
-  synth "$@"
+  synth256 "$@"
   if [ -d "$1/train_images" ]; then
     "$PY" -c "from data import load_dataset; load_dataset('$1', '$C/$(basename "$1")', workers=2)"
     rm -rf "$1/train_images" "$1/segmentations"
@@ -33,13 +36,13 @@ cached() {
 cached "$D/train0" --count 30 --seed 1000 --slice-thickness 1.0
 for s in $(seq 1080 1120); do cached "$D/train$s" --count 40 --seed "$s"; done
 for s in $(seq 1121 1124); do cached "$D/dens$s" --count 40 --seed "$s" --fracture-type dens-fracture; done
-synth "$D/val2" --count 100 --seed 2001
-synth "$D/test" --count 50 --seed 3000
-synth "$D/test2" --count 100 --seed 3001
-synth "$D/test3002" --count 200 --seed 3002
-# 3003-3005 with every generator default (matrix 256-512, random FOV, noise, syntax).
-[ -f "$D/test3005/train.csv" ] || "$BIN" synth "$D/test3005" --count 100 --seed 3005 --threads 2 >/dev/null
-for s in 3003 3004; do [ -f "$D/test$s/train.csv" ] || "$BIN" synth "$D/test$s" --count 150 --seed $s --threads 2 >/dev/null; done
+synth256 "$D/val2" --count 100 --seed 2001
+synth256 "$D/test" --count 50 --seed 3000
+synth256 "$D/test2" --count 100 --seed 3001
+synth256 "$D/test3002" --count 200 --seed 3002
+synth "$D/test3003" --count 150 --seed 3003
+synth "$D/test3004" --count 150 --seed 3004
+synth "$D/test3005" --count 100 --seed 3005
 TRAIN=("$D/train0")
 for s in $(seq 1080 1120); do TRAIN+=("$D/train$s"); done
 for s in $(seq 1121 1124); do TRAIN+=("$D/dens$s"); done

@@ -283,9 +283,15 @@ def encode_study(model: TriageNet, st: Study, chunk: int = 64) -> dict:
     return {"pix": pix.half(), "frac": frac.half(), "d2": d2.half(), "desc": desc}
 
 
+def encoded_features(model: TriageNet, enc: dict):
+    """`TriageNet.features` (seg, fracture and level logits, per-vertebra sequence) from
+    `encode_study` tensors."""
+    return model.from_encoding(enc["pix"].float(), enc["frac"].float(), enc["d2"].float(), enc["desc"])
+
+
 def head_outputs(model: TriageNet, enc: dict):
     """Everything after the per-slice encoder, from `encode_study` tensors."""
-    _, _, lev, seq = model.from_encoding(enc["pix"].float(), enc["frac"].float(), enc["d2"].float(), enc["desc"])
+    _, _, lev, seq = encoded_features(model, enc)
     vlog, plog, _ = model.head(seq)
     return lev, vlog, plog
 
