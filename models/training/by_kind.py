@@ -31,30 +31,30 @@ def main():
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     session = ort.InferenceSession(args.onnx, opts, providers=["CPUExecutionProvider"])
-    rows = []  # (patient logit, fractured, the ground truth's fractures)
+    rows = []  # (patient logit, fractured, the ground truth's fractures, study UID)
     for root in args.data:
         for st in load_dataset(root, args.cache / root.name):
             _, _, patient_logit, _ = session.run(None, {"slices": st.slices()})
             truth = json.loads((root / "ground_truth" / f"{st.uid}.json").read_text())
-            rows.append((float(patient_logit[0]), bool(st.labels[0]), truth.get("fractures") or []))
-    intact = np.array([p for p, fractured, _ in rows if not fractured])
+            rows.append((float(patient_logit[0]), bool(st.labels[0]), truth.get("fractures") or [], st.uid))
+    intact = np.array([p for p, fractured, _, _ in rows if not fractured])
 
     def rank(p: float) -> float:
         return float((intact < p).mean() + 0.5 * (intact == p).mean())
 
     print(f"{len(rows)} studies, {len(intact)} intact")
     by_kind = defaultdict(list)
-    for p, fractured, fractures in rows:
+    for p, fractured, fractures, _ in rows:
         for f in fractures if fractured else []:
             by_kind[f["kind"]].append(rank(p))
     for kind, ranks in sorted(by_kind.items()):
         print(f"{kind:24s} {len(ranks):4d} studies  mean rank {np.mean(ranks):.4f}  below 0.9: "
               f"{sum(r < 0.9 for r in ranks)}")
-    print("lowest-ranked fractured studies:")
-    for p, _, fractures in sorted((r for r in rows if r[1]), key=lambda r: r[0])[: args.worst]:
+    print("lowest-ranked fractured studies (study UID: the same study across models):")
+    for p, _, fractures, uid in sorted((r for r in rows if r[1]), key=lambda r: r[0])[: args.worst]:
         kinds = (f["kind"] + (f" ({f['height_loss']:.0%} height loss)" if f["height_loss"] else "")
                  for f in fractures)
-        print(f"  logit {p:7.3f}  rank {rank(p):.3f}  {' + '.join(kinds)}")
+        print(f"  logit {p:7.3f}  rank {rank(p):.3f}  {' + '.join(kinds)}  {uid}")
 
 
 if __name__ == "__main__":
