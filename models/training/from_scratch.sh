@@ -12,6 +12,8 @@
 # STEPS_A=...: another stage-A length; the schedule (one-cycle LR) follows it.
 # INIT_SEED=..., SEED_A=..., SEED_B=...: other random weights and another order of training
 # windows and studies (a repeat of the recipe; the measured run used 0, 21 and 23).
+# COARSE_STEPS=N: the first N stage-A steps see 96 x 96 windows instead of 128 x 128 (half
+# the cost of a step; train.py --coarse-steps), the rest at the contract's 128.
 set -euo pipefail
 W=${1:?work dir}
 BIN=${BIN:-$PWD/target/release/cspine-triage}
@@ -20,6 +22,7 @@ STEPS_A=${STEPS_A:-14177}
 INIT_SEED=${INIT_SEED:-0}
 SEED_A=${SEED_A:-21}
 SEED_B=${SEED_B:-23}
+COARSE_STEPS=${COARSE_STEPS:-0}
 cd "$(dirname "$0")"
 D=$W/data C=$W/cache R=$W/runs
 mkdir -p "$D" "$C" "$R"
@@ -63,7 +66,7 @@ save_checkpoint(TriageNet(widths={k: v // 2 for k, v in DEFAULT_WIDTHS.items()},
 # 3. Stage A on all 1830 phantoms: balanced evidence loss with hard negatives and the
 #    multiple-instance loss (README, Supervision), EMA of the weights kept.
 "$PY" train.py --init "$R/random_init.pt" --data "${TRAIN[@]}" --cached-only --val-data "$D/val2" --cache "$C" \
-  --out "$R/scratch" --window 40 --steps-a "$STEPS_A" --steps-b 0 --eval-every 3000 --ema 0.999 \
+  --out "$R/scratch" --window 40 --steps-a "$STEPS_A" --coarse-steps "$COARSE_STEPS" --steps-b 0 --eval-every 3000 --ema 0.999 \
   --frac-hires 16 --seed "$SEED_A" --threads 2 --mil-weight 1 --frac-loss balanced --frac-weight 1 --hard-negatives 64
 
 # 4. Stage B from the last EMA weights, on the first 670 phantoms: it keeps every study's

@@ -181,9 +181,24 @@ def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: tor
     return loss
 
 
+def coarse_window(x: torch.Tensor, seg: np.ndarray | None, frac: np.ndarray | None, size: int):
+    """A window shown at `size` x `size` instead of the contract's 128 (a coarser spacing):
+    the image area-averaged, the segmentation by nearest label, and a fracture cell kept
+    wherever any cell it covers was one, so that no crack vanishes from the target."""
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    cells = size // 4  # the model's outputs are a quarter of its input
+    if seg is not None:
+        seg_t = torch.from_numpy(np.ascontiguousarray(seg)).unsqueeze(1).float()
+        seg = F.interpolate(seg_t, size=(cells, cells), mode="nearest").squeeze(1).to(torch.uint8).numpy()
+    if frac is not None:
+        frac_t = torch.from_numpy(np.ascontiguousarray(frac)).unsqueeze(1).float()
+        frac = F.adaptive_max_pool2d(frac_t, cells).squeeze(1).to(torch.uint8).numpy()
+    return x, seg, frac
+
+
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
-                 frac_loss: str = "weighted", hard_negatives: int = 0):
+                 frac_loss: str = "weighted", hard_negatives: int = 0, size: int | None = None):
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -216,6 +231,8 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         x = x.flip(3)
         seg = None if seg is None else seg[:, :, ::-1].copy()
         frac = None if frac is None else frac[:, :, ::-1].copy()
+    if size is not None and size != x.shape[-1]:
+        x, seg, frac = coarse_window(x, seg, frac, size)
     seg_logits, frac_logits, lev, seq = model.features(x.contiguous(memory_format=torch.channels_last))
     vlog, plog, _ = model.head(seq)
     loss = torch.zeros((), device=dev)
@@ -334,6 +351,10 @@ def main():
     ap.add_argument("--hard-negatives", type=int, default=0,
                     help="stage A, with --frac-loss balanced: also the mean loss of the K bone cells that look "
                          "most like a crack, away from cracks (0: off)")
+    ap.add_argument("--coarse-steps", type=int, default=0,
+                    help="stage A: the first N steps see windows at --coarse-size (cheaper steps; "
+                         "the rest at the contract's 128)")
+    ap.add_argument("--coarse-size", type=int, default=96, help="stage A: the in-plane size of --coarse-steps")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda): the same recipe, faster on a GPU")
@@ -457,7 +478,7 @@ def main():
                     m.eval()
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
                              args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss,
-                             args.hard_negatives)
+                             args.hard_negatives, args.coarse_size if step <= args.coarse_steps else None)
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
