@@ -352,8 +352,8 @@ def main():
                     help="stage A, with --frac-loss balanced: also the mean loss of the K bone cells that look "
                          "most like a crack, away from cracks (0: off)")
     ap.add_argument("--coarse-steps", type=int, default=0,
-                    help="stage A: the first N steps see windows at --coarse-size (cheaper steps; "
-                         "the rest at the contract's 128)")
+                    help="stage A: the first N steps see windows at --coarse-size, the rest at the "
+                         "contract's 128 (cheaper steps that learn less: MODEL_CARD.md)")
     ap.add_argument("--coarse-size", type=int, default=96, help="stage A: the in-plane size of --coarse-steps")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
