@@ -183,7 +183,7 @@ def balanced_evidence_loss(logits: torch.Tensor, target: torch.Tensor, bone: tor
 
 def coarse_window(x: torch.Tensor, seg: np.ndarray | None, frac: np.ndarray | None, size: int):
     """A window shown at `size` x `size` instead of the contract's 128 (a coarser spacing):
-    the image area-averaged, the segmentation by nearest label, and a fracture cell kept
+    the image antialiased, the segmentation by nearest label, and a fracture cell kept
     wherever any cell it covers was one, so that no crack vanishes from the target."""
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     cells = size // 4  # the model's outputs are a quarter of its input
