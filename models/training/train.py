@@ -198,7 +198,7 @@ def coarse_window(x: torch.Tensor, seg: np.ndarray | None, frac: np.ndarray | No
 
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
-                 frac_loss: str = "weighted", hard_negatives: int = 0, size: int | None = None):
+                 frac_loss: str = "weighted", hard_negatives: int = 0, coarse_size: int | None = None):
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -231,8 +231,8 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         x = x.flip(3)
         seg = None if seg is None else seg[:, :, ::-1].copy()
         frac = None if frac is None else frac[:, :, ::-1].copy()
-    if size is not None and size != x.shape[-1]:
-        x, seg, frac = coarse_window(x, seg, frac, size)
+    if coarse_size is not None and coarse_size != x.shape[-1]:
+        x, seg, frac = coarse_window(x, seg, frac, coarse_size)
     seg_logits, frac_logits, lev, seq = model.features(x.contiguous(memory_format=torch.channels_last))
     vlog, plog, _ = model.head(seq)
     loss = torch.zeros((), device=dev)
