@@ -7,7 +7,10 @@ Two stages, because 2 CPU cores cannot push whole studies end to end often enoug
      BCE where fractures are localised (phantom ground truth or RSNA boxes), plus RSNA-weighted
      BCE for each vertebra that lies entirely inside the window (its label is then known;
      vertebrae cut by the window edge are ignored). Studies without a segmentation are used
-     whole (all 7 vertebra labels + patient label).
+     whole (all 7 vertebra labels + patient label). With --crack-slices K, K single slices
+     that show a crack, from any fractured study, are encoded beside the window for the
+     fracture-evidence loss: a window holds a few crack slices or none, and telling a crack
+     from a bone edge is what training from random weights waits for.
   B. the slice encoder frozen and run once per study; the slice-level GRU (it needs the whole
      neck to count vertebrae) and the GRU/attention/heads trained on WHOLE studies with level
      cross-entropy + vertebra + patient BCE (RSNA weights: vertebra neg 1 / pos 2, patient
@@ -196,9 +199,30 @@ def coarse_window(x: torch.Tensor, seg: np.ndarray | None, frac: np.ndarray | No
     return x, seg, frac
 
 
+def crack_slices(cracked: list[Study], k: int, rng: random.Random):
+    """`k` model slices that show a crack, each from a random fractured study: input
+    [k, 3, 128, 128], fracture targets and bone (any vertebra label) [k, 32, 32], mirrored
+    left-right half the time."""
+    xs, fracs, bones = [], [], []
+    for _ in range(k):
+        st = rng.choice(cracked)
+        ks = np.flatnonzero(st.frac.any(axis=(1, 2)))
+        j = int(ks[rng.randrange(ks.size)])
+        x, frac, bone = torch.from_numpy(st.slices(j, j + 1)), st.frac[j:j + 1], st.seg[j:j + 1] > 0
+        if rng.random() < 0.5:
+            x, frac, bone = x.flip(3), frac[:, :, ::-1], bone[:, :, ::-1]
+        xs.append(x)
+        fracs.append(np.ascontiguousarray(frac))
+        bones.append(np.ascontiguousarray(bone))
+    return torch.cat(xs), np.concatenate(fracs), np.concatenate(bones)
+
+
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
-                 frac_loss: str = "weighted", hard_negatives: int = 0, coarse_size: int | None = None):
+                 frac_loss: str = "weighted", hard_negatives: int = 0, coarse_size: int | None = None,
+                 cracks: tuple | None = None):
+    """One step on a window of `st`. `cracks` (crack_slices' output) go through the encoder
+    beside the window, for their fracture-evidence loss only (the window's `frac_loss`)."""
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
@@ -233,7 +257,11 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         frac = None if frac is None else frac[:, :, ::-1].copy()
     if coarse_size is not None and coarse_size != x.shape[-1]:
         x, seg, frac = coarse_window(x, seg, frac, coarse_size)
-    seg_logits, frac_logits, lev, seq = model.features(x.contiguous(memory_format=torch.channels_last))
+    n = x.shape[0]
+    if cracks is not None:
+        x = torch.cat([x, cracks[0].to(dev)])
+    enc = model.encode(x.contiguous(memory_format=torch.channels_last))
+    seg_logits, frac_logits, lev, seq = model.from_encoding(*(t[:n] for t in enc))
     vlog, plog, _ = model.head(seq)
     loss = torch.zeros((), device=dev)
     parts = {}
@@ -271,16 +299,21 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         ml = evidence_loss(seq, *labelled)
         loss = loss + mil_weight * ml
         parts["mil_bce"] = float(ml.detach())
-    if frac is not None:
+    def evidence_bce(logits, frac, bone):
         frac_t = torch.from_numpy(frac.astype(np.float32)).to(dev)
         if frac_loss == "balanced":
-            bone = None if seg is None else torch.from_numpy(seg > 0).to(dev)
-            fl = balanced_evidence_loss(frac_logits.squeeze(1), frac_t, bone, hard_negatives)
-        else:
-            fl = F.binary_cross_entropy_with_logits(frac_logits.squeeze(1), frac_t,
-                                                    pos_weight=FRAC_POS_WEIGHT.to(dev))
+            bone = None if bone is None else torch.from_numpy(bone).to(dev)
+            return balanced_evidence_loss(logits.squeeze(1), frac_t, bone, hard_negatives)
+        return F.binary_cross_entropy_with_logits(logits.squeeze(1), frac_t, pos_weight=FRAC_POS_WEIGHT.to(dev))
+
+    if frac is not None:
+        fl = evidence_bce(frac_logits, frac, None if seg is None else seg > 0)
         loss = loss + frac_weight * fl
         parts["frac_bce"] = float(fl.detach())
+    if cracks is not None:
+        cl = evidence_bce(enc[1][n:], cracks[1], cracks[2])
+        loss = loss + frac_weight * cl
+        parts["crack_bce"] = float(cl.detach())
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -355,6 +388,9 @@ def main():
                     help="stage A: the first N steps see windows at --coarse-size, the rest at the "
                          "contract's 128 (cheaper steps that learn less: MODEL_CARD.md)")
     ap.add_argument("--coarse-size", type=int, default=96, help="stage A: the in-plane size of --coarse-steps")
+    ap.add_argument("--crack-slices", type=int, default=0,
+                    help="stage A: each step also encodes K single slices that show a crack, drawn from "
+                         "all fractured training studies, for the fracture-evidence loss only (0: off)")
     ap.add_argument("--lr-b", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda): the same recipe, faster on a GPU")
@@ -387,6 +423,8 @@ def main():
     args = ap.parse_args()
     if args.hard_negatives and args.frac_loss != "balanced":
         ap.error("--hard-negatives is a term of --frac-loss balanced")
+    if args.crack_slices and args.coarse_steps:
+        ap.error("--crack-slices are encoded beside the window, at 128: not with --coarse-steps")
     if args.smoke:
         args.steps_a, args.steps_b, args.window, args.eval_every = 4, 6, 12, 1000
 
@@ -451,6 +489,7 @@ def main():
     if args.ema:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    cracked = [st for st in train if st.frac is not None and st.seg is not None and st.frac.any()]
     t_a = time.time()
     run = {}
     # --minutes-a: the rate is timed over RATE_STEPS steps after WARMUP_STEPS (allocator,
@@ -476,9 +515,11 @@ def main():
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
+        cracks = crack_slices(cracked, args.crack_slices, rng) if args.crack_slices and cracked else None
         parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
                              args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss,
-                             args.hard_negatives, args.coarse_size if step <= args.coarse_steps else None)
+                             args.hard_negatives, args.coarse_size if step <= args.coarse_steps else None,
+                             cracks)
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
