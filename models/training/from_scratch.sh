@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# Training from random weights on a CPU: the recipe measured in MODEL_CARD.md ("From random
-# weights in under an hour"). From the repo root:
+# Training from random weights on a CPU: the recipe measured in MODEL_CARD.md ("Crack slices
+# beside each window"). From the repo root:
 #   cargo build --release && bash models/training/from_scratch.sh /tmp/cspine-scratch
-# Phantoms (not counted in the training time) -> stage A (end to end on windows, 14177
-# steps: 45 min on 2 cores) -> stage B (heads on whole studies, 4.5 min) -> fp32 ONNX and
-# int8 -> held-out test AUCs with onnxruntime. The measured run chose its 14177 steps with
-# --minutes-a 42 (its first 49 steps followed a shorter warm-up: not bit-identical).
+# Phantoms (not counted in the training time) -> stage A (end to end on windows, each step
+# with 8 crack slices beside its window; 7500 steps: 27-29 min on 2 cores) -> stage B (heads
+# on whole studies, 4.4-4.9 min) -> fp32 ONNX and int8 -> held-out test AUCs with onnxruntime.
 # Seeds: training 1000 (30 studies), 1080-1120 (40 each) and 1121-1124 (40 each, dens
 # fractures only: drawn at random, a dens fracture is one of every ~60 fractures), validation
 # 2001, test 3000-3004 (the model card's 650 test studies) and 3005.
 # STEPS_A=...: another stage-A length; the schedule (one-cycle LR) follows it.
 # INIT_SEED=..., SEED_A=..., SEED_B=...: other random weights and another order of training
-# windows and studies (a repeat of the recipe; the measured run used 0, 21 and 23).
-# COARSE_STEPS=N: the first N stage-A steps see 96 x 96 windows instead of 128 x 128 (0.56 of
-# the pixels; train.py --coarse-steps), the rest at the contract's 128. Measured with 9000: a
-# step cost 0.145 s against 0.19, and validation fell to 0.959 / 0.972 (MODEL_CARD.md).
+# windows and studies (a repeat of the recipe; measured with 0 / 21 / 23 and 1 / 31 / 33).
+# CRACK_SLICES=K: single crack slices encoded beside each window (train.py --crack-slices);
+# CRACK_SLICES=0 STEPS_A=14177 is the earlier recipe (49.6 min, at the targets' edge).
+# COARSE_STEPS=N (with CRACK_SLICES=0): the first N stage-A steps see 96 x 96 windows instead
+# of 128 x 128 (0.56 of the pixels; train.py --coarse-steps), the rest at the contract's 128.
+# Measured with 9000: a step cost 0.145 s against 0.19, and validation fell to 0.959 / 0.972.
 set -euo pipefail
 W=${1:?work dir}
 BIN=${BIN:-$PWD/target/release/cspine-triage}
 PY=${PY:-python3}
-STEPS_A=${STEPS_A:-14177}
+STEPS_A=${STEPS_A:-7500}
 INIT_SEED=${INIT_SEED:-0}
 SEED_A=${SEED_A:-21}
 SEED_B=${SEED_B:-23}
 COARSE_STEPS=${COARSE_STEPS:-0}
+CRACK_SLICES=${CRACK_SLICES:-8}
 cd "$(dirname "$0")"
 D=$W/data C=$W/cache R=$W/runs
 mkdir -p "$D" "$C" "$R"
@@ -64,10 +66,10 @@ from model import DEFAULT_WIDTHS, TriageNet, save_checkpoint
 torch.manual_seed($INIT_SEED)
 save_checkpoint(TriageNet(widths={k: v // 2 for k, v in DEFAULT_WIDTHS.items()}, frac_hires=16), '$R/random_init.pt')"
 
-# 3. Stage A on all 1830 phantoms: balanced evidence loss with hard negatives and the
-#    multiple-instance loss (README, Supervision), EMA of the weights kept.
+# 3. Stage A on all 1830 phantoms: balanced evidence loss with hard negatives, the
+#    multiple-instance loss and crack slices (README, Supervision), EMA of the weights kept.
 "$PY" train.py --init "$R/random_init.pt" --data "${TRAIN[@]}" --cached-only --val-data "$D/val2" --cache "$C" \
-  --out "$R/scratch" --window 40 --steps-a "$STEPS_A" --coarse-steps "$COARSE_STEPS" --steps-b 0 --eval-every 3000 --ema 0.999 \
+  --out "$R/scratch" --window 40 --steps-a "$STEPS_A" --coarse-steps "$COARSE_STEPS" --crack-slices "$CRACK_SLICES" --steps-b 0 --eval-every 3000 --ema 0.999 \
   --frac-hires 16 --seed "$SEED_A" --threads 2 --mil-weight 1 --frac-loss balanced --frac-weight 1 --hard-negatives 64
 
 # 4. Stage B from the last EMA weights, on the first 670 phantoms: it keeps every study's
