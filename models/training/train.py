@@ -490,6 +490,9 @@ def main():
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
     cracked = [st for st in train if st.frac is not None and st.seg is not None and st.frac.any()]
+    if args.crack_slices and not cracked:
+        print(f"--crack-slices {args.crack_slices}: no training study has both a located fracture and a "
+              "segmentation, so no crack slices are shown", flush=True)
     t_a = time.time()
     run = {}
     # --minutes-a: the rate is timed over RATE_STEPS steps after WARMUP_STEPS (allocator,
