@@ -9,6 +9,7 @@
 pub mod alert;
 pub mod config;
 pub mod dicom;
+pub mod durable;
 pub mod inference;
 pub mod series;
 pub mod service;

@@ -316,6 +316,7 @@ fn stored_instances(cases: &[&str]) -> Vec<StoredInstance> {
                 sop_class_uid: h.sop_class_uid,
                 calling_ae: "STORESCU".into(),
                 received_at: time::OffsetDateTime::now_utc(),
+                arrival: Default::default(),
             });
         }
     }

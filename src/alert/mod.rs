@@ -62,6 +62,26 @@ pub struct ResultMessage {
     pub failed_better: Vec<FailedSeries>,
 }
 
+impl From<Committed> for crate::dicom::spool::MarkRequest {
+    fn from(c: Committed) -> Self {
+        crate::dicom::spool::MarkRequest {
+            study_instance_uid: c.study_instance_uid,
+            series_instance_uid: c.series_instance_uid,
+            result_id: c.id,
+            sop_instance_uids: c.sop_instance_uids,
+            stood_in_for: c
+                .failed_better
+                .into_iter()
+                .map(|f| crate::dicom::spool::StoodInFor {
+                    series_instance_uid: f.series_instance_uid,
+                    sop_instance_uids: f.sop_instance_uids,
+                    reason: f.reason,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Sent on the `committed` channel of [`Alerts::run`] once a result is durably in the
 /// outbox: the DICOM spool of `series_instance_uid` is no longer needed for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]

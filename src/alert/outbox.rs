@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -156,7 +156,7 @@ impl Outbox {
     /// upstream) are deleted; damaged entries are moved to `dir/corrupt/` and logged.
     pub fn open(dir: &Path, limits: OutboxLimits) -> Result<Outbox> {
         // Durable in its parent too, or a power cut takes committed entries with it.
-        crate::dicom::spool::create_dir_all_durably(dir)
+        crate::durable::create_dir_all_durably(dir)
             .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
         let lock_path = dir.join(".lock");
         let lock_file = File::create(&lock_path)
@@ -483,26 +483,14 @@ impl Outbox {
 
 /// temp file + write + fsync + rename + directory fsync.
 fn write_durably(dir: &Path, path: &Path, parts: &[&[u8]]) -> Result<()> {
-    let tmp = path.with_extension(format!("{ENTRY_EXT}.{TMP_EXT}"));
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        for part in parts {
-            file.write_all(part)?;
-        }
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write outbox entry {}", path.display()));
-    }
-    sync_dir(dir)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = format!("{name}.{TMP_EXT}");
+    crate::durable::write_atomically(dir, &name, &tmp, parts)
+        .with_context(|| format!("cannot write outbox entry {}", path.display()))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync outbox directory {}", dir.display()))
+    crate::durable::fsync_dir(dir)
 }
 
 fn parse_header(reader: &mut impl BufRead, path: &Path) -> Result<Header> {
@@ -569,17 +557,14 @@ fn verify(path: &Path, header: Header) -> Result<EntryMeta> {
     })
 }
 
+/// Moves a damaged entry to `dir/corrupt/` (never overwriting an earlier one there).
 fn quarantine(dir: &Path, path: &Path, why: &anyhow::Error) -> Result<()> {
-    let corrupt = dir.join("corrupt");
-    fs::create_dir_all(&corrupt).with_context(|| format!("cannot create {}", corrupt.display()))?;
-    let target = corrupt.join(path.file_name().unwrap_or_default());
+    let target = crate::durable::quarantine(path, &dir.join("corrupt"))?;
     log::error!(
         "damaged outbox entry: {why:#}; moved to {} for inspection (it will not be published)",
         target.display()
     );
-    fs::rename(path, &target)
-        .with_context(|| format!("cannot move {} to {}", path.display(), target.display()))?;
-    sync_dir(dir)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! - [`lengths`]: declared element lengths checked against the bytes received, before
 //!   anything is parsed (a lying length must not cost gigabytes and minutes).
 //! - [`scu`]: a minimal C-STORE SCU (`cspine-triage send`).
-//! - [`spool`]: the durable on-disk spool (atomic, fsynced writes; re-index; deletion).
+//! - [`spool`]: the durable on-disk spool and its whole life cycle (atomic, fsynced
+//!   writes; duplicates and corrections; analysed marks; release; re-index; the janitor).
 //! - [`syntax`]: which SOP classes and transfer syntaxes we accept, and why.
 
 pub mod access;
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 pub use scp::{run_scp, Scp};
-pub use spool::Spool;
+pub use spool::{Spool, SpoolOptions};
 
 /// `[dicom]` section: the Storage SCP and its spool.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,8 +54,18 @@ pub struct ScpConfig {
     /// Seconds of silence after which an established association is aborted.
     pub idle_timeout_secs: f64,
     /// Below this much free space (MB) in the spool, C-STOREs are refused with A700
-    /// (Out of Resources) instead of being accepted and lost.
+    /// (Out of Resources) instead of being accepted and lost. Checked when a C-STORE
+    /// starts and again before every chunk of a large instance is written.
     pub min_free_space_mb: u64,
+    /// Largest instance accepted (MB of data set). A CT slice is about 0.5 MB; an enhanced
+    /// multi-frame CT can be hundreds. A larger one is drained and refused with A700, and
+    /// nothing of it is kept.
+    pub max_instance_mb: u64,
+    /// An instance whose SOP Instance UID is already in the spool with a *different* data
+    /// set: `"replace"` (the newer version replaces the older and its series is analysed
+    /// again, as a scanner re-sending a corrected instance expects) or `"keep-first"`. The
+    /// same data set again is always an idempotent Success.
+    pub duplicate_policy: spool::DuplicatePolicy,
 }
 
 impl Default for ScpConfig {
@@ -74,6 +85,8 @@ impl Default for ScpConfig {
             artim_timeout_secs: 30.0,
             idle_timeout_secs: 120.0,
             min_free_space_mb: 1024,
+            max_instance_mb: 1024,
+            duplicate_policy: spool::DuplicatePolicy::Replace,
         }
     }
 }
@@ -113,6 +126,10 @@ impl ScpConfig {
             "dicom.idle_timeout_secs must be > 0"
         );
         ensure!(
+            self.max_instance_mb >= 1,
+            "dicom.max_instance_mb must be at least 1"
+        );
+        ensure!(
             !self.spool_dir.as_os_str().is_empty(),
             "dicom.spool_dir must not be empty"
         );
@@ -141,6 +158,20 @@ pub struct StoredInstance {
     /// Calling AE title of the association that sent it.
     pub calling_ae: String,
     pub received_at: OffsetDateTime,
+    /// Whether it replaced an earlier instance with the same SOP Instance UID.
+    pub arrival: Arrival,
+}
+
+/// How an instance came to be in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arrival {
+    /// Its SOP Instance UID was not in the spool (or held the same data set).
+    #[default]
+    First,
+    /// A corrected re-send: it replaced an instance with the same SOP Instance UID and a
+    /// different data set (`dicom.duplicate_policy = "replace"`); its series is analysed
+    /// again.
+    Correction,
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::access::{take_refusal, AllowList, PeerPolicy};
 use super::dimse::{self, status, Command};
-use super::spool::{Incoming, InstanceHeader, Spool, StoreError, Stored};
+use super::spool::{Incoming, InstanceHeader, Spool, SpoolOptions, StoreError, Stored};
 use super::syntax::{self, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION};
 use super::{ScpConfig, StoredInstance};
 
@@ -52,10 +52,14 @@ impl Scp {
     pub async fn bind(config: ScpConfig) -> Result<Scp> {
         config.validate()?;
         let allow_list = Arc::new(AllowList::parse(&config.allowed_calling_aes)?);
-        let spool = Spool::open(
+        let spool = Spool::open_with(
             &config.spool_dir,
-            &config.ae_title,
-            config.min_free_space_mb,
+            SpoolOptions {
+                our_ae: config.ae_title.clone(),
+                min_free_mb: config.min_free_space_mb,
+                max_instance_mb: config.max_instance_mb,
+                duplicate_policy: config.duplicate_policy,
+            },
         )?;
         let listener = TcpListener::bind((config.bind.as_str(), config.port))
             .await
@@ -82,7 +86,8 @@ impl Scp {
         Ok(self.listener.local_addr()?)
     }
 
-    /// The spool this SCP writes to (for [`Spool::delete_series`]).
+    /// The spool this SCP writes to: the janitor ([`super::spool::keep_spool`]) marks and
+    /// releases through the same one.
     pub fn spool(&self) -> Arc<Spool> {
         self.shared.spool.clone()
     }
@@ -691,19 +696,42 @@ impl<'a> Session<'a> {
             Ok(Stored::Duplicate(instance)) => {
                 self.duplicates += 1;
                 log::info!(
-                    "{} from {} is already in the spool ({}); not stored twice",
+                    "{:?} from {:?} is already in the spool ({}); not stored twice",
                     instance.sop_instance_uid,
                     self.calling_ae,
                     instance.path.display()
                 );
                 (status::SUCCESS, None, None)
             }
+            Ok(Stored::KeptFirst(instance)) => {
+                self.duplicates += 1;
+                log::warn!(
+                    "{:?} from {:?} differs from the instance with the same SOP Instance UID \
+                     in the spool; kept the first (dicom.duplicate_policy = \"keep-first\")",
+                    instance.sop_instance_uid,
+                    self.calling_ae,
+                );
+                (status::SUCCESS, None, None)
+            }
+            Ok(Stored::Replaced(instance)) => {
+                self.stored += 1;
+                log::warn!(
+                    "{:?} from {:?} differs from the instance with the same SOP Instance UID \
+                     in the spool: replaced it, its series is analysed again \
+                     (dicom.duplicate_policy = \"replace\")",
+                    instance.sop_instance_uid,
+                    self.calling_ae,
+                );
+                (status::SUCCESS, None, Some(instance))
+            }
             Err(e) => {
                 self.failed += 1;
                 let status = match &e {
                     StoreError::CannotUnderstand(_) => status::CANNOT_UNDERSTAND,
                     StoreError::Mismatch(_) => status::DATA_SET_DOES_NOT_MATCH,
-                    StoreError::OutOfResources(_) => status::OUT_OF_RESOURCES,
+                    StoreError::OutOfResources(_)
+                    | StoreError::TooLarge { .. }
+                    | StoreError::ShortOfSpace { .. } => status::OUT_OF_RESOURCES,
                 };
                 log::warn!(
                     "C-STORE {} from {} failed with {status:04X}: {e}",

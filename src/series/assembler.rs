@@ -50,7 +50,7 @@ use super::selection::{
 };
 use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeWindow};
 use crate::dicom::spool::AnalysedSeries;
-use crate::dicom::StoredInstance;
+use crate::dicom::{Arrival, StoredInstance};
 
 /// Why a series was considered complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,17 +78,7 @@ pub struct SeriesJob {
 }
 
 /// Instance files the spool no longer needs to keep (see the module docs).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Release {
-    pub study_instance_uid: String,
-    pub series_instance_uid: String,
-    /// Spool files to remove.
-    pub paths: Vec<PathBuf>,
-    /// The study is forgotten: the series' analysed mark goes too.
-    pub forgotten: bool,
-    /// For the log.
-    pub why: String,
-}
+pub use crate::dicom::spool::Release;
 
 /// What happened downstream to a job the assembler sent ([`Assembler::feedback`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -264,6 +254,24 @@ pub struct Assembler {
     feedback: bool,
 }
 
+/// An instance arrived for `series` (new, late or corrected): a complete series is live
+/// again, with a fresh quiet period and max wait from `now`.
+fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Instant) {
+    if series.completion.is_some() {
+        log::info!(
+            "late instance {:?} for complete series {:?}: re-opening it",
+            stored.sop_instance_uid,
+            stored.series_instance_uid
+        );
+        series.completion = None;
+        series.evaluated = false;
+        series.first_at = now;
+    }
+    series.last_at = series.last_at.max(now);
+    series.first_received = series.first_received.min(stored.received_at);
+    series.last_received = series.last_received.max(stored.received_at);
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -339,6 +347,25 @@ impl Assembler {
             .entry(stored.series_instance_uid.clone())
             .or_insert_with(|| SeriesState::new(stored, now));
         if !series.sop_uids.insert(stored.sop_instance_uid.clone()) {
+            if stored.arrival == Arrival::Correction
+                && !series.released.contains(&stored.sop_instance_uid)
+            {
+                // The spool replaced the file under the same path: read its header anew,
+                // and analyse the series again as for a late instance.
+                log::info!(
+                    "instance {:?} corrected (re-sent with other content): series {:?} is analysed again",
+                    stored.sop_instance_uid,
+                    stored.series_instance_uid
+                );
+                series
+                    .instances
+                    .retain(|h| h.sop_instance_uid != stored.sop_instance_uid);
+                series.analysed.remove(&stored.sop_instance_uid);
+                study.remembered_until = None;
+                reopen(series, stored, now);
+                series.instances.push(header);
+                return;
+            }
             if series.released.contains(&stored.sop_instance_uid) {
                 // Sent again after its file was released: the spool stored it again, and
                 // it is no more analysable than the first time.
@@ -362,20 +389,7 @@ impl Assembler {
             return;
         }
         study.remembered_until = None;
-        if series.completion.is_some() {
-            log::info!(
-                "late instance {} for complete series {}: re-opening it",
-                stored.sop_instance_uid,
-                stored.series_instance_uid
-            );
-            series.completion = None;
-            series.evaluated = false;
-            // A fresh quiet period from now, and a fresh max wait: the series is live again.
-            series.first_at = now;
-        }
-        series.last_at = series.last_at.max(now);
-        series.first_received = series.first_received.min(stored.received_at);
-        series.last_received = series.last_received.max(stored.received_at);
+        reopen(series, stored, now);
         if series.expected.is_none() {
             series.expected = expected;
         }
@@ -975,6 +989,63 @@ pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome
     build_best(ranked, window)
 }
 
+/// Where and how the builder counts its attempts ([`crate::dicom::spool::begin_attempt`]).
+#[derive(Debug, Clone)]
+struct BuildAttempts {
+    spool_dir: PathBuf,
+    max: u32,
+}
+
+/// [`build_job`], with its attempt recorded durably in the spool: a series whose earlier
+/// builds killed the process `max` times is failed without building it again.
+fn build_recorded(
+    job: SeriesJob,
+    window: Option<&VolumeWindow>,
+    attempts: Option<&BuildAttempts>,
+) -> SeriesOutcome {
+    use crate::dicom::spool::{begin_attempt, end_attempt};
+    let Some(a) = attempts else {
+        return build_job(job, window);
+    };
+    let (study, series) = (
+        job.meta.study_instance_uid.clone(),
+        job.meta.series_instance_uid.clone(),
+    );
+    match begin_attempt(&a.spool_dir, &study, &series) {
+        Ok(earlier) if earlier >= a.max => {
+            let mut meta = job.meta;
+            meta.completed = Some(OffsetDateTime::now_utc());
+            meta.sop_instance_uids = super::sorted_unique_uids(
+                job.instances.iter().map(|h| h.sop_instance_uid.as_str()),
+            );
+            let reason = format!(
+                "the daemon stopped {earlier} times while building this series (out of memory?): \
+                 not built again (series.max_build_attempts = {})",
+                a.max
+            );
+            log::error!(
+                "series {} of study {study}: {reason}",
+                series.escape_debug()
+            );
+            return SeriesOutcome::Failed { meta, reason };
+        }
+        Ok(_) => {}
+        // Not fatal: the build runs uncounted.
+        Err(e) => log::warn!(
+            "cannot record the build of series {}: {e:#}",
+            series.escape_debug()
+        ),
+    }
+    let outcome = build_job(job, window);
+    if let Err(e) = end_attempt(&a.spool_dir, &study, &series) {
+        log::warn!(
+            "cannot record the end of the build of series {}: {e:#}",
+            series.escape_debug()
+        );
+    }
+    outcome
+}
+
 /// Capacity of the queue between assembly and the volume builder (jobs are small: paths
 /// and headers). When full, assembly waits, which in turn slows the SCP down.
 const BUILD_QUEUE: usize = 16;
@@ -986,6 +1057,9 @@ const BUILD_QUEUE: usize = 16;
 pub struct SpoolLinks {
     /// What inference needs of each slice ([`VolumeWindow`]): volumes keep only that.
     pub window: Option<VolumeWindow>,
+    /// The spool, where each volume build is counted before it begins
+    /// ([`AssemblyConfig::max_build_attempts`]); `None`: builds are not counted.
+    pub spool_dir: Option<PathBuf>,
     /// Series the spool holds as analysed at start-up ([`crate::dicom::spool::recover`]):
     /// restored before any instance is read.
     pub analysed: Vec<AnalysedSeries>,
@@ -1034,7 +1108,12 @@ pub async fn run_assembler(
         releases,
         mut feedback,
         spool_short_of_space,
+        spool_dir,
     } = links;
+    let build_attempts = spool_dir.map(|spool_dir| BuildAttempts {
+        spool_dir,
+        max: config.max_build_attempts,
+    });
     let mut next_space_check = Instant::now();
     // Jobs that end without an outcome (a panic) are reported like the others.
     let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<Feedback>();
@@ -1046,19 +1125,23 @@ pub async fn run_assembler(
                 job.meta.series_instance_uid.clone(),
             );
             let window = window.clone();
-            let outcome =
-                match tokio::task::spawn_blocking(move || build_job(job, window.as_ref())).await {
-                    Ok(outcome) => outcome,
-                    Err(e) => {
-                        log::error!("volume building of series {series} panicked: {e}");
-                        let _ = dropped_tx.send(Feedback::Dropped {
-                            study_instance_uid: study,
-                            series_instance_uid: series,
-                            reason: format!("volume building panicked: {e}"),
-                        });
-                        continue;
-                    }
-                };
+            let attempts = build_attempts.clone();
+            let outcome = match tokio::task::spawn_blocking(move || {
+                build_recorded(job, window.as_ref(), attempts.as_ref())
+            })
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    log::error!("volume building of series {series} panicked: {e}");
+                    let _ = dropped_tx.send(Feedback::Dropped {
+                        study_instance_uid: study,
+                        series_instance_uid: series,
+                        reason: format!("volume building panicked: {e}"),
+                    });
+                    continue;
+                }
+            };
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
                 break;
@@ -1205,6 +1288,7 @@ mod tests {
             sop_class_uid: CT_IMAGE_STORAGE.into(),
             calling_ae: "SCANNER".into(),
             received_at: OffsetDateTime::UNIX_EPOCH,
+            arrival: Arrival::First,
         };
         let header = InstanceHeader {
             sop_class_uid: CT_IMAGE_STORAGE.into(),

@@ -76,6 +76,12 @@ pub struct AssemblyConfig {
     /// At most one early check per series per this many seconds; a check runs the model
     /// only when the slab grew since the last one.
     pub coverage_check_secs: f64,
+    /// A series whose volume build began this many times without ending (the process was
+    /// killed while building it: out of memory, a hard crash) is not built again: it is
+    /// published as `failed` with that reason. The count is durable in the spool and goes
+    /// with the series' files. Without it, a series that kills the process would be
+    /// rebuilt, and kill it again, after every restart.
+    pub max_build_attempts: u32,
 }
 
 /// An early analysis (the anatomy-coverage trigger, [`AssemblyConfig`]) of a contiguous
@@ -117,6 +123,7 @@ impl Default for AssemblyConfig {
             anatomy_coverage_trigger: false,
             min_coverage_mm: 150.0,
             coverage_check_secs: 2.0,
+            max_build_attempts: 3,
         }
     }
 }

@@ -9,8 +9,9 @@
 //!                      spool janitor ◀────── Committed (result durably in the outbox) ◀┘
 //! ```
 //!
-//! The janitor writes a series' analysed mark once its result is committed and tells the
-//! assembler; it removes spool files when the assembler releases them: at once for
+//! The janitor ([`spool::keep_spool`], part of the spool, which owns its files) writes a
+//! series' analysed mark once its result is committed and tells the assembler; it removes
+//! spool files when the assembler releases them: at once for
 //! instances that can never be analysed, otherwise when the assembler forgets the study
 //! (`series.completed_retention_secs` after its last instance, and only once its results
 //! are committed), so that late instances are analysed with the earlier ones.
@@ -29,11 +30,11 @@ use tokio::task::JoinHandle;
 
 use super::health::{self, Health};
 use super::notify;
-use crate::alert::{self, Alerts, Committed};
+use crate::alert::{self, Alerts};
 use crate::config::Config;
 use crate::dicom::{spool, Scp};
 use crate::inference::Pipeline;
-use crate::series::{Feedback, Release, SpoolLinks};
+use crate::series::{Feedback, SpoolLinks};
 
 /// Instances waiting for the assembler: enough for a burst of several scanners.
 const INSTANCE_QUEUE: usize = 1024;
@@ -171,6 +172,7 @@ async fn run(config: Config) -> Result<()> {
                     // The full 512 x 512 volume of a long study alone is over the memory
                     // budget of an edge box (issue 7: 400 MB for 700 slices).
                     window: Some(pipeline.volume_window()),
+                    spool_dir: Some(config.dicom.spool_dir.clone()),
                     analysed,
                     releases: Some(release_tx),
                     feedback: Some(feedback_rx),
@@ -183,11 +185,17 @@ async fn run(config: Config) -> Result<()> {
         ),
         (
             "janitor",
-            tokio::spawn(keep_spool(
-                config.dicom.spool_dir.clone(),
+            tokio::spawn(spool::keep_spool(
+                scp.spool(),
                 committed_rx,
                 release_rx,
-                feedback_tx,
+                move |marked: spool::MarkRequest| {
+                    let _ = feedback_tx.send(Feedback::Committed {
+                        study_instance_uid: marked.study_instance_uid,
+                        series_instance_uid: marked.series_instance_uid,
+                        sop_instance_uids: marked.sop_instance_uids,
+                    });
+                },
             )),
         ),
     ];
@@ -267,104 +275,6 @@ async fn first_to_finish(
     .await
 }
 
-/// The spool janitor. A committed result (from then on the outbox guarantees delivery)
-/// gets its series' analysed mark written (fsynced) and is reported to the assembler; the
-/// instances stay for late instances. Files are removed when the assembler releases them.
-async fn keep_spool(
-    spool_dir: std::path::PathBuf,
-    mut committed: mpsc::Receiver<Committed>,
-    mut released: mpsc::Receiver<Release>,
-    feedback: mpsc::UnboundedSender<Feedback>,
-) -> Result<()> {
-    loop {
-        tokio::select! {
-            Some(c) = committed.recv() => {
-                let marked = mark(&spool_dir, &c, &c.series_instance_uid, &c.sop_instance_uids).await?;
-                let series = &c.series_instance_uid;
-                match marked {
-                    Ok(Some(n)) => log::info!(
-                        "series {series} (result {} is in the outbox): {} analysed instances \
-                         marked in the spool ({n} in its mark); kept until its study is forgotten",
-                        c.id,
-                        c.sop_instance_uids.len()
-                    ),
-                    Ok(None) => log::info!(
-                        "series {series} (result {} is in the outbox): not in the spool",
-                        c.id
-                    ),
-                    // Not fatal: after a restart the series is analysed again, giving the
-                    // same result id (same instances, model and status), which the outbox
-                    // and subscribers de-duplicate.
-                    Err(e) => log::warn!("cannot mark series {series} analysed in the spool: {e:#}"),
-                }
-                // The better series this one stood in for: dealt with by the same result.
-                for failed in &c.failed_better {
-                    let failed_series = &failed.series_instance_uid;
-                    match mark(&spool_dir, &c, failed_series, &failed.sop_instance_uids).await? {
-                        Ok(n) => log::info!(
-                            "series {failed_series} (could not be built: {}; fallback {series} \
-                             analysed, result {}): {} instances marked in the spool",
-                            failed.reason,
-                            c.id,
-                            n.unwrap_or(0)
-                        ),
-                        Err(e) => log::warn!("cannot mark series {failed_series} in the spool: {e:#}"),
-                    }
-                }
-                let _ = feedback.send(Feedback::Committed {
-                    study_instance_uid: c.study_instance_uid,
-                    series_instance_uid: c.series_instance_uid,
-                    sop_instance_uids: c.sop_instance_uids,
-                });
-            }
-            Some(r) = released.recv() => {
-                let dir = spool_dir.clone();
-                let Release { study_instance_uid: study, series_instance_uid: series, paths, forgotten, why } = r;
-                let study_uid = study.clone();
-                let series_uid = series.clone();
-                let removed = tokio::task::spawn_blocking(move || {
-                    spool::release(&dir, &study_uid, &series_uid, &paths, forgotten)
-                })
-                .await?;
-                match removed {
-                    Ok(n) => log::info!("series {series} ({why}): {n} instances removed from the spool"),
-                    // Not fatal: the files stay, and are found again after a restart.
-                    Err(e) => log::warn!("cannot remove instances of series {series} from the spool: {e:#}"),
-                }
-            }
-            else => return Ok(()),
-        }
-    }
-}
-
-/// Writes the spool's analysed mark of `series` (instances `sops`) for committed result
-/// `c`, off the async runtime ([`spool::mark_analysed`]).
-async fn mark(
-    spool_dir: &std::path::Path,
-    c: &Committed,
-    series: &str,
-    sops: &[String],
-) -> Result<Result<Option<usize>>> {
-    let (dir, study, series, id, sops) = (
-        spool_dir.to_path_buf(),
-        c.study_instance_uid.clone(),
-        series.to_owned(),
-        c.id.clone(),
-        sops.to_vec(),
-    );
-    Ok(tokio::task::spawn_blocking(move || {
-        spool::mark_analysed(
-            &dir,
-            &study,
-            &series,
-            &id,
-            &sops,
-            time::OffsetDateTime::now_utc(),
-        )
-    })
-    .await?)
-}
-
 /// The spool is short of space below twice the SCP's free-space floor: room for finished
 /// studies to be released (oldest first) before new instances get A700. With a floor of 0,
 /// only a full disk counts.
@@ -373,13 +283,13 @@ fn spool_short_of_space(
     min_free_space_mb: u64,
 ) -> crate::series::assembler::ShortOfSpace {
     let threshold = min_free_space_mb.saturating_mul(2 * 1024 * 1024).max(1);
-    crate::series::assembler::ShortOfSpace(Arc::new(move || match crate::dicom::spool::free_space(
-        &spool_dir,
-    ) {
-        Ok(free) => free < threshold,
-        Err(e) => {
-            log::warn!("cannot read the spool's free space: {e:#}");
-            false
+    crate::series::assembler::ShortOfSpace(Arc::new(move || {
+        match crate::durable::free_space(&spool_dir) {
+            Ok(free) => free < threshold,
+            Err(e) => {
+                log::warn!("cannot read the spool's free space: {e:#}");
+                false
+            }
         }
     }))
 }
