@@ -696,3 +696,212 @@ fn silent_peers_are_dropped_by_the_artim_and_idle_timers() {
     let _silent = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
     d.assert_log("no A-ASSOCIATE-RQ within 1 s");
 }
+
+/// A Python peer (tests/python/scp_client.py) that reports one JSON line, then holds its
+/// connections until its stdin is closed ([`HeldPeer::finish`] or drop).
+struct HeldPeer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+    first: Value,
+}
+
+impl HeldPeer {
+    fn start(args: &[&str]) -> HeldPeer {
+        let mut child = Command::new(python())
+            .arg(HELPER)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let first = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("scp_client.py {args:?}: bad output {line:?}: {e}"));
+        HeldPeer {
+            child,
+            stdin,
+            stdout,
+            first,
+        }
+    }
+
+    /// Closes stdin and returns the peer's second JSON line (its final report).
+    fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad final output {line:?}: {e}"))
+    }
+}
+
+impl Drop for HeldPeer {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retries echoscu until it succeeds; fails the test after `within`.
+fn echo_succeeds_within(d: &Daemon, calling: &str, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ok = echoscu(d, calling, "CSPINE");
+        if ok.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {}", text(&ok));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A peer that sends requests but never reads the responses fills the socket buffers and
+/// leaves the SCP blocked in a send. That send is bounded by dicom.send_timeout_secs:
+/// the connection is closed and its slot (here the only one) serves the next SCU.
+#[test]
+fn a_peer_that_never_reads_responses_loses_its_slot_after_the_send_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "max_associations = 1\nsend_timeout_secs = 1\nidle_timeout_secs = 600",
+    );
+    let stuck = HeldPeer::start(&["no-read", &d.port()]);
+    assert_ne!(
+        stuck.first["outcome"], "never blocked",
+        "the SCP kept reading: {}",
+        stuck.first
+    );
+    // Without a send timeout the stuck association holds the slot for as long as the
+    // peer keeps the socket open (the idle timer does not run while the SCP sends).
+    echo_succeeds_within(
+        &d,
+        "ECHOSCU",
+        Duration::from_secs(60),
+        "slot still held by the peer that does not read",
+    );
+    drop(stuck);
+}
+
+/// With every allow-list entry pinned to an address, connections from other addresses
+/// are closed at accept and take no slot: silent connections from 127.0.0.2 neither lock
+/// the allowed scanner out nor stay open until the ARTIM timer.
+#[test]
+fn connections_from_addresses_that_can_never_associate_take_no_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "allowed_calling_aes = [\"CTSCANNER@127.0.0.1\"]\nmax_associations = 2\n\
+         artim_timeout_secs = 600",
+    );
+    let squatters =
+        HeldPeer::start(&["silent", &d.port(), "--source", "127.0.0.2", "--count", "6"]);
+    assert_eq!(squatters.first["opened"], 6, "{}", squatters.first);
+    let ok = echoscu(&d, "CTSCANNER", "CSPINE");
+    assert!(
+        ok.status.success(),
+        "allowed scanner locked out by silent connections: {}",
+        text(&ok)
+    );
+    // They were closed at once (the ARTIM timer is 10 minutes here). The echo above ran
+    // after all of them were accepted, so the closes have happened by now.
+    let report = squatters.finish();
+    assert_eq!(report["closed_by_scp"], 6, "{report}");
+}
+
+/// One address cannot take every slot: over dicom.max_associations_per_address it gets
+/// the same transient reject as over the global cap, while another address is served.
+#[test]
+fn one_address_is_capped_below_the_global_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "max_associations = 8\nmax_associations_per_address = 2",
+    );
+    let ct = ct_small();
+    let held: Vec<_> = (0..2).map(|_| HeldAssociation::store(&d, &ct)).collect();
+    for h in &held {
+        assert_eq!(h.answer["status"], 0, "{}", h.answer);
+    }
+    let busy = echoscu(&d, "ECHOSCU", "CSPINE");
+    assert!(
+        !busy.status.success(),
+        "third association from one address accepted"
+    );
+    let t = text(&busy);
+    assert!(
+        t.contains("Rejected Transient") && t.contains("Local Limit Exceeded"),
+        "{t}"
+    );
+    // Another address still has slots.
+    let other = helper(&["store", &d.port(), &ct, "--source", "127.0.0.2"]);
+    assert_eq!(other["status"], 0, "{other}");
+    drop(held);
+    echo_succeeds_within(&d, "ECHOSCU", Duration::from_secs(10), "slot never freed");
+}
+
+/// Connections over the limit are refused without buffering their requests, and only
+/// MAX_REFUSALS_AT_ONCE at a time: 48 connections that each send 1 MiB of a request
+/// that never completes neither grow the daemon by their size nor all stay open.
+#[test]
+fn refusals_read_requests_in_chunks_and_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "max_associations = 1\nartim_timeout_secs = 600");
+    let held = HeldAssociation::store(&d, &ct_small());
+    assert_eq!(held.answer["status"], 0, "{}", held.answer);
+    let rss_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = rss_kib();
+    let flood = HeldPeer::start(&["refusal-flood", &d.port(), "--count", "48"]);
+    assert_eq!(flood.first["connections"], 48, "{}", flood.first);
+    // Give the refusal tasks time to read what was sent (no assertion on the time).
+    let mut peak = before;
+    for _ in 0..20 {
+        peak = peak.max(rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = flood.finish();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 16,
+        "daemon grew by {grown_mib} MiB for 48 MiB of refused requests"
+    );
+    let closed = report["closed_by_scp"].as_u64().unwrap();
+    assert!(
+        closed >= 48 - cspine_triage::dicom::limits::MAX_REFUSALS_AT_ONCE as u64,
+        "only {closed} of 48 refused connections closed: {report}"
+    );
+    // The daemon still serves once the slot is free.
+    drop(held);
+    echo_succeeds_within(&d, "ECHOSCU", Duration::from_secs(10), "slot never freed");
+}
+
+/// Peer-supplied strings (calling AE, UIDs, comments) cannot forge log lines: a newline
+/// in them is escaped, so no line of the daemon's log starts with the injected text.
+#[test]
+fn newlines_in_peer_strings_do_not_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let r = helper(&["forge-log", &d.port(), "--marker", "FORGED"]);
+    assert_eq!(r["status"], 0x0122, "{r}");
+    assert_eq!(r["release_reply_type"], 0x06, "{r}");
+    // The association is over (released); its log lines were written before the
+    // A-RELEASE-RP. Wait until the instance UID's marker reached the log at all.
+    assert!(
+        d.wait_log("FORGED_UID", Duration::from_secs(10)).is_some(),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let forged: Vec<_> = log
+        .lines()
+        .filter(|l| l.trim_start().starts_with("FORGED"))
+        .collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:?}\n{log}");
+}

@@ -1,5 +1,9 @@
 //! Who may open an association: the called AE must be ours, and when an allow-list is
 //! configured the calling AE (optionally pinned to a peer address) must be on it.
+//!
+//! The address part is checked twice: at accept, before the connection takes an
+//! association slot ([`AllowList::may_connect_from`]: when every entry is pinned to an
+//! address, no other address can ever associate), and with the AE title at negotiation.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -63,6 +67,17 @@ impl AllowList {
         self.entries.is_empty()
     }
 
+    /// Whether a connection from `peer` could ever be allowed, judged before its
+    /// A-ASSOCIATE-RQ is read: false only when every entry is pinned to an address and
+    /// none is `peer`'s. Such a connection is closed at accept, without taking a slot.
+    pub fn may_connect_from(&self, peer: IpAddr) -> bool {
+        self.entries.is_empty()
+            || self
+                .entries
+                .iter()
+                .any(|e| e.address.is_none_or(|a| same_ip(a, peer)))
+    }
+
     /// `Ok` if this calling AE from this address may associate, else why not.
     pub fn check(&self, calling_ae: &str, peer: IpAddr) -> Result<()> {
         if self.entries.is_empty() {
@@ -89,16 +104,20 @@ pub fn take_refusal(slot: &Mutex<Option<String>>) -> Option<String> {
     slot.lock().ok().and_then(|mut r| r.take())
 }
 
-/// Treats an IPv4 peer seen through an IPv6 socket (`::ffff:a.b.c.d`) as that IPv4.
-fn same_ip(a: IpAddr, b: IpAddr) -> bool {
-    let canon = |ip: IpAddr| match ip {
+/// An IPv4 peer seen through an IPv6 socket (`::ffff:a.b.c.d`) as that IPv4; any other
+/// address as it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
             .map(IpAddr::V4)
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
-    };
-    canon(a) == canon(b)
+    }
+}
+
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    canonical_ip(a) == canonical_ip(b)
 }
 
 /// The [`AccessControl`] policy of one incoming connection. dicom-ul only passes AE
@@ -191,6 +210,18 @@ mod tests {
             .to_string();
         assert!(err.contains("not in dicom.allowed_calling_aes"), "{err}");
         assert!(AllowList::default().check("ANY", ip("127.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn addresses_that_can_never_associate_are_known_before_negotiation() {
+        let pinned = AllowList::parse(&["CT@10.0.0.5".into(), "PACS@10.0.0.6".into()]).unwrap();
+        assert!(pinned.may_connect_from(ip("10.0.0.5")));
+        assert!(pinned.may_connect_from(ip("::ffff:10.0.0.6")));
+        assert!(!pinned.may_connect_from(ip("10.0.0.7")));
+        // One entry without an address: any address may try (the AE decides).
+        let open = AllowList::parse(&["CT@10.0.0.5".into(), "PACS".into()]).unwrap();
+        assert!(open.may_connect_from(ip("10.0.0.7")));
+        assert!(AllowList::default().may_connect_from(ip("10.0.0.7")));
     }
 
     #[test]

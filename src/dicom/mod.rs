@@ -3,6 +3,12 @@
 //! - [`scp`]: the Storage SCP (bind, accept, negotiate, receive C-STORE, answer).
 //! - [`access`]: who may associate (called AE, calling-AE allow-list, peer address).
 //! - [`dimse`]: the DIMSE command sets we read and write, and their status codes.
+//! - [`limits`]: how many associations at once (in all, per peer address) and how many
+//!   refusals of connections over those limits.
+//! - [`refusal`]: answering connections that are not served (A-ASSOCIATE-RJ when busy,
+//!   A-ABORT on a raw socket), in bounded time and memory.
+//! - [`peer_text`]: peer-supplied strings (AE titles, UIDs, comments) quoted and escaped
+//!   for log lines.
 //! - [`lengths`]: declared element lengths checked against the bytes received, before
 //!   anything is parsed (a lying length must not cost gigabytes and minutes).
 //! - [`scu`]: a minimal C-STORE SCU (`cspine-triage send`).
@@ -13,6 +19,9 @@
 pub mod access;
 pub mod dimse;
 pub mod lengths;
+pub mod limits;
+pub mod peer_text;
+pub mod refusal;
 pub mod scp;
 pub mod scu;
 pub mod spool;
@@ -40,19 +49,27 @@ pub struct ScpConfig {
     /// Directory of the durable spool (instances are fsynced here before Success).
     pub spool_dir: PathBuf,
     /// Calling AE titles allowed to associate, each optionally pinned to a peer address:
-    /// `"CTSCANNER"` or `"CTSCANNER@10.1.2.3"`. Empty: any calling AE is accepted.
+    /// `"CTSCANNER"` or `"CTSCANNER@10.1.2.3"`. Empty: any calling AE is accepted. When
+    /// every entry is pinned, a connection from any other address is closed at accept,
+    /// before it takes an association slot.
     pub allowed_calling_aes: Vec<String>,
     /// Storage SOP classes accepted (Verification is always accepted). Non-CT classes are
     /// stored and then skipped, with a reason, by the series assembler.
     pub sop_classes: Vec<String>,
     /// More simultaneous associations than this are rejected (transient, local limit exceeded).
     pub max_associations: usize,
+    /// More simultaneous associations than this from one peer address are rejected the
+    /// same way, so that one address cannot take every slot (default 4 of the 8 slots).
+    pub max_associations_per_address: usize,
     /// Largest P-DATA PDU we accept (bytes, without the 6-byte PDU header).
     pub max_pdu_length: u32,
     /// Seconds a new connection has to send its A-ASSOCIATE-RQ (DICOM ARTIM timer).
     pub artim_timeout_secs: f64,
     /// Seconds of silence after which an established association is aborted.
     pub idle_timeout_secs: f64,
+    /// Seconds one PDU (a response, A-RELEASE-RP, A-ASSOCIATE-RJ, A-ABORT) may take to
+    /// be sent. A peer that stops reading is cut off after this and its slot freed.
+    pub send_timeout_secs: f64,
     /// Below this much free space (MB) in the spool, C-STOREs are refused with A700
     /// (Out of Resources) instead of being accepted and lost. Checked when a C-STORE
     /// starts and again before every chunk of a large instance is written.
@@ -81,9 +98,11 @@ impl Default for ScpConfig {
                 .map(|s| s.to_string())
                 .collect(),
             max_associations: 8,
+            max_associations_per_address: 4,
             max_pdu_length: 65536,
             artim_timeout_secs: 30.0,
             idle_timeout_secs: 120.0,
+            send_timeout_secs: 30.0,
             min_free_space_mb: 1024,
             max_instance_mb: 1024,
             duplicate_policy: spool::DuplicatePolicy::Replace,
@@ -110,6 +129,10 @@ impl ScpConfig {
             "dicom.max_associations must be at least 1"
         );
         ensure!(
+            self.max_associations_per_address >= 1,
+            "dicom.max_associations_per_address must be at least 1"
+        );
+        ensure!(
             (dicom_ul::pdu::MINIMUM_PDU_SIZE..=dicom_ul::pdu::MAXIMUM_PDU_SIZE)
                 .contains(&self.max_pdu_length),
             "dicom.max_pdu_length must be between {} and {}, got {}",
@@ -130,6 +153,10 @@ impl ScpConfig {
             "dicom.max_instance_mb must be at least 1"
         );
         ensure!(
+            self.send_timeout_secs > 0.0 && self.send_timeout_secs.is_finite(),
+            "dicom.send_timeout_secs must be > 0"
+        );
+        ensure!(
             !self.spool_dir.as_os_str().is_empty(),
             "dicom.spool_dir must not be empty"
         );
@@ -142,6 +169,10 @@ impl ScpConfig {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.idle_timeout_secs)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.send_timeout_secs)
     }
 }
 
@@ -196,5 +227,11 @@ mod tests {
         c.allowed_calling_aes.clear();
         c.max_pdu_length = 10;
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_pdu_length"));
+        c.max_pdu_length = 65536;
+        c.send_timeout_secs = 0.0;
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("send_timeout_secs"));
+        c.send_timeout_secs = 30.0;
+        c.max_associations_per_address = 0;
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_associations_per_address"));
     }
 }

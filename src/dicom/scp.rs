@@ -4,26 +4,35 @@
 //! One tokio task per association. P-DATA fragments of a data set are streamed into
 //! the spool's temp file as they arrive (memory stays bounded by the write chunk),
 //! and the fsync/link work runs on the blocking pool.
+//!
+//! No peer can hold a connection for longer than a timer allows: the A-ASSOCIATE-RQ must
+//! come within `dicom.artim_timeout_secs`, the next PDU within `dicom.idle_timeout_secs`,
+//! and every PDU we send (responses, A-RELEASE-RP, A-ASSOCIATE-RJ, A-ABORT) must be taken
+//! within `dicom.send_timeout_secs`, else the connection is closed and its slot freed.
+//! Connections from addresses the allow-list can never admit are closed at accept, and
+//! slots are limited in all and per address ([`super::limits`]). Peer-supplied text is
+//! logged quoted and escaped ([`super::peer_text`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dicom_ul::association::server::ServerAssociationOptions;
 use dicom_ul::association::{AsyncServerAssociation, Error as UlError};
 use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
-    AssociationRJServiceProviderPresentationReason, AssociationRJSource, PDataValue,
-    PDataValueType, Pdu, PresentationContextResultReason,
+    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, Pdu,
+    PresentationContextResultReason,
 };
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use super::access::{take_refusal, AllowList, PeerPolicy};
 use super::dimse::{self, status, Command};
+use super::limits::{Admission, Limits, MAX_REFUSALS_AT_ONCE};
+use super::peer_text::{escaped, peer_str};
+use super::refusal::{reject_busy, send_raw};
 use super::spool::{Incoming, InstanceHeader, Spool, SpoolOptions, StoreError, Stored};
 use super::syntax::{self, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION};
 use super::{ScpConfig, StoredInstance};
@@ -39,7 +48,7 @@ struct Shared {
     config: ScpConfig,
     spool: Arc<Spool>,
     allow_list: Arc<AllowList>,
-    slots: Arc<Semaphore>,
+    limits: Limits,
 }
 
 /// Binds and serves forever: the simple form of [`Scp::bind`] + [`Scp::run`].
@@ -69,14 +78,14 @@ impl Scp {
                     config.bind, config.port
                 )
             })?;
-        let slots = Arc::new(Semaphore::new(config.max_associations));
+        let limits = Limits::new(config.max_associations, config.max_associations_per_address);
         Ok(Scp {
             listener,
             shared: Arc::new(Shared {
                 config,
                 spool: Arc::new(spool),
                 allow_list,
-                slots,
+                limits,
             }),
         })
     }
@@ -105,66 +114,49 @@ impl Scp {
                     continue;
                 }
             };
+            // Before a slot is taken: silent connections from addresses that can never
+            // associate must not lock the allowed ones out.
+            if !self.shared.allow_list.may_connect_from(peer.ip()) {
+                log::warn!(
+                    "connection from {peer} closed at once: every dicom.allowed_calling_aes \
+                     entry is pinned to another address"
+                );
+                continue;
+            }
             // Without TCP_NODELAY small PDUs (responses) wait for delayed ACKs: ~30x slower.
             if let Err(e) = socket.set_nodelay(true) {
                 log::warn!("cannot set TCP_NODELAY for {peer}: {e}");
             }
             let shared = self.shared.clone();
             let tx = tx.clone();
-            match shared.slots.clone().try_acquire_owned() {
-                Ok(permit) => {
+            match shared.limits.admit(peer.ip()) {
+                Admission::Serve(slot) => {
                     tokio::spawn(async move {
                         serve_connection(socket, peer, &shared, tx).await;
+                        drop(slot);
+                    });
+                }
+                Admission::Refuse(busy, permit) => {
+                    tokio::spawn(async move {
+                        let config = &shared.config;
+                        reject_busy(
+                            socket,
+                            peer,
+                            busy,
+                            config.artim_timeout(),
+                            config.send_timeout(),
+                        )
+                        .await;
                         drop(permit);
                     });
                 }
-                Err(_) => {
-                    tokio::spawn(async move { reject_busy(socket, peer, &shared).await });
-                }
+                Admission::Close(busy) => log::warn!(
+                    "connection from {peer} closed at once: {busy}, and \
+                     {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
+                ),
             }
         }
     }
-}
-
-/// Answers an association request with A-ASSOCIATE-RJ (transient, service provider
-/// presentation, local limit exceeded): the SCU should retry later.
-async fn reject_busy(mut socket: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let limit = shared.config.max_associations;
-    let read = async {
-        let mut header = [0u8; 6];
-        socket.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-        // Drain the request (bounded); we answer without parsing it.
-        let mut body = vec![0u8; len.min(1 << 20) as usize];
-        socket.read_exact(&mut body).await?;
-        Ok::<u8, std::io::Error>(header[0])
-    };
-    match tokio::time::timeout(shared.config.artim_timeout(), read).await {
-        Ok(Ok(0x01)) => {
-            log::warn!(
-                "association from {peer} rejected: {limit} associations already open \
-                 (dicom.max_associations); sent transient reject, local limit exceeded"
-            );
-            let rj = Pdu::AssociationRJ(AssociationRJ {
-                result: AssociationRJResult::Transient,
-                source: AssociationRJSource::ServiceProviderPresentation(
-                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-                ),
-            });
-            let _ = send_raw(&mut socket, &rj).await;
-        }
-        _ => {
-            log::warn!("connection from {peer} closed: too many associations and no valid request")
-        }
-    }
-}
-
-async fn send_raw(socket: &mut TcpStream, pdu: &Pdu) -> Result<()> {
-    let mut buf = Vec::with_capacity(64);
-    dicom_ul::write_pdu(&mut buf, pdu)?;
-    socket.write_all(&buf).await?;
-    let _ = socket.shutdown().await;
-    Ok(())
 }
 
 /// Runs blocking file work (write, fsync, link). On a multi-threaded runtime it runs in
@@ -226,7 +218,7 @@ async fn serve_connection(
     let assoc = match established {
         Ok(Ok(assoc)) => assoc,
         Ok(Err(e)) => {
-            negotiation_failed(e, peer, &refusal, spare).await;
+            negotiation_failed(e, peer, &refusal, spare, shared.config.send_timeout()).await;
             return;
         }
         Err(_) => {
@@ -254,27 +246,36 @@ async fn negotiation_failed(
     peer: SocketAddr,
     refusal: &Mutex<Option<String>>,
     mut spare: TcpStream,
+    send_timeout: Duration,
 ) {
     match e {
         UlError::Rejected { association_rj, .. } => {
             // dicom-ul already sent the A-ASSOCIATE-RJ.
             let why = take_refusal(refusal).unwrap_or_else(|| association_rj.source.to_string());
             log::warn!(
-                "association from {peer} rejected ({}): {why}",
-                association_rj.source
+                "association from {peer} rejected ({}): {}",
+                association_rj.source,
+                escaped(why)
             );
         }
         UlError::ReceivePdu { source, .. } if is_io(&source) => {
-            log::info!("connection from {peer} closed before association: {source}");
+            log::info!(
+                "connection from {peer} closed before association: {}",
+                escaped(source)
+            );
         }
         UlError::ConnectionClosed { .. } => {
             log::info!("connection from {peer} closed before association");
         }
         UlError::ReceivePdu { source, .. } => {
-            log::warn!("connection from {peer} aborted: invalid A-ASSOCIATE-RQ: {source}");
+            log::warn!(
+                "connection from {peer} aborted: invalid A-ASSOCIATE-RQ: {}",
+                escaped(source)
+            );
             let _ = send_raw(
                 &mut spare,
                 &abort_pdu(AbortRQServiceProviderReason::InvalidPduParameter),
+                send_timeout,
             )
             .await;
         }
@@ -289,7 +290,7 @@ async fn negotiation_failed(
                 pdu.short_description()
             );
         }
-        other => log::warn!("association with {peer} failed: {other}"),
+        other => log::warn!("association with {peer} failed: {}", escaped(other)),
     }
 }
 
@@ -338,6 +339,8 @@ struct Session<'a> {
     duplicates: u64,
     failed: u64,
     bytes: u64,
+    /// A send timed out: the connection is closed without trying to send anything more.
+    stalled: Option<Outgoing>,
 }
 
 /// How the association ended (for the log).
@@ -346,6 +349,33 @@ enum End {
     AbortedByPeer,
     Aborted(String),
     Closed,
+    /// The peer did not take a PDU within `dicom.send_timeout_secs`: closed unannounced.
+    Stalled(Outgoing),
+}
+
+/// What the SCP was sending (for the log of a send that timed out).
+#[derive(Debug, Clone, Copy)]
+enum Outgoing {
+    Response,
+    ReleaseRp,
+    Abort,
+}
+
+impl std::fmt::Display for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outgoing::Response => "a response",
+            Outgoing::ReleaseRp => "the A-RELEASE-RP",
+            Outgoing::Abort => "the A-ABORT",
+        })
+    }
+}
+
+/// Why a PDU could not be sent.
+enum SendError {
+    /// The peer stopped reading: nothing more can be sent, the connection is cut.
+    TimedOut,
+    Failed(UlError),
 }
 
 impl<'a> Session<'a> {
@@ -369,6 +399,7 @@ impl<'a> Session<'a> {
             duplicates: 0,
             failed: 0,
             bytes: 0,
+            stalled: None,
         }
     }
 
@@ -380,7 +411,7 @@ impl<'a> Session<'a> {
             .count();
         log::info!(
             "association from {} ({}): {accepted}/{} presentation contexts accepted",
-            self.calling_ae,
+            peer_str(&self.calling_ae),
             self.peer,
             contexts.len()
         );
@@ -391,18 +422,18 @@ impl<'a> Session<'a> {
                 PresentationContextResultReason::Acceptance => log::debug!(
                     "  context {} ({}) accepted with {}",
                     pc.id,
-                    pc.abstract_syntax,
-                    pc.transfer_syntax
+                    peer_str(&pc.abstract_syntax),
+                    peer_str(&pc.transfer_syntax)
                 ),
                 PresentationContextResultReason::TransferSyntaxesNotSupported => log::info!(
                     "  context {} ({}) refused: none of its transfer syntaxes can be decoded here",
                     pc.id,
-                    pc.abstract_syntax
+                    peer_str(&pc.abstract_syntax)
                 ),
                 ref other => log::debug!(
                     "  context {} ({}) refused: {other:?}",
                     pc.id,
-                    pc.abstract_syntax
+                    peer_str(&pc.abstract_syntax)
                 ),
             }
         }
@@ -420,12 +451,16 @@ impl<'a> Session<'a> {
         let how = match end {
             End::Released => "released".to_string(),
             End::AbortedByPeer => "aborted by the peer".to_string(),
-            End::Aborted(why) => format!("aborted: {why}"),
+            End::Aborted(why) => format!("aborted: {}", escaped(why)),
             End::Closed => "connection closed".to_string(),
+            End::Stalled(what) => format!(
+                "closed: the peer did not take {what} within {} s (dicom.send_timeout_secs)",
+                self.shared.config.send_timeout_secs
+            ),
         };
         log::info!(
             "association from {} ({}) {how}: {} stored, {} duplicates, {} failed, {:.1} MB in {secs:.2} s",
-            self.calling_ae,
+            peer_str(&self.calling_ae),
             self.peer,
             self.stored,
             self.duplicates,
@@ -463,6 +498,9 @@ impl<'a> Session<'a> {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if let Err(why) = self.on_pdv(pdv).await {
+                            if let Some(what) = self.stalled {
+                                return End::Stalled(what);
+                            }
                             return self
                                 .abort(AbortRQServiceProviderReason::UnexpectedPduParameter, why)
                                 .await;
@@ -476,8 +514,10 @@ impl<'a> Session<'a> {
                             self.peer
                         );
                     }
-                    let _ = self.assoc.send(&Pdu::ReleaseRP).await;
-                    return End::Released;
+                    return match self.send(&Pdu::ReleaseRP, Outgoing::ReleaseRp).await {
+                        Err(SendError::TimedOut) => End::Stalled(Outgoing::ReleaseRp),
+                        _ => End::Released,
+                    };
                 }
                 Pdu::AbortRQ { .. } => return End::AbortedByPeer,
                 Pdu::Unknown { pdu_type, .. } => {
@@ -498,12 +538,33 @@ impl<'a> Session<'a> {
 
     async fn abort(&mut self, reason: AbortRQServiceProviderReason, why: String) -> End {
         log::warn!(
-            "association from {} ({}) aborted: {why}",
-            self.calling_ae,
-            self.peer
+            "association from {} ({}) aborted: {}",
+            peer_str(&self.calling_ae),
+            self.peer,
+            escaped(&why)
         );
-        let _ = self.assoc.send(&abort_pdu(reason)).await;
+        let _ = self.send(&abort_pdu(reason), Outgoing::Abort).await;
         End::Aborted(why)
+    }
+
+    /// Sends one PDU within `dicom.send_timeout_secs`. On expiry the association is
+    /// marked stalled; the caller ends it and the connection is closed.
+    async fn send(&mut self, pdu: &Pdu, what: Outgoing) -> Result<(), SendError> {
+        match tokio::time::timeout(self.shared.config.send_timeout(), self.assoc.send(pdu)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SendError::Failed(e)),
+            Err(_) => {
+                log::warn!(
+                    "association from {} ({}): the peer did not take {what} within {} s \
+                     (dicom.send_timeout_secs); closing the connection",
+                    peer_str(&self.calling_ae),
+                    self.peer,
+                    self.shared.config.send_timeout_secs
+                );
+                self.stalled = Some(what);
+                Err(SendError::TimedOut)
+            }
+        }
     }
 
     /// Handles one presentation data value. `Err` aborts the association.
@@ -596,7 +657,7 @@ impl<'a> Session<'a> {
 
         match rq.command_field {
             dimse::C_ECHO_RQ if !rq.has_data_set => {
-                log::debug!("C-ECHO from {}", self.calling_ae);
+                log::debug!("C-ECHO from {}", peer_str(&self.calling_ae));
                 self.respond(context_id, &rq, status::SUCCESS, None).await
             }
             dimse::C_STORE_RQ if rq.has_data_set => {
@@ -610,8 +671,9 @@ impl<'a> Session<'a> {
                     refuse(
                         status::SOP_CLASS_NOT_SUPPORTED,
                         format!(
-                            "SOP class {} sent on a context for {abstract_syntax}",
-                            rq.affected_sop_class_uid
+                            "SOP class {} sent on a context for {}",
+                            peer_str(&rq.affected_sop_class_uid),
+                            peer_str(&abstract_syntax)
                         ),
                     )
                 } else if let Err(e) = self.shared.spool.check_free_space() {
@@ -639,16 +701,17 @@ impl<'a> Session<'a> {
                 {
                     self.failed += 1;
                     log::warn!(
-                        "C-STORE {} from {} refused with {status:04X}: {comment}",
-                        rq.affected_sop_instance_uid,
-                        self.calling_ae
+                        "C-STORE {} from {} refused with {status:04X}: {}",
+                        peer_str(&rq.affected_sop_instance_uid),
+                        peer_str(&self.calling_ae),
+                        escaped(comment)
                     );
                 }
                 Ok(())
             }
             _ => {
                 let comment = format!("command 0x{:04X} is not served here", rq.command_field);
-                log::warn!("{} from {}", comment, self.calling_ae);
+                log::warn!("{} from {}", comment, peer_str(&self.calling_ae));
                 if rq.has_data_set {
                     self.state = Receiving::Drain {
                         rq,
@@ -696,9 +759,9 @@ impl<'a> Session<'a> {
             Ok(Stored::Duplicate(instance)) => {
                 self.duplicates += 1;
                 log::info!(
-                    "{:?} from {:?} is already in the spool ({}); not stored twice",
-                    instance.sop_instance_uid,
-                    self.calling_ae,
+                    "{} from {} is already in the spool ({}); not stored twice",
+                    peer_str(&instance.sop_instance_uid),
+                    peer_str(&self.calling_ae),
                     instance.path.display()
                 );
                 (status::SUCCESS, None, None)
@@ -706,21 +769,21 @@ impl<'a> Session<'a> {
             Ok(Stored::KeptFirst(instance)) => {
                 self.duplicates += 1;
                 log::warn!(
-                    "{:?} from {:?} differs from the instance with the same SOP Instance UID \
+                    "{} from {} differs from the instance with the same SOP Instance UID \
                      in the spool; kept the first (dicom.duplicate_policy = \"keep-first\")",
-                    instance.sop_instance_uid,
-                    self.calling_ae,
+                    peer_str(&instance.sop_instance_uid),
+                    peer_str(&self.calling_ae),
                 );
                 (status::SUCCESS, None, None)
             }
             Ok(Stored::Replaced(instance)) => {
                 self.stored += 1;
                 log::warn!(
-                    "{:?} from {:?} differs from the instance with the same SOP Instance UID \
+                    "{} from {} differs from the instance with the same SOP Instance UID \
                      in the spool: replaced it, its series is analysed again \
                      (dicom.duplicate_policy = \"replace\")",
-                    instance.sop_instance_uid,
-                    self.calling_ae,
+                    peer_str(&instance.sop_instance_uid),
+                    peer_str(&self.calling_ae),
                 );
                 (status::SUCCESS, None, Some(instance))
             }
@@ -734,9 +797,10 @@ impl<'a> Session<'a> {
                     | StoreError::ShortOfSpace { .. } => status::OUT_OF_RESOURCES,
                 };
                 log::warn!(
-                    "C-STORE {} from {} failed with {status:04X}: {e}",
-                    rq.affected_sop_instance_uid,
-                    self.calling_ae
+                    "C-STORE {} from {} failed with {status:04X}: {}",
+                    peer_str(&rq.affected_sop_instance_uid),
+                    peer_str(&self.calling_ae),
+                    escaped(&e)
                 );
                 (status, Some(e.to_string()), None)
             }
@@ -767,9 +831,10 @@ impl<'a> Session<'a> {
                 data: dimse::response(rq, status, comment),
             }],
         };
-        self.assoc
-            .send(&pdu)
-            .await
-            .map_err(|e| format!("cannot send response: {e}"))
+        match self.send(&pdu, Outgoing::Response).await {
+            Ok(()) => Ok(()),
+            Err(SendError::TimedOut) => Err("response not taken (dicom.send_timeout_secs)".into()),
+            Err(SendError::Failed(e)) => Err(format!("cannot send response: {e}")),
+        }
     }
 }

@@ -255,12 +255,21 @@ def lying_length(port):
     out({"stores": stores, "echo": int(echo.Status) if "Status" in echo else None})
 
 
-def store(port, path, calling, hold):
+def store(port, path, calling, hold, source=None):
     """Stores one file; prints the status. With --hold, keeps the association open
-    (without releasing) until stdin closes, so the test can kill the SCP mid-association."""
+    (without releasing) until stdin closes, so the test can kill the SCP mid-association.
+    With --source, connects from that local address (any 127.x.y.z works on loopback)."""
     ds = pydicom.dcmread(path)
     ts = str(ds.file_meta.TransferSyntaxUID)
-    assoc = associate(port, [(ds.SOPClassUID, [ts])], calling=calling)
+    if source:
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = 10
+        ae.dimse_timeout = 30
+        ae.network_timeout = 30
+        ae.add_requested_context(ds.SOPClassUID, [ts])
+        assoc = ae.associate("127.0.0.1", int(port), ae_title="CSPINE", bind_address=(source, 0))
+    else:
+        assoc = associate(port, [(ds.SOPClassUID, [ts])], calling=calling)
     if not assoc.is_established:
         out({"established": False})
         return
@@ -332,6 +341,165 @@ def garbage(port, when):
     out({"reply_type": reply[0] if reply else None, "reply": reply.hex()})
 
 
+def pdu_item(t, payload):
+    return struct.pack(">BBH", t, 0, len(payload)) + payload
+
+
+def raw_associate(s, calling=b"PYRAW", contexts=((1, VERIFICATION, IMPLICIT_LE),)):
+    """Sends a minimal A-ASSOCIATE-RQ on socket `s` (calling AE bytes as given, padded
+    to 16) and checks for A-ASSOCIATE-AC."""
+    app = pdu_item(0x10, b"1.2.840.10008.3.1.1.1")
+    pcs = b"".join(
+        pdu_item(0x20, bytes([cid, 0, 0, 0]) + pdu_item(0x30, ab.encode()) + pdu_item(0x40, ts.encode()))
+        for cid, ab, ts in contexts
+    )
+    user = pdu_item(0x50, pdu_item(0x51, struct.pack(">I", 16384)) + pdu_item(0x52, b"1.2.3.4"))
+    body = struct.pack(">HH", 1, 0) + b"CSPINE".ljust(16) + calling.ljust(16) + bytes(32) + app + pcs + user
+    s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+    hdr = recv_exact(s, 6)
+    rest = recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
+    assert hdr[0] == 0x02, f"association not accepted: PDU type {hdr[0]:#x} {rest!r}"
+
+
+def implicit_el(group, elem, value):
+    return struct.pack("<HHI", group, elem, len(value)) + value
+
+
+def even(b):
+    return b + b"\0" if len(b) % 2 else b
+
+
+def command_pdu(context_id, elements, last=True):
+    """P-DATA-TF with one command PDV: `elements` (implicit VR LE) after a group length."""
+    command = implicit_el(0x0000, 0x0000, struct.pack("<I", len(elements))) + elements
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03 if last else 0x01) + command
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def echo_rq(msg_id):
+    return command_pdu(1, implicit_el(0x0000, 0x0002, even(VERIFICATION.encode()))
+                       + implicit_el(0x0000, 0x0100, struct.pack("<H", 0x0030))
+                       + implicit_el(0x0000, 0x0110, struct.pack("<H", msg_id & 0xFFFF))
+                       + implicit_el(0x0000, 0x0800, struct.pack("<H", 0x0101)))
+
+
+def hold_until_stdin_closes():
+    sys.stdin.read()
+
+
+def is_closed(s):
+    """True when the peer closed (or reset) the socket; data still unread counts as open."""
+    s.setblocking(False)
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def no_read(port):
+    """Associates, then sends C-ECHO-RQs without ever reading a response, until the SCP
+    stops reading too (its responses fill the socket buffers) or closes the connection.
+    Prints what happened, then keeps the socket open, unread, until stdin closes."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", int(port)))
+    raw_associate(s)
+    s.setblocking(False)
+    batch = b"".join(echo_rq(i) for i in range(1000))
+    sent, pending, blocked_since, outcome = 0, batch, None, None
+    while outcome is None:
+        try:
+            n = s.send(pending)
+            sent += n
+            pending = pending[n:] or batch
+            blocked_since = None
+            if sent > 512 << 20:
+                outcome = "never blocked"
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 3:
+                outcome = "stalled"
+            time.sleep(0.01)
+        except OSError:
+            outcome = "closed"
+    out({"outcome": outcome, "bytes_sent": sent})
+    hold_until_stdin_closes()
+    s.close()
+
+
+def silent(port, source, count):
+    """Opens `count` connections from `source` that never send anything; prints how many
+    connected, then (once stdin closes) how many the SCP has closed meanwhile."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((source, 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", int(port)))
+        socks.append(s)
+    out({"opened": len(socks)})
+    hold_until_stdin_closes()
+    out({"closed_by_scp": sum(is_closed(s) for s in socks)})
+
+
+def refusal_flood(port, count, declared):
+    """Opens `count` connections that each send an A-ASSOCIATE-RQ header declaring
+    `declared` bytes and then all but the last byte of it (so it never completes); prints
+    how many were sent, then (once stdin closes) how many the SCP has closed meanwhile."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+        socks.append(s)
+    body = bytes(declared - 1)
+    refused = 0
+    for s in socks:
+        try:
+            s.sendall(struct.pack(">BBI", 1, 0, declared) + body)
+        except OSError:
+            refused += 1
+    out({"connections": len(socks), "send_failed": refused})
+    hold_until_stdin_closes()
+    out({"closed_by_scp": sum(is_closed(s) for s in socks)})
+
+
+def forge_log(port, marker):
+    """Log forging: associates with a calling AE that contains a newline followed by
+    `marker`, then sends a C-STORE-RQ whose SOP class and instance UIDs do too (the SOP
+    class does not match the context, so the SCP drains the data set and answers 0122);
+    prints the status, then releases."""
+    s = socket.create_connection(("127.0.0.1", int(port)), timeout=30)
+    ae = b"A\n" + marker.encode()
+    assert len(ae) <= 16, "marker too long for an AE title"
+    raw_associate(s, calling=ae, contexts=((1, CT, EXPLICIT_LE),))
+    bad_class = f"{MR}\n{marker}_CLASS".encode()
+    bad_instance = f"1.2.3\n{marker}_UID".encode()
+    s.sendall(command_pdu(1, implicit_el(0x0000, 0x0002, even(bad_class))
+                          + implicit_el(0x0000, 0x0100, struct.pack("<H", 0x0001))
+                          + implicit_el(0x0000, 0x0110, struct.pack("<H", 1))
+                          + implicit_el(0x0000, 0x0700, struct.pack("<H", 0))
+                          + implicit_el(0x0000, 0x0800, struct.pack("<H", 0x0000))
+                          + implicit_el(0x0000, 0x1000, even(bad_instance))))
+    data = bytes(16)
+    pdv = struct.pack(">IBB", len(data) + 2, 1, 0x02) + data  # data set, last fragment
+    s.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+    hdr = recv_exact(s, 6)
+    rsp = recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
+    assert hdr[0] == 0x04, f"expected P-DATA-TF, got PDU type {hdr[0]:#x}"
+    at = rsp.find(struct.pack("<HHI", 0x0000, 0x0900, 2))
+    status = struct.unpack("<H", rsp[at + 8:at + 10])[0] if at >= 0 else None
+    s.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
+    hdr = recv_exact(s, 6)
+    recv_exact(s, struct.unpack(">I", hdr[2:6])[0])
+    s.close()
+    out({"status": status, "release_reply_type": hdr[0]})
+
+
 def recv_exact(s, n):
     buf = b""
     while len(buf) < n:
@@ -400,6 +568,20 @@ def main():
     s.add_argument("file")
     s.add_argument("--calling", default="PYSCU")
     s.add_argument("--hold", action="store_true")
+    s.add_argument("--source")
+    nr = sub.add_parser("no-read")
+    nr.add_argument("port")
+    si = sub.add_parser("silent")
+    si.add_argument("port")
+    si.add_argument("--source", default="127.0.0.1")
+    si.add_argument("--count", type=int, default=8)
+    rf = sub.add_parser("refusal-flood")
+    rf.add_argument("port")
+    rf.add_argument("--count", type=int, default=48)
+    rf.add_argument("--declared", type=int, default=1 << 20)
+    fl = sub.add_parser("forge-log")
+    fl.add_argument("port")
+    fl.add_argument("--marker", default="FORGED")
     g = sub.add_parser("garbage")
     g.add_argument("port")
     g.add_argument("when", choices=["before", "after", "idle", "big-command", "non-ascii-echo"])
@@ -416,7 +598,15 @@ def main():
     elif a.cmd == "lying-length":
         lying_length(a.port)
     elif a.cmd == "store":
-        store(a.port, a.file, a.calling, a.hold)
+        store(a.port, a.file, a.calling, a.hold, a.source)
+    elif a.cmd == "no-read":
+        no_read(a.port)
+    elif a.cmd == "silent":
+        silent(a.port, a.source, a.count)
+    elif a.cmd == "refusal-flood":
+        refusal_flood(a.port, a.count, a.declared)
+    elif a.cmd == "forge-log":
+        forge_log(a.port, a.marker)
     elif a.cmd == "garbage":
         garbage(a.port, a.when)
     elif a.cmd == "compare":
