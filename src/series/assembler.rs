@@ -48,7 +48,7 @@ use super::selection::{
     choose_candidate, contiguous_slab, filter_series, instance_rejection, rank_key,
     CandidateSummary, Skip,
 };
-use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeWindow};
+use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeLimits, VolumeWindow};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::StoredInstance;
 
@@ -948,6 +948,7 @@ fn make_job(
             sop_instance_uids: Vec::new(),
             early: None,
             failed_better: Vec::new(),
+            interpolated_gaps: None,
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
@@ -956,8 +957,12 @@ fn make_job(
 }
 
 /// Builds the volume of a job, or of its first fallback that can be built (blocking:
-/// decodes every file); `window` as in [`super::build_volume_within`].
-pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome {
+/// decodes every file); `window` and `limits` as in [`super::build_volume_within`].
+pub fn build_job(
+    job: SeriesJob,
+    window: Option<&VolumeWindow>,
+    limits: &VolumeLimits,
+) -> SeriesOutcome {
     let completed = OffsetDateTime::now_utc();
     let SeriesJob {
         meta,
@@ -972,7 +977,7 @@ pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome
             (meta, instances)
         })
         .collect();
-    build_best(ranked, window)
+    build_best(ranked, window, limits)
 }
 
 /// Capacity of the queue between assembly and the volume builder (jobs are small: paths
@@ -1028,6 +1033,7 @@ pub async fn run_assembler(
     links: SpoolLinks,
 ) -> Result<()> {
     config.validate()?;
+    let limits = config.volume_limits();
     let SpoolLinks {
         window,
         analysed,
@@ -1047,7 +1053,9 @@ pub async fn run_assembler(
             );
             let window = window.clone();
             let outcome =
-                match tokio::task::spawn_blocking(move || build_job(job, window.as_ref())).await {
+                match tokio::task::spawn_blocking(move || build_job(job, window.as_ref(), &limits))
+                    .await
+                {
                     Ok(outcome) => outcome,
                     Err(e) => {
                         log::error!("volume building of series {series} panicked: {e}");
