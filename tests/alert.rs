@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::{wait_until, Message, SubOptions, Subscriber};
 use cspine_triage::alert::result::{
-    KeySlice, ModelInfo, PatientResult, Status, Timings, VertebraResult, SCHEMA_V1,
+    InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, VertebraResult,
+    SCHEMA_V1,
 };
 use cspine_triage::alert::{
     AlertConfig, Alerts, Committed, ResultMessage, StatusInfo, TriageResult,
@@ -180,6 +181,10 @@ fn full_result(id: &str, status: Status) -> TriageResult {
         study_instance_uid: "1.2.826.0.1.3680043.8.498.1".into(),
         series_instance_uid: format!("1.2.826.0.1.3680043.8.498.1.{}", id.len()),
         instances: 120,
+        interpolated_gaps: Some(InterpolatedGaps {
+            count: 1,
+            largest_mm: 1.0,
+        }),
         accession_number: "ACC0001".into(),
         patient_ref: String::new(),
         vertebrae,

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
     load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
-    InPlaneWindow, InstanceHeader, SeriesOutcome, StudyCandidates, VolumeWindow,
+    InPlaneWindow, InstanceHeader, SeriesOutcome, StudyCandidates, VolumeLimits, VolumeWindow,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -161,6 +161,51 @@ fn missing_slice_fails_with_a_gap_reason() {
     assert!(
         reason.contains(after),
         "reason should name the slice before the gap: {reason}"
+    );
+}
+
+#[test]
+fn a_thin_series_with_one_slice_missing_builds_and_reports_the_interpolated_gap() {
+    let m = &fixtures().1["thin_gap"];
+    let uid = |key: &str| m[key].as_str().unwrap().to_string();
+    let report = load_series_report(&[case("thin_gap")], &[]).unwrap();
+    let v = single_volume(built(report.studies, None));
+    assert_eq!(v.meta.series_instance_uid, uid("series"));
+    assert_eq!(v.dims, [m["slices"].as_u64().unwrap() as usize, 512, 512]);
+    assert_eq!(v.geometry.spacing[0], 0.5);
+    let gaps = v.meta.interpolated_gaps.expect("the gap is recorded");
+    assert_eq!(gaps.count, 1);
+    assert!((gaps.largest_mm - 1.0).abs() < 1e-9, "{gaps:?}");
+    // The slices either side of the gap are neighbours in the volume, 1 mm apart; the
+    // missing one is not among the instances the result will name.
+    let at = |sop: &str| v.slices.iter().position(|s| s.sop_instance_uid == sop);
+    let before = at(&uid("before")).unwrap();
+    assert_eq!(at(&uid("after")), Some(before + 1));
+    assert!((v.slices[before + 1].z_mm - v.slices[before].z_mm - 1.0).abs() < 1e-9);
+    assert!(at(&uid("missing")).is_none());
+    assert!(!v.meta.sop_instance_uids.contains(&uid("missing")));
+    // The slice after the gap (k = 18) holds its own pixels: (r + c + 7k) mod 4000 - 1024.
+    let (r, c) = (100, 300);
+    assert_eq!(
+        v.voxel(before + 1, r, c),
+        ((r + c + 7 * 18) % 4000) as i16 - 1024
+    );
+
+    // With gaps interpolated only up to 0.75 mm, the same series fails on that gap.
+    let strict = VolumeLimits {
+        max_gap_mm: 0.75,
+        ..VolumeLimits::default()
+    };
+    let report = load_series_report(&[case("thin_gap")], &[]).unwrap();
+    let outcomes: Vec<SeriesOutcome> = report
+        .studies
+        .into_iter()
+        .map(|s| s.build_within(None, &strict))
+        .collect();
+    let reason = single_failure(outcomes);
+    assert!(
+        reason.contains("gap") && reason.contains(&uid("before")),
+        "{reason}"
     );
 }
 

@@ -488,6 +488,10 @@ mod tests {
             study_instance_uid: "1.2.826.0.1.3680043.8.498.10".into(),
             series_instance_uid: "1.2.826.0.1.3680043.8.498.10.2".into(),
             instances: 212,
+            interpolated_gaps: Some(InterpolatedGaps {
+                count: 1,
+                largest_mm: 1.0,
+            }),
             accession_number: "A123".into(),
             patient_ref: PatientRefs::with_key(b"0123456789abcdef0123".to_vec()).reference("P1"),
             vertebrae,
@@ -580,6 +584,10 @@ mod tests {
         no_instances.as_object_mut().unwrap().remove("instances");
         let mut negative_instances = docs[0].clone();
         negative_instances["instances"] = (-1).into();
+        let mut no_gap = docs[0].clone();
+        no_gap["interpolated_gaps"]["count"] = 0.into();
+        let mut gap_extra = docs[0].clone();
+        gap_extra["interpolated_gaps"]["where"] = "C4".into();
         let bad = [
             no_reason,
             bad_vertebra,
@@ -588,6 +596,8 @@ mod tests {
             bad_vertebra_key,
             no_instances,
             negative_instances,
+            no_gap,
+            gap_extra,
         ];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");

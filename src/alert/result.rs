@@ -85,6 +85,17 @@ pub struct Timings {
     pub published: Option<OffsetDateTime>,
 }
 
+/// Missing slices the analysis interpolated across (`interpolated_gaps`): steps between
+/// neighbouring slices more than 1.5 times the series' median spacing, none longer than
+/// the configured maximum (by default the model's own 2 mm slice step).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InterpolatedGaps {
+    /// How many such steps.
+    pub count: usize,
+    /// The longest, mm along the slice normal.
+    pub largest_mm: f64,
+}
+
 /// One triage result per analysed (or failed) series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TriageResult {
@@ -101,6 +112,10 @@ pub struct TriageResult {
     /// Number of instances (distinct SOP Instance UIDs) of the series that were analysed
     /// (or, for a failed series, that analysis was attempted on).
     pub instances: usize,
+    /// Gaps in the series' slice positions that were interpolated across; absent when
+    /// there were none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpolated_gaps: Option<InterpolatedGaps>,
     pub accession_number: String,
     /// Pseudonymised patient reference (keyed hash) unless raw IDs are configured.
     pub patient_ref: String,

@@ -9,8 +9,8 @@ use super::contract::{Coverage, ModelContract, VERTEBRAE};
 use super::engine::ModelOutputs;
 use super::preprocess::{nearest_source_slice, source_slice_z, ModelGrid};
 use crate::alert::result::{
-    result_id, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult, VertebraResult,
-    SCHEMA_V1,
+    result_id, InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult,
+    VertebraResult, SCHEMA_V1,
 };
 use crate::series::EarlyCheck;
 use crate::series::{CtVolume, SeriesMeta};
@@ -265,6 +265,10 @@ fn base_result(
         study_instance_uid: meta.study_instance_uid.clone(),
         series_instance_uid: meta.series_instance_uid.clone(),
         instances: meta.sop_instance_uids.len(),
+        interpolated_gaps: meta.interpolated_gaps.map(|g| InterpolatedGaps {
+            count: g.count,
+            largest_mm: g.largest_mm,
+        }),
         accession_number: meta.accession_number.clone(),
         patient_ref: String::new(),
         vertebrae: BTreeMap::new(),

@@ -48,7 +48,7 @@ use super::selection::{
     choose_candidate, contiguous_slab, filter_series, instance_rejection, rank_key,
     CandidateSummary, Skip,
 };
-use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeWindow};
+use super::{AssemblyConfig, EarlyCheck, SeriesMeta, SeriesOutcome, VolumeLimits, VolumeWindow};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::{Arrival, StoredInstance};
 
@@ -962,6 +962,7 @@ fn make_job(
             sop_instance_uids: Vec::new(),
             early: None,
             failed_better: Vec::new(),
+            interpolated_gaps: None,
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
@@ -970,8 +971,12 @@ fn make_job(
 }
 
 /// Builds the volume of a job, or of its first fallback that can be built (blocking:
-/// decodes every file); `window` as in [`super::build_volume_within`].
-pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome {
+/// decodes every file); `window` and `limits` as in [`super::build_volume_within`].
+pub fn build_job(
+    job: SeriesJob,
+    window: Option<&VolumeWindow>,
+    limits: &VolumeLimits,
+) -> SeriesOutcome {
     let completed = OffsetDateTime::now_utc();
     let SeriesJob {
         meta,
@@ -986,7 +991,7 @@ pub fn build_job(job: SeriesJob, window: Option<&VolumeWindow>) -> SeriesOutcome
             (meta, instances)
         })
         .collect();
-    build_best(ranked, window)
+    build_best(ranked, window, limits)
 }
 
 /// Where and how the builder counts its attempts ([`crate::dicom::spool::begin_attempt`]).
@@ -1001,11 +1006,12 @@ struct BuildAttempts {
 fn build_recorded(
     job: SeriesJob,
     window: Option<&VolumeWindow>,
+    limits: &VolumeLimits,
     attempts: Option<&BuildAttempts>,
 ) -> SeriesOutcome {
     use crate::dicom::spool::{begin_attempt, end_attempt};
     let Some(a) = attempts else {
-        return build_job(job, window);
+        return build_job(job, window, limits);
     };
     let (study, series) = (
         job.meta.study_instance_uid.clone(),
@@ -1036,7 +1042,7 @@ fn build_recorded(
             series.escape_debug()
         ),
     }
-    let outcome = build_job(job, window);
+    let outcome = build_job(job, window, limits);
     if let Err(e) = end_attempt(&a.spool_dir, &study, &series) {
         log::warn!(
             "cannot record the end of the build of series {}: {e:#}",
@@ -1102,6 +1108,7 @@ pub async fn run_assembler(
     links: SpoolLinks,
 ) -> Result<()> {
     config.validate()?;
+    let limits = config.volume_limits();
     let SpoolLinks {
         window,
         analysed,
@@ -1127,7 +1134,7 @@ pub async fn run_assembler(
             let window = window.clone();
             let attempts = build_attempts.clone();
             let outcome = match tokio::task::spawn_blocking(move || {
-                build_recorded(job, window.as_ref(), attempts.as_ref())
+                build_recorded(job, window.as_ref(), &limits, attempts.as_ref())
             })
             .await
             {

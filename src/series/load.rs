@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use super::header::InstanceHeader;
 use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
-use super::volume::{build_volume_within, meta_from_header};
+use super::volume::{build_volume_within, meta_from_header, VolumeLimits};
 use super::{SeriesMeta, SeriesOutcome, VolumeWindow};
 
 /// Everything offline loading decided before decoding any pixel.
@@ -34,10 +34,20 @@ pub struct StudyCandidates {
 }
 
 impl StudyCandidates {
-    /// Builds the volume of the first candidate that can be built ([`build_best`]);
-    /// `window` chooses what it keeps of each slice (whole slices without it).
+    /// Builds the volume of the first candidate that can be built ([`build_best`]) within
+    /// the default [`VolumeLimits`]; `window` chooses what it keeps of each slice (whole
+    /// slices without it).
     pub fn build(self, window: Option<&VolumeWindow>) -> SeriesOutcome {
-        build_best(self.ranked, window)
+        self.build_within(window, &VolumeLimits::default())
+    }
+
+    /// As [`StudyCandidates::build`], within `limits`.
+    pub fn build_within(
+        self,
+        window: Option<&VolumeWindow>,
+        limits: &VolumeLimits,
+    ) -> SeriesOutcome {
+        build_best(self.ranked, window, limits)
     }
 }
 
@@ -145,13 +155,14 @@ pub fn load_series_report<P: AsRef<Path>>(
 pub fn build_best(
     ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>,
     window: Option<&VolumeWindow>,
+    limits: &VolumeLimits,
 ) -> SeriesOutcome {
     let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
     for (mut meta, headers) in ranked {
         // Also for a failure: its result names the instances it was built from.
         meta.sop_instance_uids =
             super::sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
-        match build_volume_within(headers, meta.clone(), window) {
+        match build_volume_within(headers, meta.clone(), window, limits) {
             Ok(mut volume) => {
                 volume.meta.failed_better = failures
                     .iter()

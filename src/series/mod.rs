@@ -4,12 +4,14 @@
 //! - [`assembler`]: groups arriving instances, decides completion, picks the series.
 //! - [`header`]: the attributes of one instance, read without pixel data.
 //! - [`selection`]: which instances and series are analysed, and why not.
+//! - [`plan`]: a series' slices validated and sorted from their headers, within limits.
 //! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
 //! - [`load`]: offline entry point, files or folders -> outcomes (`infer`).
 
 pub mod assembler;
 pub mod header;
 pub mod load;
+pub mod plan;
 pub mod selection;
 pub mod volume;
 
@@ -17,7 +19,7 @@ pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, Spoo
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
 pub use selection::Skip;
-pub use volume::{build_volume, build_volume_within};
+pub use volume::{build_volume, build_volume_within, VolumeError, VolumeLimits};
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -82,6 +84,24 @@ pub struct AssemblyConfig {
     /// with the series' files. Without it, a series that kills the process would be
     /// rebuilt, and kill it again, after every restart.
     pub max_build_attempts: u32,
+    /// A series with more distinct slices than this fails ([`VolumeError::TooManySlices`])
+    /// before anything is decoded. 4000 holds a whole-body trauma scan at 0.5 mm
+    /// increments (about 1.8 m); the cervical spine needs a few hundred.
+    pub max_slices: usize,
+    /// A series whose volume (int16 voxels of the part of each slice the model reads,
+    /// all slices) would be larger than this many MiB fails
+    /// ([`VolumeError::TooLarge`]) before it is allocated: the headers say how large, and
+    /// a few kB of headers can claim GBs (4096 x 4096 slices). Three volumes can be held at
+    /// once (one being built, one queued, one in inference): 3 x 768 MiB plus the model
+    /// (about 200 MiB) stays below the unit's MemoryHigh=3G and MemoryMax=4G. A 0.5 mm
+    /// pixel slice keeps about 0.2 MiB, a whole 512 x 512 slice 0.5 MiB.
+    pub max_volume_mib: u64,
+    /// Missing slices are interpolated (and reported, [`SeriesMeta::interpolated_gaps`])
+    /// when the step across them is at most this many mm; a larger gap fails the series.
+    /// The model samples the volume every 2 mm along the slice normal, interpolating by
+    /// each slice's real position: a gap no longer than its own step changes nothing it
+    /// could see. Set it to the `input.spacing_mm.slice` of another model's contract.
+    pub max_interpolated_gap_mm: f64,
 }
 
 /// An early analysis (the anatomy-coverage trigger, [`AssemblyConfig`]) of a contiguous
@@ -124,6 +144,9 @@ impl Default for AssemblyConfig {
             min_coverage_mm: 150.0,
             coverage_check_secs: 2.0,
             max_build_attempts: 3,
+            max_slices: 4000,
+            max_volume_mib: 768,
+            max_interpolated_gap_mm: 2.0,
         }
     }
 }
@@ -133,6 +156,15 @@ impl AssemblyConfig {
     pub fn study_quiet_period(&self) -> f64 {
         self.study_quiet_period_secs
             .unwrap_or(self.quiet_period_secs)
+    }
+
+    /// What volume building may allocate and interpolate.
+    pub fn volume_limits(&self) -> VolumeLimits {
+        VolumeLimits {
+            max_slices: self.max_slices,
+            max_volume_bytes: self.max_volume_mib.saturating_mul(1 << 20),
+            max_gap_mm: self.max_interpolated_gap_mm,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -169,6 +201,12 @@ impl AssemblyConfig {
         ensure!(
             self.coverage_check_secs >= 0.0,
             "series.coverage_check_secs must be >= 0"
+        );
+        ensure!(self.max_slices > 0, "series.max_slices must be > 0");
+        ensure!(self.max_volume_mib > 0, "series.max_volume_mib must be > 0");
+        ensure!(
+            self.max_interpolated_gap_mm >= 0.0 && self.max_interpolated_gap_mm.is_finite(),
+            "series.max_interpolated_gap_mm must be >= 0 (0: no gap is interpolated)"
         );
         Ok(())
     }
@@ -215,6 +253,21 @@ pub struct SeriesMeta {
     /// result, so that a restart does not try them again on their own (and publish their
     /// failure as a revision of the study).
     pub failed_better: Vec<FailedSeries>,
+    /// Gaps in the slice positions (missing slices) that volume building accepted and the
+    /// model's resampling interpolates across ([`AssemblyConfig::max_interpolated_gap_mm`]);
+    /// None when there is none. Published in the result.
+    pub interpolated_gaps: Option<InterpolatedGaps>,
+}
+
+/// Gaps of a series interpolated across: steps between neighbouring slices larger than
+/// [`volume::GAP_FACTOR`] times the median spacing, none larger than
+/// [`AssemblyConfig::max_interpolated_gap_mm`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct InterpolatedGaps {
+    /// How many such steps.
+    pub count: usize,
+    /// The largest of them, mm along the slice normal.
+    pub largest_mm: f64,
 }
 
 /// A candidate series that could not be built, see [`SeriesMeta::failed_better`].

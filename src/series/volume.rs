@@ -10,8 +10,11 @@
 //!
 //! Slices are ordered by `dot(ImagePositionPatient, normal)`, never by InstanceNumber
 //! (scanners number reversed, restart numbering, or number by acquisition).
+//!
+//! The first pass is [`super::plan`] (geometry checks, gaps, the slice-count limit); the
+//! bytes of the volume (window included) are checked against [`VolumeLimits`] before it
+//! is allocated, from the headers alone.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -20,43 +23,34 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder, PixelRepresentation};
 use time::OffsetDateTime;
 
-use super::header::{cross, direction_cosines, dot, floats, int, normalize, InstanceHeader};
-use super::{CtVolume, Geometry, InPlaneWindow, SeriesMeta, SliceInfo, VolumeWindow};
+use super::header::{floats, int, InstanceHeader};
+pub use super::plan::{
+    plan_volume, VolumeError, VolumeLimits, VolumePlan, GAP_FACTOR, IRREGULAR_FACTOR, MAX_MATRIX,
+    MAX_MISPLACEMENT_MM,
+};
+use super::{CtVolume, InPlaneWindow, SeriesMeta, SliceInfo, VolumeWindow};
 
 /// HU written for pixels flagged by (0028,0120) Pixel Padding Value: air.
 pub const PADDING_HU: i16 = -1024;
 
-/// Two slices closer than this along the normal are the same position.
-const DUPLICATE_TOLERANCE_MM: f64 = 0.01;
-/// A step larger than this times the median spacing means missing slices.
-pub const GAP_FACTOR: f64 = 1.5;
-/// A step smaller than this times the median spacing means an irregular stack.
-pub const IRREGULAR_FACTOR: f64 = 0.5;
-/// Orientation cosines and pixel spacings agree when they differ by less than this.
-const ORIENTATION_TOLERANCE: f64 = 1e-3;
-const PIXEL_SPACING_TOLERANCE_MM: f64 = 1e-3;
-/// Allowed in-plane drift of ImagePositionPatient between slices, in pixels.
-const IN_PLANE_TOLERANCE_PX: f64 = 0.25;
-/// Largest Rows or Columns accepted. CT slices are 512 to 2048 pixels wide; Rows and
-/// Columns can say 65535, and the volume (then the decoder) allocates and zero-fills what
-/// they say before any pixel is read: 8 GiB per slice from one small, compressed instance.
-pub const MAX_MATRIX: usize = 4096;
-
-/// Builds the whole volume of one series. Every error is a reason for
-/// [`super::SeriesOutcome::Failed`]; it names the slice (SOP Instance UID) at fault.
+/// Builds the whole volume of one series within the default [`VolumeLimits`]. Every
+/// error is a reason for [`super::SeriesOutcome::Failed`]; it names the slice (SOP
+/// Instance UID) at fault.
 pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<CtVolume> {
-    build_volume_within(headers, meta, None)
+    build_volume_within(headers, meta, None, &VolumeLimits::default())
 }
 
 /// As [`build_volume`], keeping only the window that `window` chooses of each slice
 /// (every slice is still decoded whole, so a slice that cannot be decoded fails the
-/// series wherever the window lies).
+/// series wherever the window lies), within `limits`: nothing is allocated for a series
+/// beyond them.
 pub fn build_volume_within(
     headers: Vec<InstanceHeader>,
     mut meta: SeriesMeta,
     window: Option<&VolumeWindow>,
+    limits: &VolumeLimits,
 ) -> Result<CtVolume> {
-    let plan = plan_volume(headers)?;
+    let plan = plan_volume(headers, limits)?;
     let [n, rows, cols] = plan.dims;
     let full = InPlaneWindow::full(rows, cols);
     let window = match window {
@@ -72,15 +66,27 @@ pub fn build_volume_within(
         None => full.clone(),
     };
     let kept = window.len();
-    let len = n
-        .checked_mul(kept)
-        .ok_or_else(|| anyhow!("volume of {n}x{rows}x{cols} voxels is too large"))?;
-    // Zero-initialised allocation is lazily backed by the OS: only pages actually written
-    // cost memory, and there is no second copy anywhere.
+    let bytes = (n as u64)
+        .saturating_mul(kept as u64)
+        .saturating_mul(std::mem::size_of::<i16>() as u64);
+    if bytes > limits.max_volume_bytes {
+        return Err(VolumeError::TooLarge {
+            slices: n,
+            rows,
+            cols,
+            kept,
+            bytes,
+            max_bytes: limits.max_volume_bytes,
+        }
+        .into());
+    }
+    let len = n * kept; // at most max_volume_bytes / 2: no overflow
+                        // Zero-initialised allocation is lazily backed by the OS: only pages actually written
+                        // cost memory, and there is no second copy anywhere.
     let mut voxels: Vec<i16> = Vec::new();
     voxels
         .try_reserve_exact(len)
-        .with_context(|| format!("cannot allocate {} MiB for the volume", (len * 2) >> 20))?;
+        .with_context(|| format!("cannot allocate {} MiB for the volume", bytes >> 20))?;
     voxels.resize(len, 0);
     // A whole volume is decoded straight into its slots; a windowed one through one slice.
     let whole = window == full;
@@ -127,6 +133,15 @@ pub fn build_volume_within(
         .collect::<Vec<SliceInfo>>();
     meta.sop_instance_uids =
         super::sorted_unique_uids(slices.iter().map(|s| s.sop_instance_uid.as_str()));
+    meta.interpolated_gaps = plan.interpolated_gaps;
+    if let Some(gaps) = plan.interpolated_gaps {
+        log::info!(
+            "series {}: {} gap(s) in slice positions interpolated, the largest {:.3} mm",
+            meta.series_instance_uid,
+            gaps.count,
+            gaps.largest_mm
+        );
+    }
     Ok(CtVolume {
         voxels,
         dims: plan.dims,
@@ -135,213 +150,6 @@ pub fn build_volume_within(
         slices,
         meta,
     })
-}
-
-/// The validated, sorted stack of a series, before any pixel is decoded.
-#[derive(Debug)]
-pub struct VolumePlan {
-    pub sorted: Vec<InstanceHeader>,
-    /// Position of each sorted slice along the normal, mm.
-    pub z: Vec<f64>,
-    pub dims: [usize; 3],
-    pub geometry: Geometry,
-}
-
-/// Checks geometry consistency and sorts along the slice normal: duplicates, gaps,
-/// mixed orientation / pixel spacing / matrix size and sheared stacks are errors.
-pub fn plan_volume(headers: Vec<InstanceHeader>) -> Result<VolumePlan> {
-    // The same instance twice (a re-send, or a copy in an offline folder) is not a duplicate
-    // slice: keep the first.
-    let mut seen = HashSet::new();
-    let headers: Vec<InstanceHeader> = headers
-        .into_iter()
-        .filter(|h| {
-            let first = seen.insert(h.sop_instance_uid.clone());
-            if !first {
-                log::debug!(
-                    "ignoring second copy of instance {} ({})",
-                    h.sop_instance_uid,
-                    h.path.display()
-                );
-            }
-            first
-        })
-        .collect();
-    ensure!(!headers.is_empty(), "series has no image instances");
-
-    let reference = &headers[0];
-    let ref_iop = require(
-        reference,
-        reference.image_orientation_patient,
-        "ImageOrientationPatient",
-    )?;
-    let ref_spacing = require(reference, reference.pixel_spacing, "PixelSpacing")?;
-    let rows = require(reference, reference.rows, "Rows")? as usize;
-    let cols = require(reference, reference.columns, "Columns")? as usize;
-    ensure!(
-        rows > 0 && cols > 0,
-        "slice {} has an empty matrix ({rows}x{cols})",
-        reference.sop_instance_uid
-    );
-    ensure!(
-        rows <= MAX_MATRIX && cols <= MAX_MATRIX,
-        "slice {} has a {rows}x{cols} matrix, more than {MAX_MATRIX} pixels a side",
-        reference.sop_instance_uid
-    );
-    ensure!(
-        ref_spacing.iter().all(|&s| s > 0.0),
-        "slice {} has a non-positive PixelSpacing {:?}",
-        reference.sop_instance_uid,
-        ref_spacing
-    );
-    let (row_dir, col_dir) = direction_cosines(&ref_iop).ok_or_else(|| {
-        anyhow!(
-            "slice {} has an invalid ImageOrientationPatient {:?} (zero or non-orthogonal vectors)",
-            reference.sop_instance_uid,
-            ref_iop
-        )
-    })?;
-    let normal = normalize(cross(row_dir, col_dir)).expect("orthonormal directions");
-
-    let mut stack = Vec::with_capacity(headers.len());
-    for h in headers.iter() {
-        let iop = require(h, h.image_orientation_patient, "ImageOrientationPatient")?;
-        if iop
-            .iter()
-            .zip(&ref_iop)
-            .any(|(a, b)| (a - b).abs() > ORIENTATION_TOLERANCE)
-        {
-            bail!(
-                "inconsistent orientation: slice {} has ImageOrientationPatient {:?}, slice {} has {:?}",
-                h.sop_instance_uid,
-                iop,
-                reference.sop_instance_uid,
-                ref_iop
-            );
-        }
-        let spacing = require(h, h.pixel_spacing, "PixelSpacing")?;
-        if spacing
-            .iter()
-            .zip(&ref_spacing)
-            .any(|(a, b)| (a - b).abs() > PIXEL_SPACING_TOLERANCE_MM)
-        {
-            bail!(
-                "inconsistent pixel spacing: slice {} has PixelSpacing {:?}, slice {} has {:?}",
-                h.sop_instance_uid,
-                spacing,
-                reference.sop_instance_uid,
-                ref_spacing
-            );
-        }
-        let (r, c) = (
-            require(h, h.rows, "Rows")?,
-            require(h, h.columns, "Columns")?,
-        );
-        if (r as usize, c as usize) != (rows, cols) {
-            bail!(
-                "inconsistent matrix size: slice {} is {r}x{c}, slice {} is {rows}x{cols}",
-                h.sop_instance_uid,
-                reference.sop_instance_uid
-            );
-        }
-        let ipp = require(h, h.image_position_patient, "ImagePositionPatient")?;
-        stack.push((dot(ipp, normal), ipp, h.clone()));
-    }
-    stack.sort_by(|a, b| a.0.total_cmp(&b.0));
-
-    // Every slice must sit on the line through the first one along the normal; otherwise
-    // the stack is sheared (gantry tilt) and a single origin + normal would misplace it.
-    let origin = stack[0].1;
-    let in_plane_tolerance = IN_PLANE_TOLERANCE_PX * ref_spacing[0].min(ref_spacing[1]);
-    for (_, ipp, h) in &stack {
-        let d = [ipp[0] - origin[0], ipp[1] - origin[1], ipp[2] - origin[2]];
-        let (along_row, along_col) = (dot(d, row_dir), dot(d, col_dir));
-        if along_row.abs() > in_plane_tolerance || along_col.abs() > in_plane_tolerance {
-            bail!(
-                "slices are not stacked along the slice normal (gantry tilt or sheared stack, not supported): \
-                 slice {} is shifted by {along_row:.2} mm along rows and {along_col:.2} mm along columns",
-                h.sop_instance_uid
-            );
-        }
-    }
-
-    for pair in stack.windows(2) {
-        let step = pair[1].0 - pair[0].0;
-        if step < DUPLICATE_TOLERANCE_MM {
-            bail!(
-                "duplicate slice position: slices {} and {} are both at {:.3} mm along the normal",
-                pair[0].2.sop_instance_uid,
-                pair[1].2.sop_instance_uid,
-                pair[0].0
-            );
-        }
-    }
-    let steps: Vec<f64> = stack.windows(2).map(|p| p[1].0 - p[0].0).collect();
-    let slice_spacing = if steps.is_empty() {
-        // One slice: no spacing to measure; the nominal thickness is the best guess.
-        reference
-            .slice_thickness
-            .filter(|t| *t > 0.0)
-            .unwrap_or(1.0)
-    } else {
-        median(&steps)
-    };
-    for (i, &step) in steps.iter().enumerate() {
-        if step > GAP_FACTOR * slice_spacing {
-            bail!(
-                "gap in slice positions: {step:.3} mm between slices {} (at {:.3} mm) and {} (at {:.3} mm), \
-                 median spacing {slice_spacing:.3} mm: about {} slice(s) missing",
-                stack[i].2.sop_instance_uid,
-                stack[i].0,
-                stack[i + 1].2.sop_instance_uid,
-                stack[i + 1].0,
-                ((step / slice_spacing).round() as i64 - 1).max(1)
-            );
-        }
-        if step < IRREGULAR_FACTOR * slice_spacing {
-            bail!(
-                "irregular slice spacing: {step:.3} mm between slices {} and {}, median spacing {slice_spacing:.3} mm",
-                stack[i].2.sop_instance_uid,
-                stack[i + 1].2.sop_instance_uid
-            );
-        }
-    }
-
-    let z = stack.iter().map(|s| s.0).collect();
-    let n = stack.len();
-    Ok(VolumePlan {
-        sorted: stack.into_iter().map(|s| s.2).collect(),
-        z,
-        dims: [n, rows, cols],
-        geometry: Geometry {
-            origin,
-            spacing: [slice_spacing, ref_spacing[0], ref_spacing[1]],
-            row_direction: row_dir,
-            column_direction: col_dir,
-            normal,
-        },
-    })
-}
-
-fn require<T>(h: &InstanceHeader, value: Option<T>, name: &str) -> Result<T> {
-    value.ok_or_else(|| {
-        anyhow!(
-            "slice {} ({}) has no valid {name}",
-            h.sop_instance_uid,
-            h.path.display()
-        )
-    })
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        0.5 * (v[mid - 1] + v[mid])
-    }
 }
 
 /// Decodes one single-frame instance into `out` (rows x cols HU values).
@@ -520,32 +328,14 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         sop_instance_uids: Vec::new(),
         early: None,
         failed_better: Vec::new(),
+        interpolated_gaps: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn slice(k: usize, z: f64) -> InstanceHeader {
-        InstanceHeader {
-            sop_instance_uid: format!("1.2.{k}"),
-            image_position_patient: Some([-10.0, -20.0, z]),
-            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-            pixel_spacing: Some([0.5, 0.5]),
-            rows: Some(4),
-            columns: Some(4),
-            ..Default::default()
-        }
-    }
-
-    fn stack(zs: &[f64]) -> Vec<InstanceHeader> {
-        zs.iter().enumerate().map(|(k, &z)| slice(k, z)).collect()
-    }
-
-    fn error(headers: Vec<InstanceHeader>) -> String {
-        format!("{:#}", plan_volume(headers).expect_err("plan should fail"))
-    }
+    use crate::series::plan::tests::{regular, slice, volume_error};
 
     /// `tests/fixtures/fuzz/series_slice-rle-short-segment.bin` (a `series_slice` fuzz
     /// input: selector byte, then the data set) as the spool stores it.
@@ -587,68 +377,87 @@ mod tests {
     }
 
     #[test]
-    fn sorts_along_the_normal_and_measures_spacing() {
-        let plan = plan_volume(stack(&[3.0, 1.0, 2.0, 0.0])).unwrap();
-        assert_eq!(plan.z, [0.0, 1.0, 2.0, 3.0]);
-        let order: Vec<_> = plan
-            .sorted
-            .iter()
-            .map(|h| h.sop_instance_uid.as_str())
+    fn more_slices_than_the_limit_fail_before_anything_is_built() {
+        let limits = VolumeLimits {
+            max_slices: 10,
+            ..Default::default()
+        };
+        assert!(plan_volume(regular(10, 1.0, &[]), &limits).is_ok());
+        // No file behind these headers: the refusal comes from the headers alone.
+        let err = volume_error(build_volume_within(
+            regular(11, 1.0, &[]),
+            SeriesMeta::default(),
+            None,
+            &limits,
+        ));
+        assert_eq!(
+            err,
+            VolumeError::TooManySlices {
+                slices: 11,
+                max: 10
+            }
+        );
+        // A re-sent instance is one slice, not two.
+        let mut h = regular(10, 1.0, &[]);
+        h.push(h[0].clone());
+        assert!(plan_volume(h, &limits).is_ok());
+    }
+
+    #[test]
+    fn a_volume_larger_than_the_limit_fails_before_it_is_allocated() {
+        // What a review sent: 48 small instances saying 4096 x 4096 pixels of 0.05 mm.
+        let headers: Vec<InstanceHeader> = (0..48)
+            .map(|k| InstanceHeader {
+                rows: Some(4096),
+                columns: Some(4096),
+                pixel_spacing: Some([0.05, 0.05]),
+                ..slice(k, k as f64)
+            })
             .collect();
-        assert_eq!(order, ["1.2.3", "1.2.1", "1.2.2", "1.2.0"]);
-        assert_eq!(plan.geometry.spacing, [1.0, 0.5, 0.5]);
-        assert_eq!(plan.geometry.origin, [-10.0, -20.0, 0.0]);
-    }
-
-    #[test]
-    fn feet_first_orientation_sorts_along_its_own_normal() {
-        // Column direction flipped: the normal points to -z, the first slice is the highest.
-        let mut headers = stack(&[0.0, 1.0, 2.0]);
-        for h in &mut headers {
-            h.image_orientation_patient = Some([1.0, 0.0, 0.0, 0.0, -1.0, 0.0]);
-        }
-        let plan = plan_volume(headers).unwrap();
-        assert_eq!(plan.geometry.normal, [0.0, 0.0, -1.0]);
-        assert_eq!(plan.geometry.origin[2], 2.0);
-    }
-
-    #[test]
-    fn resent_instance_is_not_a_duplicate_but_a_second_one_at_the_same_place_is() {
-        let mut headers = stack(&[0.0, 1.0, 2.0]);
-        headers.push(headers[1].clone());
-        assert_eq!(plan_volume(headers).unwrap().dims[0], 3);
-        let reason = error(stack(&[0.0, 1.0, 1.0, 2.0]));
-        assert!(reason.contains("duplicate slice position"), "{reason}");
-    }
-
-    #[test]
-    fn gaps_irregular_spacing_and_shear_fail() {
-        assert!(error(stack(&[0.0, 1.0, 2.0, 4.0, 5.0])).contains("about 1 slice(s) missing"));
-        assert!(error(stack(&[0.0, 1.0, 2.0, 2.3, 3.3, 4.3])).contains("irregular slice spacing"));
-        let mut tilted = stack(&[0.0, 1.0, 2.0]);
-        tilted[2].image_position_patient = Some([-10.0, -19.0, 2.0]);
-        assert!(error(tilted).contains("not stacked along the slice normal"));
-    }
-
-    #[test]
-    fn inconsistent_matrix_spacing_and_missing_position_fail() {
-        let mut h = stack(&[0.0, 1.0, 2.0]);
-        h[1].columns = Some(8);
-        assert!(error(h).contains("inconsistent matrix size"));
-        let mut h = stack(&[0.0, 1.0, 2.0]);
-        h[2].pixel_spacing = Some([0.5, 0.6]);
-        assert!(error(h).contains("inconsistent pixel spacing"));
-        let mut h = stack(&[0.0, 1.0, 2.0]);
-        h[0].image_position_patient = None;
-        assert!(error(h).contains("no valid ImagePositionPatient"));
-    }
-
-    #[test]
-    fn a_matrix_too_large_for_ct_fails_before_anything_is_allocated() {
-        let mut h = stack(&[0.0, 1.0]);
-        for s in &mut h {
-            (s.rows, s.columns) = (Some(65535), Some(65535));
-        }
-        assert!(error(h).contains("more than 4096 pixels a side"));
+        // The whole matrix: 48 x 4096 x 4096 x 2 bytes = 1536 MiB, more than the default.
+        let err = volume_error(build_volume(headers.clone(), SeriesMeta::default()));
+        assert_eq!(
+            err,
+            VolumeError::TooLarge {
+                slices: 48,
+                rows: 4096,
+                cols: 4096,
+                kept: 4096 * 4096,
+                bytes: 48 * 4096 * 4096 * 2,
+                max_bytes: 768 << 20,
+            }
+        );
+        // The window counts, not the matrix: a window of 256 x 256 of each slice (6 MiB)
+        // is within the default and gets as far as decoding (no file here).
+        let window = VolumeWindow(std::sync::Arc::new(|p: &VolumePlan| {
+            InPlaneWindow::new(p.dims[1], p.dims[2], 0..256, 0..256)
+        }));
+        let err = build_volume_within(
+            headers.clone(),
+            SeriesMeta::default(),
+            Some(&window),
+            &VolumeLimits::default(),
+        )
+        .unwrap_err();
+        assert!(err.downcast_ref::<VolumeError>().is_none(), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("cannot decode slice"),
+            "{err:#}"
+        );
+        // ... and refused under a lower limit.
+        let limits = VolumeLimits {
+            max_volume_bytes: 4 << 20,
+            ..Default::default()
+        };
+        let err = volume_error(build_volume_within(
+            headers,
+            SeriesMeta::default(),
+            Some(&window),
+            &limits,
+        ));
+        assert!(
+            matches!(err, VolumeError::TooLarge { kept, .. } if kept == 256 * 256),
+            "{err:?}"
+        );
     }
 }

@@ -106,6 +106,37 @@ def axial_series(out, name, study, series, sops, *, order=None, numbers=None, sk
     return np.stack([expected[k] for k in sorted(expected)]) if expected else None
 
 
+def thin_series_with_a_missing_slice(out, name, missing, slices=40):
+    """A real-shaped thin series, as a head CT arrives: 512 x 512 slices of 0.488 mm
+    pixels, 0.5 mm apart, 12-bit unsigned with intercept -1024, slice `missing` absent.
+    Returns its manifest entry."""
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(slices)]
+    r = np.arange(512, dtype=np.int32)[:, None]
+    c = np.arange(512, dtype=np.int32)[None, :]
+    for k in range(slices):
+        if k == missing:
+            continue
+        ipp = [-125.0, -125.0, -150.0 + 0.5 * k]
+        ds = base_dataset(study, series, sops[k], k + 1, ipp, [1, 0, 0, 0, 1, 0],
+                          kernel="H60s", description="Head 0.5 H60s")
+        ds.SliceThickness = 0.6
+        ds.PixelSpacing = [0.48828125, 0.48828125]
+        ds.Rows, ds.Columns = 512, 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = ((r + c + 7 * k) % 4000).astype(np.uint16).tobytes()
+        write(ds, os.path.join(out, name, f"IM{k:05d}.dcm"))
+    return {
+        "series": series,
+        "slices": slices - 1,
+        "missing": sops[missing],
+        "before": sops[missing - 1],
+        "after": sops[missing + 1],
+    }
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -192,6 +223,9 @@ def main():
                  kernel="BONE", series_number=3, skip={4},
                  names={k: f"bone_{k:03d}.dcm" for k in range(SLICES)})
     manifest["fallback"] = {"soft": soft, "bone": bone}
+
+    # A 0.5 mm series with one slice missing: a 1 mm step, interpolated and reported.
+    manifest["thin_gap"] = thin_series_with_a_missing_slice(out, "thin_gap", missing=17)
 
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
