@@ -3,6 +3,7 @@
 //! Each stage owns the struct of its own section (next to the code that reads it);
 //! this module only composes them, loads the file and validates the whole.
 
+use std::fmt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -45,8 +46,97 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that work but expose something; `serve` and `check-config` log each one.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut warnings = Vec::new();
+        if let Some(url) = self.alert.cleartext_credentials() {
+            warnings.push(ConfigWarning::CleartextMqttCredentials {
+                url: url.to_string(),
+            });
+        }
+        let bind = self.dicom.bind.as_str();
+        let loopback = bind.eq_ignore_ascii_case("localhost")
+            || bind
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if self.dicom.allowed_calling_aes.is_empty() && !loopback {
+            warnings.push(ConfigWarning::OpenDicomPort {
+                bind: bind.to_owned(),
+            });
+        }
+        warnings
+    }
+
     /// The effective configuration as TOML, as `check-config` prints it.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// A configuration that is valid but exposes something (see [`Config::warnings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigWarning {
+    /// `alert.username` is set and `alert.mqtt_url` is plain `mqtt://` to a host other
+    /// than loopback: the username and password cross the network in clear text.
+    CleartextMqttCredentials { url: String },
+    /// `dicom.allowed_calling_aes` is empty and `dicom.bind` is not loopback: any host
+    /// that reaches the port may store instances, under any calling AE title.
+    OpenDicomPort { bind: String },
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigWarning::CleartextMqttCredentials { url } => write!(
+                f,
+                "alert.username is set and alert.mqtt_url is {url}: the MQTT username and \
+                 password travel unencrypted; use mqtts:// (or a loopback broker)"
+            ),
+            ConfigWarning::OpenDicomPort { bind } => write!(
+                f,
+                "dicom.allowed_calling_aes is empty and dicom.bind is {bind}: any host that \
+                 reaches the port may send instances; list the scanners' AE titles (and \
+                 addresses)"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_for_cleartext_credentials_and_an_open_dicom_port() {
+        let mut config = Config::default();
+        // Defaults: embedded broker, DICOM on every interface without an allow-list.
+        assert_eq!(
+            config.warnings(),
+            [ConfigWarning::OpenDicomPort {
+                bind: "0.0.0.0".into()
+            }]
+        );
+        config.dicom.allowed_calling_aes = vec!["CT1@10.0.0.5".into()];
+        config.alert.username = Some("cspine".into());
+        config.alert.mqtt_url = Some("mqtt://broker.example:1883".into());
+        assert_eq!(
+            config.warnings(),
+            [ConfigWarning::CleartextMqttCredentials {
+                url: "mqtt://broker.example:1883".into()
+            }]
+        );
+        for quiet in [
+            "mqtts://broker.example",
+            "mqtt://127.0.0.1",
+            "mqtt://[::1]:1883",
+        ] {
+            config.alert.mqtt_url = Some(quiet.into());
+            assert!(config.warnings().is_empty(), "{quiet}");
+        }
+        config.alert.mqtt_url = Some("mqtt://broker.example".into());
+        config.alert.username = None;
+        config.dicom.allowed_calling_aes.clear();
+        config.dicom.bind = "127.0.0.1".into();
+        assert!(config.warnings().is_empty());
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use cspine_triage::config::Config;
+use cspine_triage::service::logging;
 
 #[derive(Parser)]
 #[command(
@@ -102,9 +103,14 @@ impl ServeArgs {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(args) => cspine_triage::service::serve(args.into_config()?),
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            warn_about(&config);
+            cspine_triage::service::serve(config)
+        }
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            warn_about(&config);
             print!("{}", config.to_toml()?);
             Ok(())
         }
@@ -112,6 +118,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Infer(args) => cspine_triage::inference::cli::run(&args),
         Command::Send(args) => send(args),
         Command::Watch(args) => cspine_triage::alert::watch::run(&args),
+    }
+}
+
+fn warn_about(config: &Config) {
+    for warning in config.warnings() {
+        log::warn!("{warning}");
     }
 }
 
@@ -136,18 +148,12 @@ fn send(args: SendArgs) -> Result<()> {
     Ok(())
 }
 
-/// `RUST_LOG` overrides it. The embedded broker (rumqttd) logs routine traffic at ERROR
-/// level; our own MQTT client reports every real connection problem.
-const DEFAULT_LOG_FILTER: &str = "info,rumqttd=off";
-
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER))
-        .init();
+    logging::init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // `{:#}` prints the whole context chain on one line: "cannot read X: No such file".
-            eprintln!("error: {err:#}");
+            logging::report_fatal(&err);
             ExitCode::FAILURE
         }
     }

@@ -1103,3 +1103,103 @@ fn full_outbox_holds_back_upstream_until_the_broker_acknowledges() {
     );
     alerts.finish();
 }
+
+// ---------------------------------------------------------------- identifier publication
+
+/// Publishes one positive result (with key slices) through mosquitto with the given
+/// `[alert.identifiers]`, checks it against `docs/alert.schema.json` and returns the
+/// received document, the result as sent, and the site key file.
+fn publish_with_identifiers(
+    identifiers: cspine_triage::alert::IdentifierConfig,
+) -> (serde_json::Value, TriageResult, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Mosquitto::start(dir.path(), port, "");
+    let prefix = "cspine/testsite/ct1/";
+    let sub = Subscriber::start(port, &format!("{prefix}result"));
+    let mut config = config(dir.path(), Some(format!("mqtt://127.0.0.1:{port}")));
+    config.identifiers = identifiers;
+    let alerts = InProcess::start(config);
+    let sent = message("ident-1", Status::Positive, None);
+    let result = sent.result.clone();
+    let committed = alerts.commit(sent);
+    // What the spool and the assembler get back is never hashed or omitted.
+    assert_eq!(committed.study_instance_uid, result.study_instance_uid);
+    assert_eq!(committed.series_instance_uid, result.series_instance_uid);
+    sub.wait_for("the result", |m| !m.is_empty());
+    let payload = sub.messages()[0].payload.clone();
+    validate_against_schema(dir.path(), &payload);
+    alerts.finish();
+    (json(&payload), result, dir)
+}
+
+fn identifiers_all(
+    mode: cspine_triage::alert::Publication,
+) -> cspine_triage::alert::IdentifierConfig {
+    cspine_triage::alert::IdentifierConfig {
+        accession_number: mode,
+        study_instance_uid: mode,
+        series_instance_uid: mode,
+        sop_instance_uid: mode,
+    }
+}
+
+#[test]
+fn identifiers_clear_are_published_as_received() {
+    let (doc, sent, _dir) =
+        publish_with_identifiers(identifiers_all(cspine_triage::alert::Publication::Clear));
+    assert_eq!(doc["accession_number"], sent.accession_number);
+    assert_eq!(doc["study_instance_uid"], sent.study_instance_uid);
+    assert_eq!(doc["series_instance_uid"], sent.series_instance_uid);
+    let sop = &sent.key_slice.as_ref().unwrap().sop_instance_uid;
+    assert_eq!(doc["key_slice"]["sop_instance_uid"], *sop);
+    assert_eq!(
+        doc["vertebrae"]["C2"]["key_slice"]["sop_instance_uid"],
+        *sop
+    );
+}
+
+#[test]
+fn identifiers_hmac_are_published_as_keyed_hashes() {
+    let (doc, sent, dir) =
+        publish_with_identifiers(identifiers_all(cspine_triage::alert::Publication::Hmac));
+    // The site key generated next to the outbox, as for patient_ref.
+    let key_file = dir.path().join("patient-ref.key");
+    let key = cspine_triage::alert::HmacKey::load(Some(&key_file), &key_file).unwrap();
+    let sop = &sent.key_slice.as_ref().unwrap().sop_instance_uid;
+    for (field, clear) in [
+        (&doc["accession_number"], &sent.accession_number),
+        (&doc["study_instance_uid"], &sent.study_instance_uid),
+        (&doc["series_instance_uid"], &sent.series_instance_uid),
+        (&doc["key_slice"]["sop_instance_uid"], sop),
+        (
+            &doc["vertebrae"]["C2"]["key_slice"]["sop_instance_uid"],
+            sop,
+        ),
+    ] {
+        assert_eq!(*field, key.hex_digest(clear), "{clear}");
+        assert_ne!(field, clear);
+    }
+    // patient_ref uses the same key and form.
+    assert_eq!(doc["patient_ref"], key.hex_digest("PAT-0042"));
+}
+
+#[test]
+fn identifiers_omit_are_left_out() {
+    let (doc, _sent, _dir) =
+        publish_with_identifiers(identifiers_all(cspine_triage::alert::Publication::Omit));
+    for field in [
+        "accession_number",
+        "study_instance_uid",
+        "series_instance_uid",
+    ] {
+        assert!(doc.get(field).is_none(), "{field} is published: {doc:#}");
+    }
+    assert_eq!(doc["key_slice"], serde_json::json!({ "z_mm": -78.25 }));
+    assert_eq!(
+        doc["vertebrae"]["C2"]["key_slice"],
+        serde_json::json!({ "z_mm": -78.25 })
+    );
+    assert_eq!(doc["id"], "ident-1");
+    assert_eq!(doc["instances"], 120);
+}

@@ -1,7 +1,8 @@
 //! Alerts: the versioned result schema, the durable outbox and MQTT delivery.
 //!
 //! Inference sends a [`ResultMessage`] per series. [`Alerts::run`] fills in what only this
-//! stage knows (`patient_ref`, `site`, `device`, `timings.published`), commits the result to
+//! stage knows (`patient_ref`, `site`, `device`, `timings.published`), publishes each
+//! identifier as `[alert.identifiers]` says ([`identifiers`]), commits the result to
 //! the [`Outbox`] (fsynced), reports it on the `committed` channel (from then on the DICOM
 //! spool of that series may be deleted) and publishes it; it leaves the outbox only after
 //! the broker acknowledged it. See `docs/ALERTS.md` for topics and payloads.
@@ -20,10 +21,12 @@
 //! ```
 
 pub mod broker;
+pub mod identifiers;
 pub mod mqtt;
 pub mod outbox;
 pub mod patient_ref;
 pub mod result;
+pub mod secret;
 pub mod watch;
 pub mod wire;
 
@@ -39,10 +42,12 @@ use crate::series::FailedSeries;
 use crate::service::health::Heartbeat;
 
 pub use broker::EmbeddedBroker;
+pub use identifiers::{IdentifierConfig, Identifiers, Publication};
 pub use mqtt::{BrokerUrl, StatusInfo, Topics};
 pub use outbox::{Outbox, OutboxLimits};
-pub use patient_ref::{PatientRefMode, PatientRefs};
+pub use patient_ref::{HmacKey, PatientRefMode, PatientRefs};
 pub use result::TriageResult;
+pub use secret::Secret;
 pub use wire::MqttProtocol;
 
 /// Message from inference: one finished (or failed) series.
@@ -99,7 +104,7 @@ pub struct Committed {
     pub failed_better: Vec<FailedSeries>,
 }
 
-/// `[alert]` section: where results go.
+/// `[alert]` section: where results go. `Debug` shows the password as `<redacted>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertConfig {
@@ -117,7 +122,7 @@ pub struct AlertConfig {
     /// Password inline; prefer `password_file`. Never serialised, so `check-config` does
     /// not print it.
     #[serde(skip_serializing)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// File whose first line is the password.
     pub password_file: Option<PathBuf>,
     /// CA certificate(s) (PEM) to verify an `mqtts://` broker; default: the system bundle.
@@ -142,9 +147,12 @@ pub struct AlertConfig {
     pub outbox_max_bytes: u64,
     /// `pseudonymised` (default: keyed hash of the Patient ID) or `raw`.
     pub patient_ref: PatientRefMode,
-    /// HMAC key for `patient_ref`; default `patient-ref.key` next to the outbox directory,
-    /// generated on first start.
+    /// HMAC key for `patient_ref` and for the identifiers published as `hmac`; default
+    /// `patient-ref.key` next to the outbox directory, generated on first start.
     pub patient_ref_key_file: Option<PathBuf>,
+    /// `[alert.identifiers]`: accession number, study, series and key-slice SOP Instance
+    /// UIDs each `clear` (default), `hmac` or `omit` in published results.
+    pub identifiers: IdentifierConfig,
     /// Port of the embedded broker (127.0.0.1 only) used when `mqtt_url` is unset.
     pub embedded_broker_port: u16,
     /// On shutdown, how long to wait for the broker to acknowledge what is left.
@@ -175,6 +183,7 @@ impl Default for AlertConfig {
             outbox_max_bytes: OutboxLimits::default().max_bytes,
             patient_ref: PatientRefMode::Pseudonymised,
             patient_ref_key_file: None,
+            identifiers: IdentifierConfig::default(),
             embedded_broker_port: 1883,
             shutdown_drain_secs: 5.0,
         }
@@ -255,7 +264,15 @@ impl AlertConfig {
                 .with_context(|| format!("cannot read alert.password_file {}", path.display()))?;
             return Ok(Some(text.lines().next().unwrap_or("").to_owned()));
         }
-        Ok(self.password.clone())
+        Ok(self.password.as_ref().map(|p| p.expose().to_owned()))
+    }
+
+    /// The configured broker when credentials would cross the network in clear text:
+    /// `alert.username` set (so the password is sent) and a plain `mqtt://` URL to a
+    /// host other than loopback.
+    pub fn cleartext_credentials(&self) -> Option<BrokerUrl> {
+        let url = BrokerUrl::parse(self.mqtt_url.as_deref()?).ok()?;
+        (self.username.is_some() && !url.tls && !url.is_loopback()).then_some(url)
     }
 
     /// Where the generated `patient_ref` key lives when `patient_ref_key_file` is unset.
@@ -283,6 +300,7 @@ pub struct Alerts {
     config: AlertConfig,
     outbox: Outbox,
     refs: PatientRefs,
+    identifiers: Identifiers,
     url: BrokerUrl,
     broker: Option<EmbeddedBroker>,
 }
@@ -293,6 +311,11 @@ impl Alerts {
         let outbox = Outbox::open(&config.outbox_dir, config.outbox_limits())?;
         let refs = PatientRefs::load(
             config.patient_ref,
+            config.patient_ref_key_file.as_deref(),
+            &config.default_patient_ref_key_file(),
+        )?;
+        let identifiers = Identifiers::load(
+            config.identifiers,
             config.patient_ref_key_file.as_deref(),
             &config.default_patient_ref_key_file(),
         )?;
@@ -311,6 +334,7 @@ impl Alerts {
             config: config.clone(),
             outbox,
             refs,
+            identifiers,
             url,
             broker,
         })
@@ -379,25 +403,30 @@ impl Alerts {
                 result.series_instance_uid.clone(),
             );
             let status = result.status;
+            let identifiers = self.identifiers.clone();
             // `published` is the moment of the (last) commit attempt: a full outbox may
             // make us wait, and the result must not claim an earlier time.
             let payload = move || {
                 let mut result = result.clone();
                 result.timings.published = Some(OffsetDateTime::now_utc());
-                serde_json::to_vec(&result).expect("a TriageResult always serialises")
+                identifiers.to_json(&result)
             };
             let outcome = self
                 .outbox
                 .commit_waiting(&heartbeat, &id, positive, payload, key_image_png)
                 .await;
             let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
+            // Journal fields (src/service/logging.rs), for `journalctl RESULT_ID=…`.
+            let (f_id, f_study, f_series) = (id.as_str(), study.as_str(), series.as_str());
             if already_queued {
                 log::info!(
+                    result_id = f_id, study_instance_uid = f_study, series_instance_uid = f_series;
                     "result {id} (series {series}) is already waiting in the outbox; kept the \
                      queued one"
                 );
             } else {
                 log::info!(
+                    result_id = f_id, study_instance_uid = f_study, series_instance_uid = f_series;
                     "result {id} ({status:?}, series {series}) committed to the outbox as \
                      entry {}",
                     outcome.seq()
@@ -614,6 +643,15 @@ mod tests {
         assert_eq!(config.effective_topic_prefix(), "hospital/ct/");
         let text = toml::to_string(&config).unwrap();
         assert!(!text.contains("hunter2"));
+        // Nor by `{:?}` (a panic message, a debug log line).
+        for debug in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(debug.contains("<redacted>"), "{debug}");
+        }
+        assert_eq!(config.password().unwrap().as_deref(), Some("hunter2"));
+        let parsed: AlertConfig = toml::from_str("password = \"s3cret\"").unwrap();
+        assert_eq!(parsed.password().unwrap().as_deref(), Some("s3cret"));
+        assert!(!format!("{parsed:?}").contains("s3cret"));
         config.site = "a/b".into();
         assert!(config.validate().is_err());
         let config = AlertConfig {

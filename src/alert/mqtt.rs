@@ -178,6 +178,18 @@ impl BrokerUrl {
     }
 }
 
+impl BrokerUrl {
+    /// Whether the broker is on this machine (`localhost` or a loopback address), so
+    /// nothing sent to it crosses a network.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 impl std::fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };

@@ -7,6 +7,9 @@
 //! generated on first start next to the outbox and kept, so references stay stable across
 //! restarts. `patient_ref = "raw"` publishes the Patient ID itself (for sites whose broker
 //! is inside the clinical network and whose dashboards need it).
+//!
+//! The same key ([`HmacKey`]) hashes the identifiers that `[alert.identifiers]` publishes
+//! as `hmac` (see [`super::identifiers`]).
 
 use std::fs;
 use std::io::Write;
@@ -33,61 +36,85 @@ pub enum PatientRefMode {
 /// Minimum key length accepted from a key file.
 const MIN_KEY_BYTES: usize = 16;
 
-/// Turns Patient IDs into `patient_ref` values.
+/// The site's HMAC key: keyed hashes of identifiers that stay stable on this box.
 #[derive(Clone)]
-pub struct PatientRefs {
-    mode: PatientRefMode,
-    key: Vec<u8>,
-}
+pub struct HmacKey(Vec<u8>);
 
-impl std::fmt::Debug for PatientRefs {
+impl std::fmt::Debug for HmacKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("PatientRefs")
-            .field("mode", &self.mode)
-            .finish_non_exhaustive()
+        f.write_str("HmacKey(<redacted>)")
     }
 }
 
-impl PatientRefs {
-    pub fn raw() -> PatientRefs {
-        PatientRefs {
-            mode: PatientRefMode::Raw,
-            key: Vec::new(),
-        }
+impl HmacKey {
+    pub fn new(key: Vec<u8>) -> HmacKey {
+        HmacKey(key)
     }
 
-    pub fn with_key(key: Vec<u8>) -> PatientRefs {
-        PatientRefs {
-            mode: PatientRefMode::Pseudonymised,
-            key,
-        }
-    }
-
-    /// Loads the key from `key_file`, or from `default_key_file` which is created with a
+    /// Loads the key from `key_file`, or from `default_key_file`, which is created with a
     /// fresh random key (mode 0600) if it does not exist yet.
-    pub fn load(
-        mode: PatientRefMode,
-        key_file: Option<&Path>,
-        default_key_file: &Path,
-    ) -> Result<PatientRefs> {
-        if mode == PatientRefMode::Raw {
-            return Ok(PatientRefs::raw());
-        }
+    pub fn load(key_file: Option<&Path>, default_key_file: &Path) -> Result<HmacKey> {
         let key = match key_file {
             Some(path) => read_key(path)?,
             None if default_key_file.exists() => read_key(default_key_file)?,
             None => {
                 generate_key(default_key_file)?;
                 log::info!(
-                    "generated the patient_ref key {} (keep it with the box's backups: \
-                     without it new results get different patient_ref values)",
+                    "generated the HMAC key {} for patient_ref and hashed identifiers (keep \
+                     it with the box's backups: without it new results get different values)",
                     default_key_file.display()
                 );
                 read_key(default_key_file)?
             }
         };
-        Ok(PatientRefs::with_key(key))
+        Ok(HmacKey(key))
+    }
+
+    /// HMAC-SHA256 of `value`, lowercase hex (64 digits).
+    pub fn hex_digest(&self, value: &str) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(value.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// Turns Patient IDs into `patient_ref` values.
+#[derive(Debug, Clone)]
+pub struct PatientRefs {
+    mode: PatientRefMode,
+    key: HmacKey,
+}
+
+impl PatientRefs {
+    pub fn raw() -> PatientRefs {
+        PatientRefs {
+            mode: PatientRefMode::Raw,
+            key: HmacKey(Vec::new()),
+        }
+    }
+
+    pub fn with_key(key: Vec<u8>) -> PatientRefs {
+        PatientRefs {
+            mode: PatientRefMode::Pseudonymised,
+            key: HmacKey(key),
+        }
+    }
+
+    /// Raw mode needs no key; pseudonymised mode loads it with [`HmacKey::load`].
+    pub fn load(
+        mode: PatientRefMode,
+        key_file: Option<&Path>,
+        default_key_file: &Path,
+    ) -> Result<PatientRefs> {
+        Ok(match mode {
+            PatientRefMode::Raw => PatientRefs::raw(),
+            PatientRefMode::Pseudonymised => PatientRefs {
+                mode,
+                key: HmacKey::load(key_file, default_key_file)?,
+            },
+        })
     }
 
     /// The `patient_ref` for a Patient ID. An empty Patient ID gives an empty reference
@@ -99,12 +126,7 @@ impl PatientRefs {
         }
         match self.mode {
             PatientRefMode::Raw => patient_id.to_owned(),
-            PatientRefMode::Pseudonymised => {
-                let mut mac = Hmac::<Sha256>::new_from_slice(&self.key)
-                    .expect("HMAC takes keys of any length");
-                mac.update(patient_id.as_bytes());
-                hex::encode(mac.finalize().into_bytes())
-            }
+            PatientRefMode::Pseudonymised => self.key.hex_digest(patient_id),
         }
     }
 }

@@ -101,12 +101,22 @@ async fn run(config: Config) -> Result<()> {
                 .find(|id| waiting.contains(id))
         },
     )?;
+    // One line per series, not per instance: a crash mid-study leaves hundreds.
+    let mut per_series = std::collections::BTreeMap::<(&str, &str), (&str, usize)>::new();
     for instance in &recovered {
+        let key = (
+            instance.study_instance_uid.as_str(),
+            instance.series_instance_uid.as_str(),
+        );
+        per_series
+            .entry(key)
+            .or_insert((instance.calling_ae.as_str(), 0))
+            .1 += 1;
+    }
+    for ((study, series), (calling_ae, count)) in per_series {
         log::info!(
-            "recovered from spool: {} (series {}, from {})",
-            instance.path.display(),
-            instance.series_instance_uid,
-            instance.calling_ae
+            study_instance_uid = study, series_instance_uid = series, calling_ae = calling_ae;
+            "recovered from spool: {count} instances of series {series} (from {calling_ae})"
         );
     }
     if !recovered.is_empty() {

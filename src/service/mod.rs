@@ -3,6 +3,7 @@
 
 mod daemon;
 pub mod health;
+pub mod logging;
 pub mod notify;
 
 pub use daemon::serve;
