@@ -11,9 +11,58 @@ MQTT_PORT=${MQTT_PORT:-18830}
 
 # PROFILE=dev reuses a debug build (faster to build, slower to run).
 PROFILE=${PROFILE:-release}
+
+# Prerequisites, checked before minutes of building: the C/C++ parts of the dependency
+# tree (CharLS for JPEG-LS, aws-lc for MQTT TLS) are compiled by cmake + make + a C and
+# a C++ compiler; pkg-config is asked for system libraries; python3 (standard library
+# only) prints the summary. Run as root, this installs what is missing with apt-get;
+# otherwise it prints the one apt-get command to run and stops. DCMTK is optional.
+prereq_missing() { # prints the Debian/Ubuntu package of each missing tool
+  command -v cmake >/dev/null || echo cmake
+  command -v make >/dev/null || echo make
+  command -v cc >/dev/null || command -v gcc >/dev/null || echo gcc
+  command -v c++ >/dev/null || command -v g++ >/dev/null || echo g++
+  command -v pkg-config >/dev/null || echo pkg-config
+  command -v python3 >/dev/null || echo python3
+}
+missing=$(prereq_missing | tr '\n' ' ' | sed 's/ *$//')
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing missing build prerequisites: $missing"
+    apt-get update -qq
+    # shellcheck disable=SC2086 # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    missing=$(prereq_missing | tr '\n' ' ' | sed 's/ *$//')
+    [ -z "$missing" ] || { echo "error: still missing after apt-get: $missing" >&2; exit 1; }
+  else
+    echo "error: missing build prerequisites: $missing" >&2
+    echo "install them, then run this script again:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends $missing" >&2
+    exit 1
+  fi
+fi
+rust_needed=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+rust_have=$( (rustc --version 2>/dev/null || true) | awk '{print $2}')
+if ! command -v cargo >/dev/null || [ -z "$rust_have" ] ||
+  [ "$(printf '%s\n%s\n' "$rust_needed" "$rust_have" | sort -V | head -n 1)" != "$rust_needed" ]; then
+  echo "error: needs Rust >= $rust_needed (found: ${rust_have:-none}); Debian's rustc is older:" >&2
+  echo "  install rustup (https://rustup.rs), then: rustup toolchain install stable" >&2
+  exit 1
+fi
+# DCMTK's storescu when installed (pynetdicom installs another program of that name).
+STORESCU=""
+for candidate in /usr/bin/storescu "$(command -v storescu || true)"; do
+  if [ -x "$candidate" ] && "$candidate" --version 2>&1 | grep -qi dcmtk; then
+    STORESCU=$candidate
+    break
+  fi
+done
+[ -n "$STORESCU" ] ||
+  echo "note: DCMTK not found (optional: apt-get install dcmtk); sending with cspine-triage send"
+
 echo "== building ($PROFILE)"
 cargo build --profile "$PROFILE" --locked --quiet
-BIN=$PWD/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/cspine-triage
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/cspine-triage
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -61,14 +110,6 @@ WATCH_PID=$!
 sleep 1
 
 echo "== sending both studies over DICOM"
-# DCMTK's storescu when installed (pynetdicom installs another program of that name).
-STORESCU=""
-for candidate in /usr/bin/storescu "$(command -v storescu || true)"; do
-  if [ -x "$candidate" ] && "$candidate" --version 2>&1 | grep -qi dcmtk; then
-    STORESCU=$candidate
-    break
-  fi
-done
 for study in "$OUT"/studies/train_images/* "$OUT"/studies-clean/train_images/*; do
   if [ -n "$STORESCU" ]; then
     "$STORESCU" -aec CSPINE -aet DEMO-CT +sd +r 127.0.0.1 "$DICOM_PORT" "$study"
