@@ -385,6 +385,11 @@ fn unreadable_input_fails_with_a_clear_message() -> Result<()> {
 
 /// Generates one phantom study with the `synth` subcommand; returns its DICOM folder.
 fn synth_study(out: &Path, fracture: &str, seed: &str) -> Result<PathBuf> {
+    synth_study_with(out, fracture, seed, &[])
+}
+
+/// [`synth_study`] with more `synth` options (`--matrix`, `--fov`, ...).
+fn synth_study_with(out: &Path, fracture: &str, seed: &str, extra: &[&str]) -> Result<PathBuf> {
     let status = Command::new(env!("CARGO_BIN_EXE_cspine-triage"))
         .args([
             "synth",
@@ -395,6 +400,7 @@ fn synth_study(out: &Path, fracture: &str, seed: &str) -> Result<PathBuf> {
             seed,
         ])
         .args(["--fracture", fracture])
+        .args(extra)
         .output()?;
     ensure!(
         status.status.success(),
@@ -420,6 +426,55 @@ fn infer_one(dir: &Path) -> Result<Value> {
 fn synth_verdict(fracture: &str, seed: &str) -> Result<Value> {
     let tmp = tempfile::tempdir()?;
     infer_one(&synth_study(&tmp.path().join("synth"), fracture, seed)?)
+}
+
+/// A series coarser than the acquisitions the model was trained on (`envelope` of
+/// model.json: pixel spacing up to 0.98 mm; this phantom of seed 9102 has 200 mm over 192
+/// pixels, 1.04 mm) is `indeterminate` with the envelope reason and no probability, before
+/// the model runs; `infer --ignore-envelope` analyses it.
+#[test]
+fn a_series_outside_the_acquisition_envelope_is_indeterminate_unless_ignored() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = synth_study_with(
+        &tmp.path().join("synth"),
+        "none",
+        "9102",
+        &[
+            "--matrix",
+            "192",
+            "--fov",
+            "200",
+            "--slice-thickness",
+            "1.5",
+        ],
+    )?;
+    let r = infer_one(&dir)?;
+    ensure!(r["status"] == "indeterminate", "{r}");
+    let reason = r["reason"].as_str().context("reason")?;
+    ensure!(
+        reason.starts_with("series outside the acquisition envelope")
+            && reason.contains("pixel spacing 1.04 mm"),
+        "{reason}"
+    );
+    ensure!(r["patient"].is_null(), "no probability is published: {r}");
+    ensure!(r["key_slice"].is_null(), "{r}");
+
+    let out = infer(&[
+        "--json",
+        "--runtime",
+        "cpu",
+        "--ignore-envelope",
+        dir.to_str().unwrap(),
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{stderr}");
+    let r = &json_lines(&out)?[0];
+    ensure!(
+        r["status"] == "negative" || r["status"] == "positive",
+        "analysed despite the envelope: {r}"
+    );
+    ensure!(r["patient"]["probability"].is_number(), "{r}");
+    Ok(())
 }
 
 /// A patient lying tilted towards a shoulder, beyond the poses the model was trained on, is

@@ -45,6 +45,22 @@ OUTPUTS = {
 COVERAGE = {"min_vertebrae": 5, "min_pixels": 4, "max_lateral_tilt_deg": 12.0}
 VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 
+# The acquisitions `cspine-triage synth` generates (src/synth/study.rs) and the model was trained
+# and tested on; outside them the daemon answers `indeterminate` (docs/model-contract.md
+# "Acquisition envelope"). Pixel spacing: FOV 140-250 mm over a 256-512 matrix (training used
+# --matrix 256, 0.55-0.98 mm; test seeds 3003/3004 the full range). Slices: thickness 0.6-3 mm,
+# spacing equal or overlapping down to 0.5 mm. Kernels: BONE, BONEPLUS, B70f, Br64, FC30, YC
+# (the recognised ones are all bone kernels). Coverage: every phantom holds C1-C7 with margins;
+# min_coverage_mm: 400 phantoms (`synth --count 400 --seed 778 --matrix 64`) cover 140-224 mm
+# (median 180; C1 top to C7 bottom 107-155 mm): 10 mm below the shortest.
+ENVELOPE = {
+    "pixel_spacing_mm": {"min": 0.27, "max": 0.98},
+    "slice_spacing_mm": {"min": 0.5, "max": 3.0},
+    "slice_thickness_mm": {"min": 0.6, "max": 3.0},
+    "kernel_families": ["bone"],
+    "min_coverage_mm": 130.0,
+}
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -75,6 +91,7 @@ def write_model_json(
         "outputs": OUTPUTS,
         "thresholds": {"patient": float(patient_threshold), "vertebrae": vt},
         "coverage": COVERAGE,
+        "envelope": ENVELOPE,
     }
     Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
     return doc

@@ -47,6 +47,12 @@ pub struct InferArgs {
     /// Time every node of the model and print the totals per op to stderr (CPU only).
     #[arg(long)]
     pub profile: bool,
+    /// Analyse series outside the model's acquisition envelope (pixel spacing, slice
+    /// spacing and thickness, kernel, coverage) instead of answering `indeterminate`, and
+    /// say so on stderr: for evaluating the model on data the daemon would refuse. The
+    /// daemon always enforces the envelope.
+    #[arg(long)]
+    pub ignore_envelope: bool,
 }
 
 pub fn run(args: &InferArgs) -> Result<()> {
@@ -83,6 +89,11 @@ pub fn run(args: &InferArgs) -> Result<()> {
         ..InferenceConfig::default()
     };
     let pipeline = Pipeline::load(&config)?;
+    let pipeline = if args.ignore_envelope {
+        pipeline.ignoring_envelope()
+    } else {
+        pipeline
+    };
     // Volumes keep what the model reads of each slice, as in the daemon.
     let window = pipeline.volume_window();
     if let Some(dir) = &args.keyimage {
@@ -110,6 +121,18 @@ pub fn run(args: &InferArgs) -> Result<()> {
                 Ok(a) => {
                     if let Some(profile) = &a.profile {
                         bar.suspend(|| print_profile(profile));
+                    }
+                    if args.ignore_envelope && !a.outside_envelope.is_empty() {
+                        let list: Vec<String> =
+                            a.outside_envelope.iter().map(ToString::to_string).collect();
+                        bar.suspend(|| {
+                            eprintln!(
+                                "series {}: outside the acquisition envelope, analysed anyway \
+                                 (--ignore-envelope): {}",
+                                volume.meta.series_instance_uid,
+                                list.join("; ")
+                            )
+                        });
                     }
                     let timing = format!(
                         "{} slices, preprocess {:.3} s, model {:.3} s",

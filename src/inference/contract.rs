@@ -9,6 +9,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::envelope::Envelope;
+
 pub const FORMAT_V1: &str = "cspine-triage/model-contract/v1";
 
 /// The seven cervical vertebrae, in the order of `vertebra_logits` and `attention` rows.
@@ -27,6 +29,10 @@ pub struct ModelContract {
     pub outputs: OutputsSpec,
     pub thresholds: Thresholds,
     pub coverage: Coverage,
+    /// The acquisitions the model was trained on; a series outside is `indeterminate`
+    /// ([`super::envelope`]). Absent: no check (older contracts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<Envelope>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +179,9 @@ impl ModelContract {
                 self.thresholds.vertebrae.contains_key(v),
                 "thresholds.vertebrae has no {v}"
             );
+        }
+        if let Some(envelope) = &self.envelope {
+            envelope.validate()?;
         }
         Ok(())
     }

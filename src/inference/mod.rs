@@ -2,6 +2,7 @@
 //! postprocessing into a [`crate::alert::TriageResult`].
 //!
 //! - [`contract`]: `model.json` and the ONNX sha256 check.
+//! - [`envelope`]: the acquisitions the model was trained on; outside them `indeterminate`.
 //! - [`preprocess`]: CT volume -> `[S, 3, 128, 128]` model input.
 //! - [`engine`]: tract (CPU, or CUDA with the `cuda` feature), prepared once.
 //! - [`postprocess`]: probabilities, flags, localization, `indeterminate`.
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod contract;
 pub mod engine;
+pub mod envelope;
 pub mod keyimage;
 pub mod postprocess;
 pub mod preprocess;
@@ -33,6 +35,7 @@ use crate::alert::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
 use engine::{Engine, EngineOptions, RuntimeChoice};
+use envelope::{Acquisition, EnvelopePolicy};
 use postprocess::{RunInfo, Thresholds};
 use preprocess::Sampled;
 
@@ -125,6 +128,10 @@ pub struct Analysis {
     /// For an early analysis (`meta.early`, the anatomy-coverage trigger): why it must not
     /// be published; `None` when it may (or for an ordinary analysis).
     pub early_rejection: Option<String>,
+    /// How the series lies outside the model's acquisition envelope (empty: inside, or no
+    /// envelope in the contract). The result is then `indeterminate`, unless the pipeline
+    /// ignores the envelope ([`Pipeline::ignoring_envelope`]) and analysed it anyway.
+    pub outside_envelope: Vec<envelope::Violation>,
 }
 
 /// The volume [`Pipeline::analyze_volume`] reads: borrowed, or its own to free early.
@@ -178,6 +185,8 @@ fn early_accept_forced() -> bool {
 pub struct Pipeline {
     pub engine: Engine,
     pub thresholds: Thresholds,
+    /// Private: only [`Pipeline::ignoring_envelope`] (the `infer` CLI) relaxes it.
+    envelope_policy: EnvelopePolicy,
 }
 
 impl Pipeline {
@@ -189,7 +198,21 @@ impl Pipeline {
             config.patient_threshold,
             &config.vertebra_thresholds,
         );
-        Ok(Pipeline { engine, thresholds })
+        Ok(Pipeline {
+            engine,
+            thresholds,
+            envelope_policy: EnvelopePolicy::Enforce,
+        })
+    }
+
+    /// This pipeline analysing series outside the model's acquisition envelope instead of
+    /// answering `indeterminate`: for `cspine-triage infer --ignore-envelope` (evaluation
+    /// on data the product would refuse). The daemon never calls it.
+    pub fn ignoring_envelope(self) -> Pipeline {
+        Pipeline {
+            envelope_policy: EnvelopePolicy::Ignore,
+            ..self
+        }
     }
 
     /// What volumes built for this model need keep of each slice
@@ -250,10 +273,28 @@ impl Pipeline {
                     preprocess_time: t0.elapsed(),
                     model_time: Duration::ZERO,
                     profile: None,
+                    outside_envelope: Vec::new(),
                 });
             }
             Sampled::Planes(planes) => planes,
         };
+        let outside_envelope = match &contract.envelope {
+            Some(envelope) => envelope.check(&Acquisition::of_volume(volume)),
+            None => Vec::new(),
+        };
+        if !outside_envelope.is_empty() && self.envelope_policy == EnvelopePolicy::Enforce {
+            run.inference_end = Some(OffsetDateTime::now_utc());
+            let reason = envelope::reason(&outside_envelope);
+            return Ok(Analysis {
+                early_rejection: volume.meta.early.map(|_| reason.clone()),
+                result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
+                key_image_png: None,
+                preprocess_time: t0.elapsed(),
+                model_time: Duration::ZERO,
+                profile: None,
+                outside_envelope,
+            });
+        }
         let input = planes.to_input();
         // The copies into the three channels are preprocessing too.
         let preprocess_time = t0.elapsed();
@@ -315,6 +356,7 @@ impl Pipeline {
             model_time,
             profile,
             early_rejection,
+            outside_envelope,
         })
     }
 
