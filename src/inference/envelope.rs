@@ -192,9 +192,8 @@ pub struct Acquisition {
 }
 
 impl Acquisition {
-    /// The geometry of a built volume. [`crate::series::SeriesMeta`] does not carry
-    /// SliceThickness or ConvolutionKernel, so those two stay unknown (unchecked) here
-    /// until the series stage hands them on.
+    /// The geometry of a built volume, with the SliceThickness and ConvolutionKernel of
+    /// its series' first instance ([`crate::series::SeriesMeta`]).
     pub fn of_volume(volume: &CtVolume) -> Acquisition {
         let g = &volume.geometry;
         let coverage_mm = match (volume.slices.first(), volume.slices.last()) {
@@ -204,8 +203,9 @@ impl Acquisition {
         Acquisition {
             pixel_spacing_mm: [g.spacing[1], g.spacing[2]],
             slice_spacing_mm: g.spacing[0],
-            slice_thickness_mm: None,
-            convolution_kernel: None,
+            slice_thickness_mm: volume.meta.slice_thickness_mm,
+            convolution_kernel: Some(volume.meta.convolution_kernel.clone())
+                .filter(|k| !k.trim().is_empty()),
             coverage_mm,
         }
     }

@@ -963,6 +963,8 @@ fn make_job(
             early: None,
             failed_better: Vec::new(),
             interpolated_gaps: None,
+            slice_thickness_mm: first.slice_thickness,
+            convolution_kernel: first.convolution_kernel.clone(),
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),

@@ -257,6 +257,12 @@ pub struct SeriesMeta {
     /// model's resampling interpolates across ([`AssemblyConfig::max_interpolated_gap_mm`]);
     /// None when there is none. Published in the result.
     pub interpolated_gaps: Option<InterpolatedGaps>,
+    /// (0018,0050) Slice Thickness of the series' first instance, mm, when present: the
+    /// model's acquisition envelope checks it.
+    pub slice_thickness_mm: Option<f64>,
+    /// (0018,1210) Convolution Kernel of the first instance (values joined by `\`), empty
+    /// when absent: the envelope's kernel family.
+    pub convolution_kernel: String,
 }
 
 /// Gaps of a series interpolated across: steps between neighbouring slices larger than

@@ -329,6 +329,8 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         early: None,
         failed_better: Vec::new(),
         interpolated_gaps: None,
+        slice_thickness_mm: h.slice_thickness,
+        convolution_kernel: h.convolution_kernel.clone(),
     }
 }
 
