@@ -38,7 +38,8 @@ fn scanner(args: &[&str]) -> serde_json::Value {
 }
 
 /// Sends `files` in one association (pynetdicom) and returns one DIMSE status per file
-/// (-1: not sent, the association was aborted first).
+/// (-1: not sent, the association was aborted first; -2: a response without a status;
+/// -3: the association had ended).
 fn send(port: u16, files: &[PathBuf], extra: &[&str]) -> Vec<i64> {
     let mut args = vec!["send".to_string(), port.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -52,10 +53,11 @@ fn send(port: u16, files: &[PathBuf], extra: &[&str]) -> Vec<i64> {
         .collect()
 }
 
-fn assert_all_success(statuses: &[i64], what: &str) {
+fn assert_all_success(statuses: &[i64], what: &str, daemon: &Proc) {
     assert!(
         !statuses.is_empty() && statuses.iter().all(|&s| s == 0),
-        "{what}: not every instance was answered Success: {statuses:?}"
+        "{what}: not every instance was answered Success: {statuses:?}\n{}",
+        daemon.log()
     );
 }
 
@@ -191,10 +193,18 @@ fn scout_first_then_the_axial_series_after_the_quiet_period() {
     let scout = b.tmp.path().join("scout.dcm");
     scanner(&["scout", files[0].to_str().unwrap(), scout.to_str().unwrap()]);
 
-    assert_all_success(&send(b.port, std::slice::from_ref(&scout), &[]), "scout");
+    assert_all_success(
+        &send(b.port, std::slice::from_ref(&scout), &[]),
+        "scout",
+        &b.daemon,
+    );
     wait_released(&b.spool(), &study_uid, &b.daemon);
 
-    assert_all_success(&send(b.port, &files, &[]), "axial series after the scout");
+    assert_all_success(
+        &send(b.port, &files, &[]),
+        "axial series after the scout",
+        &b.daemon,
+    );
     let axial = series_of(&files[0]);
     let first = wait_results(&b.sub, &axial, 1, &b.daemon);
     assert_ne!(first[0]["status"], "failed", "{}", first[0]);
@@ -207,6 +217,7 @@ fn scout_first_then_the_axial_series_after_the_quiet_period() {
     assert_all_success(
         &send(b.port, &again, &[]),
         "the study again after it was forgotten",
+        &b.daemon,
     );
     let both = wait_results(&b.sub, &axial, 2, &b.daemon);
     assert_eq!(both[1]["instances"], files.len());
@@ -232,14 +243,14 @@ fn two_series_of_a_study_in_separate_associations() {
     ]);
     let soft_series = soft["series"].as_str().unwrap().to_string();
     let bone_series = series_of(&files[0]);
-    assert_all_success(&send(b.port, &files, &[]), "bone series");
+    assert_all_success(&send(b.port, &files, &[]), "bone series", &b.daemon);
     std::thread::sleep(Duration::from_secs(2));
     let mut soft_files: Vec<PathBuf> = files
         .iter()
         .map(|f| soft_dir.join(f.file_name().unwrap()))
         .collect();
     soft_files.sort();
-    assert_all_success(&send(b.port, &soft_files, &[]), "soft series");
+    assert_all_success(&send(b.port, &soft_files, &[]), "soft series", &b.daemon);
     let ok = wait_until_ok(RESULT_WAIT, || {
         results(&b.sub).iter().any(|r| {
             (r["series_instance_uid"] == bone_series.as_str()
@@ -257,11 +268,11 @@ fn a_late_instance_after_the_study_was_forgotten() {
     let b = Box1::start(SHORT_RETENTION);
     let (files, study_uid) = study(b.tmp.path(), 9303);
     let (early, late) = files.split_at(files.len() - 1);
-    assert_all_success(&send(b.port, early, &[]), "the series");
+    assert_all_success(&send(b.port, early, &[]), "the series", &b.daemon);
     let series = series_of(&files[0]);
     wait_results(&b.sub, &series, 1, &b.daemon);
     wait_released(&b.spool(), &study_uid, &b.daemon);
-    assert_all_success(&send(b.port, late, &[]), "the late instance");
+    assert_all_success(&send(b.port, late, &[]), "the late instance", &b.daemon);
     // The late instance alone is a series of one slice now (its study was forgotten):
     // the daemon answers it with a result, never a lost instance.
     let two = wait_results(&b.sub, &series, 2, &b.daemon);
@@ -275,7 +286,7 @@ fn a_late_instance_after_the_study_was_forgotten() {
 fn a_corrected_resend_replaces_the_instance_and_the_series_is_analysed_again() {
     let b = Box1::start("");
     let (files, _) = study(b.tmp.path(), 9304);
-    assert_all_success(&send(b.port, &files, &[]), "the series");
+    assert_all_success(&send(b.port, &files, &[]), "the series", &b.daemon);
     let series = series_of(&files[0]);
     wait_results(&b.sub, &series, 1, &b.daemon);
     let corrected = b.tmp.path().join("corrected.dcm");
@@ -288,7 +299,11 @@ fn a_corrected_resend_replaces_the_instance_and_the_series_is_analysed_again() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_all_success(&send(b.port, &[corrected], &[]), "the corrected instance");
+    assert_all_success(
+        &send(b.port, &[corrected], &[]),
+        "the corrected instance",
+        &b.daemon,
+    );
     let two = wait_results(&b.sub, &series, 2, &b.daemon);
     assert_eq!(two[1]["instances"], files.len(), "{}", two[1]);
     assert_eq!(
@@ -309,8 +324,8 @@ fn two_scanners_at_once() {
     let (fa, fb) = (a_files.clone(), b_files.clone());
     let ta = std::thread::spawn(move || send(port, &fa, &["--aet", "CT_NORTH"]));
     let tb = std::thread::spawn(move || send(port, &fb, &["--aet", "CT_SOUTH"]));
-    assert_all_success(&ta.join().unwrap(), "scanner A");
-    assert_all_success(&tb.join().unwrap(), "scanner B");
+    assert_all_success(&ta.join().unwrap(), "scanner A", &b.daemon);
+    assert_all_success(&tb.join().unwrap(), "scanner B", &b.daemon);
     for files in [&a_files, &b_files] {
         let r = wait_results(&b.sub, &series_of(&files[0]), 1, &b.daemon);
         assert_eq!(r[0]["instances"], files.len(), "{}", r[0]);
@@ -327,7 +342,7 @@ fn a_series_cut_by_an_abort_then_sent_again() {
     let half = (files.len() / 2).to_string();
     let cut = send(b.port, &files, &["--abort-after", &half]);
     assert!(cut[..files.len() / 2].iter().all(|&s| s == 0), "{cut:?}");
-    assert_all_success(&send(b.port, &files, &[]), "the series again");
+    assert_all_success(&send(b.port, &files, &[]), "the series again", &b.daemon);
     let series = series_of(&files[0]);
     let ok = wait_until_ok(RESULT_WAIT, || {
         results(&b.sub)
@@ -346,12 +361,16 @@ fn kill_9_during_scout_first_loses_nothing() {
     let (files, study_uid) = study(b.tmp.path(), 9308);
     let scout = b.tmp.path().join("scout.dcm");
     scanner(&["scout", files[0].to_str().unwrap(), scout.to_str().unwrap()]);
-    assert_all_success(&send(b.port, &[scout], &[]), "scout");
+    assert_all_success(&send(b.port, &[scout], &[]), "scout", &b.daemon);
     wait_released(&b.spool(), &study_uid, &b.daemon);
     let (first, rest) = files.split_at(files.len() / 2);
-    assert_all_success(&send(b.port, first, &[]), "first half");
+    assert_all_success(&send(b.port, first, &[]), "first half", &b.daemon);
     b.restart_after_kill9();
-    assert_all_success(&send(b.port, rest, &[]), "second half after the restart");
+    assert_all_success(
+        &send(b.port, rest, &[]),
+        "second half after the restart",
+        &b.daemon,
+    );
     let series = series_of(&files[0]);
     let ok = wait_until_ok(RESULT_WAIT, || {
         results(&b.sub)
@@ -367,7 +386,7 @@ fn kill_9_during_scout_first_loses_nothing() {
 fn kill_9_after_a_corrected_resend_analyses_the_corrected_version() {
     let mut b = Box1::start("");
     let (files, _) = study(b.tmp.path(), 9309);
-    assert_all_success(&send(b.port, &files, &[]), "the series");
+    assert_all_success(&send(b.port, &files, &[]), "the series", &b.daemon);
     let series = series_of(&files[0]);
     wait_results(&b.sub, &series, 1, &b.daemon);
     let corrected = b.tmp.path().join("corrected.dcm");
@@ -379,7 +398,11 @@ fn kill_9_after_a_corrected_resend_analyses_the_corrected_version() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_all_success(&send(b.port, &[corrected], &[]), "the corrected instance");
+    assert_all_success(
+        &send(b.port, &[corrected], &[]),
+        "the corrected instance",
+        &b.daemon,
+    );
     b.restart_after_kill9();
     wait_results(&b.sub, &series, 2, &b.daemon);
     assert_eq!(

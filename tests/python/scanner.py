@@ -5,8 +5,10 @@ aborted mid-series) and prepares the files those behaviours send.
 
 Every subcommand prints one JSON object on stdout; the Rust tests assert on it.
 
-  send PORT FILE...                  -> {"statuses": [int, ...]}  one DIMSE status a file
-      [--aet AE] [--abort-after N]     (--abort-after: A-ABORT after N files; the rest get -1)
+  send PORT FILE...                  -> {"statuses": [int, ...], "error": str|null}
+      [--aet AE] [--abort-after N]     one DIMSE status a file (--abort-after: A-ABORT after
+                                       N files, the rest get -1; -2: no status in the
+                                       response; -3: the association had ended)
   scout SRC OUT                      -> {"series": uid}  a localizer of SRC's study
   reseries SRCDIR OUTDIR --kernel K  -> {"series": uid}  the same images as a second series
       [--thickness MM]                 of the study (new series and SOP UIDs), another kernel
@@ -32,9 +34,10 @@ def out(obj):
 
 def send(args):
     ae = AE(ae_title=args.aet)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
-    ae.network_timeout = 60
+    # Generous: the tests run beside other daemons on a 2-core machine.
+    ae.acse_timeout = 60
+    ae.dimse_timeout = 300
+    ae.network_timeout = 300
     datasets = [pydicom.dcmread(f) for f in args.files]
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID),
@@ -43,18 +46,23 @@ def send(args):
     if not assoc.is_established:
         out({"statuses": [], "error": "association not established"})
         return
-    statuses = []
+    statuses, error = [], None
     for i, ds in enumerate(datasets):
         if args.abort_after is not None and i >= args.abort_after:
             statuses.append(-1)
+            continue
+        if not assoc.is_established:
+            # The association ended under us (aborted by the peer, or a timeout).
+            error = error or f"association not established any more before file {i}"
+            statuses.append(-3)
             continue
         status = assoc.send_c_store(ds)
         statuses.append(int(status.Status) if status and "Status" in status else -2)
     if args.abort_after is not None:
         assoc.abort()
-    else:
+    elif assoc.is_established:
         assoc.release()
-    out({"statuses": statuses})
+    out({"statuses": statuses, "error": error})
 
 
 def scout(args):
