@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
 /// The alert stage's heartbeat, as `serve` registers it (nothing watches it here).
-fn alert_heartbeat() -> cspine_triage::service::health::Heartbeat {
+fn alert_heartbeat() -> cspine_triage::heartbeat::Heartbeat {
     cspine_triage::service::health::Health::new(Default::default()).register("alert")
 }
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -15,8 +15,10 @@
 //! let alerts = Alerts::open(&config)?;          // outbox open, key loaded, broker up
 //! // ... now READY=1 ...
 //! let (committed_tx, _committed_rx) = tokio::sync::mpsc::channel(16);
-//! let health = cspine_triage::service::health::Health::new(Default::default());
-//! alerts.run(health.register("alert"), StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
+//! // The daemon registers the stage with `service::health::Health`; a bare heartbeat also does.
+//! let heartbeat = cspine_triage::heartbeat::Heartbeat::new(
+//!     "alert", std::time::Duration::from_secs(120), std::time::Instant::now());
+//! alerts.run(heartbeat, StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
 //! # Ok(()) }
 //! ```
 
@@ -38,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::heartbeat::Heartbeat;
 use crate::series::FailedSeries;
-use crate::service::health::Heartbeat;
 
 pub use broker::EmbeddedBroker;
 pub use identifiers::{IdentifierConfig, Identifiers, Publication};

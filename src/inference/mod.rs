@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::service::health::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
 use crate::alert::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
