@@ -23,6 +23,7 @@
 //! ```
 
 pub mod broker;
+pub mod broker_url;
 pub mod identifiers;
 pub mod mqtt;
 pub mod outbox;
@@ -44,8 +45,9 @@ use crate::heartbeat::Heartbeat;
 use crate::series::FailedSeries;
 
 pub use broker::EmbeddedBroker;
+pub use broker_url::BrokerUrl;
 pub use identifiers::{IdentifierConfig, Identifiers, Publication};
-pub use mqtt::{BrokerUrl, StatusInfo, Topics};
+pub use mqtt::{StatusInfo, Topics};
 pub use outbox::{Outbox, OutboxLimits};
 pub use patient_ref::{HmacKey, PatientRefMode, PatientRefs};
 pub use result::TriageResult;
