@@ -19,12 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{wait_until, Message, SubOptions, Subscriber};
-use cspine_triage::alert::result::{
-    InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, VertebraResult,
-    SCHEMA_V1,
-};
-use cspine_triage::alert::{
-    AlertConfig, Alerts, Committed, ResultMessage, StatusInfo, TriageResult,
+use cspine_triage::alert::{AlertConfig, Alerts, Committed, StatusInfo};
+use cspine_triage::result::{
+    InterpolatedGaps, KeySlice, ModelInfo, PatientResult, ResultMessage, Status, Timings,
+    TriageResult, VertebraResult, SCHEMA_V1,
 };
 use time::OffsetDateTime;
 

@@ -33,9 +33,9 @@ use time::OffsetDateTime;
 
 use super::broker_url::BrokerUrl;
 use super::outbox::Outbox;
-use super::result::ModelInfo;
 use super::wire::{self, EventSource, Payload, Source, Wire, WireEvent, WireOptions};
 use super::AlertConfig;
+use crate::result::ModelInfo;
 
 /// Most publishes awaiting PUBACK at once.
 pub const WINDOW: usize = 32;
