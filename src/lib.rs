@@ -4,13 +4,16 @@
 //! scanner → [`dicom`] (SCP + durable spool) → [`series`] (assembly + volume)
 //! → [`inference`] (preprocessing + tract) → [`alert`] (outbox + MQTT) → broker.
 //! [`service`] wires the stages together with bounded channels and talks to systemd;
+//! [`heartbeat`] (below every stage) is how a stage tells the watchdog it is alive;
 //! [`synth`] generates the synthetic CT phantoms used for training, tests and the demo.
 
 pub mod alert;
 pub mod config;
 pub mod dicom;
 pub mod durable;
+pub mod heartbeat;
 pub mod inference;
+pub mod result;
 pub mod series;
 pub mod service;
 pub mod synth;

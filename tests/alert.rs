@@ -19,19 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{wait_until, Message, SubOptions, Subscriber};
-use cspine_triage::alert::result::{
-    InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, VertebraResult,
-    SCHEMA_V1,
-};
-use cspine_triage::alert::{
-    AlertConfig, Alerts, Committed, ResultMessage, StatusInfo, TriageResult,
+use cspine_triage::alert::{AlertConfig, Alerts, Committed, StatusInfo};
+use cspine_triage::result::{
+    InterpolatedGaps, KeySlice, ModelInfo, PatientResult, ResultMessage, Status, Timings,
+    TriageResult, VertebraResult, SCHEMA_V1,
 };
 use time::OffsetDateTime;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
 /// The alert stage's heartbeat, as `serve` registers it (nothing watches it here).
-fn alert_heartbeat() -> cspine_triage::service::health::Heartbeat {
+fn alert_heartbeat() -> cspine_triage::heartbeat::Heartbeat {
     cspine_triage::service::health::Health::new(Default::default()).register("alert")
 }
 const TIMEOUT: Duration = Duration::from_secs(30);

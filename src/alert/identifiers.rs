@@ -16,7 +16,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::patient_ref::HmacKey;
-use super::result::TriageResult;
+use crate::result::TriageResult;
 
 /// How one identifier field is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -167,7 +167,7 @@ impl Identifiers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alert::result::{KeySlice, ModelInfo, Status, Timings, VertebraResult};
+    use crate::result::{KeySlice, ModelInfo, Status, Timings, VertebraResult};
 
     fn result() -> TriageResult {
         let slice = KeySlice {
@@ -175,7 +175,7 @@ mod tests {
             z_mm: -10.0,
         };
         TriageResult {
-            schema: crate::alert::result::SCHEMA_V1.into(),
+            schema: crate::result::SCHEMA_V1.into(),
             id: "abc".into(),
             status: Status::Positive,
             reason: None,

@@ -1,6 +1,6 @@
 //! Alerts: the versioned result schema, the durable outbox and MQTT delivery.
 //!
-//! Inference sends a [`ResultMessage`] per series. [`Alerts::run`] fills in what only this
+//! Inference sends a [`ResultMessage`](crate::result::ResultMessage) per series. [`Alerts::run`] fills in what only this
 //! stage knows (`patient_ref`, `site`, `device`, `timings.published`), publishes each
 //! identifier as `[alert.identifiers]` says ([`identifiers`]), commits the result to
 //! the [`Outbox`] (fsynced), reports it on the `committed` channel (from then on the DICOM
@@ -10,22 +10,24 @@
 //! Start-up order for the daemon:
 //! ```no_run
 //! # async fn demo(config: cspine_triage::alert::AlertConfig,
-//! #   rx: tokio::sync::mpsc::Receiver<cspine_triage::alert::ResultMessage>) -> anyhow::Result<()> {
+//! #   rx: tokio::sync::mpsc::Receiver<cspine_triage::result::ResultMessage>) -> anyhow::Result<()> {
 //! use cspine_triage::alert::{Alerts, StatusInfo};
 //! let alerts = Alerts::open(&config)?;          // outbox open, key loaded, broker up
 //! // ... now READY=1 ...
 //! let (committed_tx, _committed_rx) = tokio::sync::mpsc::channel(16);
-//! let health = cspine_triage::service::health::Health::new(Default::default());
-//! alerts.run(health.register("alert"), StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
+//! // The daemon registers the stage with `service::health::Health`; a bare heartbeat also does.
+//! let heartbeat = cspine_triage::heartbeat::Heartbeat::new(
+//!     "alert", std::time::Duration::from_secs(120), std::time::Instant::now());
+//! alerts.run(heartbeat, StatusInfo::new(None), rx, Some(committed_tx)).await?; // until rx closes
 //! # Ok(()) }
 //! ```
 
 pub mod broker;
+pub mod broker_url;
 pub mod identifiers;
 pub mod mqtt;
 pub mod outbox;
 pub mod patient_ref;
-pub mod result;
 pub mod secret;
 pub mod watch;
 pub mod wire;
@@ -38,34 +40,18 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::heartbeat::Heartbeat;
+use crate::result::{self, ResultMessage};
 use crate::series::FailedSeries;
-use crate::service::health::Heartbeat;
 
 pub use broker::EmbeddedBroker;
+pub use broker_url::BrokerUrl;
 pub use identifiers::{IdentifierConfig, Identifiers, Publication};
-pub use mqtt::{BrokerUrl, StatusInfo, Topics};
+pub use mqtt::{StatusInfo, Topics};
 pub use outbox::{Outbox, OutboxLimits};
 pub use patient_ref::{HmacKey, PatientRefMode, PatientRefs};
-pub use result::TriageResult;
 pub use secret::Secret;
 pub use wire::MqttProtocol;
-
-/// Message from inference: one finished (or failed) series.
-#[derive(Debug, Clone)]
-pub struct ResultMessage {
-    /// `patient_ref`, `site`, `device` and `timings.published` are overwritten here.
-    pub result: TriageResult,
-    /// DICOM Patient ID (0010,0020) as received; turned into `patient_ref`.
-    pub patient_id: String,
-    /// Key image (PNG), published on `keyimage/<id>`.
-    pub key_image_png: Option<Vec<u8>>,
-    /// The SOP Instance UIDs the result analysed (what its id names), passed on in
-    /// [`Committed`] for the spool's analysed mark; not published.
-    pub sop_instance_uids: Vec<String>,
-    /// Better series of the study that could not be built, when the result is a
-    /// fallback's ([`crate::series::SeriesMeta::failed_better`]): marked with it.
-    pub failed_better: Vec<FailedSeries>,
-}
 
 impl From<Committed> for crate::dicom::spool::MarkRequest {
     fn from(c: Committed) -> Self {
@@ -486,8 +472,8 @@ mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    use super::result::*;
     use super::*;
+    use crate::result::*;
 
     fn at(s: &str) -> Option<OffsetDateTime> {
         Some(OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap())

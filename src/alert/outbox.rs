@@ -22,7 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::service::health::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
 const ENTRY_EXT: &str = "entry";
 const TMP_EXT: &str = "tmp";
@@ -700,15 +700,13 @@ mod tests {
         let waiter = {
             let outbox = outbox.clone();
             tokio::spawn(async move {
-                let health = crate::service::health::Health::new(Default::default());
+                let heartbeat = Heartbeat::new(
+                    "alert",
+                    std::time::Duration::from_secs(120),
+                    std::time::Instant::now(),
+                );
                 outbox
-                    .commit_waiting(
-                        &health.register("alert"),
-                        "b",
-                        false,
-                        || b"{}".to_vec(),
-                        None,
-                    )
+                    .commit_waiting(&heartbeat, "b", false, || b"{}".to_vec(), None)
                     .await
             })
         };

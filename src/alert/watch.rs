@@ -44,9 +44,9 @@ pub fn run(args: &WatchArgs) -> Result<()> {
     let mut options = MqttOptions::parse_url(&url)
         .with_context(|| format!("invalid broker URL {}", args.mqtt))?;
     // rumqttc refuses incoming packets over 10 KiB by default and drops the connection
-    // (losing what follows): key images are up to `keyimage::MAX_BYTES`.
+    // (losing what follows): key images are up to `KEY_IMAGE_MAX_BYTES`.
     options.set_max_packet_size(
-        2 * crate::inference::keyimage::MAX_BYTES + 64 * 1024,
+        2 * crate::result::KEY_IMAGE_MAX_BYTES + 64 * 1024,
         64 * 1024,
     );
     let (client, mut connection) = Client::new(options, 64);

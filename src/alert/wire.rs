@@ -11,7 +11,7 @@ use anyhow::Result;
 use rumqttc::{QoS, Transport};
 use serde::{Deserialize, Serialize};
 
-use super::mqtt::BrokerUrl;
+use super::broker_url::BrokerUrl;
 
 /// `alert.protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{InferenceConfig, Pipeline};
-use crate::alert::result::Status;
-use crate::alert::TriageResult;
+use crate::result::{Status, TriageResult};
 use crate::series::SeriesOutcome;
 
 #[derive(Debug, clap::Args)]

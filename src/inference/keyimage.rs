@@ -7,8 +7,8 @@
 
 use anyhow::{Context, Result};
 
-/// Upper bound of the PNG size; a larger one is redrawn at the model resolution.
-pub const MAX_BYTES: usize = 100 * 1024;
+// Upper bound of the PNG size; a larger one is redrawn at the model resolution.
+use crate::result::KEY_IMAGE_MAX_BYTES as MAX_BYTES;
 
 /// Muted colours of C1..C7, blended over the grey image.
 const PALETTE: [[u8; 3]; 7] = [

@@ -1,5 +1,5 @@
 //! Inference: preprocessing as `models/model.json` specifies, the tract engine, and
-//! postprocessing into a [`crate::alert::TriageResult`].
+//! postprocessing into a [`crate::result::TriageResult`].
 //!
 //! - [`contract`]: `model.json` and the ONNX sha256 check.
 //! - [`envelope`]: the acquisitions the model was trained on; outside them `indeterminate`.
@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::service::health::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
-use crate::alert::{ResultMessage, TriageResult};
+use crate::result::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
 use engine::{Engine, EngineOptions, RuntimeChoice};
@@ -222,7 +222,7 @@ impl Pipeline {
     }
 
     /// Name, version and sha256 of the loaded model, as results and the status topic report it.
-    pub fn model_info(&self) -> crate::alert::result::ModelInfo {
+    pub fn model_info(&self) -> crate::result::ModelInfo {
         self.run_info().model
     }
 
@@ -319,7 +319,7 @@ impl Pipeline {
         let verdict =
             postprocess::interpret(volume, &grid, &outputs, contract, &self.thresholds, &run);
         let early_rejection = volume.meta.early.and_then(|check| {
-            use crate::alert::result::Status;
+            use crate::result::Status;
             match verdict.result.status {
                 Status::Positive | Status::Negative => {
                     postprocess::early_coverage(&outputs, &grid, &contract.coverage, &check).err()

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::contract::{Coverage, ModelContract, VERTEBRAE};
 use super::engine::ModelOutputs;
 use super::preprocess::{nearest_source_slice, source_slice_z, ModelGrid};
-use crate::alert::result::{
+use crate::result::{
     result_id, InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult,
     VertebraResult, SCHEMA_V1,
 };

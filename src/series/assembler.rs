@@ -40,7 +40,7 @@ use anyhow::Result;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::service::health::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
 use super::header::InstanceHeader;
 use super::load::build_best;

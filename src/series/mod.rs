@@ -241,7 +241,7 @@ pub struct SeriesMeta {
     pub last_received: Option<OffsetDateTime>,
     pub completed: Option<OffsetDateTime>,
     /// The distinct SOP Instance UIDs the series is built from, sorted (byte order):
-    /// what the result id names (see [`crate::alert::result::result_id`]). Filled when
+    /// what the result id names (see [`crate::result::result_id`]). Filled when
     /// the volume is built ([`build_volume`], [`load::build_best`]), also for a series
     /// that fails to build.
     pub sop_instance_uids: Vec<String>,

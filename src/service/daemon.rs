@@ -94,7 +94,7 @@ async fn run(config: Config) -> Result<()> {
         &config.dicom.spool_dir,
         spool::recover(&config.dicom.spool_dir)?,
         |series, sops| {
-            use alert::result::{result_id, Status};
+            use crate::result::{result_id, Status};
             Status::ALL
                 .into_iter()
                 .map(|status| result_id(series, &model.sha256, status, sops))

@@ -1,8 +1,9 @@
 //! Pipeline liveness: the systemd watchdog is fed by the stages' own progress, not by
 //! a free-running timer.
 //!
-//! Each stage registers once and gets a [`Heartbeat`] (cheap to clone). It beats when
-//! it finishes an item and while it idle-waits for input ([`Heartbeat::recv`] does both).
+//! Each stage registers once and gets a [`Heartbeat`] (cheap to clone; defined in
+//! [`crate::heartbeat`], below the stages). It beats when it finishes an item and while
+//! it idle-waits for input ([`Heartbeat::recv`] does both).
 //! A stage that has not beaten for longer than its allowed stall time is *stuck*.
 //! [`run_watchdog`] sends `WATCHDOG=1` every half watchdog interval only while no stage
 //! is stuck, so a stuck stage makes systemd kill and restart the daemon (`Restart=`),
@@ -11,9 +12,8 @@
 //! The same task keeps the `STATUS=` line current (studies queued, last result, stuck
 //! stages) for `systemctl status`.
 //!
-//! Fault injection for tests: `CSPINE_FAULT_STALL=inference` (comma-separated stage
-//! names, read once) makes that stage block forever, without beating, the first time it
-//! reaches [`Heartbeat::fault_stall_point`] (top of its loop). Production units never set it.
+//! Fault injection for tests (`CSPINE_FAULT_STALL`, [`Heartbeat::fault_stall_point`]) is
+//! described in [`crate::heartbeat`].
 //!
 //! Wiring, in `serve`: `let health = Health::new(config.service.stall_secs.clone())`;
 //! each stage gets `health.register("inference")` etc.; after the port is bound, the model
@@ -21,15 +21,14 @@
 //! on SIGTERM `notify::stopping()`.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::notify;
+use crate::heartbeat::{millis_since, Heartbeat, Stage};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-
-use super::notify;
 
 /// `[service.stall_secs]`: how long each stage may go without a heartbeat before it
 /// counts as stuck. Inference gets longest: one CT volume on a CPU-only box can take
@@ -102,21 +101,6 @@ struct Inner {
     last_result: Mutex<Option<String>>,
 }
 
-struct Stage {
-    name: &'static str,
-    allowed_stall: Duration,
-    last_beat_ms: AtomicU64,
-    /// A stage that ended on purpose (shutdown) is no longer watched.
-    finished: AtomicBool,
-}
-
-/// A stage's handle for reporting progress. Clone it into the stage's tasks.
-#[derive(Clone)]
-pub struct Heartbeat {
-    stage: Arc<Stage>,
-    epoch: Instant,
-}
-
 /// A stage that has not beaten for longer than it is allowed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StuckStage {
@@ -159,18 +143,8 @@ impl Health {
 
     /// Registers a stage with an explicit allowed stall time.
     pub fn register_with(&self, name: &'static str, allowed_stall: Duration) -> Heartbeat {
-        let stage = Arc::new(Stage {
-            name,
-            allowed_stall,
-            last_beat_ms: AtomicU64::new(0),
-            finished: AtomicBool::new(false),
-        });
-        let heartbeat = Heartbeat {
-            stage: stage.clone(),
-            epoch: self.inner.epoch,
-        };
-        heartbeat.beat();
-        lock(&self.inner.stages).push(stage);
+        let heartbeat = Heartbeat::new(name, allowed_stall, self.inner.epoch);
+        lock(&self.inner.stages).push(heartbeat.stage_handle());
         heartbeat
     }
 
@@ -241,123 +215,6 @@ impl Health {
         }
         line
     }
-}
-
-impl Heartbeat {
-    /// The stage made progress (finished an item, or is idle-waiting and alive).
-    pub fn beat(&self) {
-        let now = millis_since(self.epoch, Instant::now());
-        self.stage.last_beat_ms.fetch_max(now, Ordering::Relaxed);
-    }
-
-    /// The stage ended on purpose (input closed at shutdown): stop watching it.
-    /// A stage that dies without calling this stays watched and soon counts as stuck.
-    pub fn finish(&self) {
-        self.stage.finished.store(true, Ordering::Relaxed);
-    }
-
-    pub fn stage(&self) -> &'static str {
-        self.stage.name
-    }
-
-    /// How often an idle stage should beat: well within its allowed stall.
-    pub fn idle_beat_period(&self) -> Duration {
-        (self.stage.allowed_stall / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
-    }
-
-    /// Receives the next message, beating while idle-waiting and once on arrival.
-    /// `None` when the channel is closed (the stage should [`finish`](Self::finish)).
-    pub async fn recv<T>(&self, rx: &mut mpsc::Receiver<T>) -> Option<T> {
-        loop {
-            match tokio::time::timeout(self.idle_beat_period(), rx.recv()).await {
-                Ok(message) => {
-                    self.beat();
-                    return message;
-                }
-                Err(_idle) => self.beat(),
-            }
-        }
-    }
-
-    /// Sends `message` on a bounded channel, beating while the channel is full: waiting
-    /// for a slower stage downstream (the alert stage retrying a full outbox disk) is
-    /// backpressure, not a stall, and a stage downstream that is stuck has a heartbeat of
-    /// its own. Without this, a stage waiting here for longer than its allowed stall
-    /// made the watchdog restart the daemon again and again until the disk had room.
-    /// `Err` gives `message` back when the channel is closed.
-    pub async fn send<T>(&self, tx: &mpsc::Sender<T>, message: T) -> Result<(), T> {
-        loop {
-            self.beat();
-            match tokio::time::timeout(self.idle_beat_period(), tx.reserve()).await {
-                Ok(Ok(permit)) => {
-                    permit.send(message);
-                    self.beat();
-                    return Ok(());
-                }
-                Ok(Err(_closed)) => return Err(message),
-                Err(_full) => {}
-            }
-        }
-    }
-
-    /// Waits for `future` for at most `max`, beating meanwhile; `None` if `max` passed
-    /// first. For a stage that retries (a full or failing outbox disk): retrying is
-    /// progress, not a stall.
-    pub async fn wait_for<F: std::future::Future>(
-        &self,
-        future: F,
-        max: Duration,
-    ) -> Option<F::Output> {
-        let until = Instant::now() + max;
-        tokio::pin!(future);
-        loop {
-            self.beat();
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            if let Ok(output) =
-                tokio::time::timeout(left.min(self.idle_beat_period()), future.as_mut()).await
-            {
-                self.beat();
-                return Some(output);
-            }
-        }
-    }
-
-    /// Fault-injection point: if `CSPINE_FAULT_STALL` names this stage, block this task
-    /// forever without beating (a simulated hung stage, for the watchdog test).
-    /// Call it at the top of the stage's loop, before waiting for input, so that the
-    /// stage hangs right after start-up and the test needs no study:
-    /// `loop { beat.fault_stall_point().await; let Some(x) = beat.recv(&mut rx).await ... }`.
-    pub async fn fault_stall_point(&self) {
-        if fault_stall_requested(self.stage.name) {
-            log::warn!(
-                "CSPINE_FAULT_STALL: stage {} now stalls forever (fault injection)",
-                self.stage.name
-            );
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// Whether `CSPINE_FAULT_STALL` (comma-separated stage names, read once at first use)
-/// asks `stage` to stall. For tests only.
-pub fn fault_stall_requested(stage: &str) -> bool {
-    static STALLED: OnceLock<Vec<String>> = OnceLock::new();
-    STALLED
-        .get_or_init(|| parse_stage_list(&std::env::var("CSPINE_FAULT_STALL").unwrap_or_default()))
-        .iter()
-        .any(|s| s == stage)
-}
-
-fn parse_stage_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
 }
 
 /// Feeds the systemd watchdog and the `STATUS=` line; runs until the task is dropped
@@ -441,10 +298,6 @@ impl Watchdog {
     }
 }
 
-fn millis_since(epoch: Instant, now: Instant) -> u64 {
-    now.saturating_duration_since(epoch).as_millis() as u64
-}
-
 /// A poisoned lock only means another thread panicked mid-update of plain data.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -455,6 +308,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
@@ -515,7 +369,7 @@ mod tests {
         };
         let health = Health::new(stall.clone());
         let beat = health.register("inference");
-        assert_eq!(beat.stage.allowed_stall, secs(42));
+        assert_eq!(beat.allowed_stall(), secs(42));
         assert_eq!(stall.for_stage("later-stage"), secs(120));
         assert!(StallSecs {
             dicom: 0.0,
@@ -552,15 +406,6 @@ mod tests {
         health.study_done();
         health.set_queued(0);
         assert!(health.status_line(&[]).starts_with("0 studies queued"));
-    }
-
-    #[test]
-    fn fault_stall_list_parsing() {
-        assert_eq!(parse_stage_list(""), Vec::<String>::new());
-        assert_eq!(
-            parse_stage_list(" inference, series ,"),
-            ["inference", "series"]
-        );
     }
 
     #[tokio::test]

@@ -7,8 +7,8 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::fracture::Fracture;
 use super::geom::{add, cross, dot, normalize, rotate, scale, sub, Aabb, Frame, V3};
+use super::lesion::Fracture;
 use super::shape::{body_top, Group, Hole, Part, Shape};
 
 /// What a bone voxel is made of; the renderer maps it to HU.

@@ -6,48 +6,12 @@
 //! (1.25 mm in-plane, 2 mm slices, see docs/model-contract.md): cracks whose
 //! plane is close to axial get a gap of at least 1.5 source slice spacings and 3 mm.
 
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
-
 use super::anatomy::Bone;
 use super::geom::{dot, normalize, scale, V3};
+use super::lesion::{Fracture, FractureKind};
 use super::shape::{Group, Shape};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum FractureKind {
-    /// Lucent crack through the vertebral body, fragments in place.
-    BodyCrack,
-    /// Body crack with one fragment displaced by 1-4 mm.
-    DisplacedBodyCrack,
-    /// Anterior wedge compression (20-50 % anterior height loss).
-    Compression,
-    /// Crack through a lamina (posterior arch).
-    LaminaCrack,
-    /// Crack through the C1 ring (anterior or posterior arch), with a gap.
-    C1RingCrack,
-    /// Transverse gap at the base of the dens (C2).
-    DensFracture,
-}
-
-#[derive(Debug, Clone)]
-pub struct Fracture {
-    pub kind: FractureKind,
-    pub group: Group,
-    /// Local point on the fracture plane.
-    pub point: V3,
-    /// Local unit normal of the plane; the displaced fragment is on its + side.
-    pub normal: V3,
-    /// Gap width along the normal (mm); 0 for compression.
-    pub gap: f64,
-    /// Only points within this distance of `point` are affected.
-    pub region: f64,
-    /// Local displacement of the + side fragment (mm).
-    pub displacement: V3,
-    /// Anterior height loss (fraction) for compression.
-    pub wedge: f64,
-}
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 /// Fracture types that make anatomical sense for a vertebra.
 pub fn kinds_for(name: &str) -> &'static [FractureKind] {

@@ -37,6 +37,7 @@ pub mod anatomy;
 pub mod dicom_out;
 pub mod fracture;
 pub mod geom;
+pub mod lesion;
 pub mod nifti;
 pub mod render;
 pub mod shape;
@@ -70,7 +71,7 @@ pub struct SynthArgs {
     pub fracture: String,
     /// Restrict fractures to one type (only vertebrae that can have it are chosen).
     #[arg(long, value_enum)]
-    pub fracture_type: Option<fracture::FractureKind>,
+    pub fracture_type: Option<lesion::FractureKind>,
     /// Image matrix (rows = columns), 64-1024; default: random 256-512.
     #[arg(long)]
     pub matrix: Option<usize>,
@@ -157,7 +158,7 @@ pub struct Overrides {
     pub transfer_syntax: Option<TransferSyntax>,
     pub noise: Option<f64>,
     pub blur: Option<f64>,
-    pub fracture_type: Option<fracture::FractureKind>,
+    pub fracture_type: Option<lesion::FractureKind>,
 }
 
 impl SynthArgs {
@@ -279,7 +280,7 @@ struct VertebraTruth {
 #[derive(Serialize)]
 struct FractureTruth {
     vertebra: String,
-    kind: fracture::FractureKind,
+    kind: lesion::FractureKind,
     part: shape::Group,
     /// A point on the fracture plane (compression: the anterior superior corner), LPS mm.
     location_mm: [f64; 3],

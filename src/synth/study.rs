@@ -7,8 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::anatomy::{build_spine, Spine};
-use super::fracture::{add_fracture, kinds_for, FractureKind};
+use super::fracture::{add_fracture, kinds_for};
 use super::geom::{add, Aabb, V3};
+use super::lesion::FractureKind;
 use super::{FractureRequest, Overrides, TransferSyntax};
 
 /// Mean HU of each tissue in this study.

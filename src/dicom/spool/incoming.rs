@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use time::OffsetDateTime;
 
 use super::instance::{read_instance_from, DataSetBytes, InstanceInfo, InstanceSource};
-use super::store::{InstanceHeader, StoreError};
+use super::request::{InstanceHeader, StoreError};
 use crate::dicom::lengths;
 
 /// Received bytes are held in memory up to this size; a larger instance is streamed to

@@ -14,7 +14,7 @@ use dicom_object::{FileMetaTable, OpenFileOptions};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::store::InstanceHeader;
+use super::request::InstanceHeader;
 use crate::dicom::lengths;
 use crate::dicom::syntax::trim_uid;
 

@@ -12,6 +12,8 @@
 //! - [`incoming`]: an instance being received (memory, then a temp file; size and
 //!   free-space limits per chunk);
 //! - [`instance`]: the file meta group we write and what we read back from a file;
+//! - [`request`]: what the SCP knows before the data set ([`InstanceHeader`]) and why an
+//!   instance was not stored ([`StoreError`]);
 //! - [`lifecycle`]: after the store: the analysed mark, release, re-index and recovery;
 //! - [`janitor`]: the task that marks series whose result is committed and removes the
 //!   files the assembler releases, through the same [`Spool`] the SCP stores with.
@@ -58,6 +60,7 @@ pub mod incoming;
 pub mod instance;
 pub mod janitor;
 pub mod lifecycle;
+pub mod request;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -77,7 +80,8 @@ pub use lifecycle::{
     begin_attempt, delete_series, end_attempt, mark_analysed, mark_committed, read_mark, recover,
     reindex, AnalysedMark, AnalysedSeries, Recovered,
 };
-pub use store::{DuplicatePolicy, InstanceHeader, Spool, SpoolOptions, StoreError, Stored};
+pub use request::{InstanceHeader, StoreError};
+pub use store::{DuplicatePolicy, Spool, SpoolOptions, Stored};
 
 /// Instances being received.
 const TMP_DIR: &str = ".tmp";

@@ -15,42 +15,10 @@ use time::OffsetDateTime;
 
 use super::incoming::{ReceiveLimits, INITIAL_BUFFER};
 use super::instance::{file_meta, same_data_set};
+use super::request::{InstanceHeader, StoreError};
 use super::{lifecycle, safe_name, Incoming, TMP_DIR};
 use crate::dicom::{Arrival, StoredInstance};
 use crate::durable::{self, create_dir_all_durably, fsync_dir, CreateDirError};
-
-/// Why an instance was not stored; each maps to one C-STORE status.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The data set cannot be parsed (C000).
-    #[error("cannot understand the data set: {0}")]
-    CannotUnderstand(String),
-    /// The data set does not match the command (A900).
-    #[error("data set does not match the request: {0}")]
-    Mismatch(String),
-    /// Larger than `dicom.max_instance_mb` (A700).
-    #[error("out of resources: the instance is larger than dicom.max_instance_mb = {limit_mb} MB")]
-    TooLarge { limit_mb: u64 },
-    /// Storing it would leave the spool below `dicom.min_free_space_mb` (A700).
-    #[error(
-        "out of resources: the spool has {free_mb} MB free, storing this instance would take \
-         it below dicom.min_free_space_mb = {floor_mb} MB"
-    )]
-    ShortOfSpace { free_mb: u64, floor_mb: u64 },
-    /// Disk full, I/O error (A700).
-    #[error("out of resources: {0:#}")]
-    OutOfResources(anyhow::Error),
-}
-
-/// What the SCP knows about an instance before its data set arrives.
-#[derive(Debug, Clone)]
-pub struct InstanceHeader {
-    pub sop_class_uid: String,
-    pub sop_instance_uid: String,
-    pub transfer_syntax_uid: String,
-    pub calling_ae: String,
-    pub received_at: OffsetDateTime,
-}
 
 /// Result of a successful store.
 #[derive(Debug)]

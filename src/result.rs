@@ -1,12 +1,37 @@
-//! The result contract `cspine-triage/result/v1` (see `docs/alert.schema.json`).
+//! The result contract `cspine-triage/result/v1` (see `docs/alert.schema.json`) and the
+//! [`ResultMessage`] that carries it from inference to alert.
 //! Inference fills a [`TriageResult`]; the outbox and MQTT publish it unchanged.
+//! It sits below both stages, so that neither imports the other for it.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::series::FailedSeries;
+
 pub const SCHEMA_V1: &str = "cspine-triage/result/v1";
+
+/// Upper bound of the key image's PNG size: inference redraws a larger one at the model
+/// resolution, and an MQTT client sizes its packet limit after it.
+pub const KEY_IMAGE_MAX_BYTES: usize = 100 * 1024;
+
+/// Message from inference: one finished (or failed) series.
+#[derive(Debug, Clone)]
+pub struct ResultMessage {
+    /// `patient_ref`, `site`, `device` and `timings.published` are overwritten here.
+    pub result: TriageResult,
+    /// DICOM Patient ID (0010,0020) as received; turned into `patient_ref`.
+    pub patient_id: String,
+    /// Key image (PNG), published on `keyimage/<id>`.
+    pub key_image_png: Option<Vec<u8>>,
+    /// The SOP Instance UIDs the result analysed (what its id names), passed on in
+    /// `alert::Committed` for the spool's analysed mark; not published.
+    pub sop_instance_uids: Vec<String>,
+    /// Better series of the study that could not be built, when the result is a
+    /// fallback's ([`crate::series::SeriesMeta::failed_better`]): marked with it.
+    pub failed_better: Vec<FailedSeries>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
