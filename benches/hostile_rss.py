@@ -54,7 +54,8 @@ def hostile_series(n):
         ds.Modality, ds.PatientID, ds.ImageType = "CT", "HOSTILE", ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = k + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, c, -s]
-        ds.ImagePositionPatient = [0, 0, -0.5 * k]
+        # Along the tilted normal (row x column = (0, s, c)): tilted, not sheared.
+        ds.ImagePositionPatient = [0, 0.5 * k * s, 0.5 * k * c]
         ds.PixelSpacing = [0.05, 0.05]
         ds.SliceThickness = 0.5
         ds.Rows = ds.Columns = MATRIX
