@@ -270,22 +270,6 @@ fn late_instances_revision_analyses_the_whole_series() {
     );
 }
 
-/// A synthetic study's files in Instance Number order (synth numbers them along z), as a
-/// scanner sends them.
-fn files_in_z_order(study: &Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(study)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort_by_key(|p| {
-        p.file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(u64::MAX)
-    });
-    files
-}
-
 fn storescu_send(port: u16, files: &[std::path::PathBuf]) {
     let status = Command::new(dcmtk("storescu"))
         .args(["-aec", "CSPINE", "-aet", "CTSCANNER"])

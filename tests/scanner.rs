@@ -70,18 +70,20 @@ fn study(dir: &Path, seed: u64) -> (Vec<PathBuf>, String) {
         "none",
         &["--matrix", "256", "--slice-thickness", "1.5"],
     );
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dirs[0])
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort_by_key(|p| {
-        p.file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(u64::MAX)
-    });
+    let files = files_in_z_order(&dirs[0]);
     let uid = dirs[0].file_name().unwrap().to_string_lossy().into_owned();
     (files, uid)
+}
+
+/// Waits for a result of the series of `files` that analysed every one of them.
+fn wait_whole_series(b: &Box1, files: &[PathBuf]) {
+    let series = series_of(&files[0]);
+    let ok = wait_until_ok(RESULT_WAIT, || {
+        results(&b.sub)
+            .iter()
+            .any(|r| r["series_instance_uid"] == series.as_str() && r["instances"] == files.len())
+    });
+    assert!(ok, "no whole-series result:\n{}", b.daemon.log());
 }
 
 fn results(sub: &Subscriber) -> Vec<serde_json::Value> {
@@ -343,13 +345,7 @@ fn a_series_cut_by_an_abort_then_sent_again() {
     let cut = send(b.port, &files, &["--abort-after", &half]);
     assert!(cut[..files.len() / 2].iter().all(|&s| s == 0), "{cut:?}");
     assert_all_success(&send(b.port, &files, &[]), "the series again", &b.daemon);
-    let series = series_of(&files[0]);
-    let ok = wait_until_ok(RESULT_WAIT, || {
-        results(&b.sub)
-            .iter()
-            .any(|r| r["series_instance_uid"] == series.as_str() && r["instances"] == files.len())
-    });
-    assert!(ok, "no whole-series result:\n{}", b.daemon.log());
+    wait_whole_series(&b, &files);
 }
 
 /// kill -9 in the middle of the scout-first routine (after the scout was released and
@@ -371,13 +367,7 @@ fn kill_9_during_scout_first_loses_nothing() {
         "second half after the restart",
         &b.daemon,
     );
-    let series = series_of(&files[0]);
-    let ok = wait_until_ok(RESULT_WAIT, || {
-        results(&b.sub)
-            .iter()
-            .any(|r| r["series_instance_uid"] == series.as_str() && r["instances"] == files.len())
-    });
-    assert!(ok, "no whole-series result:\n{}", b.daemon.log());
+    wait_whole_series(&b, &files);
 }
 
 /// kill -9 right after a corrected re-send was acknowledged: after the restart the

@@ -63,20 +63,7 @@ impl KernelFamily {
             return Some(KernelFamily::Soft);
         }
         // Siemens style `<letters><two digits>` below 60 (B30f, Br40d, Hr36): soft.
-        let siemens_soft = upper.split('\\').any(|value| {
-            let value = value.trim();
-            let letters = value
-                .chars()
-                .take_while(|c| c.is_ascii_alphabetic())
-                .count();
-            let digits: String = value[letters..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect();
-            (1..=2).contains(&letters)
-                && matches!(value.as_bytes()[0], b'B' | b'H' | b'I' | b'J' | b'U')
-                && digits.len() == 2
-        });
+        let siemens_soft = crate::series::selection::siemens_sharpness(kernel).any(|n| n < 60);
         siemens_soft.then_some(KernelFamily::Soft)
     }
 }

@@ -115,8 +115,15 @@ pub fn is_bone_kernel(kernel: &str, extra: &[String]) -> bool {
     {
         return true;
     }
-    upper.split('\\').any(|value| {
-        let value = value.trim();
+    siemens_sharpness(kernel).any(|n| n >= 60)
+}
+
+/// The sharpness numbers of the Siemens-style values of a ConvolutionKernel (`B30f`,
+/// `Br64d`, `Hr36`: one or two letters starting with B, H, I, J or U, then two digits), one
+/// per `\`-separated value that has that form.
+pub fn siemens_sharpness(kernel: &str) -> impl Iterator<Item = u32> + '_ {
+    kernel.split('\\').filter_map(|value| {
+        let value = value.trim().to_ascii_uppercase();
         let letters = value
             .chars()
             .take_while(|c| c.is_ascii_alphabetic())
@@ -125,10 +132,10 @@ pub fn is_bone_kernel(kernel: &str, extra: &[String]) -> bool {
             .chars()
             .take_while(|c| c.is_ascii_digit())
             .collect();
-        (1..=2).contains(&letters)
+        let siemens = (1..=2).contains(&letters)
             && matches!(value.as_bytes()[0], b'B' | b'H' | b'I' | b'J' | b'U')
-            && digits.len() == 2
-            && digits.parse::<u32>().is_ok_and(|n| n >= 60)
+            && digits.len() == 2;
+        siemens.then(|| digits.parse().ok()).flatten()
     })
 }
 

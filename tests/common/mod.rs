@@ -278,6 +278,22 @@ pub fn synth(out: &Path, seed: u64, fracture: &str, extra: &[&str]) -> Vec<PathB
     dirs
 }
 
+/// A synthetic study's files in Instance Number order (synth numbers them along z), as a
+/// scanner sends them.
+pub fn files_in_z_order(study: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(study)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort_by_key(|p| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    files
+}
+
 /// A `serve` config for tests: loopback DICOM port, temp spool and outbox under `dir`, the
 /// repository's model, the given broker, a 1 s quiet period, site "testsite" and device
 /// "box1" (topics under `cspine/testsite/box1/`). `extra` is appended (further tables).
