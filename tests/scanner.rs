@@ -428,3 +428,56 @@ fn comments_in_spool(spool: &Path, sop: &str) -> Option<String> {
         .ok()?;
     Some(comments.to_str().ok()?.trim_end().to_string())
 }
+
+/// kill -9 while two scanners are sending: every instance either scanner was told Success
+/// for is in the spool after the restart; both send their studies again (as scanners
+/// retry an interrupted transfer) and both get a whole-series result.
+#[test]
+fn kill_9_while_two_scanners_send_loses_no_acknowledged_instance() {
+    let mut b = Box1::start("");
+    let (a_files, _) = study(b.tmp.path(), 9310);
+    let (b_files, _) = study(b.tmp.path(), 9311);
+    let port = b.port;
+    let (fa, fb) = (a_files.clone(), b_files.clone());
+    // A short DIMSE timeout: the killed daemon's associations are noticed through it.
+    let quick = ["--dimse-timeout", "15"];
+    let ta =
+        std::thread::spawn(move || send(port, &fa, &[&["--aet", "CT_NORTH"][..], &quick].concat()));
+    let tb =
+        std::thread::spawn(move || send(port, &fb, &[&["--aet", "CT_SOUTH"][..], &quick].concat()));
+    // Kill once some instances are in the spool, while both are still sending.
+    let spool = b.spool();
+    assert!(wait_until_ok(RESULT_WAIT, || walk(&spool).len() >= 20));
+    b.restart_after_kill9();
+    let (sa, sb) = (ta.join().unwrap(), tb.join().unwrap());
+    let stored: std::collections::BTreeSet<String> = walk(&b.spool())
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    for (files, statuses) in [(&a_files, &sa), (&b_files, &sb)] {
+        for (file, status) in files.iter().zip(statuses.iter()) {
+            if *status == 0 {
+                let sop = sop_of(file);
+                assert!(
+                    stored.contains(&format!("{sop}.dcm")),
+                    "{} was acknowledged but is not in the spool after kill -9",
+                    file.display()
+                );
+            }
+        }
+    }
+    assert_all_success(&send(b.port, &a_files, &[]), "scanner A again", &b.daemon);
+    assert_all_success(&send(b.port, &b_files, &[]), "scanner B again", &b.daemon);
+    wait_whole_series(&b, &a_files);
+    wait_whole_series(&b, &b_files);
+}
+
+fn sop_of(file: &Path) -> String {
+    let obj = dicom_object::open_file(file).unwrap();
+    obj.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}

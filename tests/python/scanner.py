@@ -6,7 +6,8 @@ aborted mid-series) and prepares the files those behaviours send.
 Every subcommand prints one JSON object on stdout; the Rust tests assert on it.
 
   send PORT FILE...                  -> {"statuses": [int, ...], "error": str|null}
-      [--aet AE] [--abort-after N]     one DIMSE status a file (--abort-after: A-ABORT after
+      [--aet AE] [--abort-after N]     one DIMSE status a file
+      [--dimse-timeout S] (--abort-after: A-ABORT after
                                        N files, the rest get -1; -2: no status in the
                                        response; -3: the association had ended)
   scout SRC OUT                      -> {"series": uid}  a localizer of SRC's study
@@ -36,8 +37,8 @@ def send(args):
     ae = AE(ae_title=args.aet)
     # Generous: the tests run beside other daemons on a 2-core machine.
     ae.acse_timeout = 60
-    ae.dimse_timeout = 300
-    ae.network_timeout = 300
+    ae.dimse_timeout = args.dimse_timeout
+    ae.network_timeout = args.dimse_timeout
     datasets = [pydicom.dcmread(f) for f in args.files]
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID),
@@ -113,6 +114,8 @@ def main():
     s.add_argument("files", nargs="+")
     s.add_argument("--aet", default="CTSCANNER")
     s.add_argument("--abort-after", type=int)
+    # A peer killed mid-association is noticed only through this timeout.
+    s.add_argument("--dimse-timeout", type=float, default=300)
     s.set_defaults(func=send)
     s = sub.add_parser("scout")
     s.add_argument("src")
