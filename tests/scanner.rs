@@ -126,8 +126,12 @@ fn wait_until_ok(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 fn series_of(file: &Path) -> String {
+    uid_of(file, dicom_dictionary_std::tags::SERIES_INSTANCE_UID)
+}
+
+fn uid_of(file: &Path, tag: dicom_core::Tag) -> String {
     let obj = dicom_object::open_file(file).unwrap();
-    obj.element(dicom_dictionary_std::tags::SERIES_INSTANCE_UID)
+    obj.element(tag)
         .unwrap()
         .to_str()
         .unwrap()
@@ -473,11 +477,5 @@ fn kill_9_while_two_scanners_send_loses_no_acknowledged_instance() {
 }
 
 fn sop_of(file: &Path) -> String {
-    let obj = dicom_object::open_file(file).unwrap();
-    obj.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string()
+    uid_of(file, dicom_dictionary_std::tags::SOP_INSTANCE_UID)
 }
