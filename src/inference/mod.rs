@@ -134,6 +134,28 @@ pub struct Analysis {
     pub outside_envelope: Vec<envelope::Violation>,
 }
 
+impl Analysis {
+    /// An `indeterminate` analysis for which the model did not run (`reason`), as of now.
+    fn not_run(
+        volume: &CtVolume,
+        mut run: RunInfo,
+        reason: &str,
+        started: Instant,
+        outside_envelope: Vec<envelope::Violation>,
+    ) -> Analysis {
+        run.inference_end = Some(OffsetDateTime::now_utc());
+        Analysis {
+            early_rejection: volume.meta.early.map(|_| reason.to_string()),
+            result: postprocess::indeterminate_result(&volume.meta, &run, reason),
+            key_image_png: None,
+            preprocess_time: started.elapsed(),
+            model_time: Duration::ZERO,
+            profile: None,
+            outside_envelope,
+        }
+    }
+}
+
 /// The volume [`Pipeline::analyze_volume`] reads: borrowed, or its own to free early.
 enum VolumeAccess<'a> {
     Shared(&'a CtVolume),
@@ -260,21 +282,12 @@ impl Pipeline {
         let volume = access.volume();
         let planes = match sampled {
             Sampled::TooShort { slices, min_slices } => {
-                run.inference_end = Some(OffsetDateTime::now_utc());
                 let reason = format!(
                     "{}: {slices} model slice(s) of {} mm, at least {min_slices} needed",
                     postprocess::REASON_TOO_SHORT,
                     contract.input.spacing_mm.slice
                 );
-                return Ok(Analysis {
-                    early_rejection: volume.meta.early.map(|_| reason.clone()),
-                    result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
-                    key_image_png: None,
-                    preprocess_time: t0.elapsed(),
-                    model_time: Duration::ZERO,
-                    profile: None,
-                    outside_envelope: Vec::new(),
-                });
+                return Ok(Analysis::not_run(volume, run, &reason, t0, Vec::new()));
             }
             Sampled::Planes(planes) => planes,
         };
@@ -283,17 +296,14 @@ impl Pipeline {
             None => Vec::new(),
         };
         if !outside_envelope.is_empty() && self.envelope_policy == EnvelopePolicy::Enforce {
-            run.inference_end = Some(OffsetDateTime::now_utc());
             let reason = envelope::reason(&outside_envelope);
-            return Ok(Analysis {
-                early_rejection: volume.meta.early.map(|_| reason.clone()),
-                result: postprocess::indeterminate_result(&volume.meta, &run, &reason),
-                key_image_png: None,
-                preprocess_time: t0.elapsed(),
-                model_time: Duration::ZERO,
-                profile: None,
+            return Ok(Analysis::not_run(
+                volume,
+                run,
+                &reason,
+                t0,
                 outside_envelope,
-            });
+            ));
         }
         let input = planes.to_input();
         // The copies into the three channels are preprocessing too.

@@ -251,8 +251,9 @@ impl Incoming {
     }
 }
 
-/// `Err` when writing `bytes` more would leave the spool below its free-space floor.
-fn check_room(limits: &ReceiveLimits, bytes: u64) -> Result<(), StoreError> {
+/// `Err` when writing `bytes` more would leave the spool below its free-space floor
+/// (`bytes` = 0: when it is below already).
+pub(super) fn check_room(limits: &ReceiveLimits, bytes: u64) -> Result<(), StoreError> {
     let free =
         crate::durable::free_space(&limits.spool_root).map_err(StoreError::OutOfResources)?;
     if free < limits.min_free_bytes.saturating_add(bytes) {

@@ -13,7 +13,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::incoming::{ReceiveLimits, INITIAL_BUFFER};
+use super::incoming::{check_room, ReceiveLimits, INITIAL_BUFFER};
 use super::instance::{file_meta, same_data_set};
 use super::request::{InstanceHeader, StoreError};
 use super::{lifecycle, safe_name, Incoming, TMP_DIR};
@@ -57,7 +57,6 @@ pub struct Spool {
     root: PathBuf,
     tmp: PathBuf,
     our_ae: String,
-    min_free_bytes: u64,
     duplicate_policy: DuplicatePolicy,
     /// Study and series directories whose entry in their parent this process has fsynced
     /// ([`Spool::make_dir_durable`]); a directory leaves it before it is removed.
@@ -149,7 +148,6 @@ impl Spool {
             root: root.to_path_buf(),
             tmp,
             our_ae: options.our_ae,
-            min_free_bytes: options.min_free_mb.saturating_mul(1 << 20),
             duplicate_policy: options.duplicate_policy,
             durable_dirs: Default::default(),
             dir_lock: RwLock::new(()),
@@ -167,14 +165,7 @@ impl Spool {
 
     /// `Err` (with the numbers) when free space is below the configured floor.
     pub fn check_free_space(&self) -> Result<(), StoreError> {
-        let free = durable::free_space(&self.root).map_err(StoreError::OutOfResources)?;
-        if free < self.min_free_bytes {
-            return Err(StoreError::ShortOfSpace {
-                free_mb: free >> 20,
-                floor_mb: self.min_free_bytes >> 20,
-            });
-        }
-        Ok(())
+        check_room(&self.limits, 0)
     }
 
     /// Starts receiving an instance: encodes the file meta group. The temp file is
