@@ -75,6 +75,26 @@ fn study(dir: &Path, seed: u64) -> (Vec<PathBuf>, String) {
     (files, uid)
 }
 
+/// Sends a corrected version of `file` (same SOP Instance UID, other content; asserts
+/// Success) and returns its SOP Instance UID.
+fn send_corrected(b: &Box1, file: &Path) -> String {
+    let corrected = b.tmp.path().join("corrected.dcm");
+    let sop = scanner(&[
+        "correct",
+        file.to_str().unwrap(),
+        corrected.to_str().unwrap(),
+    ])["sop"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_all_success(
+        &send(b.port, &[corrected], &[]),
+        "the corrected instance",
+        &b.daemon,
+    );
+    sop
+}
+
 /// Waits for a result of the series of `files` that analysed every one of them.
 fn wait_whole_series(b: &Box1, files: &[PathBuf]) {
     let series = series_of(&files[0]);
@@ -295,21 +315,7 @@ fn a_corrected_resend_replaces_the_instance_and_the_series_is_analysed_again() {
     assert_all_success(&send(b.port, &files, &[]), "the series", &b.daemon);
     let series = series_of(&files[0]);
     wait_results(&b.sub, &series, 1, &b.daemon);
-    let corrected = b.tmp.path().join("corrected.dcm");
-    let mid = &files[files.len() / 2];
-    let sop = scanner(&[
-        "correct",
-        mid.to_str().unwrap(),
-        corrected.to_str().unwrap(),
-    ])["sop"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_all_success(
-        &send(b.port, &[corrected], &[]),
-        "the corrected instance",
-        &b.daemon,
-    );
+    let sop = send_corrected(&b, &files[files.len() / 2]);
     let two = wait_results(&b.sub, &series, 2, &b.daemon);
     assert_eq!(two[1]["instances"], files.len(), "{}", two[1]);
     assert_eq!(
@@ -383,20 +389,7 @@ fn kill_9_after_a_corrected_resend_analyses_the_corrected_version() {
     assert_all_success(&send(b.port, &files, &[]), "the series", &b.daemon);
     let series = series_of(&files[0]);
     wait_results(&b.sub, &series, 1, &b.daemon);
-    let corrected = b.tmp.path().join("corrected.dcm");
-    let sop = scanner(&[
-        "correct",
-        files[3].to_str().unwrap(),
-        corrected.to_str().unwrap(),
-    ])["sop"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_all_success(
-        &send(b.port, &[corrected], &[]),
-        "the corrected instance",
-        &b.daemon,
-    );
+    let sop = send_corrected(&b, &files[3]);
     b.restart_after_kill9();
     wait_results(&b.sub, &series, 2, &b.daemon);
     assert_eq!(
