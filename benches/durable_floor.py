@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The floor of a durable store on this disk, without network or parsing (issue 2's
-ingest target, see BENCHMARKS.md): per instance, the spool's file-system steps alone:
+"""The floor of a durable store on this disk, without network or parsing (the ingest
+target: parity with storescp, see BENCHMARKS.md): per instance, the spool's file-system steps alone:
 write 525 KB (a 512x512 16-bit slice) to a new temp file, fdatasync, link it into the
 series directory, fsync the directory, unlink the temp name. Interleaved with the same
 steps without the two syncs (what DCMTK storescp does), and with what a write-ahead
 journal would do instead: overwrite 525 KB of a segment file whose blocks were written and
 synced beforehand, then fdatasync (no new inode, no directory entry, no allocation to
-commit: the design sketched in issue 2, not built).
+commit: a design sketched in BENCHMARKS.md, not built).
 
     python3 benches/durable_floor.py DIR [INSTANCES] [ROUNDS]
 

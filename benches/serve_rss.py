@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peak memory of the whole daemon for ONE large study (issue 7's target: <= 400 MB for
+"""Peak memory of the whole daemon for ONE large study (the target: <= 400 MB for
 700 slices of 512x512): DCMTK storescu -> `cspine-triage serve` -> spool -> volume ->
 preprocessing -> tract -> outbox -> mosquitto -> a paho subscriber.
 

@@ -4,7 +4,7 @@
 //!
 //! Each helper does one step of a crash-safe protocol and says which `fsync`s make it
 //! durable: a file's data is durable after its own `fsync`, its *name* only after its
-//! directory's, and a new directory's name only after its parent's. `benches/power_cut.py`
+//! directory's, and a new directory's name only after its parent's. `tests/reliability/power_cut.py`
 //! (a real power cut under qemu) found each of the missing directory fsyncs once.
 
 use std::fs::{self, File};

@@ -423,7 +423,7 @@ fn malformed_input_gets_an_error_status_or_abort_and_the_daemon_keeps_serving() 
     );
 }
 
-/// Regression (benches/fuzz_network.py, docs/RELIABILITY.md): a C-STORE whose Pixel Data
+/// Regression (tests/reliability/fuzz_network.py, docs/RELIABILITY.md): a C-STORE whose Pixel Data
 /// declares gigabytes but carries 32 KiB made the SCP allocate and zero-fill the declared
 /// length first (about 4 s per 2 GB on an idle machine, minutes on a loaded one). Now:
 /// C000 at once, a log line naming the element and its offset, nothing spooled, and the

@@ -5,7 +5,7 @@
 //! reads the value (`read_value_ob` grows a `SmallVec` byte by byte). A peer that declares
 //! 0x7FFFFFFE bytes and sends a few keeps a worker at 100 % CPU (about 4 s per 2 GB on an
 //! idle machine, minutes on a loaded one) and its memory at 2 GiB, per instance: the
-//! "parse-back hang" found by benches/fuzz_network.py. A `Take` or any other
+//! "parse-back hang" found by tests/reliability/fuzz_network.py. A `Take` or any other
 //! limited reader does not help: the allocation happens before the first read, and
 //! dicom-parser has no setting that caps a length.
 //!
@@ -406,7 +406,7 @@ mod tests {
 
     #[test]
     fn a_value_longer_than_the_data_is_refused_at_once() {
-        // The case found by benches/fuzz_network.py: OB declared ~2 GB, 4 bytes present.
+        // The case found by tests/reliability/fuzz_network.py: OB declared ~2 GB, 4 bytes present.
         let mut d = head();
         let at = d.len();
         d.extend(long(0x7FE0, 0x0010, b"OB", 0x7FFF_FFFE, b"abcd"));

@@ -180,7 +180,7 @@ async fn run(config: Config) -> Result<()> {
                 volume_tx,
                 SpoolLinks {
                     // The full 512 x 512 volume of a long study alone is over the memory
-                    // budget of an edge box (issue 7: 400 MB for 700 slices).
+                    // budget of an edge box (400 MB for 700 slices, BENCHMARKS.md).
                     window: Some(pipeline.volume_window()),
                     spool_dir: Some(config.dicom.spool_dir.clone()),
                     analysed,

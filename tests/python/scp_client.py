@@ -229,7 +229,7 @@ def bad_stores(port):
 def lying_length(port):
     """On ONE association: CT_small whose Pixel Data declares 2, 3 and 4 GB (its 32 KiB
     are sent), each timed; then a C-ECHO (the association must still work). The bug
-    found by benches/fuzz_network.py: the SCP allocated and zero-filled the declared
+    found by tests/reliability/fuzz_network.py: the SCP allocated and zero-filled the declared
     length before noticing the data was short (about 4 s per 2 GB on an idle machine,
     minutes on a loaded one, and that much memory)."""
     ct = pydicom.dcmread(testdata("CT_small.dcm"))

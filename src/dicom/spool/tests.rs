@@ -223,7 +223,7 @@ fn a_declared_length_beyond_the_data_is_refused_quickly_and_nothing_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), "CSPINE", 0).unwrap();
     let mut ds = dataset("1.2.3", "1.2.3.4", "1.2.3.4.5");
-    // Pixel Data, OB, declared 0x7FFFFFFE bytes, 4 present (benches/fuzz_network.py).
+    // Pixel Data, OB, declared 0x7FFFFFFE bytes, 4 present (tests/reliability/fuzz_network.py).
     ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
     ds.extend_from_slice(&0x7FFF_FFFEu32.to_le_bytes());
     ds.extend_from_slice(b"abcd");

@@ -5,7 +5,7 @@ daemon over loopback; after each batch the daemon must still answer C-ECHO.
 Counts crashes (daemon process gone) and hangs (no C-ECHO answer within 10 s), and
 tallies what each case got back (C-STORE status, A-ABORT, reject, nothing within the
 0.5 s socket timeout) with the slowest C-STORE answer.
-Usage: python3 benches/fuzz_network.py [--count 10000] [--seed 1]
+Usage: python3 tests/reliability/fuzz_network.py [--count 10000] [--seed 1]
 Needs a release build, DCMTK echoscu, pydicom + pydicom-data. Loopback only; bounded in
 count and time. Not a test: the cheap parts are tests in tests/dicom_scp.rs.
 """

@@ -49,8 +49,8 @@ Install (not part of .ci/run):
 
 Commands (as root, from the repository root):
 
-    python3 benches/power_cut.py --self-test
-    CSPINE_BIN=$PWD/target/release/cspine-triage nice -n 5 python3 benches/power_cut.py \
+    python3 tests/reliability/power_cut.py --self-test
+    CSPINE_BIN=$PWD/target/release/cspine-triage nice -n 5 python3 tests/reliability/power_cut.py \
         --cuts 10 [--seed S] [--studies 5]
 """
 import argparse
@@ -69,7 +69,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------- the file system
 

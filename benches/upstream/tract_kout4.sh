@@ -8,10 +8,10 @@
 # (benches/infer_ab.py --bin-b), and prints the largest difference between the two
 # builds' probabilities (the patch changes where bytes are written, not their values).
 #
-#   cargo build --release --locked && benches/tract_kout4.sh [PAIRS]
-#   BUILD_ONLY=1 benches/tract_kout4.sh     (only the patched build, e.g. while the machine is busy)
+#   cargo build --release --locked && benches/upstream/tract_kout4.sh [PAIRS]
+#   BUILD_ONLY=1 benches/upstream/tract_kout4.sh     (only the patched build, e.g. while the machine is busy)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PAIRS=${1:-15}
 W=$ROOT/target/kout4
@@ -21,12 +21,12 @@ SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tract-linalg-0.23.9 2>/
 
 # The patched copy is kept between runs (a fresh copy would rebuild tract); the tree is
 # re-extracted with the commit's file times, so an unchanged HEAD is not rebuilt either.
-STAMP=$(sha256sum benches/tract-linalg-kout4.patch | cut -c1-16)
+STAMP=$(sha256sum benches/upstream/tract-linalg-kout4.patch | cut -c1-16)
 if [ "$(cat "$W/tract-linalg/.kout4-patch" 2>/dev/null)" != "$STAMP" ]; then
   rm -rf "$W/tract-linalg"
   mkdir -p "$W"
   cp -r "$SRC" "$W/tract-linalg"
-  patch -s -d "$W/tract-linalg" -p1 < benches/tract-linalg-kout4.patch
+  patch -s -d "$W/tract-linalg" -p1 < benches/upstream/tract-linalg-kout4.patch
   echo "$STAMP" > "$W/tract-linalg/.kout4-patch"
 fi
 rm -rf "$W/tree"
