@@ -398,6 +398,83 @@ fn kill_9_after_a_corrected_resend_analyses_the_corrected_version() {
     );
 }
 
+/// kill -9 between two series of one study sent in separate associations: the first
+/// series was acknowledged, the daemon is killed before its quiet period ends, the second
+/// series arrives after the restart, and the study gets a whole-series result.
+#[test]
+fn kill_9_between_two_series_of_a_study_loses_nothing() {
+    let mut b = Box1::start("");
+    let (files, _) = study(b.tmp.path(), 9312);
+    let soft_dir = b.tmp.path().join("soft");
+    let soft = scanner(&[
+        "reseries",
+        files[0].parent().unwrap().to_str().unwrap(),
+        soft_dir.to_str().unwrap(),
+        "--kernel",
+        "B30f",
+        "--thickness",
+        "3.0",
+    ]);
+    let soft_series = soft["series"].as_str().unwrap().to_string();
+    let bone_series = series_of(&files[0]);
+    assert_all_success(&send(b.port, &files, &[]), "bone series", &b.daemon);
+    b.restart_after_kill9();
+    let mut soft_files: Vec<PathBuf> = files
+        .iter()
+        .map(|f| soft_dir.join(f.file_name().unwrap()))
+        .collect();
+    soft_files.sort();
+    assert_all_success(
+        &send(b.port, &soft_files, &[]),
+        "soft series after the restart",
+        &b.daemon,
+    );
+    let ok = wait_until_ok(RESULT_WAIT, || {
+        results(&b.sub).iter().any(|r| {
+            (r["series_instance_uid"] == bone_series.as_str()
+                || r["series_instance_uid"] == soft_series.as_str())
+                && r["status"] != "failed"
+                && r["instances"] == files.len()
+        })
+    });
+    assert!(
+        ok,
+        "no whole-series result for the study:\n{}",
+        b.daemon.log()
+    );
+}
+
+/// kill -9 right after a late instance of an analysed series was acknowledged (the study
+/// is still remembered): after the restart the series is analysed again with the late
+/// instance and every earlier one.
+#[test]
+fn kill_9_after_a_late_instance_analyses_it_with_the_series() {
+    let mut b = Box1::start("");
+    let (files, _) = study(b.tmp.path(), 9313);
+    let (early, late) = files.split_at(files.len() - 1);
+    assert_all_success(&send(b.port, early, &[]), "the series", &b.daemon);
+    let series = series_of(&files[0]);
+    wait_results(&b.sub, &series, 1, &b.daemon);
+    assert_all_success(&send(b.port, late, &[]), "the late instance", &b.daemon);
+    b.restart_after_kill9();
+    let two = wait_results(&b.sub, &series, 2, &b.daemon);
+    assert_eq!(two[1]["instances"], files.len(), "{}", two[1]);
+}
+
+/// kill -9 after a series was cut by an association abort: after the restart the scanner
+/// sends the series again whole, every instance is Success and the series is analysed whole.
+#[test]
+fn kill_9_after_a_series_cut_by_an_abort_loses_nothing() {
+    let mut b = Box1::start("");
+    let (files, _) = study(b.tmp.path(), 9314);
+    let half = (files.len() / 2).to_string();
+    let cut = send(b.port, &files, &["--abort-after", &half]);
+    assert!(cut[..files.len() / 2].iter().all(|&s| s == 0), "{cut:?}");
+    b.restart_after_kill9();
+    assert_all_success(&send(b.port, &files, &[]), "the series again", &b.daemon);
+    wait_whole_series(&b, &files);
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
