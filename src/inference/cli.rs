@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{InferenceConfig, Pipeline};
+use super::{InferenceConfig, Pipeline, RuntimeChoice};
 use crate::result::{Status, TriageResult};
 use crate::series::SeriesOutcome;
 
@@ -35,8 +35,8 @@ pub struct InferArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// gpu-or-cpu (CUDA when usable and faster on a start-up probe), cuda or cpu.
-    #[arg(long, default_value = "gpu-or-cpu")]
-    pub runtime: String,
+    #[arg(long, value_enum, default_value_t = RuntimeChoice::GpuOrCpu)]
+    pub runtime: RuntimeChoice,
     /// Writable directory for the kernels tract-cuda compiles.
     #[arg(long, default_value = "/var/cache/cspine-triage")]
     pub cuda_cache_dir: PathBuf,
@@ -82,7 +82,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
     let config = InferenceConfig {
         model: args.model.clone(),
         threads: args.threads,
-        runtime: args.runtime.clone(),
+        runtime: args.runtime,
         cuda_cache_dir: args.cuda_cache_dir.clone(),
         slice_parallel: !args.no_slice_parallel,
         ..InferenceConfig::default()

@@ -21,24 +21,18 @@ use super::preprocess::ModelInput;
 /// `(node name, op name, time)` per node of a plan, in plan order.
 pub type NodeTimes = Vec<(String, String, Duration)>;
 
-/// Which runtime to prepare the model for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which runtime to prepare the model for (`inference.runtime`, `infer --runtime`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum RuntimeChoice {
+    /// tract's CPU kernels.
     Cpu,
+    /// tract-cuda; fail when no usable GPU.
     Cuda,
+    /// CUDA when usable and faster than the CPU on a start-up probe, else the CPU.
     GpuOrCpu,
-}
-
-impl std::str::FromStr for RuntimeChoice {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(RuntimeChoice::Cpu),
-            "cuda" => Ok(RuntimeChoice::Cuda),
-            "gpu-or-cpu" => Ok(RuntimeChoice::GpuOrCpu),
-            _ => bail!("unknown runtime {s:?}: use \"cpu\", \"cuda\" or \"gpu-or-cpu\""),
-        }
-    }
 }
 
 /// Engine settings (from `[inference]` or the `infer` flags).

@@ -34,7 +34,8 @@ use crate::heartbeat::Heartbeat;
 use crate::result::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
-use engine::{Engine, EngineOptions, RuntimeChoice};
+pub use engine::RuntimeChoice;
+use engine::{Engine, EngineOptions};
 use envelope::{Acquisition, EnvelopePolicy};
 use postprocess::{RunInfo, Thresholds};
 use preprocess::Sampled;
@@ -49,7 +50,7 @@ pub struct InferenceConfig {
     pub threads: usize,
     /// "gpu-or-cpu" (CUDA when usable and faster than the CPU on a start-up probe, else
     /// CPU), "cuda" (fail without it) or "cpu".
-    pub runtime: String,
+    pub runtime: RuntimeChoice,
     /// Writable directory where tract-cuda keeps the kernels NVRTC compiled.
     pub cuda_cache_dir: PathBuf,
     /// Overrides `thresholds.patient` of model.json.
@@ -66,7 +67,7 @@ impl Default for InferenceConfig {
         InferenceConfig {
             model: PathBuf::from("/usr/share/cspine-triage/model/model.json"),
             threads: 2,
-            runtime: "gpu-or-cpu".into(),
+            runtime: RuntimeChoice::GpuOrCpu,
             cuda_cache_dir: PathBuf::from("/var/cache/cspine-triage"),
             patient_threshold: None,
             vertebra_thresholds: BTreeMap::new(),
@@ -82,9 +83,6 @@ impl InferenceConfig {
             "inference.threads must be 1 to 256, got {}",
             self.threads
         );
-        self.runtime
-            .parse::<RuntimeChoice>()
-            .context("inference.runtime")?;
         let valid = |t: f32| (0.0..=1.0).contains(&t);
         if let Some(t) = self.patient_threshold {
             ensure!(
@@ -107,7 +105,7 @@ impl InferenceConfig {
 
     pub fn engine_options(&self) -> Result<EngineOptions> {
         Ok(EngineOptions {
-            runtime: self.runtime.parse().context("inference.runtime")?,
+            runtime: self.runtime,
             threads: self.threads,
             cuda_cache_dir: self.cuda_cache_dir.clone(),
             slice_parallel: self.slice_parallel,
