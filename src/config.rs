@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{alert, dicom, inference, series, service};
+use crate::{alert, dicom, inference, pacs, series, service};
 
 /// Effective configuration of `cspine-triage serve`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -20,6 +20,7 @@ pub struct Config {
     pub inference: inference::InferenceConfig,
     pub alert: alert::AlertConfig,
     pub service: service::ServiceConfig,
+    pub pacs: pacs::PacsConfig,
 }
 
 impl Config {
@@ -43,6 +44,7 @@ impl Config {
         self.inference.validate()?;
         self.alert.validate()?;
         self.service.validate()?;
+        self.pacs.validate()?;
         Ok(())
     }
 
