@@ -169,10 +169,19 @@ fn testdata_dir() -> &'static Path {
 
 /// A real DICOM file as a result object; with `new_uid`, under that SOP Instance UID.
 fn object(file: &str, new_uid: Option<&str>) -> ResultObject {
+    object_as(file, new_uid, None)
+}
+
+/// [`object`], and with `new_class` under that SOP Class UID.
+fn object_as(file: &str, new_uid: Option<&str>, new_class: Option<&str>) -> ResultObject {
     let mut obj = dicom_object::open_file(testdata_dir().join(file)).unwrap();
     if let Some(uid) = new_uid {
         obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, uid));
         obj.update_meta(|meta| meta.media_storage_sop_instance_uid = uid.to_owned());
+    }
+    if let Some(class) = new_class {
+        obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, class));
+        obj.update_meta(|meta| meta.media_storage_sop_class_uid = class.to_owned());
     }
     let text = |tag| {
         obj.element(tag)
@@ -350,6 +359,34 @@ fn the_same_object_enqueued_twice_is_queued_and_delivered_once() {
     let senders = start_senders(&rt, &delivery);
     wait_for_all(&orthanc, &delivery, objects.len());
     assert_eq!(orthanc.instances(), uids(&objects));
+    senders.abort();
+}
+
+#[test]
+fn an_object_the_pacs_refuses_is_set_aside_and_the_rest_is_delivered() {
+    let mut orthanc = Orthanc::configure();
+    orthanc.start();
+    let queue = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    // A SOP class Orthanc does not know: it refuses the presentation context.
+    let refused = object_as(
+        "CT_small.dcm",
+        Some("1.2.826.0.1.3680043.10.1178.99"),
+        Some("1.2.826.0.1.3680043.10.1178.7.7"),
+    );
+    let mut objects = vec![refused.clone()];
+    objects.extend(self::objects());
+    delivery.enqueue(&objects).unwrap();
+    let senders = start_senders(&rt, &delivery);
+    wait_for_all(&orthanc, &delivery, objects.len() - 1);
+    assert_eq!(orthanc.instances(), uids(&objects[1..]));
+    let rejected = delivery
+        .queue_dir("orthanc")
+        .unwrap()
+        .join(cspine_triage::pacs::REJECTED_DIR)
+        .join(format!("{}.entry", refused.sop_instance_uid));
+    assert!(rejected.exists(), "{} missing", rejected.display());
     senders.abort();
 }
 
