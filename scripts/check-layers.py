@@ -3,7 +3,8 @@
 
 Layers, lowest first (a module may import its own layer and those below it):
 
-    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  alert
+    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  report  <  pacs
+                        <  alert
                         <  service, config, synth  <  main.rs
 
 `heartbeat` (the stage liveness handle) and `result` (the result contract and the
@@ -39,6 +40,8 @@ LAYERS = [
     ["series"],
     ["result"],
     ["inference"],
+    ["report"],
+    ["pacs"],
     ["alert"],
     ["service", "config", "synth"],
     ["main"],

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{alert, dicom, inference, series, service};
+use crate::{alert, dicom, inference, pacs, series, service};
 
 /// Effective configuration of `cspine-triage serve`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -20,6 +20,7 @@ pub struct Config {
     pub inference: inference::InferenceConfig,
     pub alert: alert::AlertConfig,
     pub service: service::ServiceConfig,
+    pub pacs: pacs::PacsConfig,
 }
 
 impl Config {
@@ -43,6 +44,7 @@ impl Config {
         self.inference.validate()?;
         self.alert.validate()?;
         self.service.validate()?;
+        self.pacs.validate()?;
         Ok(())
     }
 
@@ -138,5 +140,32 @@ mod tests {
         config.dicom.allowed_calling_aes.clear();
         config.dicom.bind = "127.0.0.1".into();
         assert!(config.warnings().is_empty());
+    }
+
+    #[test]
+    fn pacs_destinations_parse_validate_and_print_back() {
+        let text = r#"
+[dicom]
+ae_title = "CSPINE"
+
+[pacs]
+queue_dir = "/var/lib/cspine-triage/pacs"
+
+[[pacs.destinations]]
+name = "main-pacs"
+ae_title = "PACS"
+host = "pacs.example"
+port = 104
+"#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.pacs.destinations[0].calling_ae("CSPINE"), "CSPINE");
+        let again: Config = toml::from_str(&config.to_toml().unwrap()).unwrap();
+        assert_eq!(again.pacs, config.pacs);
+
+        let bad: Config = toml::from_str(&text.replace("port = 104", "port = 0")).unwrap();
+        let err = format!("{:#}", bad.validate().unwrap_err());
+        assert!(err.contains("pacs.destinations[0]"), "{err}");
+        assert!(Config::default().pacs.destinations.is_empty());
     }
 }

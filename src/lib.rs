@@ -5,6 +5,7 @@
 //! → [`inference`] (preprocessing + tract) → [`alert`] (outbox + MQTT) → broker.
 //! [`service`] wires the stages together with bounded channels and talks to systemd;
 //! [`heartbeat`] (below every stage) is how a stage tells the watchdog it is alive;
+//! [`report`] holds the DICOM result objects and [`pacs`] delivers them to PACS by C-STORE;
 //! [`synth`] generates the synthetic CT phantoms used for training, tests and the demo.
 
 pub mod alert;
@@ -13,6 +14,8 @@ pub mod dicom;
 pub mod durable;
 pub mod heartbeat;
 pub mod inference;
+pub mod pacs;
+pub mod report;
 pub mod result;
 pub mod series;
 pub mod service;

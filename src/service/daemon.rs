@@ -132,6 +132,16 @@ async fn run(config: Config) -> Result<()> {
             analysed.iter().map(|s| s.instances.len()).sum::<usize>()
         );
     }
+    // PACS delivery only when destinations are configured; its queues are re-read here,
+    // so objects a previous run did not deliver are sent after the start.
+    let pacs_delivery = if config.pacs.destinations.is_empty() {
+        None
+    } else {
+        Some(crate::pacs::Delivery::open(
+            &config.pacs,
+            &config.dicom.ae_title,
+        )?)
+    };
     let scp = Scp::bind(config.dicom.clone()).await?;
     log::info!(
         "DICOM SCP {} listening on {} (spool {})",
@@ -219,6 +229,13 @@ async fn run(config: Config) -> Result<()> {
             }
         }
     });
+    if let Some(delivery) = &pacs_delivery {
+        // Its own task: publishing a result never waits for DICOM delivery.
+        stages.push((
+            "pacs",
+            tokio::spawn(delivery.clone().run(health.register("pacs"))),
+        ));
+    }
     stages.push(("dicom", tokio::spawn(scp.run(instance_tx))));
 
     notify::ready();

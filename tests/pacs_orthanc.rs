@@ -1,0 +1,473 @@
+//! PACS delivery against a real PACS: Orthanc (Debian package `orthanc`), started by each
+//! test on free loopback ports with its own storage, and asserted through its REST API.
+//! The objects are real DICOM files from pydicom's test data (an SR, a Secondary Capture,
+//! a CT, and an MR in Implicit VR), wrapped as `ResultObject`s.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{free_port, require_tool, wait_until, Proc};
+use cspine_triage::heartbeat::Heartbeat;
+use cspine_triage::pacs::{Delivery, DestinationConfig, PacsConfig};
+use cspine_triage::report::{ResultObject, ResultObjectKind};
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::tags;
+
+const ARRIVAL: Duration = Duration::from_secs(60);
+
+/// A real Orthanc on free loopback ports; killed on drop.
+struct Orthanc {
+    dicom_port: u16,
+    http_port: u16,
+    config: PathBuf,
+    proc: Option<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Orthanc {
+    /// Writes the config; `start` runs it.
+    fn configure() -> Orthanc {
+        let dir = tempfile::tempdir().unwrap();
+        let (dicom_port, http_port) = (free_port(), free_port());
+        let config = dir.path().join("orthanc.json");
+        let settings = serde_json::json!({
+            "Name": "cspine-test",
+            "DicomAet": "ORTHANC",
+            "DicomPort": dicom_port,
+            "HttpPort": http_port,
+            "StorageDirectory": dir.path().join("storage"),
+            "IndexDirectory": dir.path().join("index"),
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "DicomCheckCalledAet": false,
+            "DicomAlwaysAllowStore": true,
+            "DicomModalities": {},
+            "Plugins": [],
+            "HttpServerEnabled": true,
+            "StorageCompression": false,
+        });
+        std::fs::write(&config, serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
+        Orthanc {
+            dicom_port,
+            http_port,
+            config,
+            proc: None,
+            _dir: dir,
+        }
+    }
+
+    fn start(&mut self) {
+        let proc = Proc::spawn({
+            let mut cmd = Command::new(require_tool("Orthanc"));
+            cmd.arg(&self.config);
+            cmd
+        });
+        let http_port = self.http_port;
+        wait_until("Orthanc's REST API", ARRIVAL, || {
+            http_get(http_port, "/system").is_some()
+        });
+        assert!(common::wait_for_port(self.dicom_port, ARRIVAL));
+        self.proc = Some(proc);
+    }
+
+    /// SOP Instance UID -> number of Orthanc instances with it.
+    fn instances(&self) -> BTreeMap<String, usize> {
+        let ids = http_get(self.http_port, "/instances").expect("GET /instances");
+        let mut out = BTreeMap::new();
+        for id in ids.as_array().unwrap() {
+            let tags = http_get(
+                self.http_port,
+                &format!("/instances/{}/simplified-tags", id.as_str().unwrap()),
+            )
+            .expect("GET simplified-tags");
+            *out.entry(tags["SOPInstanceUID"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        out
+    }
+
+    /// The SOP Class UIDs of the stored instances.
+    fn sop_classes(&self) -> std::collections::BTreeSet<String> {
+        let ids = http_get(self.http_port, "/instances").expect("GET /instances");
+        ids.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| {
+                let tags = http_get(
+                    self.http_port,
+                    &format!("/instances/{}/simplified-tags", id.as_str().unwrap()),
+                )
+                .expect("GET simplified-tags");
+                tags["SOPClassUID"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        http_get(self.http_port, "/instances")
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    fn destination(&self) -> DestinationConfig {
+        DestinationConfig {
+            name: "orthanc".into(),
+            ae_title: "ORTHANC".into(),
+            host: "127.0.0.1".into(),
+            port: self.dicom_port,
+            calling_ae_title: None,
+            connect_timeout_secs: 5.0,
+            dimse_timeout_secs: 30.0,
+            tls: None,
+        }
+    }
+}
+
+/// GET on Orthanc's REST API; `None` when it does not answer 200 with JSON.
+fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+fn testdata_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import os, pydicom.data; \
+                 print(os.path.dirname(pydicom.data.get_testdata_file('CT_small.dcm')))",
+            ])
+            .output()
+            .expect("python3 with pydicom (tests/requirements.txt)");
+        assert!(out.status.success(), "pydicom's test data not found");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// A real DICOM file as a result object; with `new_uid`, under that SOP Instance UID.
+fn object(file: &str, new_uid: Option<&str>) -> ResultObject {
+    object_as(file, new_uid, None)
+}
+
+/// [`object`], and with `new_class` under that SOP Class UID.
+fn object_as(file: &str, new_uid: Option<&str>, new_class: Option<&str>) -> ResultObject {
+    let mut obj = dicom_object::open_file(testdata_dir().join(file)).unwrap();
+    if let Some(uid) = new_uid {
+        obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, uid));
+        obj.update_meta(|meta| meta.media_storage_sop_instance_uid = uid.to_owned());
+    }
+    if let Some(class) = new_class {
+        obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, class));
+        obj.update_meta(|meta| meta.media_storage_sop_class_uid = class.to_owned());
+    }
+    let text = |tag| {
+        obj.element(tag)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_owned()
+    };
+    let mut part10 = Vec::new();
+    obj.write_all(&mut part10).unwrap();
+    let sop_class_uid = obj
+        .meta()
+        .media_storage_sop_class_uid
+        .trim_end_matches('\0')
+        .to_owned();
+    ResultObject {
+        kind: match sop_class_uid.as_str() {
+            "1.2.840.10008.5.1.4.1.1.7" => ResultObjectKind::SecondaryCapture,
+            "1.2.840.10008.5.1.4.1.1.88.59" => ResultObjectKind::KeyObjectSelection,
+            _ => ResultObjectKind::StructuredReport,
+        },
+        sop_class_uid,
+        sop_instance_uid: text(tags::SOP_INSTANCE_UID),
+        series_instance_uid: text(tags::SERIES_INSTANCE_UID),
+        study_instance_uid: text(tags::STUDY_INSTANCE_UID),
+        part10,
+    }
+}
+
+fn objects() -> Vec<ResultObject> {
+    [
+        "reportsi.dcm",
+        "SC_rgb_small_odd.dcm",
+        "CT_small.dcm",
+        "MR_small_implicit.dcm",
+    ]
+    .into_iter()
+    .map(|f| object(f, None))
+    .collect()
+}
+
+fn pacs_config(queue_dir: &Path, orthanc: &Orthanc) -> PacsConfig {
+    let config = PacsConfig {
+        queue_dir: queue_dir.to_path_buf(),
+        retry_initial_secs: 0.1,
+        retry_max_secs: 0.5,
+        destinations: vec![orthanc.destination()],
+    };
+    config.validate().unwrap();
+    config
+}
+
+/// Runs the delivery stage on `rt` until the returned task is aborted.
+fn start_senders(rt: &tokio::runtime::Runtime, delivery: &Delivery) -> tokio::task::JoinHandle<()> {
+    let delivery = delivery.clone();
+    rt.spawn(async move {
+        let heartbeat = Heartbeat::new("pacs", Duration::from_secs(60), Instant::now());
+        let _ = delivery.run(heartbeat).await;
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn uids(objects: &[ResultObject]) -> BTreeMap<String, usize> {
+    objects
+        .iter()
+        .map(|o| (o.sop_instance_uid.clone(), 1))
+        .collect()
+}
+
+fn wait_for_all(orthanc: &Orthanc, delivery: &Delivery, n: usize) {
+    wait_until(
+        "every object in Orthanc and the queue empty",
+        ARRIVAL,
+        || orthanc.count() >= n && delivery.depth()[0].entries == 0,
+    );
+}
+
+#[test]
+fn queued_objects_are_delivered_once_each() {
+    let mut orthanc = Orthanc::configure();
+    orthanc.start();
+    let queue = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    let senders = start_senders(&rt, &delivery);
+    let objects = objects();
+    delivery.enqueue(&objects).unwrap();
+    wait_for_all(&orthanc, &delivery, objects.len());
+    assert_eq!(orthanc.instances(), uids(&objects));
+    // Each arrived as what it is (SR, Secondary Capture, CT, RT Plan).
+    let classes: std::collections::BTreeSet<String> =
+        objects.iter().map(|o| o.sop_class_uid.clone()).collect();
+    assert_eq!(orthanc.sop_classes(), classes);
+    senders.abort();
+}
+
+#[test]
+fn objects_queued_while_the_pacs_is_down_arrive_after_it_starts() {
+    let mut orthanc = Orthanc::configure();
+    let queue = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    let senders = start_senders(&rt, &delivery);
+    let objects = objects();
+    delivery.enqueue(&objects).unwrap();
+    let depth = &delivery.depth()[0];
+    assert_eq!(
+        (depth.destination.as_str(), depth.entries),
+        ("orthanc", objects.len())
+    );
+    assert!(depth.oldest_age.is_some());
+    orthanc.start();
+    wait_for_all(&orthanc, &delivery, objects.len());
+    assert_eq!(orthanc.instances(), uids(&objects));
+    assert_eq!(delivery.depth()[0].oldest_age, None);
+    senders.abort();
+}
+
+#[test]
+fn a_restarted_delivery_sends_what_the_previous_one_queued() {
+    let mut orthanc = Orthanc::configure();
+    let queue = tempfile::tempdir().unwrap();
+    let objects = objects();
+    {
+        // The first "daemon": queues, tries a PACS that is down, and goes away.
+        let rt = runtime();
+        let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+        let senders = start_senders(&rt, &delivery);
+        delivery.enqueue(&objects).unwrap();
+        senders.abort();
+        drop(delivery);
+        rt.shutdown_timeout(Duration::from_secs(5));
+    }
+    orthanc.start();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    assert_eq!(delivery.depth()[0].entries, objects.len());
+    let senders = start_senders(&rt, &delivery);
+    wait_for_all(&orthanc, &delivery, objects.len());
+    assert_eq!(orthanc.instances(), uids(&objects));
+    senders.abort();
+}
+
+#[test]
+fn the_same_object_enqueued_twice_is_queued_and_delivered_once() {
+    let mut orthanc = Orthanc::configure();
+    let queue = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    let objects = objects();
+    let twice: Vec<ResultObject> = objects.iter().chain(&objects).cloned().collect();
+    delivery.enqueue(&twice).unwrap();
+    delivery.enqueue(&objects[..1]).unwrap();
+    assert_eq!(delivery.depth()[0].entries, objects.len());
+    let queued = std::fs::read_dir(delivery.queue_dir("orthanc").unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "entry")
+        })
+        .count();
+    assert_eq!(queued, objects.len());
+    orthanc.start();
+    let senders = start_senders(&rt, &delivery);
+    wait_for_all(&orthanc, &delivery, objects.len());
+    assert_eq!(orthanc.instances(), uids(&objects));
+    senders.abort();
+}
+
+#[test]
+fn an_object_the_pacs_refuses_is_set_aside_and_the_rest_is_delivered() {
+    let mut orthanc = Orthanc::configure();
+    orthanc.start();
+    let queue = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    // A SOP class Orthanc does not know: it refuses the presentation context.
+    let refused = object_as(
+        "CT_small.dcm",
+        Some("1.2.826.0.1.3680043.10.1178.99"),
+        Some("1.2.826.0.1.3680043.10.1178.7.7"),
+    );
+    let mut objects = vec![refused.clone()];
+    objects.extend(self::objects());
+    delivery.enqueue(&objects).unwrap();
+    let senders = start_senders(&rt, &delivery);
+    wait_for_all(&orthanc, &delivery, objects.len() - 1);
+    assert_eq!(orthanc.instances(), uids(&objects[1..]));
+    let rejected = delivery
+        .queue_dir("orthanc")
+        .unwrap()
+        .join(cspine_triage::pacs::REJECTED_DIR)
+        .join(format!("{}.entry", refused.sop_instance_uid));
+    assert!(rejected.exists(), "{} missing", rejected.display());
+    senders.abort();
+}
+
+#[test]
+fn an_invalid_object_queues_nothing() {
+    let orthanc = Orthanc::configure();
+    let queue = tempfile::tempdir().unwrap();
+    let delivery = Delivery::open(&pacs_config(queue.path(), &orthanc), "CSPINE").unwrap();
+    let mut objects = objects();
+    objects[1].sop_instance_uid = "../../etc".into();
+    let err = delivery.enqueue(&objects).unwrap_err();
+    assert!(matches!(
+        err,
+        cspine_triage::pacs::PacsError::InvalidObject { .. }
+    ));
+    objects[1] = object("SC_rgb_small_odd.dcm", None);
+    objects[1].sop_instance_uid = "1.2.3.4".into(); // the file says otherwise
+    assert!(delivery.enqueue(&objects).is_err());
+    assert_eq!(delivery.depth()[0].entries, 0);
+}
+
+/// The daemon binary with Orthanc as its destination: objects left in its queue are sent
+/// after the start; a kill -9 in the middle of sending loses nothing, and every object is
+/// in Orthanc once after the restart.
+#[test]
+fn daemon_killed_mid_delivery_sends_the_rest_after_restart() {
+    let mut orthanc = Orthanc::configure();
+    let dir = tempfile::tempdir().unwrap();
+    let queue_dir = dir.path().join("pacs");
+    let objects: Vec<ResultObject> = (0..40)
+        .map(|i| {
+            object(
+                "CT_small.dcm",
+                Some(&format!("1.2.826.0.1.3680043.10.1178.{i}")),
+            )
+        })
+        .collect();
+    {
+        // Queued the way the daemon's report step queues them (no daemon runs yet).
+        let delivery = Delivery::open(&pacs_config(&queue_dir, &orthanc), "CSPINE").unwrap();
+        delivery.enqueue(&objects).unwrap();
+    }
+    orthanc.start();
+    let mosquitto = common::Mosquitto::start();
+    let dicom_port = free_port();
+    let config = common::serve_config(
+        dir.path(),
+        dicom_port,
+        &mosquitto.url(),
+        &format!(
+            "\n[pacs]\nqueue_dir = \"{}\"\nretry_initial_secs = 0.1\nretry_max_secs = 0.5\n\
+             [[pacs.destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n\
+             host = \"127.0.0.1\"\nport = {}\n",
+            queue_dir.display(),
+            orthanc.dicom_port
+        ),
+    );
+    let mut daemon = common::spawn_serve(&config, dicom_port, &[]);
+    wait_until("the first objects in Orthanc", ARRIVAL, || {
+        orthanc.count() > 0
+    });
+    daemon.kill9();
+    let entries_left = || {
+        std::fs::read_dir(queue_dir.join("orthanc"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "entry")
+            })
+            .count()
+    };
+    let (left, stored) = (entries_left(), orthanc.count());
+    eprintln!("killed with {stored} object(s) in Orthanc and {left} still queued");
+    assert!(left + stored >= objects.len(), "nothing is lost");
+    let _daemon = common::spawn_serve(&config, dicom_port, &[]);
+    wait_until("every object in Orthanc", ARRIVAL, || {
+        orthanc.count() >= objects.len() && entries_left() == 0
+    });
+    assert_eq!(orthanc.instances(), uids(&objects));
+    assert!(!queue_dir.join("orthanc/rejected").exists());
+}
