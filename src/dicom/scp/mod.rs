@@ -13,27 +13,22 @@
 //! slots are limited in all and per address ([`super::limits`]). Peer-supplied text is
 //! logged quoted and escaped ([`super::peer_text`]).
 
+mod connection;
 mod session;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use dicom_ul::association::server::ServerAssociationOptions;
-use dicom_ul::association::Error as UlError;
-use dicom_ul::pdu::AbortRQServiceProviderReason;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::access::{take_refusal, AllowList, PeerPolicy};
+use super::access::AllowList;
 use super::limits::{Admission, Limits, MAX_REFUSALS_AT_ONCE};
-use super::peer_text::escaped;
-use super::refusal::{reject_busy, send_raw};
+use super::refusal::reject_busy;
 use super::spool::{Spool, SpoolOptions};
-use super::syntax::{ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION};
 use super::{ScpConfig, StoredInstance};
-use session::{abort_pdu, is_io, Session};
+use connection::serve_connection;
 
 /// A bound (listening) SCP. Binding first lets the service signal readiness
 /// (systemd `READY=1`) only once the port is really open.
@@ -169,119 +164,5 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         Ok(tokio::task::block_in_place(f))
     } else {
         tokio::task::spawn_blocking(f).await
-    }
-}
-
-/// Negotiates the association, then serves it.
-async fn serve_connection(
-    socket: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-    tx: mpsc::Sender<StoredInstance>,
-) {
-    // dicom-ul consumes the socket, also when negotiation fails on garbage; a duplicate
-    // handle lets us still answer that with an A-ABORT.
-    let (socket, spare) = match duplicate(socket) {
-        Ok(pair) => pair,
-        Err(e) => {
-            log::warn!("connection from {peer}: {e:#}");
-            return;
-        }
-    };
-    let policy = PeerPolicy::new(shared.allow_list.clone(), peer.ip());
-    let refusal = policy.refusal_slot();
-    let mut options = ServerAssociationOptions::new()
-        .ae_access_control(policy)
-        .ae_title(shared.config.ae_title.as_str())
-        .max_pdu_length(shared.config.max_pdu_length)
-        .with_abstract_syntax(VERIFICATION);
-    for sop_class in &shared.config.sop_classes {
-        options = options.with_abstract_syntax(sop_class.as_str());
-    }
-    for (ts, _) in ACCEPTED_TRANSFER_SYNTAXES {
-        options = options.with_transfer_syntax(*ts);
-    }
-
-    let established = tokio::time::timeout(
-        shared.config.artim_timeout(),
-        options.establish_async(socket),
-    )
-    .await;
-    let assoc = match established {
-        Ok(Ok(assoc)) => assoc,
-        Ok(Err(e)) => {
-            negotiation_failed(e, peer, &refusal, spare, shared.config.send_timeout()).await;
-            return;
-        }
-        Err(_) => {
-            log::warn!(
-                "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
-                shared.config.artim_timeout_secs
-            );
-            return;
-        }
-    };
-    drop(spare);
-    let mut session = Session::new(assoc, peer, shared, tx);
-    session.log_negotiation();
-    session.run().await;
-}
-
-fn duplicate(socket: TcpStream) -> Result<(TcpStream, TcpStream)> {
-    let std = socket.into_std().context("cannot take socket")?;
-    let spare = std.try_clone().context("cannot duplicate socket")?;
-    Ok((TcpStream::from_std(std)?, TcpStream::from_std(spare)?))
-}
-
-async fn negotiation_failed(
-    e: UlError,
-    peer: SocketAddr,
-    refusal: &Mutex<Option<String>>,
-    mut spare: TcpStream,
-    send_timeout: Duration,
-) {
-    match e {
-        UlError::Rejected { association_rj, .. } => {
-            // dicom-ul already sent the A-ASSOCIATE-RJ.
-            let why = take_refusal(refusal).unwrap_or_else(|| association_rj.source.to_string());
-            log::warn!(
-                "association from {peer} rejected ({}): {}",
-                association_rj.source,
-                escaped(why)
-            );
-        }
-        UlError::ReceivePdu { source, .. } if is_io(&source) => {
-            log::info!(
-                "connection from {peer} closed before association: {}",
-                escaped(source)
-            );
-        }
-        UlError::ConnectionClosed { .. } => {
-            log::info!("connection from {peer} closed before association");
-        }
-        UlError::ReceivePdu { source, .. } => {
-            log::warn!(
-                "connection from {peer} aborted: invalid A-ASSOCIATE-RQ: {}",
-                escaped(source)
-            );
-            let _ = send_raw(
-                &mut spare,
-                &abort_pdu(AbortRQServiceProviderReason::InvalidPduParameter),
-                send_timeout,
-            )
-            .await;
-        }
-        UlError::UnknownPdu { .. } => {
-            log::warn!(
-                "connection from {peer} aborted: unrecognized PDU instead of A-ASSOCIATE-RQ"
-            );
-        }
-        UlError::UnexpectedPdu { pdu, .. } => {
-            log::warn!(
-                "connection from {peer} aborted: expected A-ASSOCIATE-RQ, got {}",
-                pdu.short_description()
-            );
-        }
-        other => log::warn!("association with {peer} failed: {}", escaped(other)),
     }
 }
