@@ -12,7 +12,12 @@
 //! Connections from addresses the allow-list can never admit are closed at accept, and
 //! slots are limited in all and per address ([`super::limits`]). Peer-supplied text is
 //! logged quoted and escaped ([`super::peer_text`]).
+//!
+//! This file binds the listener and owns what every connection shares; [`accept`] takes
+//! connections in and applies the limits, [`connection`] negotiates one association and
+//! [`session`] runs its DIMSE loop.
 
+mod accept;
 mod connection;
 mod session;
 
@@ -24,11 +29,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::access::AllowList;
-use super::limits::{Admission, Limits, MAX_REFUSALS_AT_ONCE};
-use super::refusal::reject_busy;
+use super::limits::Limits;
 use super::spool::{Spool, SpoolOptions};
 use super::{ScpConfig, StoredInstance};
-use connection::serve_connection;
 
 /// A bound (listening) SCP. Binding first lets the service signal readiness
 /// (systemd `READY=1`) only once the port is really open.
@@ -97,58 +100,7 @@ impl Scp {
     /// Accepts associations until the task is dropped. Each durably stored instance is
     /// sent on `tx` after its Success response (a full channel slows the SCU down).
     pub async fn run(self, tx: mpsc::Sender<StoredInstance>) -> Result<()> {
-        loop {
-            let (socket, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: keep serving the associations we have.
-                    log::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // Before a slot is taken: silent connections from addresses that can never
-            // associate must not lock the allowed ones out.
-            if !self.shared.allow_list.may_connect_from(peer.ip()) {
-                log::warn!(
-                    "connection from {peer} closed at once: every dicom.allowed_calling_aes \
-                     entry is pinned to another address"
-                );
-                continue;
-            }
-            // Without TCP_NODELAY small PDUs (responses) wait for delayed ACKs: ~30x slower.
-            if let Err(e) = socket.set_nodelay(true) {
-                log::warn!("cannot set TCP_NODELAY for {peer}: {e}");
-            }
-            let shared = self.shared.clone();
-            let tx = tx.clone();
-            match shared.limits.admit(peer.ip()) {
-                Admission::Serve(slot) => {
-                    tokio::spawn(async move {
-                        serve_connection(socket, peer, &shared, tx).await;
-                        drop(slot);
-                    });
-                }
-                Admission::Refuse(busy, permit) => {
-                    tokio::spawn(async move {
-                        let config = &shared.config;
-                        reject_busy(
-                            socket,
-                            peer,
-                            busy,
-                            config.artim_timeout(),
-                            config.send_timeout(),
-                        )
-                        .await;
-                        drop(permit);
-                    });
-                }
-                Admission::Close(busy) => log::warn!(
-                    "connection from {peer} closed at once: {busy}, and \
-                     {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
-                ),
-            }
-        }
+        accept::accept_loop(self.listener, self.shared, tx).await
     }
 }
 

@@ -14,12 +14,12 @@ use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::{run_blocking, Shared};
 use crate::dicom::dimse::{self, status, Command};
 use crate::dicom::peer_text::{escaped, peer_str};
 use crate::dicom::spool::{Incoming, InstanceHeader, StoreError, Stored};
 use crate::dicom::syntax;
 use crate::dicom::StoredInstance;
-use super::{run_blocking, Shared};
 
 pub(super) fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {

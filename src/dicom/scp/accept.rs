@@ -1,0 +1,75 @@
+//! Accepting connections: the allow-list's address check before a slot is taken,
+//! TCP_NODELAY, and admission against the association limits ([`crate::dicom::limits`]):
+//! a connection is served, refused with A-ASSOCIATE-RJ, or closed at once.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::connection::serve_connection;
+use super::Shared;
+use crate::dicom::limits::{Admission, MAX_REFUSALS_AT_ONCE};
+use crate::dicom::refusal::reject_busy;
+use crate::dicom::StoredInstance;
+
+/// Accepts connections on `listener` until the task is dropped.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<StoredInstance>,
+) -> Result<()> {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: keep serving the associations we have.
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Before a slot is taken: silent connections from addresses that can never
+        // associate must not lock the allowed ones out.
+        if !shared.allow_list.may_connect_from(peer.ip()) {
+            log::warn!(
+                "connection from {peer} closed at once: every dicom.allowed_calling_aes \
+                 entry is pinned to another address"
+            );
+            continue;
+        }
+        // Without TCP_NODELAY small PDUs (responses) wait for delayed ACKs: ~30x slower.
+        if let Err(e) = socket.set_nodelay(true) {
+            log::warn!("cannot set TCP_NODELAY for {peer}: {e}");
+        }
+        let shared = shared.clone();
+        let tx = tx.clone();
+        match shared.limits.admit(peer.ip()) {
+            Admission::Serve(slot) => {
+                tokio::spawn(async move {
+                    serve_connection(socket, peer, &shared, tx).await;
+                    drop(slot);
+                });
+            }
+            Admission::Refuse(busy, permit) => {
+                tokio::spawn(async move {
+                    let config = &shared.config;
+                    reject_busy(
+                        socket,
+                        peer,
+                        busy,
+                        config.artim_timeout(),
+                        config.send_timeout(),
+                    )
+                    .await;
+                    drop(permit);
+                });
+            }
+            Admission::Close(busy) => log::warn!(
+                "connection from {peer} closed at once: {busy}, and \
+                 {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
+            ),
+        }
+    }
+}
