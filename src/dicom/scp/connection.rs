@@ -1,6 +1,9 @@
 //! One connection from accept to association: negotiates it (called AE, calling-AE
 //! allow-list, presentation contexts) within the ARTIM timer, logs and answers a failed
-//! negotiation, then hands the association to its [`Session`].
+//! negotiation, then hands the association to its [`Session`]. On the TLS port the
+//! handshake comes first (dicom-ul's `establish_tls_async`), within
+//! `dicom.tls.handshake_timeout_secs` added to the ARTIM timer; a refused handshake is
+//! logged with the peer address and closes the connection.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -14,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::session::{abort_pdu, is_io, Session};
-use super::Shared;
+use super::{Shared, Transport};
 use crate::dicom::access::{take_refusal, PeerPolicy};
 use crate::dicom::peer_text::escaped;
 use crate::dicom::refusal::send_raw;
@@ -27,6 +30,7 @@ pub(super) async fn serve_connection(
     peer: SocketAddr,
     shared: &Shared,
     tx: mpsc::Sender<StoredInstance>,
+    transport: Transport,
 ) {
     // dicom-ul consumes the socket, also when negotiation fails on garbage; a duplicate
     // handle lets us still answer that with an A-ABORT.
@@ -51,29 +55,74 @@ pub(super) async fn serve_connection(
         options = options.with_transfer_syntax(*ts);
     }
 
-    let established = tokio::time::timeout(
-        shared.config.artim_timeout(),
-        options.establish_async(socket),
-    )
-    .await;
-    let assoc = match established {
-        Ok(Ok(assoc)) => assoc,
-        Ok(Err(e)) => {
-            negotiation_failed(e, peer, &refusal, spare, shared.config.send_timeout()).await;
-            return;
+    let artim = shared.config.artim_timeout();
+    let send_timeout = shared.config.send_timeout();
+    match transport {
+        Transport::Plain => {
+            let established = tokio::time::timeout(artim, options.establish_async(socket)).await;
+            let assoc = match established {
+                Ok(Ok(assoc)) => assoc,
+                Ok(Err(e)) => {
+                    negotiation_failed(e, peer, &refusal, Some(spare), send_timeout).await;
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
+                        shared.config.artim_timeout_secs
+                    );
+                    return;
+                }
+            };
+            drop(spare);
+            let mut session = Session::new(assoc, peer, shared, tx);
+            session.log_negotiation();
+            session.run().await;
         }
-        Err(_) => {
-            log::warn!(
-                "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
-                shared.config.artim_timeout_secs
-            );
-            return;
+        Transport::Tls(server) => {
+            // Nothing raw can be sent inside a TLS session: no spare socket.
+            drop(spare);
+            let handshake = shared
+                .config
+                .tls
+                .as_ref()
+                .map_or(artim, |t| t.handshake_timeout());
+            let options = options.tls_config(server);
+            let established =
+                tokio::time::timeout(handshake + artim, options.establish_tls_async(socket)).await;
+            let assoc = match established {
+                Ok(Ok(assoc)) => assoc,
+                Ok(Err(UlError::TlsHandshake { source, .. })) => {
+                    tls_handshake_failed(peer, &source);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    negotiation_failed(e, peer, &refusal, None, send_timeout).await;
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        "TLS connection from {peer} closed: no TLS handshake and A-ASSOCIATE-RQ \
+                         within {} s (dicom.tls.handshake_timeout_secs + dicom.artim_timeout_secs)",
+                        (handshake + artim).as_secs_f64()
+                    );
+                    return;
+                }
+            };
+            let mut session = Session::new(assoc, peer, shared, tx);
+            session.log_negotiation();
+            session.run().await;
         }
-    };
-    drop(spare);
-    let mut session = Session::new(assoc, peer, shared, tx);
-    session.log_negotiation();
-    session.run().await;
+    }
+}
+
+/// Logs a TLS handshake the SCP refused or that failed (wrong CA, no client certificate,
+/// no common protocol version, not TLS at all).
+pub(super) fn tls_handshake_failed(peer: SocketAddr, e: &std::io::Error) {
+    log::warn!(
+        "TLS handshake with {peer} refused: {}; no association",
+        escaped(e)
+    );
 }
 
 fn duplicate(socket: TcpStream) -> Result<(TcpStream, TcpStream)> {
@@ -86,7 +135,7 @@ async fn negotiation_failed(
     e: UlError,
     peer: SocketAddr,
     refusal: &Mutex<Option<String>>,
-    mut spare: TcpStream,
+    spare: Option<TcpStream>,
     send_timeout: Duration,
 ) {
     match e {
@@ -113,12 +162,14 @@ async fn negotiation_failed(
                 "connection from {peer} aborted: invalid A-ASSOCIATE-RQ: {}",
                 escaped(source)
             );
-            let _ = send_raw(
-                &mut spare,
-                &abort_pdu(AbortRQServiceProviderReason::InvalidPduParameter),
-                send_timeout,
-            )
-            .await;
+            if let Some(mut spare) = spare {
+                let _ = send_raw(
+                    &mut spare,
+                    &abort_pdu(AbortRQServiceProviderReason::InvalidPduParameter),
+                    send_timeout,
+                )
+                .await;
+            }
         }
         UlError::UnknownPdu { .. } => {
             log::warn!(
@@ -131,6 +182,10 @@ async fn negotiation_failed(
                 pdu.short_description()
             );
         }
+        UlError::TlsNotSupported => log::warn!(
+            "connection from {peer} closed: it began a TLS handshake on the plain port \
+             (the TLS port is dicom.tls.port)"
+        ),
         other => log::warn!("association with {peer} failed: {}", escaped(other)),
     }
 }

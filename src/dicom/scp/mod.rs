@@ -13,7 +13,12 @@
 //! slots are limited in all and per address ([`super::limits`]). Peer-supplied text is
 //! logged quoted and escaped ([`super::peer_text`]).
 //!
-//! This file binds the listener and owns what every connection shares; [`accept`] takes
+//! With `[dicom.tls]` a second listener serves DICOM over TLS ([`super::tls`]): the
+//! same limits and timers, the TLS handshake within `dicom.tls.handshake_timeout_secs`
+//! on top of the ARTIM timer, and the association slot taken before the handshake. The
+//! plain port stays open unless `dicom.tls.plain = false`.
+//!
+//! This file binds the listeners and owns what every connection shares; [`accept`] takes
 //! connections in and applies the limits, [`connection`] negotiates one association and
 //! [`session`] runs its DIMSE loop.
 
@@ -28,6 +33,8 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use super::tls;
+
 use super::access::AllowList;
 use super::limits::Limits;
 use super::spool::{Spool, SpoolOptions};
@@ -36,8 +43,18 @@ use super::{ScpConfig, StoredInstance};
 /// A bound (listening) SCP. Binding first lets the service signal readiness
 /// (systemd `READY=1`) only once the port is really open.
 pub struct Scp {
-    listener: TcpListener,
+    /// The plain port (absent with `dicom.tls.plain = false`).
+    plain: Option<TcpListener>,
+    /// The TLS port and its rustls configuration.
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     shared: Arc<Shared>,
+}
+
+/// How connections on a listener are carried.
+#[derive(Clone)]
+enum Transport {
+    Plain,
+    Tls(Arc<rustls::ServerConfig>),
 }
 
 struct Shared {
@@ -66,17 +83,47 @@ impl Scp {
                 duplicate_policy: config.duplicate_policy,
             },
         )?;
-        let listener = TcpListener::bind((config.bind.as_str(), config.port))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}:{} (dicom.bind / dicom.port)",
-                    config.bind, config.port
-                )
-            })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => {
+                let server = tls::server_config(&t.tls()).context("dicom.tls")?;
+                let listener = TcpListener::bind((config.bind.as_str(), t.port))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {}:{} (dicom.bind / dicom.tls.port)",
+                            config.bind, t.port
+                        )
+                    })?;
+                log::info!(
+                    "DICOM TLS port {} (client certificates {})",
+                    listener.local_addr()?,
+                    if t.verify_client {
+                        "required"
+                    } else {
+                        "not asked for"
+                    }
+                );
+                Some((listener, server))
+            }
+        };
+        let plain = match &config.tls {
+            Some(t) if !t.plain => None,
+            _ => Some(
+                TcpListener::bind((config.bind.as_str(), config.port))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {}:{} (dicom.bind / dicom.port)",
+                            config.bind, config.port
+                        )
+                    })?,
+            ),
+        };
         let limits = Limits::new(config.max_associations, config.max_associations_per_address);
         Ok(Scp {
-            listener,
+            plain,
+            tls,
             shared: Arc::new(Shared {
                 config,
                 spool: Arc::new(spool),
@@ -86,9 +133,21 @@ impl Scp {
         })
     }
 
-    /// The address actually bound (resolves port 0).
+    /// The address actually bound (resolves port 0): the plain port, or the TLS port
+    /// when the plain one is off.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.listener.local_addr()?)
+        match (&self.plain, &self.tls) {
+            (Some(l), _) | (None, Some((l, _))) => Ok(l.local_addr()?),
+            (None, None) => anyhow::bail!("no listening port"),
+        }
+    }
+
+    /// The TLS port's address, when `[dicom.tls]` is configured.
+    pub fn tls_local_addr(&self) -> Result<Option<SocketAddr>> {
+        Ok(match &self.tls {
+            Some((l, _)) => Some(l.local_addr()?),
+            None => None,
+        })
     }
 
     /// The spool this SCP writes to: the janitor ([`super::spool::keep_spool`]) marks and
@@ -100,7 +159,20 @@ impl Scp {
     /// Accepts associations until the task is dropped. Each durably stored instance is
     /// sent on `tx` after its Success response (a full channel slows the SCU down).
     pub async fn run(self, tx: mpsc::Sender<StoredInstance>) -> Result<()> {
-        accept::accept_loop(self.listener, self.shared, tx).await
+        let plain = self
+            .plain
+            .map(|l| accept::accept_loop(l, self.shared.clone(), tx.clone(), Transport::Plain));
+        let tls = self.tls.map(|(l, server)| {
+            accept::accept_loop(l, self.shared.clone(), tx.clone(), Transport::Tls(server))
+        });
+        match (plain, tls) {
+            (Some(p), Some(t)) => tokio::select! {
+                r = p => r,
+                r = t => r,
+            },
+            (Some(one), None) | (None, Some(one)) => one.await,
+            (None, None) => Ok(()),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use dicom_ul::pdu::{
     PresentationContextResultReason,
 };
 use time::OffsetDateTime;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::{run_blocking, Shared};
@@ -60,8 +60,8 @@ enum Receiving {
     },
 }
 
-pub(super) struct Session<'a> {
-    assoc: AsyncServerAssociation<TcpStream>,
+pub(super) struct Session<'a, S> {
+    assoc: AsyncServerAssociation<S>,
     peer: SocketAddr,
     calling_ae: String,
     shared: &'a Shared,
@@ -111,9 +111,12 @@ enum SendError {
     Failed(UlError),
 }
 
-impl<'a> Session<'a> {
+impl<'a, S> Session<'a, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     pub(super) fn new(
-        assoc: AsyncServerAssociation<TcpStream>,
+        assoc: AsyncServerAssociation<S>,
         peer: SocketAddr,
         shared: &'a Shared,
         tx: mpsc::Sender<StoredInstance>,
