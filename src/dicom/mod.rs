@@ -2,6 +2,7 @@
 //!
 //! - [`scp`]: the Storage SCP (bind, accept, negotiate, receive C-STORE, answer).
 //! - [`access`]: who may associate (called AE, calling-AE allow-list, peer address).
+//! - [`echo`]: a C-ECHO SCU (`cspine-triage echo`), over TCP or TLS.
 //! - [`dimse`]: the DIMSE command sets we read and write, and their status codes.
 //! - [`limits`]: how many associations at once (in all, per peer address) and how many
 //!   refusals of connections over those limits.
@@ -20,6 +21,7 @@
 
 pub mod access;
 pub mod dimse;
+pub mod echo;
 pub mod lengths;
 pub mod limits;
 pub mod peer_text;
