@@ -5,8 +5,8 @@
 //! The TLS stack is rustls with the aws-lc-rs crypto provider, the one rumqttc already
 //! brings (no second TLS library or provider). Protocol versions are rustls' safe defaults,
 //! TLS 1.3 and TLS 1.2, and its default cipher suites (AEAD only: AES-GCM and
-//! ChaCha20-Poly1305 with ECDHE key exchange), which fit the DICOM BCP 195 TLS profiles
-//! (PS3.15 B.9 / B.11). Certificates are read from PEM files: the certificate file holds
+//! ChaCha20-Poly1305 with ECDHE key exchange): the DICOM BCP 195 TLS profiles
+//! (docs/CONFORMANCE.md). Certificates are read from PEM files: the certificate file holds
 //! the chain (leaf first), the key file one PKCS#8, PKCS#1 or SEC1 private key, the CA
 //! file one or more trusted certificates.
 
