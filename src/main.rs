@@ -195,11 +195,11 @@ fn echo(args: EchoArgs) -> Result<()> {
         args.timeout > 0.0 && args.timeout.is_finite(),
         "--timeout must be > 0"
     );
-    let tls = (args.tls_ca.is_some()
+    let wants_tls = args.tls_ca.is_some()
         || args.tls_cert.is_some()
         || args.tls_key.is_some()
-        || args.tls_server_name.is_some())
-    .then(|| TlsConfig {
+        || args.tls_server_name.is_some();
+    let tls = wants_tls.then_some(TlsConfig {
         certificate: args.tls_cert,
         private_key: args.tls_key,
         ca: args.tls_ca,

@@ -208,6 +208,10 @@ fn association_error(address: &str, e: UlError, over_tls: bool) -> EchoError {
             detail: chain(&e),
             address,
         },
+        UlError::TlsNotSupported => EchoError::Tls {
+            detail: "the peer answered with TLS: this port wants TLS (give --tls-ca)".into(),
+            address,
+        },
         // In TLS 1.3 the server checks our certificate after our side of the handshake
         // is done: its refusal arrives as the first read failing.
         UlError::ReceivePdu { .. }
