@@ -434,3 +434,70 @@ fn check_config_rejects_a_missing_key_and_a_key_of_another_certificate() {
         text(&other)
     );
 }
+
+#[test]
+fn a_study_sent_over_tls_is_analysed_like_a_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::make(dir.path());
+    let broker = common::Mosquitto::start();
+    let study = common::synth(&dir.path().join("study"), 9201, "none", &[]);
+    let (port, tls_port) = (free_port(), free_port());
+    let tls = format!(
+        "[dicom.tls]\nport = {tls_port}\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
+         ca = \"{}\"\nverify_client = true\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    let config = common::serve_config_with(dir.path(), port, &broker.url(), &tls, "");
+    let daemon = common::spawn_serve(&config, port, &[]);
+    assert!(wait_for_port(tls_port, Duration::from_secs(30)));
+    let watcher = Command::new(BIN)
+        .args([
+            "watch",
+            "--mqtt",
+            &broker.url(),
+            "--prefix",
+            "cspine/testsite/box1/",
+        ])
+        .args(["--count", "1", "--timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = run(Command::new(dcmtk("storescu"))
+        .args(dcmtk_tls(&pki, "client"))
+        .args([
+            "-aec",
+            "CSPINE",
+            "-aet",
+            "CTSCANNER",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+        ])
+        .arg(tls_port.to_string())
+        .arg(&study[0]));
+    assert!(sent.status.success(), "storescu +tls: {}", text(&sent));
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "no result: {}\n{}",
+        text(&out),
+        daemon.log()
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let study_uid = study[0].file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(result["study_instance_uid"], study_uid.as_str());
+    let files = common::files_in_z_order(&study[0]).len();
+    assert_eq!(
+        result["instances"], files,
+        "every instance sent over TLS analysed"
+    );
+    assert!(
+        ["positive", "negative"].contains(&result["status"].as_str().unwrap()),
+        "analysed with a model answer: {result}"
+    );
+}

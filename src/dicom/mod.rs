@@ -324,4 +324,17 @@ mod tests {
         c.max_associations_per_address = 0;
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_associations_per_address"));
     }
+
+    #[test]
+    fn tls_section_parses_and_is_checked() {
+        let c: ScpConfig =
+            toml::from_str("port = 104\n[tls]\nport = 104\ncertificate = \"/nonexistent/c.pem\"\n")
+                .unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert!(tls.plain && !tls.verify_client);
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("dicom.tls.port"));
+        // The missing certificate and the unset key are both reported.
+        assert_eq!(c.tls_problems().len(), 2, "{:?}", c.tls_problems());
+        assert!(toml::from_str::<ScpConfig>("[tls]\nverify = true\n").is_err());
+    }
 }
