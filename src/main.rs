@@ -36,6 +36,36 @@ enum Command {
     Send(SendArgs),
     /// Subscribe to a daemon's results on an MQTT broker and print them.
     Watch(cspine_triage::alert::watch::WatchArgs),
+    /// Send a C-ECHO (DICOM Verification) to a DICOM node, over TCP or TLS.
+    Echo(EchoArgs),
+}
+
+#[derive(clap::Args)]
+struct EchoArgs {
+    /// Peer address, host:port.
+    address: String,
+    /// Called AE title (the peer's).
+    #[arg(long, default_value = "CSPINE")]
+    called_ae: String,
+    /// Our (calling) AE title.
+    #[arg(long, default_value = "CSPINE-SCU")]
+    calling_ae: String,
+    /// PEM bundle of the CAs trusted to sign the peer's certificate; any --tls-* option
+    /// turns TLS on, and TLS needs this one.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM certificate chain offered as our client certificate.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Name the peer's certificate must carry (default: the host part of the address).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Seconds to connect and for each answer.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +141,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             warn_about(&config);
+            let problems = config.dicom.tls_problems();
+            for problem in &problems {
+                eprintln!("error: {problem}");
+            }
+            anyhow::ensure!(
+                problems.is_empty(),
+                "{}: {} problem(s) with the TLS files",
+                file.display(),
+                problems.len()
+            );
             print!("{}", config.to_toml()?);
             Ok(())
         }
@@ -118,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Infer(args) => cspine_triage::inference::cli::run(&args),
         Command::Send(args) => send(args),
         Command::Watch(args) => cspine_triage::alert::watch::run(&args),
+        Command::Echo(args) => echo(args),
     }
 }
 
@@ -144,6 +185,39 @@ fn send(args: SendArgs) -> Result<()> {
         report.failed.is_empty(),
         "{} files were not stored",
         report.failed.len()
+    );
+    Ok(())
+}
+
+fn echo(args: EchoArgs) -> Result<()> {
+    use cspine_triage::dicom::{echo, tls::TlsConfig};
+    anyhow::ensure!(
+        args.timeout > 0.0 && args.timeout.is_finite(),
+        "--timeout must be > 0"
+    );
+    let wants_tls = args.tls_ca.is_some()
+        || args.tls_cert.is_some()
+        || args.tls_key.is_some()
+        || args.tls_server_name.is_some();
+    let tls = wants_tls.then_some(TlsConfig {
+        certificate: args.tls_cert,
+        private_key: args.tls_key,
+        ca: args.tls_ca,
+        verify_client: false,
+        server_name: args.tls_server_name,
+    });
+    let target = echo::EchoTarget {
+        address: args.address,
+        called_ae: args.called_ae,
+        calling_ae: args.calling_ae,
+        timeout: std::time::Duration::from_secs_f64(args.timeout),
+    };
+    echo::echo(&target, tls.as_ref())?;
+    println!(
+        "C-ECHO to {} at {}{}: Success",
+        target.called_ae,
+        target.address,
+        if tls.is_some() { " (TLS)" } else { "" }
     );
     Ok(())
 }

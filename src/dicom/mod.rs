@@ -2,6 +2,7 @@
 //!
 //! - [`scp`]: the Storage SCP (bind, accept, negotiate, receive C-STORE, answer).
 //! - [`access`]: who may associate (called AE, calling-AE allow-list, peer address).
+//! - [`echo`]: a C-ECHO SCU (`cspine-triage echo`), over TCP or TLS.
 //! - [`dimse`]: the DIMSE command sets we read and write, and their status codes.
 //! - [`limits`]: how many associations at once (in all, per peer address) and how many
 //!   refusals of connections over those limits.
@@ -15,9 +16,12 @@
 //! - [`spool`]: the durable on-disk spool and its whole life cycle (atomic, fsynced
 //!   writes; duplicates and corrections; analysed marks; release; re-index; the janitor).
 //! - [`syntax`]: which SOP classes and transfer syntaxes we accept, and why.
+//! - [`tls`]: DICOM TLS: the config shape shared by the SCP and every SCU, and the
+//!   rustls server and client configurations built from it.
 
 pub mod access;
 pub mod dimse;
+pub mod echo;
 pub mod lengths;
 pub mod limits;
 pub mod peer_text;
@@ -26,6 +30,7 @@ pub mod scp;
 pub mod scu;
 pub mod spool;
 pub mod syntax;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +88,65 @@ pub struct ScpConfig {
     /// again, as a scanner re-sending a corrected instance expects) or `"keep-first"`. The
     /// same data set again is always an idempotent Success.
     pub duplicate_policy: spool::DuplicatePolicy,
+    /// `[dicom.tls]`: a second, TLS, listening port (DICOM TLS Secure Transport
+    /// Connection). Absent: no TLS port.
+    pub tls: Option<ScpTlsConfig>,
+}
+
+/// `[dicom.tls]`: the SCP's TLS port. Every limit of the plain port (allow-list,
+/// association slots in all and per address, timers, TCP_NODELAY) applies to it too; a
+/// TLS connection takes its association slot before the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScpTlsConfig {
+    /// TLS port (2762 is the port registered for DICOM over TLS; 0: any free port).
+    pub port: u16,
+    /// Whether the plain port (`dicom.port`) stays open beside the TLS port. `false`:
+    /// only TLS connections are served.
+    pub plain: bool,
+    /// Seconds the TLS handshake may take. The A-ASSOCIATE-RQ then has
+    /// `dicom.artim_timeout_secs`; the two are one deadline (their sum) from accept.
+    pub handshake_timeout_secs: f64,
+    /// PEM file with our certificate chain (leaf first). Required.
+    pub certificate: Option<PathBuf>,
+    /// PEM file with its private key. Required.
+    pub private_key: Option<PathBuf>,
+    /// PEM bundle of the CAs whose client certificates are accepted (with `verify_client`).
+    pub ca: Option<PathBuf>,
+    /// Require a client certificate signed by `ca`; without one the handshake fails and
+    /// no association is made.
+    pub verify_client: bool,
+}
+
+impl Default for ScpTlsConfig {
+    fn default() -> Self {
+        ScpTlsConfig {
+            port: 2762,
+            plain: true,
+            handshake_timeout_secs: 10.0,
+            certificate: None,
+            private_key: None,
+            ca: None,
+            verify_client: false,
+        }
+    }
+}
+
+impl ScpTlsConfig {
+    /// The shared TLS shape ([`tls::TlsConfig`]) of these keys.
+    pub fn tls(&self) -> tls::TlsConfig {
+        tls::TlsConfig {
+            certificate: self.certificate.clone(),
+            private_key: self.private_key.clone(),
+            ca: self.ca.clone(),
+            verify_client: self.verify_client,
+            server_name: None,
+        }
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout_secs)
+    }
 }
 
 impl Default for ScpConfig {
@@ -106,6 +170,7 @@ impl Default for ScpConfig {
             min_free_space_mb: 1024,
             max_instance_mb: 1024,
             duplicate_policy: spool::DuplicatePolicy::Replace,
+            tls: None,
         }
     }
 }
@@ -160,7 +225,32 @@ impl ScpConfig {
             !self.spool_dir.as_os_str().is_empty(),
             "dicom.spool_dir must not be empty"
         );
+        if let Some(t) = &self.tls {
+            ensure!(
+                t.handshake_timeout_secs > 0.0 && t.handshake_timeout_secs.is_finite(),
+                "dicom.tls.handshake_timeout_secs must be > 0"
+            );
+            ensure!(
+                !t.plain || t.port == 0 || t.port != self.port,
+                "dicom.tls.port must differ from dicom.port ({})",
+                self.port
+            );
+        }
         Ok(())
+    }
+
+    /// Loads the TLS files `[dicom.tls]` names and reports every problem, each naming
+    /// its key and file (`check-config`; the SCP refuses to start on the first).
+    pub fn tls_problems(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(t) => t
+                .tls()
+                .problems(tls::Role::Server)
+                .into_iter()
+                .map(|e| format!("dicom.{e}"))
+                .collect(),
+        }
     }
 
     pub fn artim_timeout(&self) -> Duration {
@@ -233,5 +323,18 @@ mod tests {
         c.send_timeout_secs = 30.0;
         c.max_associations_per_address = 0;
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("max_associations_per_address"));
+    }
+
+    #[test]
+    fn tls_section_parses_and_is_checked() {
+        let c: ScpConfig =
+            toml::from_str("port = 104\n[tls]\nport = 104\ncertificate = \"/nonexistent/c.pem\"\n")
+                .unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert!(tls.plain && !tls.verify_client);
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("dicom.tls.port"));
+        // The missing certificate and the unset key are both reported.
+        assert_eq!(c.tls_problems().len(), 2, "{:?}", c.tls_problems());
+        assert!(toml::from_str::<ScpConfig>("[tls]\nverify = true\n").is_err());
     }
 }

@@ -12,8 +12,7 @@ use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
     AssociationRJSource, Pdu,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::limits::Busy;
 
@@ -27,8 +26,8 @@ const REFUSAL_READ_CHUNK: usize = 4096;
 /// presentation, local limit exceeded): the SCU should retry later. The request is read
 /// and dropped in fixed chunks, never buffered; the whole refusal is bounded by the ARTIM
 /// timer (reading) and the send timeout (answering).
-pub async fn reject_busy(
-    mut socket: TcpStream,
+pub async fn reject_busy<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
     peer: SocketAddr,
     busy: Busy,
     artim: Duration,
@@ -72,7 +71,11 @@ pub async fn reject_busy(
 }
 
 /// Sends one PDU and shuts the connection down, within `limit`.
-pub async fn send_raw(socket: &mut TcpStream, pdu: &Pdu, limit: Duration) -> Result<()> {
+pub async fn send_raw<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    pdu: &Pdu,
+    limit: Duration,
+) -> Result<()> {
     let mut buf = Vec::with_capacity(64);
     dicom_ul::write_pdu(&mut buf, pdu)?;
     tokio::time::timeout(limit, async {

@@ -1,300 +1,33 @@
-//! The Storage SCP: accepts associations, answers C-ECHO, receives C-STORE into the
-//! spool and answers Success only once the instance is durable.
-//!
-//! One tokio task per association. P-DATA fragments of a data set are streamed into
-//! the spool's temp file as they arrive (memory stays bounded by the write chunk),
-//! and the fsync/link work runs on the blocking pool.
-//!
-//! No peer can hold a connection for longer than a timer allows: the A-ASSOCIATE-RQ must
-//! come within `dicom.artim_timeout_secs`, the next PDU within `dicom.idle_timeout_secs`,
-//! and every PDU we send (responses, A-RELEASE-RP, A-ASSOCIATE-RJ, A-ABORT) must be taken
-//! within `dicom.send_timeout_secs`, else the connection is closed and its slot freed.
-//! Connections from addresses the allow-list can never admit are closed at accept, and
-//! slots are limited in all and per address ([`super::limits`]). Peer-supplied text is
-//! logged quoted and escaped ([`super::peer_text`]).
+//! One association's DIMSE loop: receives P-DATA, answers C-ECHO, streams C-STORE data
+//! sets into the spool and answers each only once the instance is durable; ends on
+//! release, abort, a closed connection, the idle timer or a stalled peer.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result};
-use dicom_ul::association::server::ServerAssociationOptions;
 use dicom_ul::association::{AsyncServerAssociation, Error as UlError};
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, Pdu,
     PresentationContextResultReason,
 };
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use super::access::{take_refusal, AllowList, PeerPolicy};
-use super::dimse::{self, status, Command};
-use super::limits::{Admission, Limits, MAX_REFUSALS_AT_ONCE};
-use super::peer_text::{escaped, peer_str};
-use super::refusal::{reject_busy, send_raw};
-use super::spool::{Incoming, InstanceHeader, Spool, SpoolOptions, StoreError, Stored};
-use super::syntax::{self, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION};
-use super::{ScpConfig, StoredInstance};
+use super::{run_blocking, Shared};
+use crate::dicom::dimse::{self, status, Command};
+use crate::dicom::peer_text::{escaped, peer_str};
+use crate::dicom::spool::{Incoming, InstanceHeader, StoreError, Stored};
+use crate::dicom::syntax;
+use crate::dicom::StoredInstance;
 
-/// A bound (listening) SCP. Binding first lets the service signal readiness
-/// (systemd `READY=1`) only once the port is really open.
-pub struct Scp {
-    listener: TcpListener,
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    config: ScpConfig,
-    spool: Arc<Spool>,
-    allow_list: Arc<AllowList>,
-    limits: Limits,
-}
-
-/// Binds and serves forever: the simple form of [`Scp::bind`] + [`Scp::run`].
-pub async fn run_scp(config: ScpConfig, tx: mpsc::Sender<StoredInstance>) -> Result<()> {
-    Scp::bind(config).await?.run(tx).await
-}
-
-impl Scp {
-    /// Validates the config, opens the spool and binds the listening socket.
-    pub async fn bind(config: ScpConfig) -> Result<Scp> {
-        config.validate()?;
-        let allow_list = Arc::new(AllowList::parse(&config.allowed_calling_aes)?);
-        let spool = Spool::open_with(
-            &config.spool_dir,
-            SpoolOptions {
-                our_ae: config.ae_title.clone(),
-                min_free_mb: config.min_free_space_mb,
-                max_instance_mb: config.max_instance_mb,
-                duplicate_policy: config.duplicate_policy,
-            },
-        )?;
-        let listener = TcpListener::bind((config.bind.as_str(), config.port))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}:{} (dicom.bind / dicom.port)",
-                    config.bind, config.port
-                )
-            })?;
-        let limits = Limits::new(config.max_associations, config.max_associations_per_address);
-        Ok(Scp {
-            listener,
-            shared: Arc::new(Shared {
-                config,
-                spool: Arc::new(spool),
-                allow_list,
-                limits,
-            }),
-        })
-    }
-
-    /// The address actually bound (resolves port 0).
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.listener.local_addr()?)
-    }
-
-    /// The spool this SCP writes to: the janitor ([`super::spool::keep_spool`]) marks and
-    /// releases through the same one.
-    pub fn spool(&self) -> Arc<Spool> {
-        self.shared.spool.clone()
-    }
-
-    /// Accepts associations until the task is dropped. Each durably stored instance is
-    /// sent on `tx` after its Success response (a full channel slows the SCU down).
-    pub async fn run(self, tx: mpsc::Sender<StoredInstance>) -> Result<()> {
-        loop {
-            let (socket, peer) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: keep serving the associations we have.
-                    log::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // Before a slot is taken: silent connections from addresses that can never
-            // associate must not lock the allowed ones out.
-            if !self.shared.allow_list.may_connect_from(peer.ip()) {
-                log::warn!(
-                    "connection from {peer} closed at once: every dicom.allowed_calling_aes \
-                     entry is pinned to another address"
-                );
-                continue;
-            }
-            // Without TCP_NODELAY small PDUs (responses) wait for delayed ACKs: ~30x slower.
-            if let Err(e) = socket.set_nodelay(true) {
-                log::warn!("cannot set TCP_NODELAY for {peer}: {e}");
-            }
-            let shared = self.shared.clone();
-            let tx = tx.clone();
-            match shared.limits.admit(peer.ip()) {
-                Admission::Serve(slot) => {
-                    tokio::spawn(async move {
-                        serve_connection(socket, peer, &shared, tx).await;
-                        drop(slot);
-                    });
-                }
-                Admission::Refuse(busy, permit) => {
-                    tokio::spawn(async move {
-                        let config = &shared.config;
-                        reject_busy(
-                            socket,
-                            peer,
-                            busy,
-                            config.artim_timeout(),
-                            config.send_timeout(),
-                        )
-                        .await;
-                        drop(permit);
-                    });
-                }
-                Admission::Close(busy) => log::warn!(
-                    "connection from {peer} closed at once: {busy}, and \
-                     {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
-                ),
-            }
-        }
-    }
-}
-
-/// Runs blocking file work (write, fsync, link). On a multi-threaded runtime it runs in
-/// place: C-STORE is request/response, so this association has nothing else to do, and
-/// skipping the hand-off to the blocking pool saves two thread wake-ups per instance
-/// (measurable on a loaded 2-core box).
-pub(crate) async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-        Ok(tokio::task::block_in_place(f))
-    } else {
-        tokio::task::spawn_blocking(f).await
-    }
-}
-
-fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
+pub(super) fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
     }
 }
 
-/// Negotiates the association, then serves it.
-async fn serve_connection(
-    socket: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-    tx: mpsc::Sender<StoredInstance>,
-) {
-    // dicom-ul consumes the socket, also when negotiation fails on garbage; a duplicate
-    // handle lets us still answer that with an A-ABORT.
-    let (socket, spare) = match duplicate(socket) {
-        Ok(pair) => pair,
-        Err(e) => {
-            log::warn!("connection from {peer}: {e:#}");
-            return;
-        }
-    };
-    let policy = PeerPolicy::new(shared.allow_list.clone(), peer.ip());
-    let refusal = policy.refusal_slot();
-    let mut options = ServerAssociationOptions::new()
-        .ae_access_control(policy)
-        .ae_title(shared.config.ae_title.as_str())
-        .max_pdu_length(shared.config.max_pdu_length)
-        .with_abstract_syntax(VERIFICATION);
-    for sop_class in &shared.config.sop_classes {
-        options = options.with_abstract_syntax(sop_class.as_str());
-    }
-    for (ts, _) in ACCEPTED_TRANSFER_SYNTAXES {
-        options = options.with_transfer_syntax(*ts);
-    }
-
-    let established = tokio::time::timeout(
-        shared.config.artim_timeout(),
-        options.establish_async(socket),
-    )
-    .await;
-    let assoc = match established {
-        Ok(Ok(assoc)) => assoc,
-        Ok(Err(e)) => {
-            negotiation_failed(e, peer, &refusal, spare, shared.config.send_timeout()).await;
-            return;
-        }
-        Err(_) => {
-            log::warn!(
-                "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
-                shared.config.artim_timeout_secs
-            );
-            return;
-        }
-    };
-    drop(spare);
-    let mut session = Session::new(assoc, peer, shared, tx);
-    session.log_negotiation();
-    session.run().await;
-}
-
-fn duplicate(socket: TcpStream) -> Result<(TcpStream, TcpStream)> {
-    let std = socket.into_std().context("cannot take socket")?;
-    let spare = std.try_clone().context("cannot duplicate socket")?;
-    Ok((TcpStream::from_std(std)?, TcpStream::from_std(spare)?))
-}
-
-async fn negotiation_failed(
-    e: UlError,
-    peer: SocketAddr,
-    refusal: &Mutex<Option<String>>,
-    mut spare: TcpStream,
-    send_timeout: Duration,
-) {
-    match e {
-        UlError::Rejected { association_rj, .. } => {
-            // dicom-ul already sent the A-ASSOCIATE-RJ.
-            let why = take_refusal(refusal).unwrap_or_else(|| association_rj.source.to_string());
-            log::warn!(
-                "association from {peer} rejected ({}): {}",
-                association_rj.source,
-                escaped(why)
-            );
-        }
-        UlError::ReceivePdu { source, .. } if is_io(&source) => {
-            log::info!(
-                "connection from {peer} closed before association: {}",
-                escaped(source)
-            );
-        }
-        UlError::ConnectionClosed { .. } => {
-            log::info!("connection from {peer} closed before association");
-        }
-        UlError::ReceivePdu { source, .. } => {
-            log::warn!(
-                "connection from {peer} aborted: invalid A-ASSOCIATE-RQ: {}",
-                escaped(source)
-            );
-            let _ = send_raw(
-                &mut spare,
-                &abort_pdu(AbortRQServiceProviderReason::InvalidPduParameter),
-                send_timeout,
-            )
-            .await;
-        }
-        UlError::UnknownPdu { .. } => {
-            log::warn!(
-                "connection from {peer} aborted: unrecognized PDU instead of A-ASSOCIATE-RQ"
-            );
-        }
-        UlError::UnexpectedPdu { pdu, .. } => {
-            log::warn!(
-                "connection from {peer} aborted: expected A-ASSOCIATE-RQ, got {}",
-                pdu.short_description()
-            );
-        }
-        other => log::warn!("association with {peer} failed: {}", escaped(other)),
-    }
-}
-
-fn is_io(e: &dicom_ul::pdu::ReadError) -> bool {
+pub(super) fn is_io(e: &dicom_ul::pdu::ReadError) -> bool {
     use std::error::Error as _;
     let mut cur: Option<&dyn std::error::Error> = e.source();
     while let Some(err) = cur {
@@ -327,8 +60,8 @@ enum Receiving {
     },
 }
 
-struct Session<'a> {
-    assoc: AsyncServerAssociation<TcpStream>,
+pub(super) struct Session<'a, S> {
+    assoc: AsyncServerAssociation<S>,
     peer: SocketAddr,
     calling_ae: String,
     shared: &'a Shared,
@@ -378,9 +111,12 @@ enum SendError {
     Failed(UlError),
 }
 
-impl<'a> Session<'a> {
-    fn new(
-        assoc: AsyncServerAssociation<TcpStream>,
+impl<'a, S> Session<'a, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    pub(super) fn new(
+        assoc: AsyncServerAssociation<S>,
         peer: SocketAddr,
         shared: &'a Shared,
         tx: mpsc::Sender<StoredInstance>,
@@ -403,7 +139,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn log_negotiation(&self) {
+    pub(super) fn log_negotiation(&self) {
         let contexts = self.assoc.presentation_contexts();
         let accepted = contexts
             .iter()
@@ -439,7 +175,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn run(&mut self) {
+    pub(super) async fn run(&mut self) {
         let end = self.serve().await;
         if let Receiving::Store { incoming, .. } =
             std::mem::replace(&mut self.state, Receiving::Idle)
