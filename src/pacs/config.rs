@@ -20,6 +20,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::dicom::access::validate_ae_title;
+use crate::dicom::tls::{Role, TlsConfig};
 
 /// `[pacs]`: the durable queue and the destinations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,11 +69,12 @@ pub struct DestinationConfig {
     /// release) may take before the association is dropped and retried later.
     #[serde(default = "default_dimse_timeout")]
     pub dimse_timeout_secs: f64,
-    /// DICOM TLS towards this destination. Placeholder for the TLS support to come (the
-    /// connection is made in `pacs::link::connect`): until then any `tls` table is refused,
-    /// so that nothing meant to be encrypted is sent in the clear.
+    /// DICOM TLS towards this destination (`[pacs.destinations.tls]`, the keys of
+    /// [`crate::dicom::tls::TlsConfig`]): `ca` (required: the destination's certificate is
+    /// always verified), `certificate` and `private_key` when the PACS asks for a client
+    /// certificate, `server_name` when the certificate names another host than `host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<DestinationTls>,
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_connect_timeout() -> f64 {
@@ -82,12 +84,6 @@ fn default_connect_timeout() -> f64 {
 fn default_dimse_timeout() -> f64 {
     60.0
 }
-
-/// `[pacs.destinations.tls]`: reserved for DICOM TLS (CA, client certificate and key,
-/// server name). No keys yet, and [`DestinationConfig::validate`] refuses the table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DestinationTls {}
 
 impl PacsConfig {
     /// Checks every key; the error names the offending one.
@@ -151,10 +147,12 @@ impl DestinationConfig {
                 "{key} must be > 0 and at most 3600, got {secs}"
             );
         }
-        ensure!(
-            self.tls.is_none(),
-            "tls: DICOM TLS towards a PACS is not supported yet; remove the table"
-        );
+        if let Some(tls) = &self.tls {
+            let problems = tls.problems(Role::Client);
+            if let Some(first) = problems.first() {
+                anyhow::bail!("{first}");
+            }
+        }
         Ok(())
     }
 
@@ -227,11 +225,17 @@ port = 4242
     }
 
     #[test]
-    fn a_tls_table_with_keys_is_refused_until_tls_is_supported() {
+    fn a_tls_table_takes_the_dicom_tls_keys_and_a_missing_ca_is_refused() {
         let err = toml::from_str::<DestinationConfig>(
             "name = \"p\"\nae_title = \"P\"\nhost = \"h\"\nport = 1\n[tls]\nca_file = \"x\"\n",
         )
         .unwrap_err();
         assert!(err.to_string().contains("ca_file"), "{err}");
+        let d = toml::from_str::<DestinationConfig>(
+            "name = \"p\"\nae_title = \"P\"\nhost = \"h\"\nport = 1\n[tls]\nca = \"/nonexistent/ca.pem\"\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", d.validate().unwrap_err());
+        assert!(err.contains("tls"), "{err}");
     }
 }

@@ -15,10 +15,11 @@ use anyhow::Context;
 use super::backoff::Backoff;
 use super::config::PacsConfig;
 use super::error::PacsError;
-use super::link::Peer;
+use super::link::{Peer, PeerTls};
 use super::part10;
 use super::queue::{Added, Queue, QueueDepth};
 use super::sender::Sender;
+use crate::dicom::tls;
 use crate::heartbeat::Heartbeat;
 use crate::report::ResultObject;
 
@@ -88,14 +89,30 @@ impl Delivery {
                     d.name
                 );
             }
+            let address = format!("{}:{}", d.host, d.port);
+            let tls = match &d.tls {
+                None => None,
+                Some(t) => Some(
+                    tls::client_config(t)
+                        .and_then(|config| {
+                            Ok(PeerTls {
+                                config,
+                                server_name: tls::server_name(t, &address)?,
+                            })
+                        })
+                        .with_context(|| format!("destination {}: tls", d.name))
+                        .map_err(open_error)?,
+                ),
+            };
             destinations.push(Destination {
                 name: d.name.clone(),
                 peer: Peer {
                     called_ae: d.ae_title.clone(),
                     calling_ae: d.calling_ae(default_calling_ae).to_owned(),
-                    address: format!("{}:{}", d.host, d.port),
+                    address,
                     connect_timeout: d.connect_timeout(),
                     dimse_timeout: d.dimse_timeout(),
+                    tls,
                 },
                 queue: Arc::new(queue),
             });

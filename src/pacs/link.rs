@@ -1,5 +1,5 @@
 //! The DICOM association to one destination: [`connect`] (the one place a connection is
-//! made, where DICOM TLS will be added), one C-STORE ([`Link::store`]) and the release.
+//! made, plain or DICOM TLS), one C-STORE ([`Link::store`]) and the release.
 //!
 //! Each SOP class to send is proposed in its own presentation context with Explicit VR
 //! Little Endian and Implicit VR Little Endian; the data set is encoded in whichever of
@@ -32,6 +32,15 @@ pub struct Peer {
     pub address: String,
     pub connect_timeout: Duration,
     pub dimse_timeout: Duration,
+    /// DICOM TLS, when the destination has a `tls` table.
+    pub tls: Option<PeerTls>,
+}
+
+/// The rustls client configuration and the name the destination's certificate must carry.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub server_name: String,
 }
 
 /// Why an association or an exchange on it failed. All of them are worth retrying later.
@@ -53,14 +62,14 @@ pub enum LinkError {
     BadResponse(String),
 }
 
-/// An established association. One variant per kind of transport; DICOM TLS adds one.
+/// An established association, one variant per kind of transport.
 pub enum Link {
     Plain(AsyncClientAssociation<tokio::net::TcpStream>),
+    Tls(AsyncClientAssociation<dicom_ul::association::client::AsyncTlsStream>),
 }
 
-/// Opens an association to `peer` proposing `sop_classes`. The one place a connection is
-/// made: DICOM TLS (`[pacs.destinations.tls]`) plugs in here, through dicom-ul's
-/// `establish_tls_async` and a `Link::Tls` variant.
+/// Opens an association to `peer` proposing `sop_classes`: the one place a connection is
+/// made, over DICOM TLS when the destination has a `tls` table.
 pub async fn connect(peer: &Peer, sop_classes: &[String]) -> Result<Link, LinkError> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(peer.calling_ae.clone())
@@ -78,18 +87,32 @@ pub async fn connect(peer: &Peer, sop_classes: &[String]) -> Result<Link, LinkEr
             ],
         );
     }
-    let association = options
-        .establish_async(peer.address.as_str())
-        .await
-        .map_err(|source| LinkError::Associate {
-            called_ae: peer.called_ae.clone(),
-            address: peer.address.clone(),
-            source,
-        })?;
+    let associate_error = |source| LinkError::Associate {
+        called_ae: peer.called_ae.clone(),
+        address: peer.address.clone(),
+        source,
+    };
     // Without TCP_NODELAY small PDUs wait for delayed ACKs.
-    let mut association = association;
-    association.inner_stream().set_nodelay(true)?;
-    Ok(Link::Plain(association))
+    match &peer.tls {
+        None => {
+            let mut association = options
+                .establish_async(peer.address.as_str())
+                .await
+                .map_err(associate_error)?;
+            association.inner_stream().set_nodelay(true)?;
+            Ok(Link::Plain(association))
+        }
+        Some(tls) => {
+            let mut association = options
+                .tls_config(tls.config.clone())
+                .server_name(&tls.server_name)
+                .establish_tls_async(peer.address.as_str())
+                .await
+                .map_err(associate_error)?;
+            association.inner_stream().get_ref().0.set_nodelay(true)?;
+            Ok(Link::Tls(association))
+        }
+    }
 }
 
 impl Link {
@@ -98,6 +121,7 @@ impl Link {
     pub fn accepted(&self, sop_class: &str) -> Option<(u8, String)> {
         let contexts = match self {
             Link::Plain(a) => a.presentation_contexts(),
+            Link::Tls(a) => a.presentation_contexts(),
         };
         contexts
             .iter()
@@ -122,6 +146,9 @@ impl Link {
             Link::Plain(a) => {
                 store_on(a, context_id, message_id, sop_class, sop_instance, data_set).await
             }
+            Link::Tls(a) => {
+                store_on(a, context_id, message_id, sop_class, sop_instance, data_set).await
+            }
         }
     }
 
@@ -131,6 +158,11 @@ impl Link {
             Link::Plain(a) => {
                 if let Err(e) = a.release().await {
                     log::debug!("PACS association release failed: {e}");
+                }
+            }
+            Link::Tls(a) => {
+                if let Err(e) = a.release().await {
+                    log::debug!("PACS association release failed (TLS): {e}");
                 }
             }
         }

@@ -28,7 +28,7 @@ pub mod queue;
 mod sender;
 pub mod status;
 
-pub use config::{DestinationConfig, DestinationTls, PacsConfig};
+pub use config::{DestinationConfig, PacsConfig};
 pub use delivery::{Delivery, DestinationDepth};
 pub use error::{ObjectProblem, PacsError};
 pub use queue::{CORRUPT_DIR, REJECTED_DIR};
