@@ -11,6 +11,7 @@ CERVICAL = spine.NAMES[:7]
 
 
 def generate(root, seed: int, index: int, fracture: str, matrix: int = 256) -> dict:
+    """Writes the study's DICOM, segmentation and ground truth (not its train.csv row)."""
     rng = np.random.default_rng([seed, index, 0xB])
     fov = rng.uniform(150, 210)
     d = fov / matrix
@@ -70,5 +71,4 @@ def generate(root, seed: int, index: int, fracture: str, matrix: int = 256) -> d
           "pixel_mm": float(d), "slices": int(len(zc)), "metal": len(metal),
           "vertebrae": gt_vert, "fractures": gt_frac}
     study = writer.write_study(root, f"phantoms-b/{seed}/{index}", rng, img, lab, zc, xs, ys, acq, gt)
-    writer.append_csv(root, study, labels)
     return {"study": study, "labels": labels, "slices": len(zc), "kinds": [f["kind"] for f in gt_frac]}
