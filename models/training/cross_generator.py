@@ -31,7 +31,8 @@ Usage (from the repository root; the binary from `cargo build`):
     python3 models/training/cross_generator.py [--count 40] [--families a b] \
         [--bin target/debug/cspine-triage] [--model models/model.json] [--out DIR]
     python3 models/training/cross_generator.py --smoke      # 1 study per family, for CI
-`--out DIR` writes DIR/summary.json and DIR/studies_<family>.csv (per study, no images).
+`--out DIR` writes DIR/summary.json and DIR/studies_<family>.csv (per study, no images);
+`--rescore --out DIR` recomputes the summaries from those CSVs (no generation, no inference).
 """
 
 from __future__ import annotations
@@ -145,7 +146,35 @@ def score(root: Path, results: dict) -> tuple[dict, list[dict]]:
             near = min(centre, key=lambda m: abs(centre[m] - 0.5 * (lo + hi)))
             row["right_level"] += int(near == n)
             row["within_one_level"] += int(abs(CERVICAL.index(near) - CERVICAL.index(n)) <= 1)
+        row["kinds"] = " ".join(f"{f['vertebra']}:{f['kind']}" for f in gt.get("fractures", []))
         rows.append(row)
+    return summarize(rows), rows
+
+
+def by_kind(rows: list[dict]) -> dict:
+    """Per fracture kind: how many, and how many of their vertebrae the shipped thresholds
+    flag (vertebra flag) and how many of their studies are flagged (patient flag)."""
+    out = {}
+    for r in rows:
+        for item in r["kinds"].split():
+            v, kind = item.split(":")
+            k = out.setdefault(kind, {"fractures": 0, "vertebra_flagged": 0, "study_flagged": 0})
+            k["fractures"] += 1
+            k["vertebra_flagged"] += int(r[f"{v}_flagged"])
+            k["study_flagged"] += int(r["patient_flagged"])
+    return dict(sorted(out.items()))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """studies_<family>.csv back into rows (numbers as numbers)."""
+    rows = []
+    for r in csv.DictReader(open(path)):
+        rows.append({k: (v if k in ("study", "status", "kinds") else float(v) if k.endswith("_p") else int(v))
+                     for k, v in r.items()})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
     y = [r["patient_label"] for r in rows]
     p = [r["patient_p"] for r in rows]
     fl = [r["patient_flagged"] for r in rows]
@@ -169,8 +198,9 @@ def score(root: Path, results: dict) -> tuple[dict, list[dict]]:
                             for k in ("found", "centre_in_range", "right_level", "within_one_level")},
                          "studies_all_in_view_within_one_level":
                              sum(r["within_one_level"] == r["in_view"] for r in rows) / len(rows)},
+        "by_kind": by_kind(rows),
     }
-    return summary, rows
+    return summary
 
 
 def fmt(v):
@@ -191,17 +221,25 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="folder for the phantoms (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the generated phantoms")
     ap.add_argument("--out", type=Path, help="write summary.json and studies_<family>.csv here")
+    ap.add_argument("--rescore", action="store_true",
+                    help="no generation or inference: summaries again from OUT/studies_<family>.csv")
     ap.add_argument("--smoke", action="store_true",
                     help="CI: 2 studies per family (1 intact, 1 fractured), matrix 128; checks the path, not the model")
     a = ap.parse_args()
     if a.smoke:
         a.count, a.matrix = 2, 128
-    if not a.bin.exists():
+    summaries = {}
+    if a.rescore:
+        prev = json.loads((a.out / "summary.json").read_text()) if (a.out / "summary.json").exists() else {}
+        for fam in a.families:
+            summaries[fam] = summarize(read_rows(a.out / f"studies_{fam}.csv"))
+            summaries[fam]["seed"] = prev.get("families", {}).get(fam, {}).get("seed")
+        a.count, a.matrix = prev.get("count", a.count), prev.get("matrix", a.matrix)
+    elif not a.bin.exists():
         sys.exit(f"{a.bin} not found: cargo build first (or --bin)")
     work = a.work or Path(tempfile.mkdtemp(prefix="cspine-cross-"))
-    summaries = {}
     try:
-        for fam in a.families:
+        for fam in ([] if a.rescore else a.families):
             d = work / f"family_{fam}"
             if not (d / "train.csv").exists():
                 if fam == "a":
@@ -241,6 +279,8 @@ def main() -> None:
               f"centre in range {fmt(loc['centre_in_range'])}, right level {fmt(loc['right_level'])}, "
               f"within one level {fmt(loc['within_one_level'])}; studies with all within one level "
               f"{fmt(loc['studies_all_in_view_within_one_level'])}")
+        print("  by fracture kind (fractures: vertebra flagged, study flagged): " + ", ".join(
+            f"{k} {v['fractures']}: {v['vertebra_flagged']}, {v['study_flagged']}" for k, v in s["by_kind"].items()))
     if a.smoke:
         for fam, s in summaries.items():
             if s["studies"] != a.count or "no_result" in s["statuses"]:
