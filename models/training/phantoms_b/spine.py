@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .shapes import arc, band_noise, capsule, ellipsoid, gauss, shell, superellipse_r, sweep
+from .shapes import arc, band_noise, capsule, ellipsoid, shell, superellipse_r, sweep
 
 NAMES = ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2"]
 # Body half width a, half depth b, height H (mm) and spinous process length, by level (C2..T2).
