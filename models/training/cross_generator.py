@@ -129,8 +129,8 @@ def score(root: Path, results: dict) -> tuple[dict, list[dict]]:
         r = results.get(uid)
         row = {"study": uid, "patient_label": int(lab["patient_overall"]),
                "status": r["status"] if r else "no_result",
-               "patient_p": (r or {}).get("patient", {}).get("probability") or 0.0,
-               "patient_flagged": int(bool((r or {}).get("patient", {}).get("flagged"))),
+               "patient_p": ((r or {}).get("patient") or {}).get("probability") or 0.0,
+               "patient_flagged": int(bool(((r or {}).get("patient") or {}).get("flagged"))),
                "in_view": len(inview), "found": 0, "centre_in_range": 0, "right_level": 0, "within_one_level": 0}
         verts = (r or {}).get("vertebrae") or {}
         for n in CERVICAL:
@@ -247,9 +247,18 @@ def main() -> None:
                 else:
                     make_b(d, a.count, a.seed_b, a.matrix)
             studies = sorted((d / "train_images").iterdir())
+            # Results are kept beside the phantoms (WORK/family_<f>/infer_<model sha>.jsonl), so a
+            # rerun with --work scores them again without inference.
+            sha = json.loads(a.model.read_text()).get("sha256", "")[:12]
+            cache = d / f"infer_{sha}.jsonl"
             results = {}
+            if cache.exists():
+                results = {r["study_instance_uid"]: r for r in map(json.loads, cache.read_text().splitlines())}
             for i in range(0, len(studies), a.batch):
-                results.update(infer(a.bin, a.model, studies[i:i + a.batch], a.threads))
+                chunk = [p for p in studies[i:i + a.batch] if p.name not in results]
+                if chunk:
+                    results.update(infer(a.bin, a.model, chunk, a.threads))
+                    cache.write_text("".join(json.dumps(r) + "\n" for r in results.values()))
             summary, rows = score(d, results)
             summary["seed"] = a.seed_a if fam == "a" else a.seed_b
             summaries[fam] = summary
