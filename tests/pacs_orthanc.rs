@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::pki::Pki;
 use common::{free_port, require_tool, wait_until, Proc};
 use cspine_triage::heartbeat::Heartbeat;
 use cspine_triage::pacs::{Delivery, DestinationConfig, PacsConfig};
@@ -34,6 +35,11 @@ struct Orthanc {
 impl Orthanc {
     /// Writes the config; `start` runs it.
     fn configure() -> Orthanc {
+        Orthanc::configure_with(serde_json::json!({}))
+    }
+
+    /// As [`Orthanc::configure`], with `extra` settings added (e.g. DICOM TLS).
+    fn configure_with(extra: serde_json::Value) -> Orthanc {
         let dir = tempfile::tempdir().unwrap();
         let (dicom_port, http_port) = (free_port(), free_port());
         let config = dir.path().join("orthanc.json");
@@ -53,6 +59,10 @@ impl Orthanc {
             "HttpServerEnabled": true,
             "StorageCompression": false,
         });
+        let mut settings = settings;
+        for (k, v) in extra.as_object().unwrap() {
+            settings[k] = v.clone();
+        }
         std::fs::write(&config, serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
         Orthanc {
             dicom_port,
@@ -470,4 +480,37 @@ fn daemon_killed_mid_delivery_sends_the_rest_after_restart() {
     });
     assert_eq!(orthanc.instances(), uids(&objects));
     assert!(!queue_dir.join("orthanc/rejected").exists());
+}
+
+/// DICOM TLS towards the PACS: Orthanc with DICOM TLS on and client certificates required
+/// (mutual TLS) receives every object over TLS.
+#[test]
+fn delivery_over_tls_reaches_an_orthanc_with_dicom_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = Pki::make(certs.path());
+    let mut orthanc = Orthanc::configure_with(serde_json::json!({
+        "DicomTlsEnabled": true,
+        "DicomTlsCertificate": pki.path("server.pem"),
+        "DicomTlsPrivateKey": pki.path("server.key"),
+        "DicomTlsTrustedCertificates": pki.path("ca.pem"),
+        "DicomTlsRemoteCertificateRequired": true,
+    }));
+    orthanc.start();
+    let queue = tempfile::tempdir().unwrap();
+    let mut config = pacs_config(queue.path(), &orthanc);
+    config.destinations[0].tls = Some(cspine_triage::dicom::tls::TlsConfig {
+        certificate: Some(pki.path("client.pem").into()),
+        private_key: Some(pki.path("client.key").into()),
+        ca: Some(pki.path("ca.pem").into()),
+        ..Default::default()
+    });
+    config.validate().unwrap();
+    let rt = runtime();
+    let delivery = Delivery::open(&config, "CSPINE").unwrap();
+    let senders = start_senders(&rt, &delivery);
+    let objects = objects();
+    delivery.enqueue(&objects).unwrap();
+    wait_for_all(&orthanc, &delivery, objects.len());
+    assert_eq!(orthanc.instances(), uids(&objects));
+    senders.abort();
 }

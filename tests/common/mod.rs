@@ -2,6 +2,8 @@
 //! python3) and the daemon binary as a child process that is killed on drop.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
