@@ -3,7 +3,7 @@
 
 Layers, lowest first (a module may import its own layer and those below it):
 
-    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  alert
+    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  report  <  alert
                         <  service, config, synth  <  main.rs
 
 `heartbeat` (the stage liveness handle) and `result` (the result contract and the
@@ -39,6 +39,7 @@ LAYERS = [
     ["series"],
     ["result"],
     ["inference"],
+    ["report"],
     ["alert"],
     ["service", "config", "synth"],
     ["main"],

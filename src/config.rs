@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{alert, dicom, inference, series, service};
+use crate::{alert, dicom, inference, report, series, service};
 
 /// Effective configuration of `cspine-triage serve`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -20,6 +20,8 @@ pub struct Config {
     pub inference: inference::InferenceConfig,
     pub alert: alert::AlertConfig,
     pub service: service::ServiceConfig,
+    /// `[report]`: DICOM result objects for PACS ([`report::ReportConfig`]).
+    pub report: report::ReportConfig,
 }
 
 impl Config {
@@ -43,6 +45,7 @@ impl Config {
         self.inference.validate()?;
         self.alert.validate()?;
         self.service.validate()?;
+        self.report.validate()?;
         Ok(())
     }
 

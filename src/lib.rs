@@ -13,6 +13,7 @@ pub mod dicom;
 pub mod durable;
 pub mod heartbeat;
 pub mod inference;
+pub mod report;
 pub mod result;
 pub mod series;
 pub mod service;

@@ -41,6 +41,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::heartbeat::Heartbeat;
+use crate::report::{self, ReportConfig, ResultObject};
 use crate::result::{self, ResultMessage};
 use crate::series::FailedSeries;
 
@@ -289,6 +290,9 @@ pub struct Alerts {
     identifiers: Identifiers,
     url: BrokerUrl,
     broker: Option<EmbeddedBroker>,
+    /// Which results get DICOM result objects (`[report]`); the default unless
+    /// [`Alerts::with_report`] says otherwise.
+    report: ReportConfig,
 }
 
 impl Alerts {
@@ -323,7 +327,33 @@ impl Alerts {
             identifiers,
             url,
             broker,
+            report: ReportConfig::default(),
         })
+    }
+
+    /// Uses `report` (`[report]`) to decide which results get DICOM result objects.
+    pub fn with_report(mut self, report: ReportConfig) -> Alerts {
+        self.report = report;
+        self
+    }
+
+    /// The DICOM result objects of `message` when `[report].objects` selects it; none
+    /// when it does not or they cannot be built (logged: the result is published anyway).
+    fn build_dicom_objects(&self, message: &ResultMessage) -> Vec<ResultObject> {
+        if !self.report.selects(message.result.status) {
+            return Vec::new();
+        }
+        match report::build_result_objects(message, &self.report) {
+            Ok(objects) => objects,
+            Err(e) => {
+                log::error!(
+                    "result {} (series {}): no DICOM result objects: {e}",
+                    message.result.id,
+                    crate::dicom::peer_text::peer_str(&message.result.series_instance_uid)
+                );
+                Vec::new()
+            }
+        }
     }
 
     pub fn outbox(&self) -> &Outbox {
@@ -362,13 +392,20 @@ impl Alerts {
         ));
 
         while let Some(message) = heartbeat.recv(&mut rx).await {
+            // Built before the commit, so that the committed result names them.
+            let dicom_objects_for_pacs = self.build_dicom_objects(&message);
             let ResultMessage {
                 mut result,
                 patient_id,
                 key_image_png,
                 sop_instance_uids,
                 failed_better,
+                source: _,
             } = message;
+            result.dicom_objects = dicom_objects_for_pacs
+                .iter()
+                .map(report::object_ref)
+                .collect();
             if !id_is_topic_safe(&result.id) {
                 // Still published (never dropped); the key image topic replaces the
                 // offending characters. An inference bug, not something to lose a result over.
@@ -419,6 +456,8 @@ impl Alerts {
                 );
             }
             wake.notify_one();
+            // Handed over, never awaited: MQTT publishing does not wait for DICOM delivery.
+            deliver_dicom_objects(dicom_objects_for_pacs);
             if let Some(tx) = &committed {
                 // The receiver going away is the caller's business, not a reason to stop.
                 let _ = heartbeat
@@ -444,6 +483,10 @@ impl Alerts {
         delivery.await.context("MQTT delivery task panicked")?
     }
 }
+
+/// Hands the DICOM result objects of a committed result to PACS delivery. A stub until
+/// the durable PACS queue is connected: it must return at once (queueing, not sending).
+fn deliver_dicom_objects(_objects: Vec<ResultObject>) {}
 
 /// The schema's form for `id`, which is also an MQTT topic level (`keyimage/<id>`).
 fn id_is_topic_safe(id: &str) -> bool {
@@ -535,6 +578,7 @@ mod tests {
                 inference_end: at("2026-11-27T13:00:15.2Z"),
                 published: at("2026-11-27T13:00:15.203Z"),
             },
+            dicom_objects: Vec::new(),
         }
     }
 

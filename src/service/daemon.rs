@@ -72,7 +72,7 @@ async fn run(config: Config) -> Result<()> {
         pipeline.engine.runtime()
     );
 
-    let alerts = Alerts::open(&config.alert)?;
+    let alerts = Alerts::open(&config.alert)?.with_report(config.report.clone());
     log::info!(
         "outbox {} open; publishing to {}",
         config.alert.outbox_dir.display(),
