@@ -1,7 +1,8 @@
 //! DICOM result objects checked by real readers: objects built for a positive, a negative
 //! and a failed result of a synthetic series are verified with dciodvfy (dicom3tools: no
 //! errors), the SR is rendered by DCMTK's dsrdump, and pydicom reads every object
-//! (tests/python/report_read.py).
+//! (tests/python/report_read.py). The alert stage names the objects of a selected result
+//! in the result it commits.
 
 mod common;
 
@@ -9,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{dcmtk, repo_root, require_tool, synth};
+use common::{dcmtk, free_port, repo_root, require_tool, synth};
+use cspine_triage::alert::{AlertConfig, Alerts, Outbox, StatusInfo};
 use cspine_triage::report::{
     build_result_objects, ObjectSelection, ReportConfig, ResultObject, ResultObjectKind,
 };
@@ -331,4 +333,78 @@ fn dsrdump_status(path: &Path) -> bool {
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     }
     out.status.success() && !out.stdout.is_empty()
+}
+
+/// The alert stage builds the objects of a selected result before the commit and names
+/// them in the committed result; an unselected one names none. No broker listens: the
+/// results stay in the outbox, where they are read back.
+#[test]
+fn committed_results_name_their_dicom_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = synthetic_source(&tmp.path().join("synth"));
+    let positive = message(&source, Status::Positive);
+    let negative = message(&source, Status::Negative);
+    let expected = build_result_objects(&positive, &ReportConfig::default()).unwrap();
+
+    let config = AlertConfig {
+        mqtt_url: Some(format!("mqtt://127.0.0.1:{}", free_port())),
+        outbox_dir: tmp.path().join("outbox"),
+        shutdown_drain_secs: 0.0,
+        ..AlertConfig::default()
+    };
+    let alerts = Alerts::open(&config)
+        .unwrap()
+        .with_report(ReportConfig::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (ctx, mut crx) = tokio::sync::mpsc::channel(4);
+        let heartbeat =
+            cspine_triage::service::health::Health::new(Default::default()).register("alert");
+        let run = tokio::spawn(alerts.run(heartbeat, StatusInfo::new(None), rx, Some(ctx)));
+        for msg in [positive.clone(), negative.clone()] {
+            tx.send(msg).await.unwrap();
+            crx.recv().await.expect("committed");
+        }
+        drop(tx);
+        run.await.unwrap().unwrap();
+    });
+
+    let outbox = Outbox::open(&config.outbox_dir, config.outbox_limits()).unwrap();
+    let published: BTreeMap<String, Value> = outbox
+        .pending()
+        .iter()
+        .map(|e| {
+            let entry = outbox.load(e.seq).unwrap();
+            (
+                e.id.clone(),
+                serde_json::from_slice(&entry.result_json).unwrap(),
+            )
+        })
+        .collect();
+    let named: Vec<(String, String, String)> = published[&positive.result.id]["dicom_objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let s = |k: &str| o[k].as_str().unwrap().to_owned();
+            (s("kind"), s("sop_instance_uid"), s("series_instance_uid"))
+        })
+        .collect();
+    let built: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|o| {
+            let kind = serde_json::to_value(o.kind).unwrap();
+            (
+                kind.as_str().unwrap().to_owned(),
+                o.sop_instance_uid.clone(),
+                o.series_instance_uid.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(named, built);
+    assert_eq!(
+        published[&negative.result.id]["dicom_objects"],
+        serde_json::json!([])
+    );
 }

@@ -609,7 +609,13 @@ mod tests {
 
     #[test]
     fn triage_results_validate_against_the_published_schema() {
-        let positive = full_result();
+        let mut positive = full_result();
+        positive.dicom_objects = vec![DicomObjectRef {
+            kind: DicomObjectKind::StructuredReport,
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+            sop_instance_uid: "2.25.1234".into(),
+            series_instance_uid: "2.25.5678".into(),
+        }];
         let mut failed = full_result();
         failed.status = Status::Failed;
         failed.reason = Some("series has 3 slices, at least 64 are needed".into());
@@ -619,6 +625,7 @@ mod tests {
         failed.study_instance_uid = String::new();
         failed.timings.inference_start = None;
         failed.timings.inference_end = None;
+        failed.dicom_objects.clear();
         let docs: Vec<_> = [&positive, &failed]
             .iter()
             .map(|r| serde_json::to_value(r).unwrap())
@@ -647,6 +654,8 @@ mod tests {
         no_gap["interpolated_gaps"]["count"] = 0.into();
         let mut gap_extra = docs[0].clone();
         gap_extra["interpolated_gaps"]["where"] = "C4".into();
+        let mut bad_object = docs[0].clone();
+        bad_object["dicom_objects"][0]["kind"] = "photo".into();
         let bad = [
             no_reason,
             bad_vertebra,
@@ -657,6 +666,7 @@ mod tests {
             negative_instances,
             no_gap,
             gap_extra,
+            bad_object,
         ];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");

@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(&a.pixels[band * 256 * 3..], &rgb_data[..]);
         // A narrow image gets a wider canvas; widths are even.
         let narrow = annotate(&grey);
-        assert!(narrow.width > font::text_width(ANNOTATION) && narrow.width % 2 == 0);
+        assert!(narrow.width > font::text_width(ANNOTATION) && narrow.width.is_multiple_of(2));
         assert!(decode_png(b"not a png").is_err());
     }
 }
