@@ -160,6 +160,24 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     assert_eq!(fx["status"], "positive", "{fx}");
     assert_eq!(fx["vertebrae"]["C5"]["flagged"], true, "{fx}");
     assert_eq!(ok["status"], "negative", "{ok}");
+    // `[report]` defaults: the positive result's DICOM objects for PACS (report, key
+    // objects, key image) are named in it; the negative one gets none.
+    let kinds: Vec<&str> = fx["dicom_objects"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{fx}"))
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "structured_report",
+            "key_object_selection",
+            "secondary_capture"
+        ],
+        "{fx}"
+    );
+    assert_eq!(ok["dicom_objects"], serde_json::json!([]), "{ok}");
 }
 
 /// Sends a ~90-slice series without its last 8 slices, waits for its result and for the
