@@ -281,3 +281,69 @@ pub fn finish(id: &Identity, msg: &ResultMessage, obj: Item) -> Result<ResultObj
         part10,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(charset: &[&str], name: &str) -> SourceStudy {
+        SourceStudy {
+            patient_name: name.into(),
+            specific_character_set: charset.iter().map(|s| s.to_string()).collect(),
+            ..SourceStudy::default()
+        }
+    }
+
+    #[test]
+    fn the_source_character_set_is_kept_when_it_can_encode_the_values() {
+        assert!(character_set(&source(&[], "Doe^Jane")).is_empty());
+        assert_eq!(
+            character_set(&source(&["ISO_IR 100"], "Müller")),
+            ["ISO_IR 100"]
+        );
+        // ISO 2022 with code extensions and non-ASCII text: written as UTF-8 instead.
+        assert_eq!(
+            character_set(&source(&["", "ISO 2022 IR 87"], "山田^太郎")),
+            ["ISO_IR 192"]
+        );
+        assert_eq!(
+            character_set(&source(&["", "ISO 2022 IR 87"], "Yamada^Taro")),
+            ["", "ISO 2022 IR 87"]
+        );
+
+        // dicom-object encodes the values in the character set written.
+        let mut obj = Item::new_empty();
+        put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100");
+        put_str(&mut obj, tags::SOP_CLASS_UID, VR::UI, "1.2.3");
+        put_str(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4");
+        put_str(&mut obj, tags::PATIENT_NAME, VR::PN, "Müller^Jürgen");
+        let id = Identity {
+            kind: ResultObjectKind::StructuredReport,
+            sop_class_uid: "1.2.3",
+            modality: "SR",
+            series_number: 1,
+            series_description: "",
+        };
+        let msg = ResultMessage {
+            result: serde_json::from_value(serde_json::json!({
+                "schema": "", "id": "abc", "status": "negative", "study_instance_uid": "",
+                "series_instance_uid": "", "instances": 0, "accession_number": "",
+                "patient_ref": "", "vertebrae": {}, "patient": null, "key_slice": null,
+                "model": {"name": "m", "version": "1", "sha256": ""}, "runtime": "cpu",
+                "device": "", "site": "", "timings": {
+                    "first_instance_received": null, "last_instance_received": null,
+                    "series_complete": null, "inference_start": null, "inference_end": null,
+                    "published": null }
+            }))
+            .unwrap(),
+            patient_id: String::new(),
+            key_image_png: None,
+            sop_instance_uids: Vec::new(),
+            failed_better: Vec::new(),
+            source: SourceStudy::default(),
+        };
+        let file = finish(&id, &msg, obj).unwrap().part10;
+        let latin1 = b"M\xfcller^J\xfcrgen";
+        assert!(file.windows(latin1.len()).any(|w| w == latin1));
+    }
+}
