@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{alert, dicom, inference, pacs, series, service};
+use crate::{alert, dicom, inference, pacs, report, series, service};
 
 /// Effective configuration of `cspine-triage serve`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -21,6 +21,8 @@ pub struct Config {
     pub alert: alert::AlertConfig,
     pub service: service::ServiceConfig,
     pub pacs: pacs::PacsConfig,
+    /// `[report]`: DICOM result objects for PACS ([`report::ReportConfig`]).
+    pub report: report::ReportConfig,
 }
 
 impl Config {
@@ -45,6 +47,7 @@ impl Config {
         self.alert.validate()?;
         self.service.validate()?;
         self.pacs.validate()?;
+        self.report.validate()?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub use crate::series::source::{SourceInstance, SourceStudy};
 use crate::series::FailedSeries;
 
 pub const SCHEMA_V1: &str = "cspine-triage/result/v1";
@@ -31,6 +32,9 @@ pub struct ResultMessage {
     /// Better series of the study that could not be built, when the result is a
     /// fallback's ([`crate::series::SeriesMeta::failed_better`]): marked with it.
     pub failed_better: Vec<FailedSeries>,
+    /// The analysed source series (patient and study modules, its instances), for the
+    /// DICOM result objects sent to PACS; not published.
+    pub source: SourceStudy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +158,28 @@ pub struct TriageResult {
     pub device: String,
     pub site: String,
     pub timings: Timings,
+    /// The DICOM objects built for this result and queued for PACS (`[report]`); empty
+    /// when none are. Absent in results of earlier producers of v1.
+    #[serde(default)]
+    pub dicom_objects: Vec<DicomObjectRef>,
+}
+
+/// Which DICOM result object (the JSON names of `dicom_objects[].kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DicomObjectKind {
+    StructuredReport,
+    KeyObjectSelection,
+    SecondaryCapture,
+}
+
+/// One DICOM object built for a result, as the result names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DicomObjectRef {
+    pub kind: DicomObjectKind,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub series_instance_uid: String,
 }
 
 /// Result id: hex sha256 of

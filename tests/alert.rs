@@ -215,6 +215,7 @@ fn full_result(id: &str, status: Status) -> TriageResult {
             inference_end: instant("2026-11-27T13:00:19.900Z"),
             published: None,
         },
+        dicom_objects: Vec::new(),
     }
 }
 
@@ -225,6 +226,7 @@ fn message(id: &str, status: Status, png: Option<&[u8]>) -> ResultMessage {
         patient_id: "PAT-0042".into(),
         key_image_png: png.map(<[u8]>::to_vec),
         sop_instance_uids: Vec::new(),
+        source: Default::default(),
     }
 }
 

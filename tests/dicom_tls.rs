@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::pki::Pki;
-use common::{dcmtk, free_port, require_tool, wait_for_port, Proc};
+use common::{dcmtk, free_port, wait_for_port, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cspine-triage");
 

@@ -160,6 +160,10 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
     assert_eq!(fx["status"], "positive", "{fx}");
     assert_eq!(fx["vertebrae"]["C5"]["flagged"], true, "{fx}");
     assert_eq!(ok["status"], "negative", "{ok}");
+    // No PACS destination configured: no DICOM result objects are built or named
+    // (tests/pacs_orthanc.rs runs the box with Orthanc as its PACS).
+    assert_eq!(fx["dicom_objects"], serde_json::json!([]), "{fx}");
+    assert_eq!(ok["dicom_objects"], serde_json::json!([]), "{ok}");
 }
 
 /// Sends a ~90-slice series without its last 8 slices, waits for its result and for the

@@ -6,160 +6,21 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::orthanc::Orthanc;
 use common::pki::Pki;
-use common::{free_port, require_tool, wait_until, Proc};
+use common::{free_port, wait_until};
 use cspine_triage::heartbeat::Heartbeat;
-use cspine_triage::pacs::{Delivery, DestinationConfig, PacsConfig};
+use cspine_triage::pacs::{Delivery, PacsConfig};
 use cspine_triage::report::{ResultObject, ResultObjectKind};
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 
 const ARRIVAL: Duration = Duration::from_secs(60);
-
-/// A real Orthanc on free loopback ports; killed on drop.
-struct Orthanc {
-    dicom_port: u16,
-    http_port: u16,
-    config: PathBuf,
-    proc: Option<Proc>,
-    _dir: tempfile::TempDir,
-}
-
-impl Orthanc {
-    /// Writes the config; `start` runs it.
-    fn configure() -> Orthanc {
-        Orthanc::configure_with(serde_json::json!({}))
-    }
-
-    /// As [`Orthanc::configure`], with `extra` settings added (e.g. DICOM TLS).
-    fn configure_with(extra: serde_json::Value) -> Orthanc {
-        let dir = tempfile::tempdir().unwrap();
-        let (dicom_port, http_port) = (free_port(), free_port());
-        let config = dir.path().join("orthanc.json");
-        let settings = serde_json::json!({
-            "Name": "cspine-test",
-            "DicomAet": "ORTHANC",
-            "DicomPort": dicom_port,
-            "HttpPort": http_port,
-            "StorageDirectory": dir.path().join("storage"),
-            "IndexDirectory": dir.path().join("index"),
-            "RemoteAccessAllowed": false,
-            "AuthenticationEnabled": false,
-            "DicomCheckCalledAet": false,
-            "DicomAlwaysAllowStore": true,
-            "DicomModalities": {},
-            "Plugins": [],
-            "HttpServerEnabled": true,
-            "StorageCompression": false,
-        });
-        let mut settings = settings;
-        for (k, v) in extra.as_object().unwrap() {
-            settings[k] = v.clone();
-        }
-        std::fs::write(&config, serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
-        Orthanc {
-            dicom_port,
-            http_port,
-            config,
-            proc: None,
-            _dir: dir,
-        }
-    }
-
-    fn start(&mut self) {
-        let proc = Proc::spawn({
-            let mut cmd = Command::new(require_tool("Orthanc"));
-            cmd.arg(&self.config);
-            cmd
-        });
-        let http_port = self.http_port;
-        wait_until("Orthanc's REST API", ARRIVAL, || {
-            http_get(http_port, "/system").is_some()
-        });
-        assert!(common::wait_for_port(self.dicom_port, ARRIVAL));
-        self.proc = Some(proc);
-    }
-
-    /// SOP Instance UID -> number of Orthanc instances with it.
-    fn instances(&self) -> BTreeMap<String, usize> {
-        let ids = http_get(self.http_port, "/instances").expect("GET /instances");
-        let mut out = BTreeMap::new();
-        for id in ids.as_array().unwrap() {
-            let tags = http_get(
-                self.http_port,
-                &format!("/instances/{}/simplified-tags", id.as_str().unwrap()),
-            )
-            .expect("GET simplified-tags");
-            *out.entry(tags["SOPInstanceUID"].as_str().unwrap().to_owned())
-                .or_default() += 1;
-        }
-        out
-    }
-
-    /// The SOP Class UIDs of the stored instances.
-    fn sop_classes(&self) -> std::collections::BTreeSet<String> {
-        let ids = http_get(self.http_port, "/instances").expect("GET /instances");
-        ids.as_array()
-            .unwrap()
-            .iter()
-            .map(|id| {
-                let tags = http_get(
-                    self.http_port,
-                    &format!("/instances/{}/simplified-tags", id.as_str().unwrap()),
-                )
-                .expect("GET simplified-tags");
-                tags["SOPClassUID"].as_str().unwrap().to_owned()
-            })
-            .collect()
-    }
-
-    fn count(&self) -> usize {
-        http_get(self.http_port, "/instances")
-            .and_then(|v| v.as_array().map(Vec::len))
-            .unwrap_or(0)
-    }
-
-    fn destination(&self) -> DestinationConfig {
-        DestinationConfig {
-            name: "orthanc".into(),
-            ae_title: "ORTHANC".into(),
-            host: "127.0.0.1".into(),
-            port: self.dicom_port,
-            calling_ae_title: None,
-            connect_timeout_secs: 5.0,
-            dimse_timeout_secs: 30.0,
-            tls: None,
-        }
-    }
-}
-
-/// GET on Orthanc's REST API; `None` when it does not answer 200 with JSON.
-fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
-    }
-    serde_json::from_str(body).ok()
-}
 
 fn testdata_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -513,4 +374,120 @@ fn delivery_over_tls_reaches_an_orthanc_with_dicom_tls() {
     wait_for_all(&orthanc, &delivery, objects.len());
     assert_eq!(orthanc.instances(), uids(&objects));
     senders.abort();
+}
+
+/// Orthanc's tags of the instance with SOP Instance UID `sop` (`?simplify`: sequences as
+/// arrays of objects).
+fn tags_of(orthanc: &Orthanc, sop: &str) -> serde_json::Value {
+    let ids = common::orthanc::http_get(orthanc.http_port, "/instances").unwrap();
+    for id in ids.as_array().unwrap() {
+        let path = format!("/instances/{}/tags?simplify", id.as_str().unwrap());
+        let tags = common::orthanc::http_get(orthanc.http_port, &path).unwrap();
+        if tags["SOPInstanceUID"] == sop {
+            return tags;
+        }
+    }
+    panic!("{sop} is not in Orthanc");
+}
+
+/// The whole box, as a PACS administrator sees it: a fractured phantom sent by DCMTK
+/// `storescu` is analysed and its result published on MQTT while the PACS is down (the
+/// alert does not wait for it); the daemon is killed (kill -9) and restarted, the PACS
+/// comes up, and the structured report, the key object selection and the secondary
+/// capture named in the result arrive in the source study, once each, the KOS referencing
+/// instances of the analysed series.
+#[test]
+fn a_study_analysed_while_the_pacs_is_down_reaches_it_after_kill_9_and_restart() {
+    let mut orthanc = Orthanc::configure();
+    let dir = tempfile::tempdir().unwrap();
+    let queue_dir = dir.path().join("pacs");
+    let study = common::synth(&dir.path().join("fx"), 9101, "C5", &[]);
+    let mosquitto = common::Mosquitto::start();
+    let sub = common::Subscriber::start(mosquitto.port, "cspine/#");
+    let dicom_port = free_port();
+    let config = common::serve_config(
+        dir.path(),
+        dicom_port,
+        &mosquitto.url(),
+        &format!(
+            "\n[pacs]\nqueue_dir = \"{}\"\nretry_initial_secs = 0.1\nretry_max_secs = 0.5\n\
+             [[pacs.destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n\
+             host = \"127.0.0.1\"\nport = {}\n",
+            queue_dir.display(),
+            orthanc.dicom_port
+        ),
+    );
+    let mut daemon = common::spawn_serve(&config, dicom_port, &[]);
+    let status = Command::new(common::dcmtk("storescu"))
+        .args([
+            "-aec",
+            "CSPINE",
+            "-aet",
+            "CTSCANNER",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+        ])
+        .arg(dicom_port.to_string())
+        .arg(&study[0])
+        .status()
+        .unwrap();
+    assert!(status.success(), "storescu");
+    let result = |sub: &common::Subscriber| {
+        sub.messages()
+            .iter()
+            .filter(|m| m.topic.ends_with("/result"))
+            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+            .next()
+    };
+    sub.wait_for_within("the result on MQTT", Duration::from_secs(300), |_| {
+        result(&sub).is_some()
+    });
+    let result = result(&sub).unwrap();
+    assert_eq!(result["status"], "positive", "{result}");
+    let named: BTreeMap<String, String> = result["dicom_objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["sop_instance_uid"].as_str().unwrap().to_owned(),
+                o["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(named.len(), 3, "SR, KOS and SC: {result}");
+
+    daemon.kill9();
+    orthanc.start();
+    let _daemon = common::spawn_serve(&config, dicom_port, &[]);
+    wait_until("the result objects in Orthanc", ARRIVAL, || {
+        orthanc.count() >= named.len()
+    });
+    let once: BTreeMap<String, usize> = named.keys().map(|k| (k.clone(), 1)).collect();
+    assert_eq!(orthanc.instances(), once, "each object once");
+    let source_series = result["series_instance_uid"].as_str().unwrap();
+    for (sop, kind) in &named {
+        let tags = tags_of(&orthanc, sop);
+        assert_eq!(
+            tags["StudyInstanceUID"], result["study_instance_uid"],
+            "{kind}"
+        );
+        assert_ne!(
+            tags["SeriesInstanceUID"], source_series,
+            "{kind}: a new series"
+        );
+        if kind == "key_object_selection" {
+            let evidence = &tags["CurrentRequestedProcedureEvidenceSequence"][0];
+            let series = &evidence["ReferencedSeriesSequence"][0];
+            assert_eq!(series["SeriesInstanceUID"], source_series, "{tags}");
+            assert!(
+                !series["ReferencedSOPSequence"]
+                    .as_array()
+                    .unwrap()
+                    .is_empty(),
+                "{tags}"
+            );
+        }
+    }
 }

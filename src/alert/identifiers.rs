@@ -206,6 +206,7 @@ mod tests {
             device: "d".into(),
             site: "s".into(),
             timings: Timings::default(),
+            dicom_objects: Vec::new(),
         }
     }
 

@@ -41,6 +41,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::heartbeat::Heartbeat;
+use crate::pacs::Delivery;
+use crate::report::{self, ReportConfig, ResultObject};
 use crate::result::{self, ResultMessage};
 use crate::series::FailedSeries;
 
@@ -289,6 +291,11 @@ pub struct Alerts {
     identifiers: Identifiers,
     url: BrokerUrl,
     broker: Option<EmbeddedBroker>,
+    /// Which results get DICOM result objects (`[report]`); the default unless
+    /// [`Alerts::with_report`] says otherwise.
+    report: ReportConfig,
+    /// Where DICOM result objects go ([`Alerts::with_pacs`]); none are built without it.
+    pacs: Option<Delivery>,
 }
 
 impl Alerts {
@@ -323,7 +330,42 @@ impl Alerts {
             identifiers,
             url,
             broker,
+            report: ReportConfig::default(),
+            pacs: None,
         })
+    }
+
+    /// Uses `report` (`[report]`) to decide which results get DICOM result objects.
+    pub fn with_report(mut self, report: ReportConfig) -> Alerts {
+        self.report = report;
+        self
+    }
+
+    /// Queues the DICOM result objects of every result `[report]` selects for `delivery`
+    /// (the PACS destinations). Without it no objects are built.
+    pub fn with_pacs(mut self, delivery: Option<Delivery>) -> Alerts {
+        self.pacs = delivery;
+        self
+    }
+
+    /// The DICOM result objects of `message` when a PACS is configured and
+    /// `[report].objects` selects it; none when not, or when they cannot be built (logged:
+    /// the result is published anyway).
+    fn build_dicom_objects(&self, message: &ResultMessage) -> Vec<ResultObject> {
+        if self.pacs.is_none() || !self.report.selects(message.result.status) {
+            return Vec::new();
+        }
+        match report::build_result_objects(message, &self.report) {
+            Ok(objects) => objects,
+            Err(e) => {
+                log::error!(
+                    "result {} (series {}): no DICOM result objects: {e}",
+                    message.result.id,
+                    crate::dicom::peer_text::peer_str(&message.result.series_instance_uid)
+                );
+                Vec::new()
+            }
+        }
     }
 
     pub fn outbox(&self) -> &Outbox {
@@ -337,6 +379,35 @@ impl Alerts {
 
     pub fn embedded_broker(&self) -> Option<&EmbeddedBroker> {
         self.broker.as_ref()
+    }
+
+    /// Durably queues `objects` for the PACS destinations (blocking file I/O, off the
+    /// runtime's threads). A write that fails (a full disk) is retried every second, beating
+    /// the heartbeat, so objects are never dropped; an object that fails its own checks is
+    /// an error in its builder, logged and not retried.
+    async fn queue_for_pacs(&self, heartbeat: &Heartbeat, id: &str, objects: Vec<ResultObject>) {
+        let Some(delivery) = &self.pacs else { return };
+        if objects.is_empty() {
+            return;
+        }
+        let objects = Arc::new(objects);
+        loop {
+            let (d, o) = (delivery.clone(), objects.clone());
+            let outcome = tokio::task::spawn_blocking(move || d.enqueue(&o)).await;
+            match outcome {
+                Ok(Ok(())) => return,
+                Ok(Err(e @ crate::pacs::PacsError::InvalidObject { .. })) => {
+                    log::error!("result {id}: DICOM result objects not queued for PACS: {e}");
+                    return;
+                }
+                Ok(Err(e)) => log::error!(
+                    "result {id}: cannot queue the DICOM result objects for PACS, retrying: {e}"
+                ),
+                Err(e) => log::error!("result {id}: PACS queueing task failed, retrying: {e}"),
+            }
+            heartbeat.beat();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
     }
 
     /// Commits every message from `rx` and publishes the outbox until `rx` is closed (all
@@ -362,13 +433,20 @@ impl Alerts {
         ));
 
         while let Some(message) = heartbeat.recv(&mut rx).await {
+            // Built before the commit, so that the committed result names them.
+            let dicom_objects_for_pacs = self.build_dicom_objects(&message);
             let ResultMessage {
                 mut result,
                 patient_id,
                 key_image_png,
                 sop_instance_uids,
                 failed_better,
+                source: _,
             } = message;
+            result.dicom_objects = dicom_objects_for_pacs
+                .iter()
+                .map(report::object_ref)
+                .collect();
             if !id_is_topic_safe(&result.id) {
                 // Still published (never dropped); the key image topic replaces the
                 // offending characters. An inference bug, not something to lose a result over.
@@ -419,6 +497,11 @@ impl Alerts {
                 );
             }
             wake.notify_one();
+            // After the commit and the MQTT wake-up, so publishing never waits for it; before
+            // `Committed`, so the spool keeps the series (and a crash re-analyses it, giving
+            // the same object UIDs) until the objects are durably queued.
+            self.queue_for_pacs(&heartbeat, &id, dicom_objects_for_pacs)
+                .await;
             if let Some(tx) = &committed {
                 // The receiver going away is the caller's business, not a reason to stop.
                 let _ = heartbeat
@@ -535,6 +618,7 @@ mod tests {
                 inference_end: at("2026-11-27T13:00:15.2Z"),
                 published: at("2026-11-27T13:00:15.203Z"),
             },
+            dicom_objects: Vec::new(),
         }
     }
 
@@ -565,7 +649,13 @@ mod tests {
 
     #[test]
     fn triage_results_validate_against_the_published_schema() {
-        let positive = full_result();
+        let mut positive = full_result();
+        positive.dicom_objects = vec![DicomObjectRef {
+            kind: DicomObjectKind::StructuredReport,
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+            sop_instance_uid: "2.25.1234".into(),
+            series_instance_uid: "2.25.5678".into(),
+        }];
         let mut failed = full_result();
         failed.status = Status::Failed;
         failed.reason = Some("series has 3 slices, at least 64 are needed".into());
@@ -575,6 +665,7 @@ mod tests {
         failed.study_instance_uid = String::new();
         failed.timings.inference_start = None;
         failed.timings.inference_end = None;
+        failed.dicom_objects.clear();
         let docs: Vec<_> = [&positive, &failed]
             .iter()
             .map(|r| serde_json::to_value(r).unwrap())
@@ -603,6 +694,8 @@ mod tests {
         no_gap["interpolated_gaps"]["count"] = 0.into();
         let mut gap_extra = docs[0].clone();
         gap_extra["interpolated_gaps"]["where"] = "C4".into();
+        let mut bad_object = docs[0].clone();
+        bad_object["dicom_objects"][0]["kind"] = "photo".into();
         let bad = [
             no_reason,
             bad_vertebra,
@@ -613,6 +706,7 @@ mod tests {
             negative_instances,
             no_gap,
             gap_extra,
+            bad_object,
         ];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");

@@ -393,6 +393,7 @@ impl Pipeline {
                         key_image_png: a.key_image_png,
                         sop_instance_uids: volume.meta.sop_instance_uids.clone(),
                         failed_better: volume.meta.failed_better.clone(),
+                        source: volume.meta.source.clone(),
                     },
                     a.early_rejection,
                 ),
@@ -422,6 +423,7 @@ impl Pipeline {
             key_image_png: None,
             sop_instance_uids: meta.sop_instance_uids.clone(),
             failed_better: meta.failed_better.clone(),
+            source: meta.source.clone(),
         }
     }
 }

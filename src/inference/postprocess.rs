@@ -286,6 +286,7 @@ fn base_result(
             inference_end: run.inference_end,
             published: None,
         },
+        dicom_objects: Vec::new(),
     }
 }
 

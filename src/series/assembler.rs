@@ -965,6 +965,7 @@ fn make_job(
             interpolated_gaps: None,
             slice_thickness_mm: first.slice_thickness,
             convolution_kernel: first.convolution_kernel.clone(),
+            source: Default::default(),
         },
         instances,
         completion: series.completion.unwrap_or(Completion::MaxWait),
@@ -1023,9 +1024,7 @@ fn build_recorded(
         Ok(earlier) if earlier >= a.max => {
             let mut meta = job.meta;
             meta.completed = Some(OffsetDateTime::now_utc());
-            meta.sop_instance_uids = super::sorted_unique_uids(
-                job.instances.iter().map(|h| h.sop_instance_uid.as_str()),
-            );
+            meta.set_instances(&job.instances);
             let reason = format!(
                 "the daemon stopped {earlier} times while building this series (out of memory?): \
                  not built again (series.max_build_attempts = {})",

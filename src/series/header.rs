@@ -10,6 +10,32 @@ use anyhow::{bail, Context, Result};
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions, Tag};
 
+/// Longest value kept of one source attribute, bytes. The longest conformant value among
+/// them is a PN of three 64-character groups, 4 bytes a character at most, with ISO 2022
+/// escapes: below 1 kB.
+pub const MAX_SOURCE_VALUE_BYTES: usize = 1024;
+
+/// Longest UID (PS3.5 9.1).
+pub const MAX_UID_BYTES: usize = 64;
+
+/// Patient and study attributes of one instance that the series stage does not otherwise
+/// read, each at most [`MAX_SOURCE_VALUE_BYTES`] long (see [`super::source`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PatientStudy {
+    /// (0008,0005) Specific Character Set, all values.
+    pub specific_character_set: Vec<String>,
+    pub patient_name: String,
+    pub patient_birth_date: String,
+    pub patient_sex: String,
+    pub study_date: String,
+    pub study_time: String,
+    pub referring_physician_name: String,
+    pub study_id: String,
+    pub study_description: String,
+    /// Keywords of attributes left out for being longer than [`MAX_SOURCE_VALUE_BYTES`].
+    pub over_limit: Vec<String>,
+}
+
 /// Selected attributes of one DICOM instance (PS3.3 CT Image IOD, General Series,
 /// Image Plane and Image Pixel modules). Optional where the standard allows absence
 /// or where a bad sender may leave them out; the consumer decides what is fatal.
@@ -44,6 +70,8 @@ pub struct InstanceHeader {
     pub pixel_spacing: Option<[f64; 2]>,
     pub rows: Option<u32>,
     pub columns: Option<u32>,
+    /// Patient and study attributes that result objects copy ([`super::SourceStudy`]).
+    pub patient_study: PatientStudy,
 }
 
 impl InstanceHeader {
@@ -101,6 +129,7 @@ impl InstanceHeader {
             pixel_spacing: floats::<2>(ds, tags::PIXEL_SPACING),
             rows: int(ds, tags::ROWS).and_then(|n| u32::try_from(n).ok()),
             columns: int(ds, tags::COLUMNS).and_then(|n| u32::try_from(n).ok()),
+            patient_study: patient_study(ds),
         })
     }
 
@@ -141,6 +170,57 @@ pub fn normalize(v: [f64; 3]) -> Option<[f64; 3]> {
         return None;
     }
     Some([v[0] / n, v[1] / n, v[2] / n])
+}
+
+/// `value` if it is at most [`MAX_SOURCE_VALUE_BYTES`] long, else empty with `keyword`
+/// noted in `over_limit` (header parsing).
+pub(crate) fn bounded(
+    value: Option<String>,
+    keyword: &str,
+    over_limit: &mut Vec<String>,
+) -> String {
+    match value {
+        Some(v) if v.len() > MAX_SOURCE_VALUE_BYTES => {
+            over_limit.push(keyword.to_owned());
+            String::new()
+        }
+        Some(v) => v,
+        None => String::new(),
+    }
+}
+
+/// The patient and study attributes of [`PatientStudy`], each bounded.
+fn patient_study(ds: &InMemDicomObject) -> PatientStudy {
+    let mut over_limit = Vec::new();
+    let mut get = |tag: Tag, keyword: &str| bounded(text(ds, tag), keyword, &mut over_limit);
+    let patient_name = get(tags::PATIENT_NAME, "PatientName");
+    let patient_birth_date = get(tags::PATIENT_BIRTH_DATE, "PatientBirthDate");
+    let patient_sex = get(tags::PATIENT_SEX, "PatientSex");
+    let study_date = get(tags::STUDY_DATE, "StudyDate");
+    let study_time = get(tags::STUDY_TIME, "StudyTime");
+    let referring_physician_name = get(tags::REFERRING_PHYSICIAN_NAME, "ReferringPhysicianName");
+    let study_id = get(tags::STUDY_ID, "StudyID");
+    let study_description = get(tags::STUDY_DESCRIPTION, "StudyDescription");
+    let charset = strings(ds, tags::SPECIFIC_CHARACTER_SET);
+    let specific_character_set =
+        if charset.iter().map(String::len).sum::<usize>() > MAX_SOURCE_VALUE_BYTES {
+            over_limit.push("SpecificCharacterSet".to_owned());
+            Vec::new()
+        } else {
+            charset
+        };
+    PatientStudy {
+        specific_character_set,
+        patient_name,
+        patient_birth_date,
+        patient_sex,
+        study_date,
+        study_time,
+        referring_physician_name,
+        study_id,
+        study_description,
+        over_limit,
+    }
 }
 
 /// A string attribute, trimmed of DICOM padding; `None` if absent or empty.

@@ -160,8 +160,7 @@ pub fn build_best(
     let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
     for (mut meta, headers) in ranked {
         // Also for a failure: its result names the instances it was built from.
-        meta.sop_instance_uids =
-            super::sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
+        meta.set_instances(&headers);
         match build_volume_within(headers, meta.clone(), window, limits) {
             Ok(mut volume) => {
                 volume.meta.failed_better = failures

@@ -6,6 +6,7 @@
 //! - [`selection`]: which instances and series are analysed, and why not.
 //! - [`plan`]: a series' slices validated and sorted from their headers, within limits.
 //! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
+//! - [`source`]: the patient, study and instances result objects copy and reference.
 //! - [`load`]: offline entry point, files or folders -> outcomes (`infer`).
 
 pub mod assembler;
@@ -13,12 +14,14 @@ pub mod header;
 pub mod load;
 pub mod plan;
 pub mod selection;
+pub mod source;
 pub mod volume;
 
 pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
 pub use selection::Skip;
+pub use source::SourceStudy;
 pub use volume::{build_volume, build_volume_within, VolumeError, VolumeLimits};
 
 use anyhow::{ensure, Result};
@@ -263,6 +266,19 @@ pub struct SeriesMeta {
     /// (0018,1210) Convolution Kernel of the first instance (values joined by `\`), empty
     /// when absent: the envelope's kernel family.
     pub convolution_kernel: String,
+    /// The patient and study modules and the instances of the series, for the DICOM
+    /// result objects; set with `sop_instance_uids` ([`SeriesMeta::set_instances`]).
+    pub source: SourceStudy,
+}
+
+impl SeriesMeta {
+    /// Records the instances the series is built from: [`SeriesMeta::sop_instance_uids`]
+    /// and [`SeriesMeta::source`].
+    pub fn set_instances(&mut self, headers: &[InstanceHeader]) {
+        self.sop_instance_uids =
+            sorted_unique_uids(headers.iter().map(|h| h.sop_instance_uid.as_str()));
+        self.source = SourceStudy::from_headers(headers);
+    }
 }
 
 /// Gaps of a series interpolated across: steps between neighbouring slices larger than

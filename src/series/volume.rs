@@ -331,6 +331,7 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
         interpolated_gaps: None,
         slice_thickness_mm: h.slice_thickness,
         convolution_kernel: h.convolution_kernel.clone(),
+        source: Default::default(),
     }
 }
 

@@ -72,7 +72,19 @@ async fn run(config: Config) -> Result<()> {
         pipeline.engine.runtime()
     );
 
-    let alerts = Alerts::open(&config.alert)?;
+    // PACS delivery only when destinations are configured; its queues are re-read here,
+    // so objects a previous run did not deliver are sent after the start.
+    let pacs_delivery = if config.pacs.destinations.is_empty() {
+        None
+    } else {
+        Some(crate::pacs::Delivery::open(
+            &config.pacs,
+            &config.dicom.ae_title,
+        )?)
+    };
+    let alerts = Alerts::open(&config.alert)?
+        .with_report(config.report.clone())
+        .with_pacs(pacs_delivery.clone());
     log::info!(
         "outbox {} open; publishing to {}",
         config.alert.outbox_dir.display(),
@@ -132,16 +144,6 @@ async fn run(config: Config) -> Result<()> {
             analysed.iter().map(|s| s.instances.len()).sum::<usize>()
         );
     }
-    // PACS delivery only when destinations are configured; its queues are re-read here,
-    // so objects a previous run did not deliver are sent after the start.
-    let pacs_delivery = if config.pacs.destinations.is_empty() {
-        None
-    } else {
-        Some(crate::pacs::Delivery::open(
-            &config.pacs,
-            &config.dicom.ae_title,
-        )?)
-    };
     let scp = Scp::bind(config.dicom.clone()).await?;
     log::info!(
         "DICOM SCP {} listening on {} (spool {})",
