@@ -180,13 +180,14 @@ impl Envelope {
         out
     }
 
-    /// The check of `min_covered_vertebrae` against the levels a series covers (`first`
-    /// to `last` covered vertebra, 0 = C1; None when it covers none), once the model's
-    /// segmentation has told them.
-    pub fn check_covered(&self, span: Option<(usize, usize)>) -> Option<Violation> {
+    /// The check of `min_covered_vertebrae` against the levels a series covers (`covered`:
+    /// their names, contiguous, in order), once the model's segmentation has told them.
+    pub fn check_covered(&self, covered: &[String]) -> Option<Violation> {
         let min = self.min_covered_vertebrae?;
-        let covered = span.map_or(0, |(first, last)| last + 1 - first);
-        (covered < min).then_some(Violation::CoveredVertebrae { span, min })
+        (covered.len() < min).then(|| Violation::CoveredVertebrae {
+            covered: covered.to_vec(),
+            min,
+        })
     }
 }
 
@@ -247,10 +248,10 @@ pub enum Violation {
         mm: f64,
         min: f64,
     },
-    /// Fewer contiguous vertebra levels in view than `min_covered_vertebrae`: `span` is
-    /// the first and last covered vertebra (0 = C1), None for none.
+    /// Fewer contiguous vertebra levels in view than `min_covered_vertebrae`: `covered`
+    /// names those in view, in order (empty for none).
     CoveredVertebrae {
-        span: Option<(usize, usize)>,
+        covered: Vec<String>,
         min: usize,
     },
 }
@@ -282,26 +283,23 @@ impl fmt::Display for Violation {
                 f,
                 "z coverage {mm:.0} mm, trained on at least {min:.0} mm (C1 to C7 in view)"
             ),
-            Violation::CoveredVertebrae { span: None, min } => write!(
-                f,
-                "no vertebra lies whole in the series, at least {min} contiguous levels needed"
-            ),
-            Violation::CoveredVertebrae {
-                span: Some((first, last)),
-                min,
-            } => {
-                let names = crate::inference::contract::VERTEBRAE;
-                let n = last + 1 - first;
-                if first == last {
-                    write!(f, "only {} in view", names[*first])?;
-                } else {
-                    write!(f, "only {}-{} in view", names[*first], names[*last])?;
-                }
-                write!(
+            Violation::CoveredVertebrae { covered, min } => match covered.as_slice() {
+                [] => write!(
                     f,
-                    " ({n} level(s)), at least {min} contiguous levels needed"
-                )
-            }
+                    "no vertebra lies whole in the series, at least {min} contiguous levels \
+                     needed"
+                ),
+                [one] => write!(
+                    f,
+                    "only {one} in view (1 level(s)), at least {min} contiguous levels needed"
+                ),
+                [first, .., last] => write!(
+                    f,
+                    "only {first}-{last} in view ({} level(s)), at least {min} contiguous \
+                     levels needed",
+                    covered.len()
+                ),
+            },
         }
     }
 }
@@ -484,13 +482,14 @@ mod tests {
     #[test]
     fn too_few_covered_levels_is_a_violation_that_names_them() {
         let e = envelope();
-        assert_eq!(e.check_covered(Some((0, 2))), None);
-        assert_eq!(e.check_covered(Some((5, 6))), None);
-        let one = e.check_covered(Some((6, 6))).unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(e.check_covered(&names(&["C1", "C2", "C3"])), None);
+        assert_eq!(e.check_covered(&names(&["C6", "C7"])), None);
+        let one = e.check_covered(&names(&["C7"])).unwrap();
         assert_eq!(
             one,
             Violation::CoveredVertebrae {
-                span: Some((6, 6)),
+                covered: names(&["C7"]),
                 min: 2
             }
         );
@@ -498,7 +497,7 @@ mod tests {
             one.to_string(),
             "only C7 in view (1 level(s)), at least 2 contiguous levels needed"
         );
-        let none = e.check_covered(None).unwrap();
+        let none = e.check_covered(&[]).unwrap();
         assert!(
             none.to_string().starts_with("no vertebra lies whole"),
             "{none}"
@@ -507,7 +506,7 @@ mod tests {
             min_covered_vertebrae: None,
             ..envelope()
         };
-        assert_eq!(unchecked.check_covered(None), None);
+        assert_eq!(unchecked.check_covered(&[]), None);
         let bad = Envelope {
             min_covered_vertebrae: Some(0),
             ..envelope()
