@@ -148,8 +148,14 @@ pub struct TriageResult {
     pub accession_number: String,
     /// Pseudonymised patient reference (keyed hash) unless raw IDs are configured.
     pub patient_ref: String,
-    /// Keyed C1..C7; empty when the model did not run.
+    /// Keyed C1..C7; empty when the model did not run. A vertebra listed in
+    /// `not_covered` has no entry.
     pub vertebrae: BTreeMap<String, VertebraResult>,
+    /// Vertebrae (C1..C7, in order) the series does not cover, as the model's segmentation
+    /// tells (`docs/model-contract.md`, partial coverage): not analysed, to be read without
+    /// triage. Empty when all seven are covered; None (absent) when the model did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_covered: Option<Vec<String>>,
     pub patient: Option<PatientResult>,
     pub key_slice: Option<KeySlice>,
     pub model: ModelInfo,

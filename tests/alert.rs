@@ -186,6 +186,7 @@ fn full_result(id: &str, status: Status) -> TriageResult {
         accession_number: "ACC0001".into(),
         patient_ref: String::new(),
         vertebrae,
+        not_covered: Some(Vec::new()),
         patient: Some(PatientResult {
             probability: if status == Status::Positive {
                 0.93

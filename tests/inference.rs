@@ -474,6 +474,10 @@ fn a_series_outside_the_acquisition_envelope_is_indeterminate_unless_ignored() -
         "analysed despite the envelope: {r}"
     );
     ensure!(r["patient"]["probability"].is_number(), "{r}");
+    ensure!(
+        r["not_covered"] == serde_json::json!([]),
+        "a whole neck: {r}"
+    );
     Ok(())
 }
 
@@ -519,6 +523,10 @@ fn synthetic_study_is_localised_c1_to_c7_where_the_phantom_has_them() -> Result<
     ensure!(
         r["status"] != "indeterminate" && r["status"] != "failed",
         "{r}"
+    );
+    ensure!(
+        r["not_covered"] == serde_json::json!([]),
+        "all seven covered: {r}"
     );
     let gt_file = std::fs::read_dir(dir.join("ground_truth"))?
         .next()
@@ -602,5 +610,58 @@ fn synthetic_fracture_free_study_is_negative() -> Result<()> {
             .all(|v| v["flagged"] == false),
         "{r}"
     );
+    Ok(())
+}
+
+/// Partial coverage: the same phantom as above (seed 9102) ending 5 mm below C3
+/// (`synth --crop-below C3`, what a head CT reaching the upper neck shows) is analysed for
+/// C1-C3 and lists C4-C7 as not covered; with nothing flagged it is `indeterminate`, never
+/// a `negative` that reads as "neck clear". `--ignore-envelope` gives the same answer (the
+/// series is inside the envelope). A C2 fracture in such a series (seed 9100) is still
+/// `positive`, with C2 flagged.
+#[test]
+fn a_phantom_cut_below_c3_is_analysed_for_c1_to_c3_and_lists_c4_to_c7() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let crop = ["--crop-below", "C3"];
+    let dir = synth_study_with(&tmp.path().join("synth"), "none", "9102", &crop)?;
+    let r = infer_one(&dir)?;
+    let c4_to_c7 = serde_json::json!(["C4", "C5", "C6", "C7"]);
+    ensure!(r["not_covered"] == c4_to_c7, "{r}");
+    let analysed: Vec<&String> = r["vertebrae"]
+        .as_object()
+        .context("vertebrae")?
+        .keys()
+        .collect();
+    ensure!(analysed == ["C1", "C2", "C3"], "{r}");
+    ensure!(r["status"] == "indeterminate", "{r}");
+    let reason = r["reason"].as_str().context("reason")?;
+    ensure!(
+        reason.starts_with("partial coverage: C4, C5, C6, C7 not in view; C1-C3 analysed"),
+        "{reason}"
+    );
+    ensure!(r["patient"]["probability"].is_number(), "{r}");
+    let out = infer(&[
+        "--json",
+        "--runtime",
+        "cpu",
+        "--ignore-envelope",
+        dir.to_str().unwrap(),
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ignored = &json_lines(&out)?[0];
+    ensure!(
+        ignored["status"] == r["status"] && ignored["not_covered"] == r["not_covered"],
+        "{ignored}"
+    );
+
+    let fractured = synth_study_with(&tmp.path().join("c2"), "C2", "9100", &crop)?;
+    let r = infer_one(&fractured)?;
+    ensure!(r["status"] == "positive", "{r}");
+    ensure!(r["vertebrae"]["C2"]["flagged"] == true, "{r}");
+    ensure!(r["not_covered"] == c4_to_c7, "{r}");
     Ok(())
 }

@@ -104,6 +104,7 @@ fn message(source: &SourceStudy, status: Status) -> ResultMessage {
         site: String::new(),
         timings: Timings::default(),
         dicom_objects: Vec::new(),
+        not_covered: Some(Vec::new()),
     };
     ResultMessage {
         result,

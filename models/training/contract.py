@@ -52,13 +52,15 @@ VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 # spacing equal or overlapping down to 0.5 mm. Kernels: BONE, BONEPLUS, B70f, Br64, FC30, YC
 # (the recognised ones are all bone kernels). Coverage: every phantom holds C1-C7 with margins;
 # min_coverage_mm: 400 phantoms (`synth --count 400 --seed 778 --matrix 64`) cover 140-224 mm
-# (median 180; C1 top to C7 bottom 107-155 mm): 10 mm below the shortest.
+# (median 180; C1 top to C7 bottom 107-155 mm). That z bound (min_coverage_mm 130) is gone
+# since the daemon analyses partial coverage (docs/model-contract.md "Partial coverage"):
+# min_covered_vertebrae is a policy floor (2 contiguous levels in view), not a measured one.
 ENVELOPE = {
     "pixel_spacing_mm": {"min": 0.27, "max": 0.98},
     "slice_spacing_mm": {"min": 0.5, "max": 3.0},
     "slice_thickness_mm": {"min": 0.6, "max": 3.0},
     "kernel_families": ["bone"],
-    "min_coverage_mm": 130.0,
+    "min_covered_vertebrae": 2,
 }
 
 

@@ -195,6 +195,7 @@ mod tests {
                 },
             )]
             .into(),
+            not_covered: Some(Vec::new()),
             patient: None,
             key_slice: Some(slice),
             model: ModelInfo {

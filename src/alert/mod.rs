@@ -593,6 +593,7 @@ mod tests {
             accession_number: "A123".into(),
             patient_ref: PatientRefs::with_key(b"0123456789abcdef0123".to_vec()).reference("P1"),
             vertebrae,
+            not_covered: Some(Vec::new()),
             patient: Some(PatientResult {
                 probability: 0.91,
                 threshold: 0.5,
@@ -666,7 +667,17 @@ mod tests {
         failed.timings.inference_start = None;
         failed.timings.inference_end = None;
         failed.dicom_objects.clear();
-        let docs: Vec<_> = [&positive, &failed]
+        failed.not_covered = None;
+        // A series covering C1-C3 only: those analysed, nothing flagged, not a negative.
+        let mut partial = full_result();
+        partial.status = Status::Indeterminate;
+        partial.reason = Some("partial coverage: C4, C5, C6, C7 not in view".into());
+        partial
+            .vertebrae
+            .retain(|name, _| ["C1", "C2", "C3"].contains(&name.as_str()));
+        partial.not_covered = Some(["C4", "C5", "C6", "C7"].map(String::from).to_vec());
+        partial.key_slice = None;
+        let docs: Vec<_> = [&positive, &failed, &partial]
             .iter()
             .map(|r| serde_json::to_value(r).unwrap())
             .collect();
@@ -696,6 +707,13 @@ mod tests {
         gap_extra["interpolated_gaps"]["where"] = "C4".into();
         let mut bad_object = docs[0].clone();
         bad_object["dicom_objects"][0]["kind"] = "photo".into();
+        let mut not_covered_t1 = docs[2].clone();
+        not_covered_t1["not_covered"] = serde_json::json!(["C4", "T1"]);
+        let mut not_covered_twice = docs[2].clone();
+        not_covered_twice["not_covered"] = serde_json::json!(["C4", "C4"]);
+        let mut negative_partial = docs[2].clone();
+        negative_partial["status"] = "negative".into();
+        negative_partial.as_object_mut().unwrap().remove("reason");
         let bad = [
             no_reason,
             bad_vertebra,
@@ -707,6 +725,9 @@ mod tests {
             no_gap,
             gap_extra,
             bad_object,
+            not_covered_t1,
+            not_covered_twice,
+            negative_partial,
         ];
         for (doc, complaints) in bad.iter().zip(validate(&bad)) {
             assert!(!complaints.is_empty(), "must be rejected:\n{doc:#}");

@@ -224,6 +224,9 @@ fn summary(r: &TriageResult, timing: &str) -> String {
     if !flagged.is_empty() {
         s += &format!("; flagged {}", flagged.join(", "));
     }
+    if let Some(missing) = r.not_covered.as_ref().filter(|m| !m.is_empty()) {
+        s += &format!("; not covered {}", missing.join(", "));
+    }
     if let Some(k) = &r.key_slice {
         s += &format!("; key slice {} at z {:.1} mm", k.sop_instance_uid, k.z_mm);
     }

@@ -1,7 +1,9 @@
 //! The acquisition envelope: the series geometry (pixel spacing, slice spacing, slice
 //! thickness, reconstruction kernel family, z coverage) the model was trained and tested on,
 //! as `model.json` states it (`envelope`, see `docs/model-contract.md`). A series outside it
-//! is answered `indeterminate` with the violations as the reason, before the model runs: a
+//! is answered `indeterminate` with the violations as the reason, before the model runs
+//! (except the least number of vertebrae in view, `min_covered_vertebrae`, which needs the
+//! model's segmentation and is checked after it, in [`super::postprocess`]): a
 //! model that has only seen one kind of acquisition has nothing to say about another, and a
 //! `negative` there must not be trusted. `cspine-triage infer --ignore-envelope` analyses
 //! such a series anyway, for evaluation only; the daemon always enforces the envelope.
@@ -92,9 +94,16 @@ pub struct Envelope {
     /// (the tag is free text). Absent or empty: no kernel check.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_families: Vec<KernelFamily>,
-    /// Shortest z coverage (first to last slice centre) the model was trained on: every
-    /// training series held C1 to C7 with a margin.
-    pub min_coverage_mm: f64,
+    /// Shortest z coverage (first to last slice centre) accepted. Absent: no check (from
+    /// 0.8.0, where partial coverage is analysed and `min_covered_vertebrae` bounds it
+    /// instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_coverage_mm: Option<f64>,
+    /// Least number of contiguous vertebra levels the series must cover (partial coverage,
+    /// [`super::postprocess::InView`]) for the vertebrae in view to be analysed. Absent: no
+    /// check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_covered_vertebrae: Option<usize>,
 }
 
 impl Envelope {
@@ -111,10 +120,18 @@ impl Envelope {
                 r.max
             );
         }
-        anyhow::ensure!(
-            self.min_coverage_mm.is_finite() && self.min_coverage_mm >= 0.0,
-            "envelope.min_coverage_mm must be >= 0"
-        );
+        if let Some(mm) = self.min_coverage_mm {
+            anyhow::ensure!(
+                mm.is_finite() && mm >= 0.0,
+                "envelope.min_coverage_mm must be >= 0"
+            );
+        }
+        if let Some(n) = self.min_covered_vertebrae {
+            anyhow::ensure!(
+                (1..=7).contains(&n),
+                "envelope.min_covered_vertebrae must be 1 to 7, got {n}"
+            );
+        }
         Ok(())
     }
 
@@ -154,13 +171,23 @@ impl Envelope {
                 }
             }
         }
-        if acq.coverage_mm < self.min_coverage_mm {
+        if let Some(min) = self.min_coverage_mm.filter(|&min| acq.coverage_mm < min) {
             out.push(Violation::Coverage {
                 mm: acq.coverage_mm,
-                min: self.min_coverage_mm,
+                min,
             });
         }
         out
+    }
+
+    /// The check of `min_covered_vertebrae` against the levels a series covers (`covered`:
+    /// their names, contiguous, in order), once the model's segmentation has told them.
+    pub fn check_covered(&self, covered: &[String]) -> Option<Violation> {
+        let min = self.min_covered_vertebrae?;
+        (covered.len() < min).then(|| Violation::CoveredVertebrae {
+            covered: covered.to_vec(),
+            min,
+        })
     }
 }
 
@@ -221,6 +248,12 @@ pub enum Violation {
         mm: f64,
         min: f64,
     },
+    /// Fewer contiguous vertebra levels in view than `min_covered_vertebrae`: `covered`
+    /// names those in view, in order (empty for none).
+    CoveredVertebrae {
+        covered: Vec<String>,
+        min: usize,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -250,6 +283,23 @@ impl fmt::Display for Violation {
                 f,
                 "z coverage {mm:.0} mm, trained on at least {min:.0} mm (C1 to C7 in view)"
             ),
+            Violation::CoveredVertebrae { covered, min } => match covered.as_slice() {
+                [] => write!(
+                    f,
+                    "no vertebra lies whole in the series, at least {min} contiguous levels \
+                     needed"
+                ),
+                [one] => write!(
+                    f,
+                    "only {one} in view (1 level(s)), at least {min} contiguous levels needed"
+                ),
+                [first, .., last] => write!(
+                    f,
+                    "only {first}-{last} in view ({} level(s)), at least {min} contiguous \
+                     levels needed",
+                    covered.len()
+                ),
+            },
         }
     }
 }
@@ -286,7 +336,8 @@ mod tests {
             slice_spacing_mm: MmRange { min: 0.5, max: 3.0 },
             slice_thickness_mm: MmRange { min: 0.6, max: 3.0 },
             kernel_families: vec![KernelFamily::Bone],
-            min_coverage_mm: 100.0,
+            min_coverage_mm: Some(100.0),
+            min_covered_vertebrae: Some(2),
         }
     }
 
@@ -363,5 +414,103 @@ mod tests {
             ..inside()
         };
         assert!(e.check(&unknown).is_empty());
+    }
+
+    /// One departure at a time: each gives its own variant and names itself in the reason.
+    #[test]
+    fn each_limit_alone_gives_its_own_reason() {
+        let e = envelope();
+        let cases = [
+            (
+                Acquisition {
+                    pixel_spacing_mm: [1.2, 1.2],
+                    ..inside()
+                },
+                "pixel spacing 1.20 mm, trained on 0.27-0.98 mm",
+            ),
+            (
+                Acquisition {
+                    slice_spacing_mm: 0.3,
+                    ..inside()
+                },
+                "slice spacing 0.30 mm, trained on 0.50-3.00 mm",
+            ),
+            (
+                Acquisition {
+                    slice_thickness_mm: Some(5.0),
+                    ..inside()
+                },
+                "slice thickness 5.00 mm, trained on 0.60-3.00 mm",
+            ),
+            (
+                Acquisition {
+                    convolution_kernel: Some("STANDARD".into()),
+                    ..inside()
+                },
+                "reconstruction kernel \"STANDARD\" is a soft-tissue kernel",
+            ),
+            (
+                Acquisition {
+                    coverage_mm: 60.0,
+                    ..inside()
+                },
+                "z coverage 60 mm, trained on at least 100 mm",
+            ),
+        ];
+        for (acq, text) in cases {
+            let v = e.check(&acq);
+            assert_eq!(v.len(), 1, "{text}: {v:?}");
+            let why = reason(&v);
+            assert!(
+                why.starts_with(REASON_OUTSIDE_ENVELOPE) && why.contains(text),
+                "{why}"
+            );
+        }
+        // Without `min_coverage_mm` (contracts from 0.8.0) a short series passes here; the
+        // vertebrae in view decide after the model.
+        let partial = Envelope {
+            min_coverage_mm: None,
+            ..envelope()
+        };
+        let short = Acquisition {
+            coverage_mm: 60.0,
+            ..inside()
+        };
+        assert!(partial.check(&short).is_empty());
+    }
+
+    #[test]
+    fn too_few_covered_levels_is_a_violation_that_names_them() {
+        let e = envelope();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(e.check_covered(&names(&["C1", "C2", "C3"])), None);
+        assert_eq!(e.check_covered(&names(&["C6", "C7"])), None);
+        let one = e.check_covered(&names(&["C7"])).unwrap();
+        assert_eq!(
+            one,
+            Violation::CoveredVertebrae {
+                covered: names(&["C7"]),
+                min: 2
+            }
+        );
+        assert_eq!(
+            one.to_string(),
+            "only C7 in view (1 level(s)), at least 2 contiguous levels needed"
+        );
+        let none = e.check_covered(&[]).unwrap();
+        assert!(
+            none.to_string().starts_with("no vertebra lies whole"),
+            "{none}"
+        );
+        let unchecked = Envelope {
+            min_covered_vertebrae: None,
+            ..envelope()
+        };
+        assert_eq!(unchecked.check_covered(&[]), None);
+        let bad = Envelope {
+            min_covered_vertebrae: Some(0),
+            ..envelope()
+        };
+        assert!(bad.validate().is_err());
     }
 }

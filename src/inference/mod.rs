@@ -5,7 +5,7 @@
 //! - [`envelope`]: the acquisitions the model was trained on; outside them `indeterminate`.
 //! - [`preprocess`]: CT volume -> `[S, 3, 128, 128]` model input.
 //! - [`engine`]: tract (CPU, or CUDA with the `cuda` feature), prepared once.
-//! - [`postprocess`]: probabilities, flags, localization, `indeterminate`.
+//! - [`postprocess`]: probabilities, flags, localization, partial coverage, `indeterminate`.
 //! - [`keyimage`]: the PNG of the key slice.
 //! - [`cli`]: `cspine-triage infer`.
 //!
@@ -324,8 +324,17 @@ impl Pipeline {
             model_time.as_secs_f64(),
             self.engine.runtime()
         );
-        let verdict =
-            postprocess::interpret(volume, &grid, &outputs, contract, &self.thresholds, &run);
+        let verdict = postprocess::interpret(
+            volume,
+            &grid,
+            &outputs,
+            contract,
+            &self.thresholds,
+            &run,
+            self.envelope_policy,
+        );
+        let mut outside_envelope = outside_envelope;
+        outside_envelope.extend(verdict.coverage_violation.clone());
         let early_rejection = volume.meta.early.and_then(|check| {
             use crate::result::Status;
             match verdict.result.status {

@@ -1,5 +1,7 @@
 //! From model outputs to a [`TriageResult`]: probabilities, flags, localization and the
-//! coverage check that turns a series without a cervical spine into `indeterminate`.
+//! coverage checks: which vertebrae the series covers ([`InView`], partial coverage: only
+//! those are analysed, the others are listed in `not_covered`), and the checks that turn a
+//! series without (enough of) a cervical spine into `indeterminate`.
 
 use std::collections::BTreeMap;
 
@@ -7,6 +9,7 @@ use time::OffsetDateTime;
 
 use super::contract::{Coverage, ModelContract, VERTEBRAE};
 use super::engine::ModelOutputs;
+use super::envelope::{self, EnvelopePolicy, Violation};
 use super::preprocess::{nearest_source_slice, source_slice_z, ModelGrid};
 use crate::result::{
     result_id, InterpolatedGaps, KeySlice, ModelInfo, PatientResult, Status, Timings, TriageResult,
@@ -18,6 +21,86 @@ use crate::series::{CtVolume, SeriesMeta};
 pub const REASON_NOT_CERVICAL: &str = "series does not cover the cervical spine";
 pub const REASON_TOO_SHORT: &str = "series too short along z";
 pub const REASON_POSE: &str = "neck tilted beyond the poses the model was validated for";
+/// Prefix of the reason of an `indeterminate` result with nothing flagged in a series that
+/// does not cover every vertebra ([`PartialCoverage`]).
+pub const REASON_PARTIAL_COVERAGE: &str = "partial coverage";
+
+/// Which vertebrae a series covers, from the model's segmentation and the series' z extent
+/// (`docs/model-contract.md`, "Partial coverage"). A vertebra lies **whole** in the series
+/// when the segmentation finds it ([`vertebra_extent`]) and its run of model slices includes
+/// neither the first nor the last model slice (a vertebra on an outermost slice may go on
+/// beyond it). The series **covers** the vertebrae from the first to the last one that lies
+/// whole (in C1..C7 order); the others (C1 down to the first whole one, C7 up to the last)
+/// are **not covered**. A vertebra between two whole ones that the segmentation misses is
+/// covered (the extent holds it); [`interpret`] counts such misses against
+/// `coverage.min_vertebrae`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InView {
+    /// First and last covered vertebra (0 = C1); None when no vertebra lies whole.
+    pub span: Option<(usize, usize)>,
+}
+
+impl InView {
+    /// The coverage of a series of `slices` model slices where the vertebrae were found
+    /// at `extent` (model slice runs, [`vertebra_extent`]).
+    pub fn of(extent: &[Option<(usize, usize)>; 7], slices: usize) -> InView {
+        let whole =
+            |v: &usize| extent[*v].is_some_and(|(first, last)| first > 0 && last + 1 < slices);
+        let first = (0..7).find(whole);
+        let last = (0..7).rev().find(whole);
+        InView {
+            span: first.zip(last),
+        }
+    }
+
+    /// Whether vertebra `v` (0 = C1) is covered.
+    pub fn covers(&self, v: usize) -> bool {
+        self.span.is_some_and(|(a, b)| (a..=b).contains(&v))
+    }
+
+    /// Number of covered levels.
+    pub fn levels(&self) -> usize {
+        self.span.map_or(0, |(a, b)| b + 1 - a)
+    }
+
+    /// The vertebrae covered, in order.
+    pub fn covered(&self) -> Vec<String> {
+        (0..7)
+            .filter(|&v| self.covers(v))
+            .map(|v| VERTEBRAE[v].to_string())
+            .collect()
+    }
+
+    /// The vertebrae not covered, in order, as `not_covered` publishes them.
+    pub fn not_covered(&self) -> Vec<String> {
+        (0..7)
+            .filter(|&v| !self.covers(v))
+            .map(|v| VERTEBRAE[v].to_string())
+            .collect()
+    }
+}
+
+/// The typed reason of an `indeterminate` result for partial coverage: the model flagged
+/// nothing in the vertebrae in view, and some are not in view, so the result must not read
+/// as "neck clear". Displayed as the published `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialCoverage {
+    pub in_view: InView,
+}
+
+impl std::fmt::Display for PartialCoverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = self.in_view.span.unwrap_or((0, 0));
+        write!(
+            f,
+            "{REASON_PARTIAL_COVERAGE}: {} not in view; {}-{} analysed, nothing flagged there; \
+             read the levels not in view without triage",
+            self.in_view.not_covered().join(", "),
+            VERTEBRAE[a],
+            VERTEBRAE[b]
+        )
+    }
+}
 
 /// Decision thresholds in effect: the contract's, possibly overridden by configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -272,6 +355,7 @@ fn base_result(
         accession_number: meta.accession_number.clone(),
         patient_ref: String::new(),
         vertebrae: BTreeMap::new(),
+        not_covered: None,
         patient: None,
         key_slice: None,
         model: run.model.clone(),
@@ -306,6 +390,7 @@ fn indeterminate_verdict(meta: &SeriesMeta, run: &RunInfo, reason: &str) -> Verd
         result: indeterminate_result(meta, run, reason),
         key_model_slice: None,
         key_vertebra: None,
+        coverage_violation: None,
     }
 }
 
@@ -317,6 +402,9 @@ pub struct Verdict {
     pub key_model_slice: Option<usize>,
     /// Vertebra (0 = C1) whose attention chose the key slice.
     pub key_vertebra: Option<usize>,
+    /// Fewer levels in view than the envelope's `min_covered_vertebrae`: the result is
+    /// `indeterminate` for it unless the envelope is ignored.
+    pub coverage_violation: Option<Violation>,
 }
 
 /// The model slice where vertebra `v` (0 = C1) has its highest attention (the first one
@@ -338,7 +426,9 @@ fn key_slice(volume: &CtVolume, grid: &ModelGrid, k: usize) -> KeySlice {
     }
 }
 
-/// Turns model outputs into the result, as `docs/model-contract.md` specifies.
+/// Turns model outputs into the result, as `docs/model-contract.md` specifies. Under
+/// [`EnvelopePolicy::Ignore`] a series with fewer levels in view than the envelope's
+/// `min_covered_vertebrae` is analysed anyway (`coverage_violation` says so).
 pub fn interpret(
     volume: &CtVolume,
     grid: &ModelGrid,
@@ -346,16 +436,41 @@ pub fn interpret(
     contract: &ModelContract,
     thresholds: &Thresholds,
     run: &RunInfo,
+    policy: EnvelopePolicy,
 ) -> Verdict {
     let meta = &volume.meta;
     let extent = vertebra_extent(out, &contract.coverage);
-    let present = extent.iter().filter(|e| e.is_some()).count();
-    if present < contract.coverage.min_vertebrae {
+    let in_view = InView::of(&extent, out.slices);
+    let not_covered = in_view.not_covered();
+    let indeterminate = |reason: &str, violation: Option<Violation>| {
+        let mut v = indeterminate_verdict(meta, run, reason);
+        v.result.not_covered = Some(not_covered.clone());
+        v.coverage_violation = violation;
+        v
+    };
+    let coverage_violation = contract
+        .envelope
+        .as_ref()
+        .and_then(|e| e.check_covered(&in_view.covered()));
+    if let Some(violation) = &coverage_violation {
+        if policy == EnvelopePolicy::Enforce {
+            let reason = envelope::reason(std::slice::from_ref(violation));
+            return indeterminate(&reason, coverage_violation);
+        }
+    }
+    // Vertebrae in view that the segmentation found; a covered vertebra it missed counts
+    // against `min_vertebrae` (of seven, or of the levels in view when fewer).
+    let found = (0..7)
+        .filter(|&v| in_view.covers(v) && extent[v].is_some())
+        .count();
+    let needed = contract.coverage.min_vertebrae.min(in_view.levels()).max(1);
+    if found < needed {
         let reason = format!(
-            "{REASON_NOT_CERVICAL}: {present} of 7 cervical vertebrae found, at least {} needed",
-            contract.coverage.min_vertebrae
+            "{REASON_NOT_CERVICAL}: {found} of {} cervical vertebrae in view found, at least \
+             {needed} needed",
+            in_view.levels()
         );
-        return indeterminate_verdict(meta, run, &reason);
+        return indeterminate(&reason, coverage_violation);
     }
     if let Some(max) = contract.coverage.max_lateral_tilt_deg {
         if let Some(tilt) = lateral_tilt_deg(out, &extent, contract).filter(|t| t.abs() > max) {
@@ -365,15 +480,20 @@ pub fn interpret(
                  without triage",
                 tilt.abs()
             );
-            return indeterminate_verdict(meta, run, &reason);
+            return indeterminate(&reason, coverage_violation);
         }
     }
     let probs: Vec<f32> = out.vertebra_logits.iter().map(|&l| sigmoid(l)).collect();
+    // A vertebra not covered is not analysed: its flag is not the model's word on it.
     let flagged_v: Vec<bool> = (0..7)
-        .map(|v| probs[v] >= thresholds.vertebrae[v])
+        .map(|v| in_view.covers(v) && probs[v] >= thresholds.vertebrae[v])
         .collect();
     let mut result = base_result(meta, run, Status::Negative, None);
+    result.not_covered = Some(not_covered.clone());
     for (v, name) in VERTEBRAE.iter().enumerate() {
+        if !in_view.covers(v) {
+            continue;
+        }
         result.vertebrae.insert(
             name.to_string(),
             VertebraResult {
@@ -395,10 +515,19 @@ pub fn interpret(
     });
     let any_flagged = flagged_v.iter().any(|&f| f);
     // A triage tool errs on the side of sensitivity: any flag, patient-level or on a
-    // vertebra, makes the result positive (an alert), never a `negative` with a flagged
-    // vertebra in it.
-    if flagged || any_flagged {
-        result.status = Status::Positive;
+    // covered vertebra, makes the result positive (an alert), never a `negative` with a
+    // flagged vertebra in it. With nothing flagged, only a series covering all seven
+    // vertebrae is `negative`: one that does not is `indeterminate` (partial coverage),
+    // which no reader can take for "neck clear".
+    let status = if flagged || any_flagged {
+        Status::Positive
+    } else if !not_covered.is_empty() {
+        Status::Indeterminate
+    } else {
+        Status::Negative
+    };
+    if status != Status::Negative {
+        result.status = status;
         result.id = result_id(
             &meta.series_instance_uid,
             &run.model.sha256,
@@ -406,35 +535,58 @@ pub fn interpret(
             &meta.sop_instance_uids,
         );
     }
-    // Key slice: peak attention of the most probable flagged vertebra (of all if none is).
+    if status == Status::Indeterminate {
+        result.reason = Some(PartialCoverage { in_view }.to_string());
+        return Verdict {
+            result,
+            key_model_slice: None,
+            key_vertebra: None,
+            coverage_violation,
+        };
+    }
+    // Key slice: peak attention of the most probable flagged vertebra (of all covered ones
+    // if none is).
     let key_vertebra = (0..7)
-        .filter(|&v| !any_flagged || flagged_v[v])
+        .filter(|&v| in_view.covers(v) && (!any_flagged || flagged_v[v]))
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-        .expect("seven vertebrae");
+        .expect("at least one vertebra is covered");
     let key = peak_attention_slice(out, key_vertebra);
     result.key_slice = Some(key_slice(volume, grid, key));
     Verdict {
         result,
         key_model_slice: Some(key),
         key_vertebra: Some(key_vertebra),
+        coverage_violation,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::envelope::EnvelopePolicy;
     use crate::inference::preprocess::tests::linear_volume;
 
     fn contract() -> ModelContract {
         serde_json::from_str(&crate::inference::contract::tests::example_json("ab")).unwrap()
     }
 
-    /// Outputs where vertebra v occupies model slices [4v, 4v + 3] with 10 cells each.
+    /// Outputs where vertebra v occupies model slices [4v + 1, 4v + 4] with 10 cells each
+    /// (slice 0 is background: C1 lies whole in a series of more than 5 slices).
     fn outputs(slices: usize, vertebra_logits: [f32; 7], patient_logit: f32) -> ModelOutputs {
+        outputs_from(1, slices, vertebra_logits, patient_logit)
+    }
+
+    /// [`outputs`] with vertebra v on model slices [4v + first, 4v + first + 3].
+    fn outputs_from(
+        first: usize,
+        slices: usize,
+        vertebra_logits: [f32; 7],
+        patient_logit: f32,
+    ) -> ModelOutputs {
         let (h, w, classes) = (32, 32, 8);
         let mut seg = vec![0f32; slices * classes * h * w];
         for k in 0..slices {
-            let v = k / 4;
+            let v = if k < first { 7 } else { (k - first) / 4 };
             for cell in 0..h * w {
                 let class = if v < 7 && cell < 10 { v + 1 } else { 0 };
                 seg[(k * classes + class) * h * w + cell] = 5.0;
@@ -442,7 +594,7 @@ mod tests {
         }
         let mut attention = vec![1.0 / slices as f32; 7 * slices];
         for v in 0..7 {
-            let peak = (4 * v + 2).min(slices - 1);
+            let peak = (4 * v + first + 2).min(slices - 1);
             attention[v * slices + peak] = 0.5;
         }
         ModelOutputs {
@@ -475,12 +627,23 @@ mod tests {
         }
     }
 
+    /// Model slice `k` of [`outputs`] with no vertebra: its 10 vertebra cells background.
+    fn erase(out: &mut ModelOutputs, k: usize) {
+        let plane = out.seg_h * out.seg_w;
+        for cell in 0..10 {
+            for c in 0..out.seg_classes {
+                out.seg_logits[(k * out.seg_classes + c) * plane + cell] =
+                    if c == 0 { 5.0 } else { 0.0 };
+            }
+        }
+    }
+
     #[test]
     fn vertebra_extent_is_its_main_run_not_first_to_last_cell() {
         let c = contract();
         let mut out = outputs(60, [0.0; 7], 0.0);
-        // C1 is at slices 0..=3 (10 cells each); a stray C1 blob far below at slice 50,
-        // and C3 (slices 8..=11) loses its label on slice 10 (a 2 mm slice through a crack).
+        // C1 is at slices 1..=4 (10 cells each); a stray C1 blob far below at slice 50,
+        // and C3 (slices 9..=12) loses its label on slice 10 (a 2 mm slice through a crack).
         paint(&mut out, 50, 1, 5);
         paint(&mut out, 10, 0, 10);
         for cell in 0..10 {
@@ -488,8 +651,8 @@ mod tests {
             out.seg_logits[(10 * out.seg_classes + 3) * plane + cell] = 0.0;
         }
         let extent = vertebra_extent(&out, &c.coverage);
-        assert_eq!(extent[0], Some((0, 3)), "stray cells do not stretch C1");
-        assert_eq!(extent[2], Some((8, 11)), "a one-slice gap is bridged");
+        assert_eq!(extent[0], Some((1, 4)), "stray cells do not stretch C1");
+        assert_eq!(extent[2], Some((9, 12)), "a one-slice gap is bridged");
     }
 
     #[test]
@@ -499,20 +662,20 @@ mod tests {
         let vol = linear_volume(40, 8, 8, false);
         let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
         let run = RunInfo::new(&c, "cpu");
-        let v = interpret(&vol, &grid(30), &out, &c, &t, &run);
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce);
         let r = &v.result;
         assert_eq!(r.status, Status::Positive);
         assert!(r.vertebrae["C5"].flagged);
         assert!(!r.vertebrae["C4"].flagged);
         assert_eq!(
             r.vertebrae["C5"].z_range_mm,
-            Some([10.0 + 32.0, 10.0 + 38.0])
+            Some([10.0 + 34.0, 10.0 + 40.0])
         );
-        assert_eq!(v.key_model_slice, Some(18));
+        assert_eq!(v.key_model_slice, Some(19));
         assert_eq!(v.key_vertebra, Some(4));
-        // Model slice 18 is at z = 46 mm; source slices are 2.5 mm apart from z = 10.
+        // Model slice 19 is at z = 48 mm; source slices are 2.5 mm apart from z = 10.
         let key = r.key_slice.as_ref().unwrap();
-        assert!((key.z_mm - 46.0).abs() <= 1.25, "{key:?}");
+        assert!((key.z_mm - 48.0).abs() <= 1.25, "{key:?}");
         // The flagged vertebra has the same key slice; the others have none.
         assert_eq!(r.vertebrae["C5"].key_slice.as_ref(), Some(key));
         for (name, v) in &r.vertebrae {
@@ -531,14 +694,22 @@ mod tests {
         let vol = linear_volume(40, 8, 8, false);
         // C2 and C5 flagged, C5 the more probable.
         let out = outputs(30, [-3.0, 1.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
-        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &out,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         let r = &v.result;
-        // Attention peaks (see `outputs`): C2 at model slice 6 (z = 22 mm), C5 at 18 (46 mm),
+        // Attention peaks (see `outputs`): C2 at model slice 7 (z = 24 mm), C5 at 19 (48 mm),
         // each reported as the nearest source slice (2.5 mm apart from z = 10 mm).
         let c2 = r.vertebrae["C2"].key_slice.as_ref().expect("C2 is flagged");
         let c5 = r.vertebrae["C5"].key_slice.as_ref().expect("C5 is flagged");
-        assert_eq!((c2.z_mm, c2.sop_instance_uid.as_str()), (22.5, "1.2.3.5"));
-        assert_eq!((c5.z_mm, c5.sop_instance_uid.as_str()), (45.0, "1.2.3.14"));
+        assert_eq!((c2.z_mm, c2.sop_instance_uid.as_str()), (25.0, "1.2.3.6"));
+        assert_eq!((c5.z_mm, c5.sop_instance_uid.as_str()), (47.5, "1.2.3.15"));
         // Each within its vertebra's z range.
         for (key, name) in [(c2, "C2"), (c5, "C5")] {
             let [a, b] = r.vertebrae[name].z_range_mm.unwrap();
@@ -557,13 +728,24 @@ mod tests {
         let c = contract();
         let t = Thresholds::resolve(&c, None, &BTreeMap::new());
         let vol = linear_volume(40, 8, 8, false);
-        // 24 model slices: C1..C6 present (at least 5 needed), C7 not found.
-        let out = outputs(24, [-3.0, -3.0, 1.0, -3.0, -3.0, -3.0, 2.0], 3.0);
-        let v = interpret(&vol, &grid(24), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        // 30 model slices, C4 (slices 13..=16) not found between C3 and C5: covered (the
+        // extent holds it), 6 of 7 found (at least 5 needed).
+        let mut out = outputs(30, [-3.0, -3.0, 1.0, 2.0, -3.0, -3.0, -3.0], 3.0);
+        (13..=16).for_each(|k| erase(&mut out, k));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &out,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         let r = &v.result;
         assert_eq!(r.status, Status::Positive);
-        let c7 = &r.vertebrae["C7"];
-        assert!(c7.flagged && c7.z_range_mm.is_none() && c7.key_slice.is_none());
+        assert_eq!(r.not_covered.as_deref(), Some(&[][..]));
+        let c4 = &r.vertebrae["C4"];
+        assert!(c4.flagged && c4.z_range_mm.is_none() && c4.key_slice.is_none());
         assert!(r.vertebrae["C3"].key_slice.is_some());
     }
 
@@ -573,7 +755,15 @@ mod tests {
         let t = Thresholds::resolve(&c, None, &BTreeMap::new());
         let vol = linear_volume(40, 8, 8, false);
         let out = outputs(30, [-3.0, -2.0, -3.0, -3.0, -3.0, -3.0, -3.0], -3.0);
-        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &out,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         assert_eq!(v.result.status, Status::Negative);
         assert!(v.result.key_slice.is_some());
         assert!(v.result.vertebrae.values().all(|v| v.key_slice.is_none()));
@@ -609,7 +799,7 @@ mod tests {
         let run = RunInfo::new(&c, "cpu");
         // C5 flagged (p = 0.88), the patient not (p = 0.05).
         let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], -3.0);
-        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce).result;
         assert!(!r.patient.as_ref().unwrap().flagged);
         assert!(r.vertebrae["C5"].flagged);
         assert_eq!(r.status, Status::Positive, "a flagged vertebra is an alert");
@@ -617,12 +807,12 @@ mod tests {
         assert_eq!(r.id, result_id("1.2.3", "ab", Status::Positive, &sops));
         // The patient flag alone is positive too.
         let out = outputs(30, [-3.0; 7], 3.0);
-        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce).result;
         assert!(r.vertebrae.values().all(|v| !v.flagged));
         assert_eq!(r.status, Status::Positive);
         // Neither: negative.
         let out = outputs(30, [-3.0; 7], -3.0);
-        let r = interpret(&vol, &grid(30), &out, &c, &t, &run).result;
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce).result;
         assert_eq!(r.status, Status::Negative);
         assert_eq!(r.id, result_id("1.2.3", "ab", Status::Negative, &sops));
     }
@@ -634,7 +824,7 @@ mod tests {
         // `outputs`: vertebra v on model slices [4v, 4v + 3], 2 mm apart: each vertebra is
         // 8 mm high; C1 on 0..=3 (lowest z), C7 on 24..=27.
         // 30 slices: C7 ends 2 slices (4 mm) below the highest end; C1 starts at the lowest.
-        let out = outputs(30, [-3.0; 7], -3.0);
+        let out = outputs_from(0, 30, [-3.0; 7], -3.0);
         let why = early_coverage(&out, &grid(30), &c.coverage, &open).unwrap_err();
         assert!(why.contains("C1 ends 0.0 mm"), "{why}");
         // Both ends final (first and last instance of the series): nothing more can come.
@@ -652,9 +842,9 @@ mod tests {
         assert!(why.contains("C7 ends 4.0 mm"), "{why}");
         // Margins: shift everything up by 4 slices (8 mm) and extend the slab by 4 more
         // above C7 (12 mm = 6 slices): both margins at least one vertebra.
-        let mut wide = outputs(38, [-3.0; 7], -3.0);
+        let mut wide = outputs_from(0, 38, [-3.0; 7], -3.0);
         let cells = wide.seg_h * wide.seg_w;
-        let base = outputs(28, [-3.0; 7], -3.0);
+        let base = outputs_from(0, 28, [-3.0; 7], -3.0);
         wide.seg_logits.iter_mut().for_each(|v| *v = 0.0);
         for k in 0..38 {
             // Background everywhere, then copy slices 0..28 of `base` to 4..32.
@@ -669,7 +859,7 @@ mod tests {
         }
         early_coverage(&wide, &grid(38), &c.coverage, &open).unwrap();
         // A slab without C7: never published early.
-        let short = outputs(20, [-3.0; 7], -3.0);
+        let short = outputs_from(0, 20, [-3.0; 7], -3.0);
         let why = early_coverage(&short, &grid(20), &c.coverage, &both).unwrap_err();
         assert!(
             why.contains("C1 and C7") && why.contains("C1, C2, C3, C4, C5"),
@@ -684,7 +874,15 @@ mod tests {
         let t = Thresholds::resolve(&c, Some(0.99), &overrides);
         let vol = linear_volume(40, 8, 8, false);
         let out = outputs(30, [-3.0, -3.0, -3.0, -3.0, 2.0, -3.0, -3.0], 3.0);
-        let v = interpret(&vol, &grid(30), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &out,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         assert_eq!(v.result.status, Status::Negative);
         assert!(!v.result.vertebrae["C5"].flagged);
     }
@@ -698,8 +896,8 @@ mod tests {
     ) -> ModelOutputs {
         let mut out = outputs(30, vertebra_logits, patient_logit);
         let plane = out.seg_h * out.seg_w;
-        for k in 0..28 {
-            let v = k / 4;
+        for k in 1..29 {
+            let v = (k - 1) / 4;
             for cell in 0..plane {
                 let class = if (400 + shift * v..410 + shift * v).contains(&cell) {
                     v + 1
@@ -740,10 +938,26 @@ mod tests {
         let vol = linear_volume(40, 8, 8, false);
         let leaning = leaning_outputs(1, [5.0; 7], 5.0);
         // Without the limit (contracts before 0.7.0) the result is published as before.
-        let v = interpret(&vol, &grid(30), &leaning, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &leaning,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         assert_eq!(v.result.status, Status::Positive);
         c.coverage.max_lateral_tilt_deg = Some(15.0);
-        let v = interpret(&vol, &grid(30), &leaning, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &leaning,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         assert_eq!(v.result.status, Status::Indeterminate);
         let reason = v.result.reason.unwrap();
         assert!(
@@ -752,8 +966,150 @@ mod tests {
         );
         // A straight neck under the same limit is unaffected.
         let straight = leaning_outputs(0, [5.0; 7], 5.0);
-        let v = interpret(&vol, &grid(30), &straight, &c, &t, &RunInfo::new(&c, "cpu"));
+        let v = interpret(
+            &vol,
+            &grid(30),
+            &straight,
+            &c,
+            &t,
+            &RunInfo::new(&c, "cpu"),
+            EnvelopePolicy::Enforce,
+        );
         assert_eq!(v.result.status, Status::Positive);
+    }
+
+    /// The contract of the tests with an envelope that needs `min` levels in view.
+    fn contract_needing(min: usize) -> ModelContract {
+        let mut c = contract();
+        c.envelope = Some(envelope::Envelope {
+            pixel_spacing_mm: envelope::MmRange { min: 0.1, max: 5.0 },
+            slice_spacing_mm: envelope::MmRange { min: 0.1, max: 5.0 },
+            slice_thickness_mm: envelope::MmRange { min: 0.1, max: 5.0 },
+            kernel_families: Vec::new(),
+            min_coverage_mm: None,
+            min_covered_vertebrae: Some(min),
+        });
+        c
+    }
+
+    fn names(v: &[&str]) -> Option<Vec<String>> {
+        Some(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn in_view_is_from_the_first_to_the_last_vertebra_whole_in_the_series() {
+        // 30 slices: all seven whole. 24: C6 (21..=24) reaches the last slice, C7 absent.
+        let whole = |slices| {
+            InView::of(
+                &vertebra_extent(&outputs(slices, [0.0; 7], 0.0), &contract().coverage),
+                slices,
+            )
+        };
+        assert_eq!(whole(30).span, Some((0, 6)));
+        assert!(whole(30).not_covered().is_empty());
+        assert_eq!(whole(24).span, Some((0, 4)));
+        assert_eq!(whole(24).not_covered(), ["C6", "C7"]);
+        // C1 on the first slice (the series starts inside it): not covered either.
+        let cut = outputs_from(0, 30, [0.0; 7], 0.0);
+        let in_view = InView::of(&vertebra_extent(&cut, &contract().coverage), 30);
+        assert_eq!(in_view.span, Some((1, 6)));
+        assert_eq!(in_view.levels(), 6);
+        // Nothing found: nothing covered.
+        let none = InView::of(&[None; 7], 30);
+        assert_eq!(
+            (none.span, none.levels(), none.not_covered().len()),
+            (None, 0, 7)
+        );
+    }
+
+    #[test]
+    fn a_partial_series_is_analysed_in_view_and_never_negative() {
+        let c = contract_needing(2);
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let run = RunInfo::new(&c, "cpu");
+        // 14 model slices: C1, C2, C3 whole (1..=12), C4 on 13 (the last slice, cut).
+        // Nothing flagged in view, C5 and C7 "flagged" out of view: not analysed.
+        let out = outputs(14, [-3.0, -3.0, -3.0, -3.0, 3.0, -3.0, 3.0], -3.0);
+        let v = interpret(&vol, &grid(14), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        let r = &v.result;
+        assert_eq!(r.status, Status::Indeterminate, "{r:?}");
+        assert_eq!(r.not_covered, names(&["C4", "C5", "C6", "C7"]));
+        assert_eq!(
+            r.vertebrae.keys().collect::<Vec<_>>(),
+            ["C1", "C2", "C3"],
+            "only the vertebrae in view are analysed"
+        );
+        let reason = r.reason.as_deref().unwrap();
+        assert_eq!(
+            reason,
+            "partial coverage: C4, C5, C6, C7 not in view; C1-C3 analysed, nothing flagged \
+             there; read the levels not in view without triage"
+        );
+        assert!(r.patient.is_some() && r.key_slice.is_none() && v.key_model_slice.is_none());
+        let sops: Vec<String> = (0..40).map(|k| format!("1.2.3.{k}")).collect();
+        assert_eq!(r.id, result_id("1.2.3", "ab", Status::Indeterminate, &sops));
+        // A flag in view (a dens fracture on a head CT): positive, not_covered still listed.
+        let out = outputs(14, [-3.0, 3.0, -3.0, -3.0, -3.0, -3.0, -3.0], -3.0);
+        let v = interpret(&vol, &grid(14), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        assert_eq!(v.result.status, Status::Positive);
+        assert!(v.result.vertebrae["C2"].flagged);
+        assert_eq!(v.result.not_covered, names(&["C4", "C5", "C6", "C7"]));
+        assert_eq!(v.key_vertebra, Some(1));
+        // The patient flag alone is positive too.
+        let out = outputs(14, [-3.0; 7], 3.0);
+        let v = interpret(&vol, &grid(14), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        assert_eq!(v.result.status, Status::Positive);
+        // The lower neck only (a chest CT: C4-C7 whole, nothing found above): the same rule.
+        let mut out = outputs_from(0, 30, [-3.0; 7], -3.0);
+        (0..12).for_each(|k| erase(&mut out, k));
+        let in_view = InView::of(&vertebra_extent(&out, &c.coverage), 30);
+        assert_eq!(in_view.span, Some((3, 6)));
+        let r = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce).result;
+        assert_eq!(r.status, Status::Indeterminate);
+        assert_eq!(r.not_covered, names(&["C1", "C2", "C3"]));
+    }
+
+    #[test]
+    fn too_few_levels_in_view_is_indeterminate_unless_the_envelope_is_ignored() {
+        let c = contract_needing(2);
+        let t = Thresholds::resolve(&c, None, &BTreeMap::new());
+        let vol = linear_volume(40, 8, 8, false);
+        let run = RunInfo::new(&c, "cpu");
+        // 8 slices: C1 whole (1..=4), C2 cut (5..=7).
+        let out = outputs(8, [5.0; 7], 5.0);
+        let v = interpret(&vol, &grid(8), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        assert_eq!(v.result.status, Status::Indeterminate);
+        let reason = v.result.reason.as_deref().unwrap();
+        assert!(
+            reason.starts_with(envelope::REASON_OUTSIDE_ENVELOPE)
+                && reason.contains("only C1 in view (1 level(s)), at least 2 contiguous"),
+            "{reason}"
+        );
+        assert!(v.result.patient.is_none() && v.result.vertebrae.is_empty());
+        assert_eq!(v.result.not_covered.as_ref().map(Vec::len), Some(6));
+        assert_eq!(
+            v.coverage_violation,
+            Some(Violation::CoveredVertebrae {
+                covered: vec!["C1".to_string()],
+                min: 2
+            })
+        );
+        // Ignored (`infer --ignore-envelope`): analysed, the violation still reported.
+        let v = interpret(&vol, &grid(8), &out, &c, &t, &run, EnvelopePolicy::Ignore);
+        assert_eq!(v.result.status, Status::Positive);
+        assert_eq!(v.result.vertebrae.keys().collect::<Vec<_>>(), ["C1"]);
+        assert!(v.coverage_violation.is_some());
+        // Two levels: enough.
+        let out = outputs(12, [-3.0; 7], -3.0);
+        let v = interpret(&vol, &grid(12), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        assert_eq!(v.result.not_covered, names(&["C3", "C4", "C5", "C6", "C7"]));
+        assert!(v.coverage_violation.is_none());
+        assert!(v
+            .result
+            .reason
+            .unwrap()
+            .starts_with(REASON_PARTIAL_COVERAGE));
     }
 
     #[test]
@@ -761,9 +1117,11 @@ mod tests {
         let c = contract();
         let t = Thresholds::resolve(&c, None, &BTreeMap::new());
         let vol = linear_volume(40, 8, 8, false);
-        // 12 slices: only C1..C3 present.
-        let out = outputs(12, [5.0; 7], 5.0);
-        let v = interpret(&vol, &grid(12), &out, &c, &t, &RunInfo::new(&c, "cpu"));
+        let run = RunInfo::new(&c, "cpu");
+        // No vertebra found at all.
+        let mut out = outputs(30, [5.0; 7], 5.0);
+        (0..30).for_each(|k| erase(&mut out, k));
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce);
         assert_eq!(v.result.status, Status::Indeterminate);
         assert!(v
             .result
@@ -772,5 +1130,16 @@ mod tests {
             .unwrap()
             .contains(REASON_NOT_CERVICAL));
         assert!(v.result.vertebrae.is_empty() && v.result.patient.is_none());
+        // C2..C4 missed between C1 and C5 (all seven in view): 4 of 7 found, 5 needed.
+        let mut out = outputs(30, [5.0; 7], 5.0);
+        (5..=16).for_each(|k| erase(&mut out, k));
+        let v = interpret(&vol, &grid(30), &out, &c, &t, &run, EnvelopePolicy::Enforce);
+        assert_eq!(v.result.status, Status::Indeterminate);
+        let reason = v.result.reason.unwrap();
+        assert!(
+            reason.contains(REASON_NOT_CERVICAL) && reason.contains("4 of 7"),
+            "{reason}"
+        );
+        assert_eq!(v.result.not_covered, Some(Vec::new()));
     }
 }

@@ -99,6 +99,26 @@ pub struct SynthArgs {
     /// Worker threads per study; default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// C1..C7: end the series [`study::CROP_MARGIN_MM`] (5 mm) below the lowest point of
+    /// that vertebra instead of below C7, as a head CT that reaches the upper neck does
+    /// (partial coverage). The vertebrae below are out of view or cut; `--fracture` must
+    /// then name one in view, and a random fracture may fall out of view (ground truth
+    /// gives their extent as null).
+    #[arg(long, value_parser = parse_vertebra)]
+    pub crop_below: Option<usize>,
+}
+
+/// `C1`..`C7` (any case) as 1..=7.
+fn parse_vertebra(s: &str) -> Result<usize> {
+    match s
+        .trim()
+        .to_ascii_lowercase()
+        .strip_prefix('c')
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n @ 1..=7) => Ok(n),
+        _ => bail!("expected C1..C7, not {s:?}"),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -159,6 +179,8 @@ pub struct Overrides {
     pub noise: Option<f64>,
     pub blur: Option<f64>,
     pub fracture_type: Option<lesion::FractureKind>,
+    /// End the series below this vertebra (1..=7 for C1..C7): `--crop-below`.
+    pub crop_below: Option<usize>,
 }
 
 impl SynthArgs {
@@ -189,6 +211,7 @@ impl SynthArgs {
             noise: self.noise,
             blur: self.blur,
             fracture_type: self.fracture_type,
+            crop_below: self.crop_below,
         })
     }
 }
@@ -201,6 +224,12 @@ pub fn run(args: &SynthArgs) -> Result<()> {
             fracture::kinds_for(&format!("C{v}")).contains(&kind),
             "--fracture-type {kind:?} is not possible in C{v} (C1 only has ring cracks, \
              dens fractures are C2 only, compression needs C3-C7)"
+        );
+    }
+    if let (Some(crop), FractureRequest::Vertebra(v)) = (overrides.crop_below, &fracture) {
+        anyhow::ensure!(
+            *v <= crop,
+            "--fracture C{v} is out of view with --crop-below C{crop}"
         );
     }
     let out = &args.out_dir;
@@ -548,6 +577,30 @@ mod tests {
         assert_eq!(a.id.study_instance_uid, c.id.study_instance_uid);
         assert_eq!(a.spine.lordosis_deg, c.spine.lordosis_deg);
         assert_eq!(a.fractures, c.fractures);
+        // A crop ends the series 5 mm below the vertebra, and changes nothing else.
+        let cropped = Overrides {
+            crop_below: Some(3),
+            ..Overrides::default()
+        };
+        let d = plan_study(3, 42, &FractureRequest::Random, &cropped);
+        assert_eq!(a.id.study_instance_uid, d.id.study_instance_uid);
+        assert_eq!(a.fractures, d.fractures);
+        assert!(d.geometry.slices < a.geometry.slices);
+        let g = &d.geometry;
+        let z_last = g.first_position[2] + g.instance_step[2] * (g.slices - 1) as f64;
+        let z_bottom = g.first_position[2].min(z_last);
+        let c3_bottom = d.spine.vertebra("C3").unwrap().intact_patient_bounds().min[2];
+        let step = g.spacing_between_slices_mm;
+        assert!(
+            (c3_bottom - study::CROP_MARGIN_MM - z_bottom).abs() < step,
+            "{c3_bottom} {z_bottom}"
+        );
+        assert_eq!(
+            "c3".parse::<FractureRequest>().unwrap(),
+            FractureRequest::Vertebra(3)
+        );
+        assert_eq!(parse_vertebra("C3").unwrap(), 3);
+        assert!(parse_vertebra("T1").is_err());
     }
 
     #[test]

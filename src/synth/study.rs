@@ -179,6 +179,10 @@ pub fn study_seed(seed: u64, index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// How far below the lowest point of the `--crop-below` vertebra a cropped series ends:
+/// more than a model slice (2 mm), so the vertebra lies whole in it.
+pub const CROP_MARGIN_MM: f64 = 5.0;
+
 pub fn plan_study(
     index: usize,
     run_seed: u64,
@@ -313,6 +317,15 @@ pub fn plan_study(
     let c7_bottom = spine.vertebra("C7").unwrap().intact_patient_bounds().min[2];
     let z_top = c1_top + rng.gen_range(5.0..30.0);
     let z_bottom = c7_bottom - rng.gen_range(5.0..40.0);
+    // `--crop-below Cn`: the series ends below Cn instead (the draw above is kept, so the
+    // crop changes nothing else).
+    let z_bottom = match ov.crop_below {
+        Some(v) => {
+            let bottom = spine.vertebra(&format!("C{v}")).unwrap();
+            bottom.intact_patient_bounds().min[2] - CROP_MARGIN_MM
+        }
+        None => z_bottom,
+    };
     let slices = ((z_top - z_bottom) / spacing).floor() as usize + 1;
 
     let patient_position = if rng.gen_bool(0.5) {
