@@ -1,0 +1,99 @@
+//! What the assembler hands on and hears back: a [`SeriesJob`] (a series chosen for
+//! volume building, with its fallbacks), why it was considered complete ([`Completion`]),
+//! what happened to it downstream ([`Feedback`]), and the spool files it no longer needs
+//! ([`Release`]).
+
+use super::state::SeriesState;
+use crate::series::header::InstanceHeader;
+use crate::series::SeriesMeta;
+
+/// Why a series was considered complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    QuietPeriod,
+    ExpectedCount,
+    MaxWait,
+    /// Restored after a restart from the spool's analysed mark.
+    Restored,
+    /// Not complete: an early analysis of the contiguous slab received so far (the
+    /// anatomy-coverage trigger).
+    AnatomyCoverage,
+}
+
+/// A series chosen for volume building: its instances (headers, with their spool paths)
+/// and identifying metadata.
+#[derive(Debug, Clone)]
+pub struct SeriesJob {
+    pub meta: SeriesMeta,
+    pub instances: Vec<InstanceHeader>,
+    pub completion: Completion,
+    /// Other candidate series of the study, best first: built only if this one cannot be
+    /// (a gap, a corrupt slice), so that the study still gets a result.
+    pub fallbacks: Vec<SeriesJob>,
+}
+
+/// Instance files the spool no longer needs to keep (see the module docs).
+pub use crate::dicom::spool::Release;
+
+/// What happened downstream to a job the assembler sent ([`Assembler::feedback`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feedback {
+    /// A result analysing these instances of the series is durably in the outbox (and the
+    /// spool holds the series' analysed mark).
+    Committed {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        sop_instance_uids: Vec<String>,
+    },
+    /// A job of this study ended without a result (its build panicked).
+    Dropped {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        reason: String,
+    },
+}
+
+impl Feedback {
+    pub(super) fn study(&self) -> &str {
+        match self {
+            Feedback::Committed {
+                study_instance_uid, ..
+            }
+            | Feedback::Dropped {
+                study_instance_uid, ..
+            } => study_instance_uid,
+        }
+    }
+}
+
+pub(super) fn make_job(
+    study_uid: &str,
+    series_uid: &str,
+    series: &SeriesState,
+    instances: Vec<InstanceHeader>,
+) -> SeriesJob {
+    let first = &instances[0];
+    SeriesJob {
+        meta: SeriesMeta {
+            study_instance_uid: study_uid.to_string(),
+            series_instance_uid: series_uid.to_string(),
+            accession_number: first.accession_number.clone(),
+            patient_id: first.patient_id.clone(),
+            station_name: first.station_name.clone(),
+            series_description: first.series_description.clone(),
+            calling_ae: series.calling_ae.clone(),
+            first_received: Some(series.first_received),
+            last_received: Some(series.last_received),
+            completed: None,
+            sop_instance_uids: Vec::new(),
+            early: None,
+            failed_better: Vec::new(),
+            interpolated_gaps: None,
+            slice_thickness_mm: first.slice_thickness,
+            convolution_kernel: first.convolution_kernel.clone(),
+        },
+        instances,
+        completion: series.completion.unwrap_or(Completion::MaxWait),
+        fallbacks: Vec::new(),
+    }
+}
