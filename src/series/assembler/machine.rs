@@ -4,20 +4,21 @@
 //! ([`super`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
 use super::early::early_job;
-use super::job::{make_job, Completion, Feedback, Release, SeriesJob};
-use super::state::{reopen, secs, SeriesState, StudyState};
+use super::job::{Completion, Feedback, Release, SeriesJob};
+use super::rules::{
+    compare_late_series, complete_series, decide_pending_study, forget_quiet_studies, PollOutput,
+    Timings,
+};
+use super::state::{release_rejected, reopen, secs, SeriesState, StudyState};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::{Arrival, StoredInstance};
 use crate::series::header::InstanceHeader;
-use crate::series::selection::{
-    choose_candidate, filter_series, instance_rejection, rank_key, CandidateSummary, Skip,
-};
+use crate::series::selection::{filter_series, rank_key, CandidateSummary, Skip};
 use crate::series::AssemblyConfig;
 
 /// The assembly state machine. Feed it with [`Assembler::add`], call
@@ -33,37 +34,6 @@ pub struct Assembler {
     /// Whether [`Assembler::feedback`] reports committed results: a study is then only
     /// forgotten once every job sent for it has its result committed (or was dropped).
     pub(super) feedback: bool,
-}
-
-/// Releases the spool files of the instances of `series` that can never be analysed
-/// (filtered out by [`instance_rejection`]) and are not released yet.
-fn release_rejected(
-    study_uid: &str,
-    series_uid: &str,
-    series: &mut SeriesState,
-    releases: &mut Vec<Release>,
-) {
-    let mut paths = Vec::new();
-    let mut reason = None;
-    for h in &series.instances {
-        if series.released.contains(&h.sop_instance_uid) {
-            continue;
-        }
-        if let Some(why) = instance_rejection(h) {
-            series.released.insert(h.sop_instance_uid.clone());
-            paths.push(h.path.clone());
-            reason.get_or_insert(why);
-        }
-    }
-    if let Some(reason) = reason {
-        releases.push(Release {
-            study_instance_uid: study_uid.to_string(),
-            series_instance_uid: series_uid.to_string(),
-            paths,
-            forgotten: false,
-            why: format!("not analysable: {reason}"),
-        });
-    }
 }
 
 impl Assembler {
@@ -291,48 +261,22 @@ impl Assembler {
         None
     }
 
-    /// Advances the state machine to `now`: completes series, decides studies, and returns
-    /// the series to build (in study order).
+    /// Advances the state machine to `now`: applies rules 2-5 of the module docs to each
+    /// study in turn ([`super::rules`]) and returns the series to build (in study order).
     pub fn poll(&mut self, now: Instant) -> Vec<SeriesJob> {
-        let quiet = secs(self.config.quiet_period_secs);
-        let max_wait = secs(self.config.max_wait_secs);
-        let study_quiet = secs(self.config.study_quiet_period());
-        let retention = secs(self.config.completed_retention_secs);
+        let t = Timings::of(&self.config);
         let extra_bone = self.config.bone_kernels.clone();
-        let mut jobs = Vec::new();
-        let mut skips = Vec::new();
-        let releases = &mut self.releases;
-
+        let mut out = PollOutput {
+            jobs: Vec::new(),
+            skips: Vec::new(),
+            releases: &mut self.releases,
+        };
         for (study_uid, study) in self.studies.iter_mut() {
-            let jobs_before = jobs.len();
-            for (series_uid, series) in study.series.iter_mut() {
-                if series.completion.is_some() {
-                    continue;
-                }
-                let completion = if series
-                    .expected
-                    .as_ref()
-                    .is_some_and(|(n, _)| series.sop_uids.len() >= *n)
-                {
-                    Some(Completion::ExpectedCount)
-                } else if now >= series.last_at + quiet {
-                    Some(Completion::QuietPeriod)
-                } else if now >= series.first_at + max_wait {
-                    Some(Completion::MaxWait)
-                } else {
-                    None
-                };
-                if let Some(c) = completion {
-                    log::info!(
-                        "series {series_uid} of study {study_uid} complete ({c:?}): {} instance(s)",
-                        series.sop_uids.len()
-                    );
-                    series.completion = Some(c);
-                }
-            }
+            let jobs_before = out.jobs.len();
+            complete_series(study_uid, study, now, &t);
             // After the completions: a series complete now is analysed whole, not early.
             if self.config.anatomy_coverage_trigger {
-                jobs.extend(early_job(
+                out.jobs.extend(early_job(
                     study_uid,
                     study,
                     now,
@@ -340,118 +284,18 @@ impl Assembler {
                     self.feedback,
                 ));
             }
-
             if !study.decided {
-                let all_complete = study.series.values().all(|s| s.completion.is_some());
-                // An early analysis in flight is waited for: if it is published, and no
-                // instance arrived since, its series need not be analysed again.
-                let early_in_flight = study.series.values().any(|s| s.early_in_flight);
-                let settled =
-                    all_complete && !early_in_flight && now >= study.last_at + study_quiet;
-                let forced = now >= study.first_at + max_wait;
-                if settled || forced {
-                    study.decided = true;
-                    let (job, study_skips) = decide_study(study_uid, study, &extra_bone);
-                    skips.extend(study_skips);
-                    jobs.extend(job);
-                    for (series_uid, series) in study.series.iter_mut() {
-                        if series.evaluated {
-                            release_rejected(study_uid, series_uid, series, releases);
-                        }
-                    }
-                }
+                decide_pending_study(study_uid, study, now, &t, &extra_bone, &mut out);
             } else {
-                // Decided study: series completed since are compared with the chosen one.
-                for (series_uid, series) in study.series.iter_mut() {
-                    if series.completion.is_none() || series.evaluated || series.early_in_flight {
-                        continue;
-                    }
-                    series.evaluated = true;
-                    release_rejected(study_uid, series_uid, series, releases);
-                    let (accepted, series_skips) = filter_series(series.instances.clone());
-                    skips.extend(series_skips);
-                    if accepted.is_empty() {
-                        continue;
-                    }
-                    if series.already_analysed(&accepted) {
-                        log::info!(
-                            "series {series_uid} of study {study_uid}: its {} instance(s) are \
-                             the ones already analysed; not analysed again",
-                            accepted.len()
-                        );
-                        continue;
-                    }
-                    let refs: Vec<&InstanceHeader> = accepted.iter().collect();
-                    let summary = CandidateSummary::from_headers(series_uid, &refs, &extra_bone);
-                    let better = match &study.chosen {
-                        None => true,
-                        Some(chosen) => {
-                            chosen.series_instance_uid == *series_uid
-                                || rank_key(&summary, chosen) == std::cmp::Ordering::Less
-                        }
-                    };
-                    if better {
-                        log::info!(
-                            "series {series_uid} of already decided study {study_uid} completed late ({}): building it",
-                            summary.describe()
-                        );
-                        jobs.push(make_job(study_uid, series_uid, series, accepted));
-                        study.chosen = Some(summary);
-                    } else {
-                        let chosen = study.chosen.as_ref().expect("checked above");
-                        skips.push(Skip {
-                            study_instance_uid: study_uid.clone(),
-                            series_instance_uid: series_uid.clone(),
-                            instances: accepted.len(),
-                            reason: format!(
-                                "study already analysed with series {} ({}), preferred over this late one ({})",
-                                chosen.series_instance_uid,
-                                chosen.describe(),
-                                summary.describe()
-                            ),
-                        });
-                    }
-                }
+                compare_late_series(study_uid, study, &extra_bone, &mut out);
             }
             if self.feedback {
-                study.in_flight += jobs.len() - jobs_before;
+                study.in_flight += out.jobs.len() - jobs_before;
             }
         }
+        forget_quiet_studies(&mut self.studies, now, &t, out.releases);
 
-        // Forget decided studies long quiet, once everything in them was evaluated and
-        // every result of them is committed; their spool files go with them.
-        self.studies.retain(|uid, study| {
-            let keep = !(study.finished() && now >= study.forget_at(retention));
-            if !keep {
-                log::info!("forgetting study {uid}: releasing its instances");
-                // Series without a committed result first: a crash half-way through leaves
-                // the analysed ones, remembered by their marks after the restart.
-                let mut series: Vec<(&String, &SeriesState)> = study.series.iter().collect();
-                series.sort_by_key(|(_, s)| !s.analysed.is_empty());
-                for (series_uid, s) in series {
-                    let paths: Vec<PathBuf> = s
-                        .instances
-                        .iter()
-                        .filter(|h| !s.released.contains(&h.sop_instance_uid))
-                        .map(|h| h.path.clone())
-                        .collect();
-                    if paths.is_empty() {
-                        // Released when filtered out; its directory went with its files.
-                        continue;
-                    }
-                    releases.push(Release {
-                        study_instance_uid: uid.clone(),
-                        series_instance_uid: series_uid.clone(),
-                        paths,
-                        forgotten: true,
-                        why: "study forgotten".into(),
-                    });
-                }
-            }
-            keep
-        });
-
-        for skip in &skips {
+        for skip in &out.skips {
             log::info!(
                 "not analysed: series {} of study {} ({} instance(s)): {}",
                 skip.series_instance_uid,
@@ -460,8 +304,8 @@ impl Assembler {
                 skip.reason
             );
         }
-        self.skipped.extend(skips);
-        jobs
+        self.skipped.extend(out.skips);
+        out.jobs
     }
 
     /// For a spool short of space: makes the finished study (see [`Assembler::poll`], rule
@@ -533,64 +377,4 @@ impl Assembler {
     pub fn studies_held(&self) -> usize {
         self.studies.len()
     }
-}
-
-/// Selection over the complete series of a study being decided.
-fn decide_study(
-    study_uid: &str,
-    study: &mut StudyState,
-    extra_bone: &[String],
-) -> (Option<SeriesJob>, Vec<Skip>) {
-    let mut skips = Vec::new();
-    let mut candidates = Vec::new();
-    for (series_uid, series) in study.series.iter_mut() {
-        // Series still incomplete at a forced decision are handled when they complete.
-        if series.completion.is_none() {
-            continue;
-        }
-        series.evaluated = true;
-        let (accepted, series_skips) = filter_series(series.instances.clone());
-        skips.extend(series_skips);
-        if !accepted.is_empty() {
-            candidates.push((series_uid.clone(), accepted));
-        }
-    }
-    if candidates.is_empty() {
-        log::info!("study {study_uid}: no axial CT series of ORIGINAL images to analyse");
-        return (None, skips);
-    }
-    let summaries: Vec<CandidateSummary> = candidates
-        .iter()
-        .map(|(uid, hs)| {
-            let refs: Vec<&InstanceHeader> = hs.iter().collect();
-            CandidateSummary::from_headers(uid, &refs, extra_bone)
-        })
-        .collect();
-    let (order, choice_skips) = choose_candidate(&summaries, study_uid);
-    skips.extend(choice_skips);
-    let best = order[0];
-    study.chosen = Some(summaries[best].clone());
-    let (best_uid, best_accepted) = &candidates[best];
-    if study.series[best_uid].already_analysed(best_accepted) {
-        log::info!(
-            "study {study_uid}: series {best_uid} ({}) is the best, and its instances are the \
-             ones already analysed; not analysed again",
-            summaries[best].describe()
-        );
-        return (None, skips);
-    }
-    log::info!(
-        "study {study_uid}: analysing series {} ({})",
-        summaries[best].series_instance_uid,
-        summaries[best].describe()
-    );
-    let mut slots: Vec<Option<(String, Vec<InstanceHeader>)>> =
-        candidates.into_iter().map(Some).collect();
-    let mut ranked = order.into_iter().map(|i| {
-        let (series_uid, accepted) = slots[i].take().expect("each candidate once");
-        make_job(study_uid, &series_uid, &study.series[&series_uid], accepted)
-    });
-    let mut job = ranked.next().expect("at least one candidate");
-    job.fallbacks = ranked.collect();
-    (Some(job), skips)
 }

@@ -34,6 +34,7 @@
 //!
 //! Where things are:
 //! - [`machine`]: the state machine, [`Assembler`]: rules 1-5 and the spool releases.
+//! - [`rules`]: rules 2-5, one function each, applied by [`Assembler::poll`].
 //! - [`state`]: what is held per study and per series between polls.
 //! - [`early`]: the anatomy-coverage trigger (an early job for a series still arriving).
 //! - [`job`]: what the state machine hands on ([`SeriesJob`]) and hears back ([`Feedback`]).
@@ -46,6 +47,7 @@ mod early;
 mod job;
 mod links;
 mod machine;
+mod rules;
 mod state;
 mod task;
 #[cfg(test)]

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
-use super::job::Completion;
+use super::job::{Completion, Release};
 use crate::dicom::StoredInstance;
 use crate::series::header::InstanceHeader;
-use crate::series::selection::CandidateSummary;
+use crate::series::selection::{instance_rejection, CandidateSummary};
 
 #[derive(Debug)]
 pub(super) struct SeriesState {
@@ -135,4 +135,35 @@ pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Ins
 
 pub(super) fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
+}
+
+/// Releases the spool files of the instances of `series` that can never be analysed
+/// (filtered out by [`instance_rejection`]) and are not released yet.
+pub(super) fn release_rejected(
+    study_uid: &str,
+    series_uid: &str,
+    series: &mut SeriesState,
+    releases: &mut Vec<Release>,
+) {
+    let mut paths = Vec::new();
+    let mut reason = None;
+    for h in &series.instances {
+        if series.released.contains(&h.sop_instance_uid) {
+            continue;
+        }
+        if let Some(why) = instance_rejection(h) {
+            series.released.insert(h.sop_instance_uid.clone());
+            paths.push(h.path.clone());
+            reason.get_or_insert(why);
+        }
+    }
+    if let Some(reason) = reason {
+        releases.push(Release {
+            study_instance_uid: study_uid.to_string(),
+            series_instance_uid: series_uid.to_string(),
+            paths,
+            forgotten: false,
+            why: format!("not analysable: {reason}"),
+        });
+    }
 }
