@@ -10,6 +10,9 @@
 //! Study rule: of the candidate series of one study, the best by [`rank_key`] is analysed:
 //! a bone kernel first (see [`is_bone_kernel`]), then the thinnest slices, then the most
 //! slices, then the lowest SeriesNumber (a deterministic tie-break).
+//!
+//! [`selection`] applies both rules to one study; the daemon's assembler and offline
+//! loading (`infer`) both call it, so that they choose the same series.
 
 use std::cmp::Ordering;
 
@@ -315,6 +318,64 @@ pub fn choose_candidate(
         })
         .collect();
     (order, skips)
+}
+
+/// One candidate series of a study: its instances that qualify as slices, and what the
+/// study rule compares.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub summary: CandidateSummary,
+    pub instances: Vec<InstanceHeader>,
+}
+
+/// What [`selection`] chose for one study.
+#[derive(Debug, Clone, Default)]
+pub struct StudySelection {
+    /// The candidate series, best first: the first is analysed, the others are fallbacks
+    /// built in this order only if the better ones cannot be. Empty when no series has an
+    /// instance that qualifies.
+    pub ranked: Vec<Candidate>,
+    /// Instances filtered out (per series and reason), then every candidate but the best.
+    pub skips: Vec<Skip>,
+}
+
+/// The instance rule and the study rule on the series of one study (Series Instance UID,
+/// instances), in the order given: the candidates best first, and the skips.
+/// `extra_bone` extends the bone-kernel rule (see [`is_bone_kernel`]).
+pub fn selection(
+    study_instance_uid: &str,
+    series: impl IntoIterator<Item = (String, Vec<InstanceHeader>)>,
+    extra_bone: &[String],
+) -> StudySelection {
+    let mut skips = Vec::new();
+    let mut candidates = Vec::new();
+    for (series_uid, headers) in series {
+        let (accepted, series_skips) = filter_series(headers);
+        skips.extend(series_skips);
+        if !accepted.is_empty() {
+            let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+            let summary = CandidateSummary::from_headers(&series_uid, &refs, extra_bone);
+            candidates.push(Candidate {
+                summary,
+                instances: accepted,
+            });
+        }
+    }
+    if candidates.is_empty() {
+        return StudySelection {
+            ranked: Vec::new(),
+            skips,
+        };
+    }
+    let summaries: Vec<CandidateSummary> = candidates.iter().map(|c| c.summary.clone()).collect();
+    let (order, choice_skips) = choose_candidate(&summaries, study_instance_uid);
+    skips.extend(choice_skips);
+    let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
+    let ranked = order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each candidate once"))
+        .collect();
+    StudySelection { ranked, skips }
 }
 
 #[cfg(test)]

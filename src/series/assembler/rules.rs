@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use super::job::{make_job, Completion, Release, SeriesJob};
 use super::state::{release_rejected, secs, SeriesState, StudyState};
 use crate::series::header::InstanceHeader;
-use crate::series::selection::{choose_candidate, filter_series, rank_key, CandidateSummary, Skip};
+use crate::series::selection::{
+    filter_series, rank_key, selection, CandidateSummary, Skip, StudySelection,
+};
 use crate::series::AssemblyConfig;
 
 /// The durations of the rules, from the configuration.
@@ -201,60 +203,49 @@ pub(super) fn forget_quiet_studies(
     });
 }
 
-/// Selection over the complete series of a study being decided.
+/// Selection ([`selection`]) over the complete series of a study being decided.
 fn decide_study(
     study_uid: &str,
     study: &mut StudyState,
     extra_bone: &[String],
 ) -> (Option<SeriesJob>, Vec<Skip>) {
-    let mut skips = Vec::new();
-    let mut candidates = Vec::new();
+    let mut complete = Vec::new();
     for (series_uid, series) in study.series.iter_mut() {
         // Series still incomplete at a forced decision are handled when they complete.
         if series.completion.is_none() {
             continue;
         }
         series.evaluated = true;
-        let (accepted, series_skips) = filter_series(series.instances.clone());
-        skips.extend(series_skips);
-        if !accepted.is_empty() {
-            candidates.push((series_uid.clone(), accepted));
-        }
+        complete.push((series_uid.clone(), series.instances.clone()));
     }
-    if candidates.is_empty() {
+    let StudySelection { ranked, skips } = selection(study_uid, complete, extra_bone);
+    let Some(best) = ranked.first() else {
         log::info!("study {study_uid}: no axial CT series of ORIGINAL images to analyse");
         return (None, skips);
-    }
-    let summaries: Vec<CandidateSummary> = candidates
-        .iter()
-        .map(|(uid, hs)| {
-            let refs: Vec<&InstanceHeader> = hs.iter().collect();
-            CandidateSummary::from_headers(uid, &refs, extra_bone)
-        })
-        .collect();
-    let (order, choice_skips) = choose_candidate(&summaries, study_uid);
-    skips.extend(choice_skips);
-    let best = order[0];
-    study.chosen = Some(summaries[best].clone());
-    let (best_uid, best_accepted) = &candidates[best];
-    if study.series[best_uid].already_analysed(best_accepted) {
+    };
+    study.chosen = Some(best.summary.clone());
+    let best_uid = &best.summary.series_instance_uid;
+    if study.series[best_uid].already_analysed(&best.instances) {
         log::info!(
             "study {study_uid}: series {best_uid} ({}) is the best, and its instances are the \
              ones already analysed; not analysed again",
-            summaries[best].describe()
+            best.summary.describe()
         );
         return (None, skips);
     }
     log::info!(
         "study {study_uid}: analysing series {} ({})",
-        summaries[best].series_instance_uid,
-        summaries[best].describe()
+        best.summary.series_instance_uid,
+        best.summary.describe()
     );
-    let mut slots: Vec<Option<(String, Vec<InstanceHeader>)>> =
-        candidates.into_iter().map(Some).collect();
-    let mut ranked = order.into_iter().map(|i| {
-        let (series_uid, accepted) = slots[i].take().expect("each candidate once");
-        make_job(study_uid, &series_uid, &study.series[&series_uid], accepted)
+    let mut ranked = ranked.into_iter().map(|c| {
+        let series_uid = c.summary.series_instance_uid;
+        make_job(
+            study_uid,
+            &series_uid,
+            &study.series[&series_uid],
+            c.instances,
+        )
     });
     let mut job = ranked.next().expect("at least one candidate");
     job.fallbacks = ranked.collect();
