@@ -274,9 +274,7 @@ mod tests {
     }
 
     fn sorted(mut skips: Vec<Skip>) -> Vec<Skip> {
-        skips.sort_by(|a, b| {
-            (&a.series_instance_uid, &a.reason).cmp(&(&b.series_instance_uid, &b.reason))
-        });
+        skips.sort_by_key(|s| (s.series_instance_uid.clone(), s.reason.to_string()));
         skips
     }
 

@@ -18,7 +18,7 @@ pub mod volume;
 pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
 pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
-pub use selection::Skip;
+pub use selection::{Rejection, Skip, SkipReason};
 pub use volume::{build_volume, build_volume_within, VolumeError, VolumeLimits};
 
 use anyhow::{ensure, Result};

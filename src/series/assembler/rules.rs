@@ -10,7 +10,7 @@ use super::job::{make_job, Completion, Release, SeriesJob};
 use super::state::{release_rejected, secs, SeriesState, StudyState};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{
-    filter_series, rank_key, selection, CandidateSummary, Skip, StudySelection,
+    filter_series, rank_key, selection, CandidateSummary, Skip, SkipReason, StudySelection,
 };
 use crate::series::AssemblyConfig;
 
@@ -152,12 +152,10 @@ pub(super) fn compare_late_series(
                 study_instance_uid: study_uid.to_string(),
                 series_instance_uid: series_uid.clone(),
                 instances: accepted.len(),
-                reason: format!(
-                    "study already analysed with series {} ({}), preferred over this late one ({})",
-                    chosen.series_instance_uid,
-                    chosen.describe(),
-                    summary.describe()
-                ),
+                reason: SkipReason::LateNotBetter {
+                    chosen: chosen.clone(),
+                    this: summary,
+                },
             });
         }
     }
