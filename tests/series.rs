@@ -238,7 +238,7 @@ fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
         report
             .skipped
             .iter()
-            .find(|s| s.series_instance_uid == uid)
+            .find(|s| s.key.series == uid)
             .unwrap_or_else(|| {
                 panic!(
                     "no skip recorded for the {series} series: {:?}",
@@ -271,7 +271,7 @@ fn bone_kernel_series_is_chosen_over_soft_tissue() {
     let skip = report
         .skipped
         .iter()
-        .find(|s| s.series_instance_uid == m["soft"].as_str().unwrap())
+        .find(|s| s.key.series == m["soft"].as_str().unwrap())
         .expect("soft-tissue series recorded as skipped");
     assert!(
         matches!(&skip.reason, SkipReason::NotTheBest { best, .. }

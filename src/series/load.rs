@@ -132,9 +132,8 @@ fn choose_series(
     }
     for skip in &report.skipped {
         log::info!(
-            "not analysed: series {} of study {} ({} instance(s)): {}",
-            skip.series_instance_uid,
-            skip.study_instance_uid,
+            "not analysed: {} ({} instance(s)): {}",
+            skip.key,
             skip.instances,
             skip.reason
         );
@@ -274,7 +273,7 @@ mod tests {
     }
 
     fn sorted(mut skips: Vec<Skip>) -> Vec<Skip> {
-        skips.sort_by_key(|s| (s.series_instance_uid.clone(), s.reason.to_string()));
+        skips.sort_by_key(|s| (s.key.clone(), s.reason.to_string()));
         skips
     }
 

@@ -17,6 +17,7 @@
 use std::cmp::Ordering;
 
 use super::header::InstanceHeader;
+use super::key::SeriesKey;
 
 /// CT Image Storage: the classic single-frame CT object, the only one processed.
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -28,8 +29,7 @@ const SECONDARY_CAPTURE_PREFIX: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Something not processed, and why. Skips are logged and kept for tests and reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skip {
-    pub study_instance_uid: String,
-    pub series_instance_uid: String,
+    pub key: SeriesKey,
     /// Number of instances the skip covers.
     pub instances: usize,
     pub reason: SkipReason,
@@ -334,8 +334,7 @@ pub fn filter_series(headers: Vec<InstanceHeader>) -> (Vec<InstanceHeader>, Vec<
             None => accepted.push(h),
             Some(reason) => {
                 let entry = reasons.entry(reason.to_string()).or_insert_with(|| Skip {
-                    study_instance_uid: h.study_instance_uid.clone(),
-                    series_instance_uid: h.series_instance_uid.clone(),
+                    key: SeriesKey::new(&h.study_instance_uid, &h.series_instance_uid),
                     instances: 0,
                     reason: SkipReason::NotASlice(reason),
                 });
@@ -399,8 +398,7 @@ pub fn choose_candidate(
     let skips = order[1..]
         .iter()
         .map(|&i| Skip {
-            study_instance_uid: study_instance_uid.to_string(),
-            series_instance_uid: candidates[i].series_instance_uid.clone(),
+            key: SeriesKey::new(study_instance_uid, &candidates[i].series_instance_uid),
             instances: candidates[i].instances,
             reason: SkipReason::NotTheBest {
                 best: candidates[best].clone(),

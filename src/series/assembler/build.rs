@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::job::SeriesJob;
 use crate::series::load::build_best;
-use crate::series::{SeriesOutcome, VolumeLimits, VolumeWindow};
+use crate::series::{SeriesKey, SeriesOutcome, VolumeLimits, VolumeWindow};
 
 /// Builds the volume of a job, or of its first fallback that can be built (blocking:
 /// decodes every file); `window` and `limits` as in [`super::build_volume_within`].
@@ -53,11 +53,9 @@ pub(super) fn build_recorded(
     let Some(a) = attempts else {
         return build_job(job, window, limits);
     };
-    let (study, series) = (
-        job.meta.study_instance_uid.clone(),
-        job.meta.series_instance_uid.clone(),
-    );
-    match begin_attempt(&a.spool_dir, &study, &series) {
+    let key = SeriesKey::new(&job.meta.study_instance_uid, &job.meta.series_instance_uid);
+    let (study, series) = (&key.study, &key.series);
+    match begin_attempt(&a.spool_dir, study, series) {
         Ok(earlier) if earlier >= a.max => {
             let mut meta = job.meta;
             meta.completed = Some(OffsetDateTime::now_utc());
@@ -83,7 +81,7 @@ pub(super) fn build_recorded(
         ),
     }
     let outcome = build_job(job, window, limits);
-    if let Err(e) = end_attempt(&a.spool_dir, &study, &series) {
+    if let Err(e) = end_attempt(&a.spool_dir, study, series) {
         log::warn!(
             "cannot record the end of the build of series {}: {e:#}",
             series.escape_debug()

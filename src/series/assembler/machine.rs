@@ -297,9 +297,8 @@ impl Assembler {
 
         for skip in &out.skips {
             log::info!(
-                "not analysed: series {} of study {} ({} instance(s)): {}",
-                skip.series_instance_uid,
-                skip.study_instance_uid,
+                "not analysed: {} ({} instance(s)): {}",
+                skip.key,
                 skip.instances,
                 skip.reason
             );

@@ -12,7 +12,7 @@ use crate::series::header::InstanceHeader;
 use crate::series::selection::{
     filter_series, rank_key, selection, CandidateSummary, Skip, SkipReason, StudySelection,
 };
-use crate::series::AssemblyConfig;
+use crate::series::{AssemblyConfig, SeriesKey};
 
 /// The durations of the rules, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -149,8 +149,7 @@ pub(super) fn compare_late_series(
         } else {
             let chosen = study.chosen.as_ref().expect("checked above");
             out.skips.push(Skip {
-                study_instance_uid: study_uid.to_string(),
-                series_instance_uid: series_uid.clone(),
+                key: SeriesKey::new(study_uid, series_uid),
                 instances: accepted.len(),
                 reason: SkipReason::LateNotBetter {
                     chosen: chosen.clone(),

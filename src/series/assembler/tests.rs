@@ -172,7 +172,7 @@ fn study_waits_for_a_later_bone_series_and_prefers_it() {
     let reason = |uid: &str| {
         skips
             .iter()
-            .find(|s| s.series_instance_uid == uid)
+            .find(|s| s.key.series == uid)
             .unwrap()
             .reason
             .clone()
@@ -220,7 +220,7 @@ fn late_series_after_the_decision_is_built_only_if_better() {
     assert!(
         skips
             .iter()
-            .any(|s| s.series_instance_uid == "1.2.3.3"
+            .any(|s| s.key.series == "1.2.3.3"
                 && matches!(&s.reason, SkipReason::LateNotBetter { chosen, .. } if chosen.series_instance_uid == "1.2.3.2")),
         "{skips:?}"
     );
