@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::job::{make_job, Completion, SeriesJob};
-use super::state::{secs, SeriesState, StudyState};
+use super::job::{Completion, SeriesJob};
+use super::state::{make_job, secs, SeriesState, StudyState};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{contiguous_slab, filter_series, rank_key, CandidateSummary};
 use crate::series::{AssemblyConfig, EarlyCheck};

@@ -3,7 +3,6 @@
 //! what happened to it downstream ([`Feedback`]), and the spool files it no longer needs
 //! ([`Release`]).
 
-use super::state::SeriesState;
 use crate::series::header::InstanceHeader;
 use crate::series::SeriesMeta;
 
@@ -63,37 +62,5 @@ impl Feedback {
                 study_instance_uid, ..
             } => study_instance_uid,
         }
-    }
-}
-
-pub(super) fn make_job(
-    study_uid: &str,
-    series_uid: &str,
-    series: &SeriesState,
-    instances: Vec<InstanceHeader>,
-) -> SeriesJob {
-    let first = &instances[0];
-    SeriesJob {
-        meta: SeriesMeta {
-            study_instance_uid: study_uid.to_string(),
-            series_instance_uid: series_uid.to_string(),
-            accession_number: first.accession_number.clone(),
-            patient_id: first.patient_id.clone(),
-            station_name: first.station_name.clone(),
-            series_description: first.series_description.clone(),
-            calling_ae: series.calling_ae.clone(),
-            first_received: Some(series.first_received),
-            last_received: Some(series.last_received),
-            completed: None,
-            sop_instance_uids: Vec::new(),
-            early: None,
-            failed_better: Vec::new(),
-            interpolated_gaps: None,
-            slice_thickness_mm: first.slice_thickness,
-            convolution_kernel: first.convolution_kernel.clone(),
-        },
-        instances,
-        completion: series.completion.unwrap_or(Completion::MaxWait),
-        fallbacks: Vec::new(),
     }
 }

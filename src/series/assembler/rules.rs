@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::job::{make_job, Completion, Release, SeriesJob};
-use super::state::{release_rejected, secs, SeriesState, StudyState};
+use super::job::{Completion, Release, SeriesJob};
+use super::state::{make_job, release_rejected, secs, SeriesState, StudyState};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{
     filter_series, rank_key, selection, CandidateSummary, Skip, SkipReason, StudySelection,

@@ -1,15 +1,18 @@
 //! What the assembler holds between polls: per study ([`StudyState`]) and per series
-//! ([`SeriesState`]), and the one transition every arriving instance makes ([`reopen`]).
+//! ([`SeriesState`]); the one transition every arriving instance makes ([`reopen`]); the
+//! release of a series' unanalysable instances ([`release_rejected`]); and the job a
+//! series gives ([`make_job`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
-use super::job::{Completion, Release};
+use super::job::{Completion, Release, SeriesJob};
 use crate::dicom::StoredInstance;
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{instance_rejection, CandidateSummary};
+use crate::series::SeriesMeta;
 
 #[derive(Debug)]
 pub(super) struct SeriesState {
@@ -165,5 +168,38 @@ pub(super) fn release_rejected(
             forgotten: false,
             why: format!("not analysable: {reason}"),
         });
+    }
+}
+
+/// The job for `instances` of `series` (no fallbacks).
+pub(super) fn make_job(
+    study_uid: &str,
+    series_uid: &str,
+    series: &SeriesState,
+    instances: Vec<InstanceHeader>,
+) -> SeriesJob {
+    let first = &instances[0];
+    SeriesJob {
+        meta: SeriesMeta {
+            study_instance_uid: study_uid.to_string(),
+            series_instance_uid: series_uid.to_string(),
+            accession_number: first.accession_number.clone(),
+            patient_id: first.patient_id.clone(),
+            station_name: first.station_name.clone(),
+            series_description: first.series_description.clone(),
+            calling_ae: series.calling_ae.clone(),
+            first_received: Some(series.first_received),
+            last_received: Some(series.last_received),
+            completed: None,
+            sop_instance_uids: Vec::new(),
+            early: None,
+            failed_better: Vec::new(),
+            interpolated_gaps: None,
+            slice_thickness_mm: first.slice_thickness,
+            convolution_kernel: first.convolution_kernel.clone(),
+        },
+        instances,
+        completion: series.completion.unwrap_or(Completion::MaxWait),
+        fallbacks: Vec::new(),
     }
 }
