@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
     load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
-    InPlaneWindow, InstanceHeader, SeriesOutcome, StudyCandidates, VolumeLimits, VolumeWindow,
+    InPlaneWindow, InstanceHeader, Rejection, SeriesOutcome, SkipReason, StudyCandidates,
+    VolumeLimits, VolumeWindow,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -237,7 +238,7 @@ fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
         report
             .skipped
             .iter()
-            .find(|s| s.series_instance_uid == uid)
+            .find(|s| s.key.series == uid)
             .unwrap_or_else(|| {
                 panic!(
                     "no skip recorded for the {series} series: {:?}",
@@ -247,9 +248,18 @@ fn localizer_reformat_and_sr_of_the_study_are_skipped_with_reasons() {
             .reason
             .clone()
     };
-    assert!(reason_of("localizer").contains("localizer"));
-    assert!(reason_of("sagittal").contains("DERIVED"));
-    assert!(reason_of("sr").contains("structured report"));
+    assert_eq!(
+        reason_of("localizer"),
+        SkipReason::NotASlice(Rejection::Localizer)
+    );
+    assert!(matches!(
+        reason_of("sagittal"),
+        SkipReason::NotASlice(Rejection::NotOriginal { image_type }) if image_type == "DERIVED"
+    ));
+    assert!(matches!(
+        reason_of("sr"),
+        SkipReason::NotASlice(Rejection::StructuredReport { .. })
+    ));
 }
 
 #[test]
@@ -261,9 +271,14 @@ fn bone_kernel_series_is_chosen_over_soft_tissue() {
     let skip = report
         .skipped
         .iter()
-        .find(|s| s.series_instance_uid == m["soft"].as_str().unwrap())
+        .find(|s| s.key.series == m["soft"].as_str().unwrap())
         .expect("soft-tissue series recorded as skipped");
-    assert!(skip.reason.contains("preferred"), "{}", skip.reason);
+    assert!(
+        matches!(&skip.reason, SkipReason::NotTheBest { best, .. }
+            if best.series_instance_uid == m["bone"].as_str().unwrap()),
+        "{}",
+        skip.reason
+    );
 }
 
 #[test]

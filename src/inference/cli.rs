@@ -64,7 +64,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
     for skip in &report.skipped {
         eprintln!(
             "not analysed: series {} ({} instance(s)): {}",
-            skip.series_instance_uid, skip.instances, skip.reason
+            skip.key.series, skip.instances, skip.reason
         );
     }
     if report.studies.is_empty() {

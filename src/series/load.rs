@@ -1,5 +1,6 @@
 //! Offline loading: DICOM files or folders -> one [`SeriesOutcome`] per study, with the
-//! same selection rules as the daemon's assembler (used by `cspine-triage infer`).
+//! same selection as the daemon's assembler ([`super::selection::selection`], used by
+//! `cspine-triage infer`).
 //!
 //! Headers are read and series chosen for every study first ([`load_series_report`]);
 //! pixels are decoded one study at a time ([`StudyCandidates::build`]), so that memory
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::header::InstanceHeader;
-use super::selection::{choose_candidate, filter_series, CandidateSummary, Skip};
+use super::selection::{selection, Skip, StudySelection};
 use super::volume::{build_volume_within, meta_from_header, VolumeLimits};
 use super::{SeriesMeta, SeriesOutcome, VolumeWindow};
 
@@ -103,35 +104,26 @@ pub fn load_series_report<P: AsRef<Path>>(
         );
     }
 
+    choose_series(&mut report, studies, extra_bone_kernels);
+    Ok(report)
+}
+
+/// The selection ([`selection`]) of each study (study -> series -> instances) into
+/// `report`: its candidates, and its skips, logged.
+fn choose_series(
+    report: &mut LoadReport,
+    studies: BTreeMap<String, BTreeMap<String, Vec<InstanceHeader>>>,
+    extra_bone_kernels: &[String],
+) {
     for (study_uid, series) in studies {
-        let mut candidates = Vec::new();
-        for (series_uid, headers) in series {
-            let (accepted, skips) = filter_series(headers);
-            report.skipped.extend(skips);
-            if !accepted.is_empty() {
-                candidates.push((series_uid, accepted));
-            }
-        }
-        if candidates.is_empty() {
+        let StudySelection { ranked, skips } = selection(&study_uid, series, extra_bone_kernels);
+        report.skipped.extend(skips);
+        if ranked.is_empty() {
             continue;
         }
-        let summaries: Vec<CandidateSummary> = candidates
-            .iter()
-            .map(|(uid, hs)| {
-                let refs: Vec<&InstanceHeader> = hs.iter().collect();
-                CandidateSummary::from_headers(uid, &refs, extra_bone_kernels)
-            })
-            .collect();
-        let (order, skips) = choose_candidate(&summaries, &study_uid);
-        report.skipped.extend(skips);
-        let mut slots: Vec<Option<Vec<InstanceHeader>>> =
-            candidates.into_iter().map(|(_, hs)| Some(hs)).collect();
-        let ranked = order
+        let ranked = ranked
             .into_iter()
-            .map(|i| {
-                let headers = slots[i].take().expect("each candidate once");
-                (meta_from_header(&headers[0]), headers)
-            })
+            .map(|c| (meta_from_header(&c.instances[0]), c.instances))
             .collect();
         report.studies.push(StudyCandidates {
             study_instance_uid: study_uid,
@@ -140,14 +132,12 @@ pub fn load_series_report<P: AsRef<Path>>(
     }
     for skip in &report.skipped {
         log::info!(
-            "not analysed: series {} of study {} ({} instance(s)): {}",
-            skip.series_instance_uid,
-            skip.study_instance_uid,
+            "not analysed: {} ({} instance(s)): {}",
+            skip.key,
             skip.instances,
             skip.reason
         );
     }
-    Ok(report)
 }
 
 /// Builds the first candidate series that can be built (best first). When none can, the
@@ -223,4 +213,122 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         collect_files(&entry, out)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::dicom::{Arrival, StoredInstance};
+    use crate::series::selection::CT_IMAGE_STORAGE;
+    use crate::series::{Assembler, AssemblyConfig};
+
+    const STUDY: &str = "1.2.9";
+
+    /// Slice `k` of `series`: axial ORIGINAL CT, or a localizer.
+    fn slice(series: &str, k: usize, kernel: &str, thickness: f64, scout: bool) -> InstanceHeader {
+        let kind = if scout { "LOCALIZER" } else { "AXIAL" };
+        InstanceHeader {
+            path: format!("/spool/{series}.{k}.dcm").into(),
+            study_instance_uid: STUDY.into(),
+            series_instance_uid: series.into(),
+            sop_instance_uid: format!("{series}.{k}"),
+            sop_class_uid: CT_IMAGE_STORAGE.into(),
+            modality: "CT".into(),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), kind.into()],
+            convolution_kernel: kernel.into(),
+            slice_thickness: Some(thickness),
+            image_position_patient: Some([0.0, 0.0, k as f64 * thickness]),
+            image_orientation_patient: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            pixel_spacing: Some([0.5, 0.5]),
+            rows: Some(512),
+            columns: Some(512),
+            ..Default::default()
+        }
+    }
+
+    /// A study as a scanner sends it: a scout, soft-tissue and bone kernels, thin and
+    /// thick (series UID -> instances).
+    fn study() -> BTreeMap<String, Vec<InstanceHeader>> {
+        let series = [
+            ("1.2.9.1", "B30f", 5.0, 2, true),
+            ("1.2.9.2", "B30f", 2.0, 40, false),
+            ("1.2.9.3", "B30f", 0.625, 120, false),
+            ("1.2.9.4", "B70f", 2.0, 40, false),
+            ("1.2.9.5", "B70f", 0.625, 120, false),
+        ];
+        series
+            .into_iter()
+            .map(|(uid, kernel, thickness, n, scout)| {
+                let hs = (0..n)
+                    .map(|k| slice(uid, k, kernel, thickness, scout))
+                    .collect();
+                (uid.to_string(), hs)
+            })
+            .collect()
+    }
+
+    fn sorted(mut skips: Vec<Skip>) -> Vec<Skip> {
+        skips.sort_by_key(|s| (s.key.clone(), s.reason.to_string()));
+        skips
+    }
+
+    #[test]
+    fn the_daemon_and_infer_choose_the_same_series_of_a_study() {
+        // infer: headers read from files, grouped, chosen.
+        let mut report = LoadReport::default();
+        choose_series(
+            &mut report,
+            BTreeMap::from([(STUDY.to_string(), study())]),
+            &[],
+        );
+        let [loaded] = &report.studies[..] else {
+            panic!("one study: {report:?}");
+        };
+        let loaded: Vec<&str> = loaded
+            .ranked
+            .iter()
+            .map(|(meta, _)| meta.series_instance_uid.as_str())
+            .collect();
+
+        // The daemon: the same instances arriving, the study decided after its quiet period.
+        let mut assembler = Assembler::new(AssemblyConfig {
+            quiet_period_secs: 3.0,
+            max_wait_secs: 60.0,
+            study_quiet_period_secs: Some(3.0),
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for (series_uid, headers) in study() {
+            for h in headers {
+                let stored = StoredInstance {
+                    path: h.path.clone(),
+                    study_instance_uid: STUDY.into(),
+                    series_instance_uid: series_uid.clone(),
+                    sop_instance_uid: h.sop_instance_uid.clone(),
+                    sop_class_uid: h.sop_class_uid.clone(),
+                    calling_ae: "SCANNER".into(),
+                    received_at: OffsetDateTime::UNIX_EPOCH,
+                    arrival: Arrival::First,
+                };
+                assembler.add(&stored, h, t0);
+            }
+        }
+        let jobs = assembler.poll(t0 + Duration::from_secs(10));
+        let [job] = &jobs[..] else {
+            panic!("one job: {jobs:?}");
+        };
+        let daemon: Vec<&str> = std::iter::once(job)
+            .chain(&job.fallbacks)
+            .map(|j| j.meta.series_instance_uid.as_str())
+            .collect();
+
+        // Bone before soft tissue, thin before thick; the scout is no candidate.
+        assert_eq!(loaded, ["1.2.9.5", "1.2.9.4", "1.2.9.3", "1.2.9.2"]);
+        assert_eq!(daemon, loaded);
+        assert_eq!(sorted(assembler.take_skips()), sorted(report.skipped));
+    }
 }

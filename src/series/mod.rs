@@ -3,6 +3,7 @@
 //!
 //! - [`assembler`]: groups arriving instances, decides completion, picks the series.
 //! - [`header`]: the attributes of one instance, read without pixel data.
+//! - [`key`]: a series' identity, its Study and Series Instance UIDs ([`SeriesKey`]).
 //! - [`selection`]: which instances and series are analysed, and why not.
 //! - [`plan`]: a series' slices validated and sorted from their headers, within limits.
 //! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
@@ -11,6 +12,7 @@
 
 pub mod assembler;
 pub mod header;
+pub mod key;
 pub mod load;
 pub mod plan;
 pub mod selection;
@@ -19,8 +21,9 @@ pub mod volume;
 
 pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
 pub use header::InstanceHeader;
+pub use key::SeriesKey;
 pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
-pub use selection::Skip;
+pub use selection::{Rejection, Skip, SkipReason};
 pub use source::SourceStudy;
 pub use volume::{build_volume, build_volume_within, VolumeError, VolumeLimits};
 

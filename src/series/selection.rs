@@ -10,10 +10,14 @@
 //! Study rule: of the candidate series of one study, the best by [`rank_key`] is analysed:
 //! a bone kernel first (see [`is_bone_kernel`]), then the thinnest slices, then the most
 //! slices, then the lowest SeriesNumber (a deterministic tie-break).
+//!
+//! [`selection`] applies both rules to one study; the daemon's assembler and offline
+//! loading (`infer`) both call it, so that they choose the same series.
 
 use std::cmp::Ordering;
 
 use super::header::InstanceHeader;
+use super::key::SeriesKey;
 
 /// CT Image Storage: the classic single-frame CT object, the only one processed.
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -25,63 +29,165 @@ const SECONDARY_CAPTURE_PREFIX: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Something not processed, and why. Skips are logged and kept for tests and reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skip {
-    pub study_instance_uid: String,
-    pub series_instance_uid: String,
+    pub key: SeriesKey,
     /// Number of instances the skip covers.
     pub instances: usize,
-    pub reason: String,
+    pub reason: SkipReason,
+}
+
+/// Why a series, or some instances of it, is not analysed; [`std::fmt::Display`] is the
+/// text logged and shown by `infer`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SkipReason {
+    /// Instances that cannot be a slice of an axial CT volume (the instance rule).
+    NotASlice(Rejection),
+    /// A candidate series, but another series of its study ranks better; it is a
+    /// fallback if that one cannot be built.
+    NotTheBest {
+        best: CandidateSummary,
+        this: CandidateSummary,
+    },
+    /// A series completed after its study was decided, and the series already chosen
+    /// ranks better.
+    LateNotBetter {
+        chosen: CandidateSummary,
+        this: CandidateSummary,
+    },
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::NotASlice(why) => why.fmt(f),
+            SkipReason::NotTheBest { best, this } => write!(
+                f,
+                "not the best series of its study: series {} ({}) is preferred over this one ({}); \
+                 this one is a fallback if it cannot be built",
+                best.series_instance_uid,
+                best.describe(),
+                this.describe()
+            ),
+            SkipReason::LateNotBetter { chosen, this } => write!(
+                f,
+                "study already analysed with series {} ({}), preferred over this late one ({})",
+                chosen.series_instance_uid,
+                chosen.describe(),
+                this.describe()
+            ),
+        }
+    }
+}
+
+/// Why an instance cannot be a slice of an axial CT volume ([`instance_rejection`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    StructuredReport {
+        sop_class_uid: String,
+    },
+    NotCt {
+        modality: String,
+    },
+    /// Enhanced or Legacy Converted Enhanced CT: multi-frame, not processed yet.
+    EnhancedCt {
+        sop_class_uid: String,
+    },
+    SecondaryCapture,
+    NotCtImageStorage {
+        sop_class_uid: String,
+    },
+    MultiFrame,
+    Localizer,
+    /// ImageType's first value is not ORIGINAL (a reformat, post-processing).
+    NotOriginal {
+        image_type: String,
+    },
+    NoOrientation,
+    NotAxial {
+        plane: &'static str,
+        normal: [f64; 3],
+    },
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::StructuredReport { sop_class_uid } => write!(
+                f,
+                "structured report (SOP class {sop_class_uid}), not an image"
+            ),
+            Rejection::NotCt { modality } => write!(f, "modality {modality} is not CT"),
+            Rejection::EnhancedCt { sop_class_uid } => write!(
+                f,
+                "Enhanced CT (multi-frame, SOP class {sop_class_uid}) is stored but not processed yet"
+            ),
+            Rejection::SecondaryCapture => {
+                f.write_str("secondary capture (screenshot), not an acquired CT image")
+            }
+            Rejection::NotCtImageStorage { sop_class_uid } => {
+                write!(f, "SOP class {sop_class_uid} is not CT Image Storage")
+            }
+            Rejection::MultiFrame => f.write_str("multi-frame CT image, not processed yet"),
+            Rejection::Localizer => f.write_str("localizer (scout) image"),
+            Rejection::NotOriginal { image_type } => write!(
+                f,
+                "{image_type} image (reformat or post-processing), only ORIGINAL images are analysed"
+            ),
+            Rejection::NoOrientation => f.write_str("no valid ImageOrientationPatient"),
+            Rejection::NotAxial { plane, normal } => write!(
+                f,
+                "not axial: {plane} plane (slice normal {:.2}, {:.2}, {:.2})",
+                normal[0], normal[1], normal[2]
+            ),
+        }
+    }
 }
 
 /// Why this instance cannot be a slice of an axial CT volume; `None` if it can.
-pub fn instance_rejection(h: &InstanceHeader) -> Option<String> {
+pub fn instance_rejection(h: &InstanceHeader) -> Option<Rejection> {
     if h.sop_class_uid.starts_with(SR_PREFIX) {
-        return Some(format!(
-            "structured report (SOP class {}), not an image",
-            h.sop_class_uid
-        ));
+        return Some(Rejection::StructuredReport {
+            sop_class_uid: h.sop_class_uid.clone(),
+        });
     }
     if !h.modality.is_empty() && h.modality != "CT" {
-        return Some(format!("modality {} is not CT", h.modality));
+        return Some(Rejection::NotCt {
+            modality: h.modality.clone(),
+        });
     }
     if h.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
         || h.sop_class_uid == LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE
     {
-        return Some(format!(
-            "Enhanced CT (multi-frame, SOP class {}) is stored but not processed yet",
-            h.sop_class_uid
-        ));
+        return Some(Rejection::EnhancedCt {
+            sop_class_uid: h.sop_class_uid.clone(),
+        });
     }
     if h.sop_class_uid.starts_with(SECONDARY_CAPTURE_PREFIX) {
-        return Some("secondary capture (screenshot), not an acquired CT image".into());
+        return Some(Rejection::SecondaryCapture);
     }
     if h.sop_class_uid != CT_IMAGE_STORAGE {
-        return Some(format!(
-            "SOP class {} is not CT Image Storage",
-            h.sop_class_uid
-        ));
+        return Some(Rejection::NotCtImageStorage {
+            sop_class_uid: h.sop_class_uid.clone(),
+        });
     }
     if h.number_of_frames.is_some_and(|n| n > 1) {
-        return Some("multi-frame CT image, not processed yet".into());
+        return Some(Rejection::MultiFrame);
     }
     if h.image_type.iter().any(|v| v == "LOCALIZER") {
-        return Some("localizer (scout) image".into());
+        return Some(Rejection::Localizer);
     }
     // ImageType is type 1 for CT; a sender that leaves it out gets the benefit of the doubt.
     if let Some(first) = h.image_type.first() {
         if first != "ORIGINAL" {
-            return Some(format!(
-                "{first} image (reformat or post-processing), only ORIGINAL images are analysed"
-            ));
+            return Some(Rejection::NotOriginal {
+                image_type: first.clone(),
+            });
         }
     }
     let Some(normal) = h.normal() else {
-        return Some("no valid ImageOrientationPatient".into());
+        return Some(Rejection::NoOrientation);
     };
     if let Some(plane) = non_axial_plane(normal) {
-        return Some(format!(
-            "not axial: {plane} plane (slice normal {:.2}, {:.2}, {:.2})",
-            normal[0], normal[1], normal[2]
-        ));
+        return Some(Rejection::NotAxial { plane, normal });
     }
     None
 }
@@ -221,32 +327,22 @@ pub fn rank_key(a: &CandidateSummary, b: &CandidateSummary) -> Ordering {
 /// (one per distinct reason, with its instance count).
 pub fn filter_series(headers: Vec<InstanceHeader>) -> (Vec<InstanceHeader>, Vec<Skip>) {
     let mut accepted = Vec::with_capacity(headers.len());
-    let mut reasons: std::collections::BTreeMap<String, (usize, String, String)> =
-        Default::default();
+    // By the reason's text: one skip per distinct text, in its order.
+    let mut reasons: std::collections::BTreeMap<String, Skip> = Default::default();
     for h in headers {
         match instance_rejection(&h) {
             None => accepted.push(h),
             Some(reason) => {
-                let entry = reasons.entry(reason).or_insert_with(|| {
-                    (
-                        0,
-                        h.study_instance_uid.clone(),
-                        h.series_instance_uid.clone(),
-                    )
+                let entry = reasons.entry(reason.to_string()).or_insert_with(|| Skip {
+                    key: SeriesKey::new(&h.study_instance_uid, &h.series_instance_uid),
+                    instances: 0,
+                    reason: SkipReason::NotASlice(reason),
                 });
-                entry.0 += 1;
+                entry.instances += 1;
             }
         }
     }
-    let skips = reasons
-        .into_iter()
-        .map(|(reason, (instances, study, series))| Skip {
-            study_instance_uid: study,
-            series_instance_uid: series,
-            instances,
-            reason,
-        })
-        .collect();
+    let skips = reasons.into_values().collect();
     (accepted, skips)
 }
 
@@ -302,19 +398,73 @@ pub fn choose_candidate(
     let skips = order[1..]
         .iter()
         .map(|&i| Skip {
-            study_instance_uid: study_instance_uid.to_string(),
-            series_instance_uid: candidates[i].series_instance_uid.clone(),
+            key: SeriesKey::new(study_instance_uid, &candidates[i].series_instance_uid),
             instances: candidates[i].instances,
-            reason: format!(
-                "not the best series of its study: series {} ({}) is preferred over this one ({}); \
-                 this one is a fallback if it cannot be built",
-                candidates[best].series_instance_uid,
-                candidates[best].describe(),
-                candidates[i].describe()
-            ),
+            reason: SkipReason::NotTheBest {
+                best: candidates[best].clone(),
+                this: candidates[i].clone(),
+            },
         })
         .collect();
     (order, skips)
+}
+
+/// One candidate series of a study: its instances that qualify as slices, and what the
+/// study rule compares.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub summary: CandidateSummary,
+    pub instances: Vec<InstanceHeader>,
+}
+
+/// What [`selection`] chose for one study.
+#[derive(Debug, Clone, Default)]
+pub struct StudySelection {
+    /// The candidate series, best first: the first is analysed, the others are fallbacks
+    /// built in this order only if the better ones cannot be. Empty when no series has an
+    /// instance that qualifies.
+    pub ranked: Vec<Candidate>,
+    /// Instances filtered out (per series and reason), then every candidate but the best.
+    pub skips: Vec<Skip>,
+}
+
+/// The instance rule and the study rule on the series of one study (Series Instance UID,
+/// instances), in the order given: the candidates best first, and the skips.
+/// `extra_bone` extends the bone-kernel rule (see [`is_bone_kernel`]).
+pub fn selection(
+    study_instance_uid: &str,
+    series: impl IntoIterator<Item = (String, Vec<InstanceHeader>)>,
+    extra_bone: &[String],
+) -> StudySelection {
+    let mut skips = Vec::new();
+    let mut candidates = Vec::new();
+    for (series_uid, headers) in series {
+        let (accepted, series_skips) = filter_series(headers);
+        skips.extend(series_skips);
+        if !accepted.is_empty() {
+            let refs: Vec<&InstanceHeader> = accepted.iter().collect();
+            let summary = CandidateSummary::from_headers(&series_uid, &refs, extra_bone);
+            candidates.push(Candidate {
+                summary,
+                instances: accepted,
+            });
+        }
+    }
+    if candidates.is_empty() {
+        return StudySelection {
+            ranked: Vec::new(),
+            skips,
+        };
+    }
+    let summaries: Vec<CandidateSummary> = candidates.iter().map(|c| c.summary.clone()).collect();
+    let (order, choice_skips) = choose_candidate(&summaries, study_instance_uid);
+    skips.extend(choice_skips);
+    let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
+    let ranked = order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each candidate once"))
+        .collect();
+    StudySelection { ranked, skips }
 }
 
 #[cfg(test)]
@@ -380,22 +530,34 @@ mod tests {
         assert_eq!(instance_rejection(&axial), None);
         let mut scout = axial.clone();
         scout.image_type[2] = "LOCALIZER".into();
-        assert!(instance_rejection(&scout).unwrap().contains("localizer"));
+        assert_eq!(instance_rejection(&scout), Some(Rejection::Localizer));
         let mut sagittal = axial.clone();
         sagittal.image_orientation_patient = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
-        assert!(instance_rejection(&sagittal).unwrap().contains("sagittal"));
+        assert!(matches!(
+            instance_rejection(&sagittal),
+            Some(Rejection::NotAxial {
+                plane: "sagittal",
+                ..
+            })
+        ));
         let mut derived = axial.clone();
         derived.image_type[0] = "DERIVED".into();
-        assert!(instance_rejection(&derived).unwrap().contains("DERIVED"));
+        assert!(
+            matches!(instance_rejection(&derived), Some(Rejection::NotOriginal { image_type }) if image_type == "DERIVED")
+        );
         let mut enhanced = axial.clone();
         enhanced.sop_class_uid = ENHANCED_CT_IMAGE_STORAGE.into();
-        assert!(instance_rejection(&enhanced)
-            .unwrap()
-            .contains("Enhanced CT"));
+        assert!(matches!(
+            instance_rejection(&enhanced),
+            Some(Rejection::EnhancedCt { .. })
+        ));
         let mut mr = axial;
         mr.modality = "MR".into();
         mr.sop_class_uid = "1.2.840.10008.5.1.4.1.1.4".into();
-        assert!(instance_rejection(&mr).unwrap().contains("not CT"));
+        assert!(matches!(
+            instance_rejection(&mr),
+            Some(Rejection::NotCt { .. })
+        ));
     }
 
     #[test]

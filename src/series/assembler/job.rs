@@ -1,0 +1,66 @@
+//! What the assembler hands on and hears back: a [`SeriesJob`] (a series chosen for
+//! volume building, with its fallbacks), why it was considered complete ([`Completion`]),
+//! what happened to it downstream ([`Feedback`]), and the spool files it no longer needs
+//! ([`Release`]).
+
+use crate::series::header::InstanceHeader;
+use crate::series::SeriesMeta;
+
+/// Why a series was considered complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    QuietPeriod,
+    ExpectedCount,
+    MaxWait,
+    /// Restored after a restart from the spool's analysed mark.
+    Restored,
+    /// Not complete: an early analysis of the contiguous slab received so far (the
+    /// anatomy-coverage trigger).
+    AnatomyCoverage,
+}
+
+/// A series chosen for volume building: its instances (headers, with their spool paths)
+/// and identifying metadata.
+#[derive(Debug, Clone)]
+pub struct SeriesJob {
+    pub meta: SeriesMeta,
+    pub instances: Vec<InstanceHeader>,
+    pub completion: Completion,
+    /// Other candidate series of the study, best first: built only if this one cannot be
+    /// (a gap, a corrupt slice), so that the study still gets a result.
+    pub fallbacks: Vec<SeriesJob>,
+}
+
+/// Instance files the spool no longer needs to keep (see the module docs).
+pub use crate::dicom::spool::Release;
+
+/// What happened downstream to a job the assembler sent ([`Assembler::feedback`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feedback {
+    /// A result analysing these instances of the series is durably in the outbox (and the
+    /// spool holds the series' analysed mark).
+    Committed {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        sop_instance_uids: Vec<String>,
+    },
+    /// A job of this study ended without a result (its build panicked).
+    Dropped {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        reason: String,
+    },
+}
+
+impl Feedback {
+    pub(super) fn study(&self) -> &str {
+        match self {
+            Feedback::Committed {
+                study_instance_uid, ..
+            }
+            | Feedback::Dropped {
+                study_instance_uid, ..
+            } => study_instance_uid,
+        }
+    }
+}
