@@ -3,7 +3,7 @@
 
 Layers, lowest first (a module may import its own layer and those below it):
 
-    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  alert
+    durable, heartbeat, events  <  dicom  <  series  <  result  <  inference  <  alert
                         <  service, config, synth  <  main.rs
 
 `heartbeat` (the stage liveness handle) and `result` (the result contract and the
@@ -34,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 
 LAYERS = [
-    ["durable", "heartbeat"],
+    ["durable", "heartbeat", "events"],
     ["dicom"],
     ["series"],
     ["result"],

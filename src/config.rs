@@ -20,6 +20,7 @@ pub struct Config {
     pub inference: inference::InferenceConfig,
     pub alert: alert::AlertConfig,
     pub service: service::ServiceConfig,
+    pub metrics: service::metrics::MetricsConfig,
 }
 
 impl Config {
@@ -43,6 +44,7 @@ impl Config {
         self.inference.validate()?;
         self.alert.validate()?;
         self.service.validate()?;
+        self.metrics.validate()?;
         Ok(())
     }
 
@@ -64,6 +66,11 @@ impl Config {
                 bind: bind.to_owned(),
             });
         }
+        if self.metrics.is_remote() {
+            warnings.push(ConfigWarning::RemoteMetrics {
+                listen: self.metrics.listen.clone(),
+            });
+        }
         warnings
     }
 
@@ -82,6 +89,9 @@ pub enum ConfigWarning {
     /// `dicom.allowed_calling_aes` is empty and `dicom.bind` is not loopback: any host
     /// that reaches the port may store instances, under any calling AE title.
     OpenDicomPort { bind: String },
+    /// `metrics.listen` is not loopback (`metrics.allow_remote = true`): anyone who
+    /// reaches it reads the metrics, without authentication.
+    RemoteMetrics { listen: String },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -97,6 +107,11 @@ impl fmt::Display for ConfigWarning {
                 "dicom.allowed_calling_aes is empty and dicom.bind is {bind}: any host that \
                  reaches the port may send instances; list the scanners' AE titles (and \
                  addresses)"
+            ),
+            ConfigWarning::RemoteMetrics { listen } => write!(
+                f,
+                "metrics.listen is {listen}: the metrics endpoint has no authentication; \
+                 keep it on a management network"
             ),
         }
     }

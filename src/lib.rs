@@ -11,6 +11,7 @@ pub mod alert;
 pub mod config;
 pub mod dicom;
 pub mod durable;
+pub mod events;
 pub mod heartbeat;
 pub mod inference;
 pub mod result;

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod peer_text;
 pub mod refusal;
 pub mod scp;
+pub mod scp_events;
 pub mod scu;
 pub mod spool;
 pub mod syntax;

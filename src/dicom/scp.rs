@@ -33,6 +33,7 @@ use super::dimse::{self, status, Command};
 use super::limits::{Admission, Limits, MAX_REFUSALS_AT_ONCE};
 use super::peer_text::{escaped, peer_str};
 use super::refusal::{reject_busy, send_raw};
+use super::scp_events::{self, is_io};
 use super::spool::{Incoming, InstanceHeader, Spool, SpoolOptions, StoreError, Stored};
 use super::syntax::{self, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION};
 use super::{ScpConfig, StoredInstance};
@@ -49,6 +50,7 @@ struct Shared {
     spool: Arc<Spool>,
     allow_list: Arc<AllowList>,
     limits: Limits,
+    events: crate::events::Events,
 }
 
 /// Binds and serves forever: the simple form of [`Scp::bind`] + [`Scp::run`].
@@ -86,8 +88,17 @@ impl Scp {
                 spool: Arc::new(spool),
                 allow_list,
                 limits,
+                events: Default::default(),
             }),
         })
+    }
+
+    /// Sends this SCP's association and C-STORE events to `events` (before [`Scp::run`]).
+    pub fn with_events(mut self, events: crate::events::Events) -> Scp {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.events = events;
+        }
+        self
     }
 
     /// The address actually bound (resolves port 0).
@@ -117,6 +128,8 @@ impl Scp {
             // Before a slot is taken: silent connections from addresses that can never
             // associate must not lock the allowed ones out.
             if !self.shared.allow_list.may_connect_from(peer.ip()) {
+                let reason = crate::events::AssociationRefusal::AddressNotAllowed;
+                self.shared.events.emit(scp_events::refused(peer, reason));
                 log::warn!(
                     "connection from {peer} closed at once: every dicom.allowed_calling_aes \
                      entry is pinned to another address"
@@ -137,6 +150,7 @@ impl Scp {
                     });
                 }
                 Admission::Refuse(busy, permit) => {
+                    shared.events.emit(scp_events::refused(peer, busy));
                     tokio::spawn(async move {
                         let config = &shared.config;
                         reject_busy(
@@ -150,10 +164,13 @@ impl Scp {
                         drop(permit);
                     });
                 }
-                Admission::Close(busy) => log::warn!(
-                    "connection from {peer} closed at once: {busy}, and \
-                     {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
-                ),
+                Admission::Close(busy) => {
+                    shared.events.emit(scp_events::refused(peer, busy));
+                    log::warn!(
+                        "connection from {peer} closed at once: {busy}, and \
+                         {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
+                    )
+                }
             }
         }
     }
@@ -218,10 +235,15 @@ async fn serve_connection(
     let assoc = match established {
         Ok(Ok(assoc)) => assoc,
         Ok(Err(e)) => {
+            if let Some(reason) = scp_events::negotiation_refusal(&e) {
+                shared.events.emit(scp_events::refused(peer, reason));
+            }
             negotiation_failed(e, peer, &refusal, spare, shared.config.send_timeout()).await;
             return;
         }
         Err(_) => {
+            let reason = crate::events::AssociationRefusal::InvalidRequest;
+            shared.events.emit(scp_events::refused(peer, reason));
             log::warn!(
                 "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
                 shared.config.artim_timeout_secs
@@ -232,6 +254,10 @@ async fn serve_connection(
     drop(spare);
     let mut session = Session::new(assoc, peer, shared, tx);
     session.log_negotiation();
+    shared.events.emit(crate::events::Event::AssociationOpened {
+        peer: peer.to_string(),
+        calling_ae: session.calling_ae.clone(),
+    });
     session.run().await;
 }
 
@@ -292,18 +318,6 @@ async fn negotiation_failed(
         }
         other => log::warn!("association with {peer} failed: {}", escaped(other)),
     }
-}
-
-fn is_io(e: &dicom_ul::pdu::ReadError) -> bool {
-    use std::error::Error as _;
-    let mut cur: Option<&dyn std::error::Error> = e.source();
-    while let Some(err) = cur {
-        if err.is::<std::io::Error>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// What is being received on the association right now.
@@ -447,6 +461,15 @@ impl<'a> Session<'a> {
             // Never acknowledged: the SCU will send it again.
             incoming.discard();
         }
+        self.shared
+            .events
+            .emit(crate::events::Event::AssociationClosed {
+                peer: self.peer.to_string(),
+                calling_ae: self.calling_ae.clone(),
+                stored: self.stored,
+                duplicates: self.duplicates,
+                failed: self.failed,
+            });
         let secs = self.started.elapsed().as_secs_f64();
         let how = match end {
             End::Released => "released".to_string(),
@@ -623,6 +646,9 @@ impl<'a> Session<'a> {
                     };
                     self.respond(context_id, &rq, status, Some(&comment))
                         .await?;
+                    let sop = &rq.affected_sop_instance_uid;
+                    let event = scp_events::drained_event(&self.calling_ae, sop);
+                    self.shared.events.emit(event);
                 }
             }
             (_, kind) => {
@@ -751,6 +777,8 @@ impl<'a> Session<'a> {
                     "store task failed: {e}"
                 )))
             });
+        let sop = &rq.affected_sop_instance_uid;
+        let event = scp_events::store_event(&self.calling_ae, sop, &outcome);
         let (status, comment, stored) = match outcome {
             Ok(Stored::New(instance)) => {
                 self.stored += 1;
@@ -807,6 +835,7 @@ impl<'a> Session<'a> {
         };
         self.respond(context_id, &rq, status, comment.as_deref())
             .await?;
+        self.shared.events.emit(event);
         if let Some(instance) = stored {
             log::debug!("stored {}", instance.path.display());
             // The receiver only goes away at shutdown; the file is safe in the spool and

@@ -1081,6 +1081,8 @@ pub struct SpoolLinks {
     /// their retention is over: the SCP refuses instances below its free-space floor, and
     /// a new study matters more than keeping an analysed one for late instances.
     pub spool_short_of_space: Option<ShortOfSpace>,
+    /// Where each outcome sent to inference is recorded ([`SeriesOutcome::event`]).
+    pub events: crate::events::Events,
 }
 
 /// Answers whether the spool is short of space now ([`SpoolLinks::spool_short_of_space`]).
@@ -1118,6 +1120,7 @@ pub async fn run_assembler(
         mut feedback,
         spool_short_of_space,
         spool_dir,
+        events,
     } = links;
     let build_attempts = spool_dir.map(|spool_dir| BuildAttempts {
         spool_dir,
@@ -1151,6 +1154,7 @@ pub async fn run_assembler(
                     continue;
                 }
             };
+            events.emit(outcome.event());
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
                 break;
