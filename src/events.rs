@@ -70,6 +70,14 @@ pub enum Event {
         instances: usize,
         reason: String,
     },
+    /// A series (or some of its instances) will not be analysed: not an axial CT volume,
+    /// or the study was analysed with a better series.
+    SeriesSkipped {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        instances: usize,
+        reason: String,
+    },
     /// Inference produced a result for a series (the alert stage received it).
     AnalysisDone {
         result_id: String,

@@ -1130,6 +1130,7 @@ pub async fn run_assembler(
     // Jobs that end without an outcome (a panic) are reported like the others.
     let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<Feedback>();
     let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
+    let outcome_events = events.clone();
     let builder = tokio::spawn(async move {
         while let Some(job) = job_rx.recv().await {
             let (study, series) = (
@@ -1154,7 +1155,7 @@ pub async fn run_assembler(
                     continue;
                 }
             };
-            events.emit(outcome.event());
+            outcome_events.emit(outcome.event());
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
                 break;
@@ -1242,7 +1243,9 @@ pub async fn run_assembler(
             }
         }
         // Skips were logged when recorded.
-        assembler.take_skips();
+        for skip in assembler.take_skips() {
+            events.emit(skip.event());
+        }
         for release in assembler.take_releases() {
             if let Some(releases) = &releases {
                 let _ = releases.send(release).await;

@@ -462,6 +462,18 @@ pub enum SeriesOutcome {
     Failed { meta: SeriesMeta, reason: String },
 }
 
+impl selection::Skip {
+    /// What the event stream records of a series not analysed.
+    pub fn event(&self) -> crate::events::Event {
+        crate::events::Event::SeriesSkipped {
+            study_instance_uid: self.study_instance_uid.clone(),
+            series_instance_uid: self.series_instance_uid.clone(),
+            instances: self.instances,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 impl SeriesOutcome {
     /// What the event stream records when this outcome goes to inference.
     pub fn event(&self) -> crate::events::Event {

@@ -121,6 +121,11 @@ const DESCRIBED: &[(&str, Kind, &str)] = &[
         "Candidate series that could not be built (published as failed).",
     ),
     (
+        "cspine_series_skipped_total",
+        Kind::Counter,
+        "Series (or parts) not analysed: not axial CT, or a better series was.",
+    ),
+    (
         "cspine_series_analysed_total",
         Kind::Counter,
         "Results produced, by status.",
@@ -216,6 +221,7 @@ impl Metrics {
             "cspine_instances_received_total",
             "cspine_series_complete_total",
             "cspine_series_failed_total",
+            "cspine_series_skipped_total",
             "cspine_results_committed_total",
             "cspine_results_published_total",
         ] {
@@ -325,6 +331,7 @@ impl Sink for Metrics {
                 self.count("cspine_series_complete_total", Vec::new(), 1)
             }
             Event::SeriesFailed { .. } => self.count("cspine_series_failed_total", Vec::new(), 1),
+            Event::SeriesSkipped { .. } => self.count("cspine_series_skipped_total", Vec::new(), 1),
             Event::AnalysisDone {
                 status, durations, ..
             } => {
