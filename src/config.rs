@@ -153,5 +153,14 @@ mod tests {
         config.dicom.allowed_calling_aes.clear();
         config.dicom.bind = "127.0.0.1".into();
         assert!(config.warnings().is_empty());
+        config.metrics.enabled = true;
+        config.metrics.listen = "0.0.0.0:9464".into();
+        config.metrics.allow_remote = true;
+        assert_eq!(
+            config.warnings(),
+            [ConfigWarning::RemoteMetrics {
+                listen: "0.0.0.0:9464".into()
+            }]
+        );
     }
 }
