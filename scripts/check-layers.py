@@ -3,8 +3,8 @@
 
 Layers, lowest first (a module may import its own layer and those below it):
 
-    durable, heartbeat  <  dicom  <  series  <  result  <  inference  <  report  <  pacs
-                        <  alert
+    durable, heartbeat, events  <  dicom  <  series  <  result  <  inference  <  report
+                                <  pacs  <  alert
                         <  service, config, synth  <  main.rs
 
 `heartbeat` (the stage liveness handle) and `result` (the result contract and the
@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 
 LAYERS = [
-    ["durable", "heartbeat"],
+    ["durable", "heartbeat", "events"],
     ["dicom"],
     ["series"],
     ["result"],

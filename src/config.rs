@@ -23,6 +23,7 @@ pub struct Config {
     pub pacs: pacs::PacsConfig,
     /// `[report]`: DICOM result objects for PACS ([`report::ReportConfig`]).
     pub report: report::ReportConfig,
+    pub metrics: service::metrics::MetricsConfig,
 }
 
 impl Config {
@@ -48,6 +49,7 @@ impl Config {
         self.service.validate()?;
         self.pacs.validate()?;
         self.report.validate()?;
+        self.metrics.validate()?;
         Ok(())
     }
 
@@ -69,6 +71,11 @@ impl Config {
                 bind: bind.to_owned(),
             });
         }
+        if self.metrics.is_remote() {
+            warnings.push(ConfigWarning::RemoteMetrics {
+                listen: self.metrics.listen.clone(),
+            });
+        }
         warnings
     }
 
@@ -87,6 +94,9 @@ pub enum ConfigWarning {
     /// `dicom.allowed_calling_aes` is empty and `dicom.bind` is not loopback: any host
     /// that reaches the port may store instances, under any calling AE title.
     OpenDicomPort { bind: String },
+    /// `metrics.listen` is not loopback (`metrics.allow_remote = true`): anyone who
+    /// reaches it reads the metrics, without authentication.
+    RemoteMetrics { listen: String },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -102,6 +112,11 @@ impl fmt::Display for ConfigWarning {
                 "dicom.allowed_calling_aes is empty and dicom.bind is {bind}: any host that \
                  reaches the port may send instances; list the scanners' AE titles (and \
                  addresses)"
+            ),
+            ConfigWarning::RemoteMetrics { listen } => write!(
+                f,
+                "metrics.listen is {listen}: the metrics endpoint has no authentication; \
+                 keep it on a management network"
             ),
         }
     }
@@ -143,6 +158,15 @@ mod tests {
         config.dicom.allowed_calling_aes.clear();
         config.dicom.bind = "127.0.0.1".into();
         assert!(config.warnings().is_empty());
+        config.metrics.enabled = true;
+        config.metrics.listen = "0.0.0.0:9464".into();
+        config.metrics.allow_remote = true;
+        assert_eq!(
+            config.warnings(),
+            [ConfigWarning::RemoteMetrics {
+                listen: "0.0.0.0:9464".into()
+            }]
+        );
     }
 
     #[test]

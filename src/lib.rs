@@ -12,6 +12,7 @@ pub mod alert;
 pub mod config;
 pub mod dicom;
 pub mod durable;
+pub mod events;
 pub mod heartbeat;
 pub mod inference;
 pub mod pacs;

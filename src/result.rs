@@ -46,6 +46,18 @@ pub enum Status {
     Failed,
 }
 
+impl From<Status> for crate::events::AnalysisStatus {
+    fn from(status: Status) -> Self {
+        use crate::events::AnalysisStatus as A;
+        match status {
+            Status::Positive => A::Positive,
+            Status::Negative => A::Negative,
+            Status::Indeterminate => A::Indeterminate,
+            Status::Failed => A::Failed,
+        }
+    }
+}
+
 impl Status {
     /// Every status, e.g. to find which id an analysis of some instances was given.
     pub const ALL: [Status; 4] = [

@@ -336,9 +336,10 @@ fn dsrdump_status(path: &Path) -> bool {
     out.status.success() && !out.stdout.is_empty()
 }
 
-/// The alert stage builds the objects of a selected result before the commit and names
-/// them in the committed result; an unselected one names none. No broker listens: the
-/// results stay in the outbox, where they are read back.
+/// With a PACS destination configured, the alert stage builds the objects of a selected
+/// result before the commit, names them in the committed result and queues them for the
+/// destination before it reports the commit; an unselected one names none. No broker and
+/// no PACS listen: the results stay in the outbox and the objects in the queue.
 #[test]
 fn committed_results_name_their_dicom_objects() {
     let tmp = tempfile::tempdir().unwrap();
@@ -353,9 +354,18 @@ fn committed_results_name_their_dicom_objects() {
         shutdown_drain_secs: 0.0,
         ..AlertConfig::default()
     };
+    let pacs: cspine_triage::pacs::PacsConfig = toml::from_str(&format!(
+        "queue_dir = \"{}\"\n[[destinations]]\nname = \"pacs\"\nae_title = \"PACS\"\n\
+         host = \"127.0.0.1\"\nport = {}\n",
+        tmp.path().join("pacs").display(),
+        free_port()
+    ))
+    .unwrap();
+    let delivery = cspine_triage::pacs::Delivery::open(&pacs, "CSPINE").unwrap();
     let alerts = Alerts::open(&config)
         .unwrap()
-        .with_report(ReportConfig::default());
+        .with_report(ReportConfig::default())
+        .with_pacs(Some(delivery.clone()));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -408,4 +418,6 @@ fn committed_results_name_their_dicom_objects() {
         published[&negative.result.id]["dicom_objects"],
         serde_json::json!([])
     );
+    // Queued (fsynced) before the commit was reported: every object, nothing else.
+    assert_eq!(delivery.depth()[0].entries, expected.len());
 }

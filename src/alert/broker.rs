@@ -1,6 +1,8 @@
 //! The embedded broker (rumqttd) started when no `alert.mqtt_url` is configured, so a
 //! single box (and the README demo) works with nothing else installed. It listens on
 //! 127.0.0.1 only: production points `mqtt_url` at the hospital broker instead.
+//! When `alert.username` and a password are configured, it requires them (rumqttd's
+//! static credentials): other local processes cannot read or publish without them.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,9 +21,15 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd (MQTT 3.1.1) on `127.0.0.1:port` and waits until it accepts
-    /// connections.
+    /// Starts rumqttd (MQTT 3.1.1) on `127.0.0.1:port`, open to any local client, and
+    /// waits until it accepts connections.
     pub fn start(port: u16) -> Result<EmbeddedBroker> {
+        EmbeddedBroker::start_with_login(port, None)
+    }
+
+    /// Like [`EmbeddedBroker::start`]; with `login` (username, password), a client must
+    /// present exactly these in its CONNECT or is refused.
+    pub fn start_with_login(port: u16, login: Option<(String, String)>) -> Result<EmbeddedBroker> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         // rumqttd only logs a failed bind from its own thread: check first for a clear error.
         TcpListener::bind(addr).with_context(|| {
@@ -40,7 +48,7 @@ impl EmbeddedBroker {
                 connection_timeout_ms: 60_000,
                 max_payload_size: MAX_PAYLOAD_BYTES,
                 max_inflight_count: 100,
-                auth: None,
+                auth: login.map(|(user, pass)| HashMap::from([(user, pass)])),
                 external_auth: None,
                 dynamic_filters: true,
             },

@@ -145,6 +145,9 @@ pub struct AlertConfig {
     pub embedded_broker_port: u16,
     /// On shutdown, how long to wait for the broker to acknowledge what is left.
     pub shutdown_drain_secs: f64,
+    /// How often the retained `status` is checked for changed key figures (queue depths,
+    /// stuck stages, last result) and re-published when they changed.
+    pub status_interval_secs: f64,
 }
 
 impl Default for AlertConfig {
@@ -174,6 +177,7 @@ impl Default for AlertConfig {
             identifiers: IdentifierConfig::default(),
             embedded_broker_port: 1883,
             shutdown_drain_secs: 5.0,
+            status_interval_secs: 30.0,
         }
     }
 }
@@ -223,6 +227,10 @@ impl AlertConfig {
         ensure!(
             self.shutdown_drain_secs >= 0.0 && self.shutdown_drain_secs.is_finite(),
             "alert.shutdown_drain_secs must be >= 0"
+        );
+        ensure!(
+            self.status_interval_secs >= 0.5 && self.status_interval_secs.is_finite(),
+            "alert.status_interval_secs must be at least 0.5"
         );
         Ok(())
     }
@@ -296,6 +304,7 @@ pub struct Alerts {
     report: ReportConfig,
     /// Where DICOM result objects go ([`Alerts::with_pacs`]); none are built without it.
     pacs: Option<Delivery>,
+    events: crate::events::Events,
 }
 
 impl Alerts {
@@ -318,7 +327,11 @@ impl Alerts {
         let (url, broker) = match &config.mqtt_url {
             Some(url) => (BrokerUrl::parse(url)?, None),
             None => {
-                let broker = EmbeddedBroker::start(config.embedded_broker_port)?;
+                let login = match &config.username {
+                    Some(user) => config.password()?.map(|pass| (user.clone(), pass)),
+                    None => None,
+                };
+                let broker = EmbeddedBroker::start_with_login(config.embedded_broker_port, login)?;
                 (BrokerUrl::parse(&broker.url())?, Some(broker))
             }
         };
@@ -332,6 +345,7 @@ impl Alerts {
             broker,
             report: ReportConfig::default(),
             pacs: None,
+            events: Default::default(),
         })
     }
 
@@ -366,6 +380,13 @@ impl Alerts {
                 Vec::new()
             }
         }
+    }
+
+    /// Records analyses, commits, deliveries and the outbox depth in `events`, and puts
+    /// its key figures in the retained status.
+    pub fn with_events(mut self, events: crate::events::Events) -> Alerts {
+        self.events = events;
+        self
     }
 
     pub fn outbox(&self) -> &Outbox {
@@ -430,6 +451,7 @@ impl Alerts {
             self.outbox.clone(),
             wake.clone(),
             stop_rx,
+            self.events.clone(),
         ));
 
         while let Some(message) = heartbeat.recv(&mut rx).await {
@@ -467,6 +489,7 @@ impl Alerts {
                 result.series_instance_uid.clone(),
             );
             let status = result.status;
+            let (analysed, inference_end) = (analysis_done(&result), result.timings.inference_end);
             let identifiers = self.identifiers.clone();
             // `published` is the moment of the (last) commit attempt: a full outbox may
             // make us wait, and the result must not claim an earlier time.
@@ -480,6 +503,12 @@ impl Alerts {
                 .commit_waiting(&heartbeat, &id, positive, payload, key_image_png)
                 .await;
             let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
+            self.events.emit(published_now(analysed, inference_end));
+            self.events.emit(crate::events::Event::ResultCommitted {
+                result_id: id.clone(),
+                already_queued,
+            });
+            self.events.emit(outbox_depth(&self.outbox));
             // Journal fields (src/service/logging.rs), for `journalctl RESULT_ID=…`.
             let (f_id, f_study, f_series) = (id.as_str(), study.as_str(), series.as_str());
             if already_queued {
@@ -525,6 +554,52 @@ impl Alerts {
 
         let _ = stop_tx.send(true);
         delivery.await.context("MQTT delivery task panicked")?
+    }
+}
+
+/// `event` ([`analysis_done`]) with `inference_done_to_published_secs` counted up to now:
+/// the commit, which `timings.published` records.
+fn published_now(
+    mut event: crate::events::Event,
+    inference_end: Option<OffsetDateTime>,
+) -> crate::events::Event {
+    use crate::events::{Event, StageDurations};
+    if let Event::AnalysisDone { durations, .. } = &mut event {
+        durations.inference_done_to_published_secs =
+            StageDurations::between(inference_end, Some(OffsetDateTime::now_utc()));
+    }
+    event
+}
+
+/// The event of a result received from inference (durations from its `timings`).
+fn analysis_done(result: &result::TriageResult) -> crate::events::Event {
+    use crate::events::StageDurations;
+    let t = &result.timings;
+    crate::events::Event::AnalysisDone {
+        result_id: result.id.clone(),
+        study_instance_uid: result.study_instance_uid.clone(),
+        series_instance_uid: result.series_instance_uid.clone(),
+        status: result.status.into(),
+        instances: result.instances,
+        durations: StageDurations {
+            receive_to_complete_secs: StageDurations::between(
+                t.first_instance_received,
+                t.series_complete,
+            ),
+            complete_to_inference_done_secs: StageDurations::between(
+                t.series_complete,
+                t.inference_end,
+            ),
+            inference_done_to_published_secs: None,
+        },
+    }
+}
+
+/// The outbox's depth, as an event.
+pub(crate) fn outbox_depth(outbox: &Outbox) -> crate::events::Event {
+    crate::events::Event::OutboxDepth {
+        entries: outbox.len(),
+        bytes: outbox.bytes(),
     }
 }
 

@@ -35,6 +35,7 @@ use super::broker_url::BrokerUrl;
 use super::outbox::Outbox;
 use super::wire::{self, EventSource, Payload, Source, Wire, WireEvent, WireOptions};
 use super::AlertConfig;
+use crate::events::{Event, Events, Figures};
 use crate::result::ModelInfo;
 
 /// Most publishes awaiting PUBACK at once.
@@ -112,17 +113,27 @@ struct StatusPayload<'a> {
     model: Option<&'a ModelInfo>,
     #[serde(with = "time::serde::rfc3339::option")]
     since: Option<OffsetDateTime>,
+    /// Key figures, while online and when the daemon provides them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    figures: Option<Figures>,
 }
 
-fn status_payload(config: &AlertConfig, info: &StatusInfo, online: bool) -> Vec<u8> {
+/// The status payload; `since` is when this run started delivering (`None`: offline).
+fn status_payload(
+    config: &AlertConfig,
+    info: &StatusInfo,
+    since: Option<OffsetDateTime>,
+    figures: Option<Figures>,
+) -> Vec<u8> {
     let payload = StatusPayload {
-        state: if online { "online" } else { "offline" },
+        state: if since.is_some() { "online" } else { "offline" },
         site: &config.site,
         device: &config.device,
         version: &info.version,
         model: info.model.as_ref(),
         // The Last Will is fixed at connect time: it cannot know when we went offline.
-        since: online.then(OffsetDateTime::now_utc),
+        since,
+        figures,
     };
     serde_json::to_vec(&payload).expect("status serialises")
 }
@@ -180,7 +191,7 @@ pub fn wire_options(
         login,
         transport,
         will_topic: Topics::new(&config.effective_topic_prefix()).status(),
-        will_payload: status_payload(config, info, false),
+        will_payload: status_payload(config, info, None, None),
         message_expiry_secs: config.message_expiry_secs,
     })
 }
@@ -245,8 +256,10 @@ struct Delivery {
     wake: tokio::sync::Notify,
     /// Signalled whenever a PUBACK arrives (for the shutdown drain).
     acked: tokio::sync::Notify,
-    online: Vec<u8>,
+    /// The current `online` status (its figures refreshed by [`Delivery::refresh_status`]).
+    online: Mutex<Vec<u8>>,
     offline: Vec<u8>,
+    events: Events,
 }
 
 impl Delivery {
@@ -255,9 +268,31 @@ impl Delivery {
     }
 
     fn send_status(&self, link: &mut Link, online: bool) {
-        let payload = if online { &self.online } else { &self.offline };
-        let publish = (self.topics.status(), Payload::Json, payload.clone());
+        let payload = if online {
+            self.online
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        } else {
+            self.offline.clone()
+        };
+        let publish = (self.topics.status(), Payload::Json, payload);
         link.send(&*self.wire, Tag::Status, publish, true);
+    }
+
+    /// Re-publishes the retained `online` status when its key figures changed.
+    fn refresh_status(&self, fresh: Vec<u8>) {
+        {
+            let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+            if *online == fresh {
+                return;
+            }
+            *online = fresh;
+        }
+        let mut link = self.link();
+        if link.connected {
+            self.send_status(&mut link, true);
+        }
     }
 
     /// Sends outbox entries in sequence order until the window is full or all are sent.
@@ -385,8 +420,14 @@ pub async fn deliver(
     outbox: Outbox,
     wake: Arc<tokio::sync::Notify>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    events: Events,
 ) -> Result<()> {
     let options = wire_options(&config, &url, &info)?;
+    // "since" in the status is when this run started delivering.
+    let since = OffsetDateTime::now_utc();
+    let mut status_tick =
+        tokio::time::interval(Duration::from_secs_f64(config.status_interval_secs));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The channel never holds more than WINDOW publishes + status + disconnect.
     let (wire, source) = wire::connect(config.protocol, options, WINDOW + 8, CLIENT_INFLIGHT);
     let delivery = Arc::new(Delivery {
@@ -396,9 +437,14 @@ pub async fn deliver(
         topics: Topics::new(&config.effective_topic_prefix()),
         wake: tokio::sync::Notify::new(),
         acked: tokio::sync::Notify::new(),
-        // "since" is when this run started delivering.
-        online: status_payload(&config, &info, true),
-        offline: status_payload(&config, &info, false),
+        online: Mutex::new(status_payload(
+            &config,
+            &info,
+            Some(since),
+            events.figures(),
+        )),
+        offline: status_payload(&config, &info, None, None),
+        events: events.clone(),
     });
     let poller = tokio::spawn(poll_loop(
         source,
@@ -414,6 +460,9 @@ pub async fn deliver(
         tokio::select! {
             _ = delivery.wake.notified() => {}
             _ = wake.notified() => {}
+            _ = status_tick.tick() => delivery.refresh_status(
+                status_payload(&config, &info, Some(since), events.figures()),
+            ),
             _ = shutdown.changed() => break,
         }
     }
@@ -508,14 +557,19 @@ async fn poll_loop(
                     // Unlink + directory fsync take ~10 ms on an ext4 VM disk: off the
                     // runtime. A crash before it completes only means one more delivery.
                     let outbox = delivery.outbox.clone();
+                    let events = delivery.events.clone();
                     tokio::task::spawn_blocking(move || {
                         for seq in delivered {
                             match outbox.remove(seq) {
-                                Ok(Some(meta)) => log::info!(
-                                    "result {} delivered: the broker acknowledged outbox entry \
-                                     {seq}, removed",
-                                    meta.id
-                                ),
+                                Ok(Some(meta)) => {
+                                    log::info!(
+                                        "result {} delivered: the broker acknowledged outbox \
+                                         entry {seq}, removed",
+                                        meta.id
+                                    );
+                                    events.emit(Event::ResultPublished { result_id: meta.id });
+                                    events.emit(super::outbox_depth(&outbox));
+                                }
                                 Ok(None) => {}
                                 Err(err) => log::error!("{err:#}"),
                             }

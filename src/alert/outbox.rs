@@ -244,6 +244,16 @@ impl Outbox {
         self.state().bytes
     }
 
+    /// When the oldest waiting entry was committed (its file's modification time).
+    pub fn oldest_committed(&self) -> Option<time::OffsetDateTime> {
+        let seq = *self.state().entries.keys().next()?;
+        let modified = std::fs::metadata(self.entry_path(seq))
+            .ok()?
+            .modified()
+            .ok()?;
+        Some(modified.into())
+    }
+
     /// The waiting entries, oldest first.
     pub fn pending(&self) -> Vec<EntryMeta> {
         self.state().entries.values().cloned().collect()

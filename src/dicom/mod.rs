@@ -27,6 +27,7 @@ pub mod limits;
 pub mod peer_text;
 pub mod refusal;
 pub mod scp;
+
 pub mod scu;
 pub mod spool;
 pub mod syntax;

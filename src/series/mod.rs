@@ -480,3 +480,35 @@ pub enum SeriesOutcome {
     /// A candidate series that could not be built; published as a `failed` result.
     Failed { meta: SeriesMeta, reason: String },
 }
+
+impl selection::Skip {
+    /// What the event stream records of a series not analysed.
+    pub fn event(&self) -> crate::events::Event {
+        crate::events::Event::SeriesSkipped {
+            study_instance_uid: self.key.study.clone(),
+            series_instance_uid: self.key.series.clone(),
+            instances: self.instances,
+            reason: self.reason.to_string(),
+        }
+    }
+}
+
+impl SeriesOutcome {
+    /// What the event stream records when this outcome goes to inference.
+    pub fn event(&self) -> crate::events::Event {
+        use crate::events::Event;
+        match self {
+            SeriesOutcome::Volume(volume) => Event::SeriesComplete {
+                study_instance_uid: volume.meta.study_instance_uid.clone(),
+                series_instance_uid: volume.meta.series_instance_uid.clone(),
+                instances: volume.meta.sop_instance_uids.len(),
+            },
+            SeriesOutcome::Failed { meta, reason } => Event::SeriesFailed {
+                study_instance_uid: meta.study_instance_uid.clone(),
+                series_instance_uid: meta.series_instance_uid.clone(),
+                instances: meta.sop_instance_uids.len(),
+                reason: reason.clone(),
+            },
+        }
+    }
+}

@@ -72,6 +72,11 @@ async fn run(config: Config) -> Result<()> {
         pipeline.engine.runtime()
     );
 
+    let (events, metrics) =
+        super::metrics::open_events(&config.metrics, config.service.events_path.as_deref())?;
+    if let Some(metrics) = &metrics {
+        metrics.set_model(&model, pipeline.engine.runtime());
+    }
     // PACS delivery only when destinations are configured; its queues are re-read here,
     // so objects a previous run did not deliver are sent after the start.
     let pacs_delivery = if config.pacs.destinations.is_empty() {
@@ -83,6 +88,7 @@ async fn run(config: Config) -> Result<()> {
         )?)
     };
     let alerts = Alerts::open(&config.alert)?
+        .with_events(events.clone())
         .with_report(config.report.clone())
         .with_pacs(pacs_delivery.clone());
     log::info!(
@@ -144,7 +150,9 @@ async fn run(config: Config) -> Result<()> {
             analysed.iter().map(|s| s.instances.len()).sum::<usize>()
         );
     }
-    let scp = Scp::bind(config.dicom.clone()).await?;
+    let scp = Scp::bind(config.dicom.clone())
+        .await?
+        .with_events(events.clone());
     log::info!(
         "DICOM SCP {} listening on {} (spool {})",
         config.dicom.ae_title,
@@ -162,6 +170,16 @@ async fn run(config: Config) -> Result<()> {
     // the stages downstream (a cycle of bounded channels could deadlock). One message per
     // result.
     let (feedback_tx, feedback_rx) = mpsc::unbounded_channel();
+    events.set_figures(figures_source(
+        &health,
+        (
+            instance_tx.downgrade(),
+            volume_tx.downgrade(),
+            result_tx.downgrade(),
+        ),
+        alerts.outbox().clone(),
+        config.dicom.spool_dir.clone(),
+    ));
 
     let mut stages: Vec<(&'static str, JoinHandle<Result<()>>)> = vec![
         (
@@ -202,6 +220,7 @@ async fn run(config: Config) -> Result<()> {
                         config.dicom.spool_dir.clone(),
                         config.dicom.min_free_space_mb,
                     )),
+                    events: events.clone(),
                 },
             )),
         ),
@@ -240,6 +259,11 @@ async fn run(config: Config) -> Result<()> {
     }
     stages.push(("dicom", tokio::spawn(scp.run(instance_tx))));
 
+    if let Some(metrics) = metrics {
+        let (addr, server) = super::metrics::bind(&config.metrics, metrics, events).await?;
+        log::info!("metrics endpoint on http://{addr}/metrics");
+        tokio::spawn(server);
+    }
     notify::ready();
     log::info!("ready");
     let watchdog = tokio::spawn(health::run_watchdog(health));
@@ -321,4 +345,42 @@ fn spool_short_of_space(
             }
         }
     }))
+}
+
+/// The daemon's key figures ([`crate::events::Figures`]) for the metrics endpoint and the
+/// retained MQTT status: what waits in the hand-over channels (`queues`: instances,
+/// volumes, results) and the outbox, the spool's size and free space, stuck stages.
+fn figures_source<A, B, C>(
+    health: &Health,
+    queues: (
+        mpsc::WeakSender<A>,
+        mpsc::WeakSender<B>,
+        mpsc::WeakSender<C>,
+    ),
+    outbox: alert::Outbox,
+    spool_dir: std::path::PathBuf,
+) -> impl Fn() -> crate::events::Figures + Send + Sync + 'static
+where
+    A: Send + 'static,
+    B: Send + 'static,
+    C: Send + 'static,
+{
+    fn waiting<T>(tx: &mpsc::WeakSender<T>) -> usize {
+        tx.upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
+    let health = health.clone();
+    move || crate::events::Figures {
+        queues: crate::events::QueueDepths {
+            instances: waiting(&queues.0),
+            volumes: waiting(&queues.1),
+            results: waiting(&queues.2),
+            outbox: outbox.len(),
+        },
+        outbox_oldest: outbox.oldest_committed(),
+        spool_bytes: super::metrics::tree_bytes(&spool_dir),
+        spool_free_bytes: crate::durable::free_space(&spool_dir).unwrap_or(0),
+        stuck_stages: health.stuck().iter().map(|s| s.name.to_string()).collect(),
+        last_result: None,
+    }
 }

@@ -4,6 +4,7 @@
 mod daemon;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 
 pub use daemon::serve;
@@ -18,6 +19,9 @@ pub struct ServiceConfig {
     /// `[service.stall_secs]`: allowed time without progress per stage before the
     /// systemd watchdog pings stop (see [`health`]).
     pub stall_secs: health::StallSecs,
+    /// Append the structured event stream (JSON lines: docs/events.schema.json) to this
+    /// file. Unset (the default): no file.
+    pub events_path: Option<std::path::PathBuf>,
 }
 
 impl ServiceConfig {

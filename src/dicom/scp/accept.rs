@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::connection::{serve_connection, tls_handshake_failed};
+use super::events;
 use super::{Shared, Transport};
 use crate::dicom::limits::{Admission, MAX_REFUSALS_AT_ONCE};
 use crate::dicom::refusal::reject_busy;
@@ -35,6 +36,8 @@ pub(super) async fn accept_loop(
         // Before a slot is taken: silent connections from addresses that can never
         // associate must not lock the allowed ones out.
         if !shared.allow_list.may_connect_from(peer.ip()) {
+            let reason = crate::events::AssociationRefusal::AddressNotAllowed;
+            shared.events.emit(events::refused(peer, reason));
             log::warn!(
                 "connection from {peer} closed at once: every dicom.allowed_calling_aes \
                  entry is pinned to another address"
@@ -56,6 +59,7 @@ pub(super) async fn accept_loop(
                 });
             }
             Admission::Refuse(busy, permit) => {
+                shared.events.emit(events::refused(peer, busy));
                 tokio::spawn(async move {
                     let config = &shared.config;
                     let (artim, send) = (config.artim_timeout(), config.send_timeout());
@@ -81,10 +85,13 @@ pub(super) async fn accept_loop(
                     drop(permit);
                 });
             }
-            Admission::Close(busy) => log::warn!(
-                "connection from {peer} closed at once: {busy}, and \
-                 {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
-            ),
+            Admission::Close(busy) => {
+                shared.events.emit(events::refused(peer, busy));
+                log::warn!(
+                    "connection from {peer} closed at once: {busy}, and \
+                     {MAX_REFUSALS_AT_ONCE} other refusals are in progress"
+                )
+            }
         }
     }
 }

@@ -16,7 +16,8 @@ use dicom_ul::pdu::AbortRQServiceProviderReason;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::session::{abort_pdu, is_io, Session};
+use super::events::{self, is_io};
+use super::session::{abort_pdu, Session};
 use super::{Shared, Transport};
 use crate::dicom::access::{take_refusal, PeerPolicy};
 use crate::dicom::peer_text::escaped;
@@ -63,10 +64,15 @@ pub(super) async fn serve_connection(
             let assoc = match established {
                 Ok(Ok(assoc)) => assoc,
                 Ok(Err(e)) => {
+                    if let Some(reason) = events::negotiation_refusal(&e) {
+                        shared.events.emit(events::refused(peer, reason));
+                    }
                     negotiation_failed(e, peer, &refusal, Some(spare), send_timeout).await;
                     return;
                 }
                 Err(_) => {
+                    let reason = crate::events::AssociationRefusal::InvalidRequest;
+                    shared.events.emit(events::refused(peer, reason));
                     log::warn!(
                         "connection from {peer} closed: no A-ASSOCIATE-RQ within {} s (dicom.artim_timeout_secs)",
                         shared.config.artim_timeout_secs
@@ -97,10 +103,15 @@ pub(super) async fn serve_connection(
                     return;
                 }
                 Ok(Err(e)) => {
+                    if let Some(reason) = events::negotiation_refusal(&e) {
+                        shared.events.emit(events::refused(peer, reason));
+                    }
                     negotiation_failed(e, peer, &refusal, None, send_timeout).await;
                     return;
                 }
                 Err(_) => {
+                    let reason = crate::events::AssociationRefusal::InvalidRequest;
+                    shared.events.emit(events::refused(peer, reason));
                     log::warn!(
                         "TLS connection from {peer} closed: no TLS handshake and A-ASSOCIATE-RQ \
                          within {} s (dicom.tls.handshake_timeout_secs + dicom.artim_timeout_secs)",

@@ -24,6 +24,7 @@
 
 mod accept;
 mod connection;
+mod events;
 mod session;
 
 use std::net::SocketAddr;
@@ -62,6 +63,7 @@ struct Shared {
     spool: Arc<Spool>,
     allow_list: Arc<AllowList>,
     limits: Limits,
+    events: crate::events::Events,
 }
 
 /// Binds and serves forever: the simple form of [`Scp::bind`] + [`Scp::run`].
@@ -129,8 +131,17 @@ impl Scp {
                 spool: Arc::new(spool),
                 allow_list,
                 limits,
+                events: Default::default(),
             }),
         })
+    }
+
+    /// Sends this SCP's association and C-STORE events to `events` (before [`Scp::run`]).
+    pub fn with_events(mut self, events: crate::events::Events) -> Scp {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.events = events;
+        }
+        self
     }
 
     /// The address actually bound (resolves port 0): the plain port, or the TLS port

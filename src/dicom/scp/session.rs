@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+use super::events::{self, is_io};
 use super::{run_blocking, Shared};
 use crate::dicom::dimse::{self, status, Command};
 use crate::dicom::peer_text::{escaped, peer_str};
@@ -25,18 +26,6 @@ pub(super) fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(reason),
     }
-}
-
-pub(super) fn is_io(e: &dicom_ul::pdu::ReadError) -> bool {
-    use std::error::Error as _;
-    let mut cur: Option<&dyn std::error::Error> = e.source();
-    while let Some(err) = cur {
-        if err.is::<std::io::Error>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// What is being received on the association right now.
@@ -176,6 +165,12 @@ where
     }
 
     pub(super) async fn run(&mut self) {
+        self.shared
+            .events
+            .emit(crate::events::Event::AssociationOpened {
+                peer: self.peer.to_string(),
+                calling_ae: self.calling_ae.clone(),
+            });
         let end = self.serve().await;
         if let Receiving::Store { incoming, .. } =
             std::mem::replace(&mut self.state, Receiving::Idle)
@@ -183,6 +178,15 @@ where
             // Never acknowledged: the SCU will send it again.
             incoming.discard();
         }
+        self.shared
+            .events
+            .emit(crate::events::Event::AssociationClosed {
+                peer: self.peer.to_string(),
+                calling_ae: self.calling_ae.clone(),
+                stored: self.stored,
+                duplicates: self.duplicates,
+                failed: self.failed,
+            });
         let secs = self.started.elapsed().as_secs_f64();
         let how = match end {
             End::Released => "released".to_string(),
@@ -359,6 +363,9 @@ where
                     };
                     self.respond(context_id, &rq, status, Some(&comment))
                         .await?;
+                    let sop = &rq.affected_sop_instance_uid;
+                    let event = events::drained_event(&self.calling_ae, sop);
+                    self.shared.events.emit(event);
                 }
             }
             (_, kind) => {
@@ -487,6 +494,8 @@ where
                     "store task failed: {e}"
                 )))
             });
+        let sop = &rq.affected_sop_instance_uid;
+        let event = events::store_event(&self.calling_ae, sop, &outcome);
         let (status, comment, stored) = match outcome {
             Ok(Stored::New(instance)) => {
                 self.stored += 1;
@@ -543,6 +552,7 @@ where
         };
         self.respond(context_id, &rq, status, comment.as_deref())
             .await?;
+        self.shared.events.emit(event);
         if let Some(instance) = stored {
             log::debug!("stored {}", instance.path.display());
             // The receiver only goes away at shutdown; the file is safe in the spool and

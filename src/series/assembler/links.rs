@@ -34,6 +34,8 @@ pub struct SpoolLinks {
     /// their retention is over: the SCP refuses instances below its free-space floor, and
     /// a new study matters more than keeping an analysed one for late instances.
     pub spool_short_of_space: Option<ShortOfSpace>,
+    /// Where each outcome sent to inference is recorded ([`crate::series::SeriesOutcome::event`]).
+    pub events: crate::events::Events,
 }
 
 /// Answers whether the spool is short of space now ([`SpoolLinks::spool_short_of_space`]).

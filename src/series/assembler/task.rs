@@ -41,6 +41,7 @@ pub async fn run_assembler(
         mut feedback,
         spool_short_of_space,
         spool_dir,
+        events,
     } = links;
     let build_attempts = spool_dir.map(|spool_dir| BuildAttempts {
         spool_dir,
@@ -50,6 +51,7 @@ pub async fn run_assembler(
     // Jobs that end without an outcome (a panic) are reported like the others.
     let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<Feedback>();
     let (job_tx, mut job_rx) = mpsc::channel::<SeriesJob>(BUILD_QUEUE);
+    let outcome_events = events.clone();
     let builder = tokio::spawn(async move {
         while let Some(job) = job_rx.recv().await {
             let (study, series) = (
@@ -74,6 +76,7 @@ pub async fn run_assembler(
                     continue;
                 }
             };
+            outcome_events.emit(outcome.event());
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
                 break;
@@ -161,7 +164,9 @@ pub async fn run_assembler(
             }
         }
         // Skips were logged when recorded.
-        assembler.take_skips();
+        for skip in assembler.take_skips() {
+            events.emit(skip.event());
+        }
         for release in assembler.take_releases() {
             if let Some(releases) = &releases {
                 let _ = releases.send(release).await;
