@@ -64,8 +64,10 @@ pub enum LinkError {
 
 /// An established association, one variant per kind of transport.
 pub enum Link {
-    Plain(AsyncClientAssociation<tokio::net::TcpStream>),
-    Tls(AsyncClientAssociation<dicom_ul::association::client::AsyncTlsStream>),
+    /// Both boxed: a TLS session's state is several times a plain socket's, and one
+    /// link per destination lives for a whole association (the cost of a box is nothing).
+    Plain(Box<AsyncClientAssociation<tokio::net::TcpStream>>),
+    Tls(Box<AsyncClientAssociation<dicom_ul::association::client::AsyncTlsStream>>),
 }
 
 /// Opens an association to `peer` proposing `sop_classes`: the one place a connection is
@@ -100,7 +102,7 @@ pub async fn connect(peer: &Peer, sop_classes: &[String]) -> Result<Link, LinkEr
                 .await
                 .map_err(associate_error)?;
             association.inner_stream().set_nodelay(true)?;
-            Ok(Link::Plain(association))
+            Ok(Link::Plain(Box::new(association)))
         }
         Some(tls) => {
             let mut association = options
@@ -110,7 +112,7 @@ pub async fn connect(peer: &Peer, sop_classes: &[String]) -> Result<Link, LinkEr
                 .await
                 .map_err(associate_error)?;
             association.inner_stream().get_ref().0.set_nodelay(true)?;
-            Ok(Link::Tls(association))
+            Ok(Link::Tls(Box::new(association)))
         }
     }
 }
@@ -156,12 +158,12 @@ impl Link {
     pub async fn release(self) {
         match self {
             Link::Plain(a) => {
-                if let Err(e) = a.release().await {
+                if let Err(e) = (*a).release().await {
                     log::debug!("PACS association release failed: {e}");
                 }
             }
             Link::Tls(a) => {
-                if let Err(e) = a.release().await {
+                if let Err(e) = (*a).release().await {
                     log::debug!("PACS association release failed (TLS): {e}");
                 }
             }
