@@ -9,14 +9,15 @@
 //!   input and writing the `DequantizeLinear`'s float output; its weights are
 //!   `w_scale * (w_q - w_zero_point)` (per tensor or per output channel, as in the file) and
 //!   its bias `bias_q * x_scale * w_scale`;
-//! - activations stay float, not rounded, but keep the int8 graph's saturation: a `Clip`
-//!   to the range its quantization can represent, `scale * (q_min - zero_point) ..= scale *
-//!   (q_max - zero_point)`, before each such `Conv` (the input's `QuantizeLinear`) and after it
-//!   (the output's scale and zero point). Without it, inputs unlike the calibration data (real
-//!   CT outside the acquisition envelope) saturated in int8 and not in float, and a status
-//!   changed;
+//! - activations stay float tensors but keep the int8 graph's values: where the int8 graph
+//!   quantizes one (the conv's input `QuantizeLinear`, the conv's requantized output) the
+//!   float graph rounds it to the same grid, `scale * clip(round(x / scale), q_min - zp,
+//!   q_max - zp)` (`Div`, `Round`, `Clip`, `Mul`: float element-wise ops that tract-cuda runs
+//!   on the GPU). With float activations left unrounded, the two graphs differed by up to 0.07
+//!   in a probability on phantoms and 0.72 on a real CT, whose status changed
+//!   (BENCHMARKS.md "GPU");
 //! - a `QuantizeLinear` feeding only `DequantizeLinear`s (a Q/DQ pair between float ops)
-//!   becomes that `Clip`;
+//!   becomes that rounding;
 //! - any other quantized op (`QLinearMatMul`, `ConvInteger`, a lone `QuantizeLinear`, ...)
 //!   makes the rewrite fail with [`DequantizeError::Unsupported`] naming the node.
 //!
@@ -100,7 +101,7 @@ pub enum DequantizeError {
 pub struct Rewritten {
     /// `QLinearConv` -> `Conv`.
     pub convs: usize,
-    /// Q/DQ pairs -> `Clip`.
+    /// Q/DQ pairs -> float rounding to the quantization grid.
     pub pairs: usize,
 }
 
@@ -147,10 +148,10 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
 
     let mut rewritten = Rewritten::default();
     let mut removed: HashSet<usize> = HashSet::new();
-    let mut replaced: HashMap<usize, NodeProto> = HashMap::new();
+    let mut replaced: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut new_inits: Vec<TensorProto> = Vec::new();
     // By conv index: the clip of that conv's input.
-    let mut input_clips: HashMap<usize, NodeProto> = HashMap::new();
+    let mut input_clips: HashMap<usize, Vec<NodeProto>> = HashMap::new();
 
     for (i, node) in graph.node.iter().enumerate() {
         if node.op_type != "QLinearConv" || !node.domain.is_empty() {
@@ -228,8 +229,11 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
             .collect();
         let w_name = format!("{}_dequantized", w.name);
         new_inits.push(float_tensor(&w_name, &w.dims, &weights));
-        let x_clipped = format!("{}_input_clipped", node.name);
-        input_clips.insert(i, clip(&x_float, &x_clipped, x_range, &mut new_inits));
+        let x_clipped = format!("{}_input_rounded", node.name);
+        input_clips.insert(
+            i,
+            round_to_grid(&x_float, &x_clipped, x_range, &mut new_inits),
+        );
         let mut conv_inputs = vec![x_clipped, w_name];
         if let Some(b_name) = node.input.get(8).filter(|s| !s.is_empty()) {
             let b = constant(8)?;
@@ -252,19 +256,20 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
         let conv_out = format!("{}_float", node.name);
         replaced.insert(
             i,
-            NodeProto {
+            vec![NodeProto {
                 input: conv_inputs,
                 output: vec![conv_out.clone()],
                 name: node.name.clone(),
                 op_type: "Conv".into(),
                 attribute: node.attribute.clone(),
                 ..NodeProto::default()
-            },
+            }],
         );
-        let dq_node = &graph.node[dq];
-        let mut out_clip = clip(&conv_out, &dq_node.output[0], y_range, &mut new_inits);
-        out_clip.name = dq_node.name.clone();
-        replaced.insert(dq, out_clip);
+        let dq_out = &graph.node[dq].output[0];
+        replaced.insert(
+            dq,
+            round_to_grid(&conv_out, dq_out, y_range, &mut new_inits),
+        );
         rewritten.convs += 1;
     }
 
@@ -291,10 +296,11 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
             let names = [node.input[1].as_str(), node.input[2].as_str()];
             let range = quantized_range(&inits, &node.name, names)?;
             for u in left {
-                let dq = &graph.node[u];
-                let mut pair = clip(&node.input[0], &dq.output[0], range, &mut new_inits);
-                pair.name = dq.name.clone();
-                replaced.insert(u, pair);
+                let dq_out = &graph.node[u].output[0];
+                replaced.insert(
+                    u,
+                    round_to_grid(&node.input[0], dq_out, range, &mut new_inits),
+                );
                 rewritten.pairs += 1;
             }
             removed.insert(i);
@@ -305,9 +311,9 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
     let mut nodes = Vec::with_capacity(old.len() + input_clips.len());
     for (i, n) in old.into_iter().enumerate() {
         // A conv's input clip goes just before it (its input is produced earlier).
-        nodes.extend(input_clips.remove(&i));
+        nodes.extend(input_clips.remove(&i).unwrap_or_default());
         if !removed.contains(&i) {
-            nodes.push(replaced.remove(&i).unwrap_or(n));
+            nodes.extend(replaced.remove(&i).unwrap_or_else(|| vec![n]));
         }
     }
     graph.node = nodes;
@@ -336,29 +342,46 @@ pub fn dequantize(model: &mut ModelProto) -> Result<Rewritten, DequantizeError> 
     Ok(rewritten)
 }
 
-/// A `Clip` of `input` to `range` writing `output`; its bounds become initializers.
-fn clip(input: &str, output: &str, range: (f32, f32), inits: &mut Vec<TensorProto>) -> NodeProto {
-    let lo = format!("{output}_clip_min");
-    let hi = format!("{output}_clip_max");
-    inits.push(float_tensor(&lo, &[], &[range.0]));
-    inits.push(float_tensor(&hi, &[], &[range.1]));
-    NodeProto {
-        input: vec![input.to_string(), lo, hi],
-        output: vec![output.to_string()],
-        name: format!("{output}_clip"),
-        op_type: "Clip".into(),
+/// `output = scale * clip(round(input / scale), lo, hi)` (`range` = (scale, lo, hi)): what a
+/// `QuantizeLinear` + `DequantizeLinear` pair computes, in float ops. Its constants become
+/// initializers.
+fn round_to_grid(
+    input: &str,
+    output: &str,
+    (scale, lo, hi): (f32, f32, f32),
+    inits: &mut Vec<TensorProto>,
+) -> Vec<NodeProto> {
+    let name = |what: &str| format!("{output}_{what}");
+    for (what, v) in [("scale", scale), ("q_min", lo), ("q_max", hi)] {
+        inits.push(float_tensor(&name(what), &[], &[v]));
+    }
+    let node = |op: &str, inputs: &[String], out: String| NodeProto {
+        input: inputs.to_vec(),
+        output: vec![out.clone()],
+        name: out,
+        op_type: op.into(),
         attribute: Vec::<AttributeProto>::new(),
         ..NodeProto::default()
-    }
+    };
+    vec![
+        node("Div", &[input.into(), name("scale")], name("scaled")),
+        node("Round", &[name("scaled")], name("rounded")),
+        node(
+            "Clip",
+            &[name("rounded"), name("q_min"), name("q_max")],
+            name("clipped"),
+        ),
+        node("Mul", &[name("clipped"), name("scale")], output.into()),
+    ]
 }
 
-/// The float range a per-tensor (scale, zero point) pair can represent: `scale * (q_min -
-/// zp) ..= scale * (q_max - zp)`, with q in u8 or i8 by the zero point's type.
+/// `(scale, q_min - zp, q_max - zp)` of a per-tensor (scale, zero point) pair, with q in u8
+/// or i8 by the zero point's type.
 fn quantized_range(
     inits: &HashMap<String, TensorProto>,
     node: &str,
     [scale, zero_point]: [&str; 2],
-) -> Result<(f32, f32), DequantizeError> {
+) -> Result<(f32, f32, f32), DequantizeError> {
     let get = |name: &str| {
         inits.get(name).ok_or_else(|| DequantizeError::NotConstant {
             node: node.to_string(),
@@ -378,7 +401,7 @@ fn quantized_range(
             })
         }
     };
-    Ok(((s * (q_min - zp)) as f32, (s * (q_max - zp)) as f32))
+    Ok((s as f32, (q_min - zp) as f32, (q_max - zp) as f32))
 }
 
 fn float_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
@@ -466,11 +489,11 @@ mod tests {
         let done = dequantize(&mut proto).unwrap();
         assert_eq!(done, Rewritten { convs: 8, pairs: 0 });
         let graph = proto.graph.as_ref().unwrap();
-        // 8 QLinearConv -> Conv, 8 DequantizeLinear -> output Clip, 7 QuantizeLinear gone,
-        // 8 input Clips added.
-        assert_eq!(graph.node.len(), before + 1);
-        let clips = graph.node.iter().filter(|n| n.op_type == "Clip").count();
-        assert_eq!(clips, 16);
+        // 8 QLinearConv -> Conv, 8 DequantizeLinear -> 4 rounding ops each, 7 QuantizeLinear
+        // gone, 8 input roundings of 4 ops added.
+        assert_eq!(graph.node.len(), before + 24 + 32 - 7);
+        let rounds = graph.node.iter().filter(|n| n.op_type == "Round").count();
+        assert_eq!(rounds, 16);
         assert!(graph
             .node
             .iter()
