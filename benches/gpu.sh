@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # GPU check: build with --features cuda, generate studies, run `infer` on CPU and on CUDA,
 # print each study's model latency on both and the largest difference between their results.
+# CUDA runs the dequantized graph (int8 weights dequantized to float at load, `--graph auto`;
+# src/inference/dequantize.rs) and the CPU the int8 file as shipped; the last run shows what
+# the default runtime gpu-or-cpu picks after its start-up probe.
 #
 #   benches/gpu.sh                      # builds target/release/cspine-triage --features cuda
 #   CSPINE_BIN=path/to/binary benches/gpu.sh   # use a binary built elsewhere (--features cuda)
 #   MODEL=other/model.json              # another contract (default: the committed model)
 #   STUDIES=3                           # studies per run; the first of each run warms up
+#   CUDA_GRAPH=int8                     # run the int8 graph on CUDA too (default: auto)
 #   CUDA_CACHE=DIR                      # keep NVRTC's kernels between runs (default: a
 #                                       # temporary folder, so the first CUDA start is cold)
 #
@@ -43,7 +47,7 @@ SERIES=$WORK/study; [ -d "$SERIES/train_images" ] && SERIES=$SERIES/train_images
 echo "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not found')"
 echo "model: $MODEL ($(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$MODEL"))"
 run() { # runtime, tag
-    RUST_LOG=info "$BIN" infer --model "$MODEL" --runtime "$1" --threads "$THREADS" \
+    RUST_LOG=info "$BIN" infer --model "$MODEL" --runtime "$1" --graph "${CUDA_GRAPH:-auto}" --threads "$THREADS" \
         --cuda-cache-dir "$CACHE" --json "$SERIES" >"$WORK/$2.json" 2>"$WORK/$2.log" || {
         echo "infer --runtime $1 failed:"; cat "$WORK/$2.log"; exit 1; }
     grep -o "ready on runtime [a-z]*.*" "$WORK/$2.log" | head -1 | sed "s/^/  $2: /"
@@ -52,6 +56,8 @@ run() { # runtime, tag
 run cpu cpu
 run cuda cuda-first  # with an empty cache, NVRTC compiles the kernels here
 run cuda cuda
+run gpu-or-cpu probe
+grep -o "runtime gpu-or-cpu: .*" "$WORK/probe.log" | sed "s/^/  probe: /" || true
 python3 - "$WORK/cpu.json" "$WORK/cuda.json" <<'PY'
 import json, sys
 cpu, cuda = ({r["series_instance_uid"]: r for r in map(json.loads, filter(str.strip, open(p)))}

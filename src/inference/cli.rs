@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{InferenceConfig, Pipeline, RuntimeChoice};
+use super::{GraphChoice, InferenceConfig, Pipeline, RuntimeChoice};
 use crate::result::{Status, TriageResult};
 use crate::series::SeriesOutcome;
 
@@ -43,6 +43,10 @@ pub struct InferArgs {
     /// Run the model as one graph with multithreaded kernels instead of slices in parallel.
     #[arg(long)]
     pub no_slice_parallel: bool,
+    /// Which graph each runtime runs: auto (dequantized on CUDA, int8 on the CPU), int8
+    /// (the file as shipped) or dequantized (int8 weights dequantized to float at load).
+    #[arg(long, value_enum, default_value_t = GraphChoice::Auto)]
+    pub graph: GraphChoice,
     /// Time every node of the model and print the totals per op to stderr (CPU only).
     #[arg(long)]
     pub profile: bool,
@@ -85,6 +89,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
         runtime: args.runtime,
         cuda_cache_dir: args.cuda_cache_dir.clone(),
         slice_parallel: !args.no_slice_parallel,
+        graph: args.graph,
         ..InferenceConfig::default()
     };
     let pipeline = Pipeline::load(&config)?;

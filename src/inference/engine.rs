@@ -5,17 +5,23 @@
 //! (tract-cuda; only with the `cuda` Cargo feature) and `gpu-or-cpu` (CUDA when a driver,
 //! the CUDA libraries and NVRTC work and CUDA runs a start-up probe faster than the CPU,
 //! else CPU, with a log line saying why).
+//!
+//! Graph: each runtime runs the int8 file as shipped or its dequantized float rewrite
+//! ([`super::dequantize`], `inference.graph`); `auto` runs the dequantized graph on CUDA
+//! (tract-cuda keeps int8 convolutions on the CPU) and the int8 graph on the CPU, so the
+//! `gpu-or-cpu` probe compares dequantized-on-CUDA with int8-on-the-CPU.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir;
 
 use super::contract::{InputSpec, ModelFiles, VERTEBRAE};
+use super::dequantize::{dequantize, Graph, GraphChoice};
 use super::preprocess::ModelInput;
 
 /// `(node name, op name, time)` per node of a plan, in plan order.
@@ -46,6 +52,8 @@ pub struct EngineOptions {
     /// On the CPU, run the per-slice part of the model one slice per task across the
     /// threads (see [`SlicePlan`]) instead of as one graph.
     pub slice_parallel: bool,
+    /// Which graph each runtime runs (int8 as shipped, or dequantized at load).
+    pub graph: GraphChoice,
 }
 
 /// The raw model outputs of one series.
@@ -82,6 +90,8 @@ pub struct Engine {
     slice_plan: Option<SlicePlan>,
     /// "cpu" or "cuda".
     runtime: &'static str,
+    /// The graph `runnable` runs.
+    graph: Graph,
     outputs: OutputIndex,
     threads: usize,
 }
@@ -91,6 +101,7 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("model", &self.files.onnx_path)
             .field("runtime", &self.runtime)
+            .field("graph", &self.graph)
             .field("threads", &self.threads)
             .field("slice_parallel", &self.slice_plan.is_some())
             .finish()
@@ -104,16 +115,14 @@ impl Engine {
         let started = Instant::now();
         avoid_amx_int8();
         let files = ModelFiles::load(contract_path)?;
-        let decluttered = load_decluttered(&files)
-            .with_context(|| format!("cannot load the ONNX model {}", files.onnx_path.display()))?;
-        let outputs = output_index(&decluttered, &files)?;
         let threads = options.threads.max(1);
-        let (runtime, runnable) = prepare(decluttered.clone(), options)?;
+        let (runtime, graph, runnable, outputs) = prepare(&files, options)?;
         let mut engine = Engine {
             files,
             runnable,
             slice_plan: None,
             runtime,
+            graph,
             outputs,
             threads,
         };
@@ -121,14 +130,15 @@ impl Engine {
             engine.slice_plan = engine.try_slice_plan();
         }
         if runtime == "cuda" && options.runtime == RuntimeChoice::GpuOrCpu {
-            engine = engine.or_cpu_if_faster(decluttered, options)?;
+            engine = engine.or_cpu_if_faster(options)?;
         }
         log::info!(
-            "model {} {} ({}) ready on runtime {} with {threads} CPU threads{} in {:.2} s",
+            "model {} {} ({}) ready on runtime {} graph {} with {threads} CPU threads{} in {:.2} s",
             engine.files.contract.name,
             engine.files.contract.version,
             engine.files.onnx_path.display(),
             engine.runtime,
+            engine.graph.name(),
             if engine.slice_plan.is_some() {
                 ", slices in parallel"
             } else {
@@ -137,6 +147,11 @@ impl Engine {
             started.elapsed().as_secs_f64()
         );
         Ok(engine)
+    }
+
+    /// The graph the engine runs: "int8" or "dequantized".
+    pub fn graph(&self) -> &'static str {
+        self.graph.name()
     }
 
     /// "cpu" or "cuda": what results report.
@@ -299,10 +314,31 @@ fn input_tensor(input: ModelInput) -> Result<Tensor> {
         .into_tensor())
 }
 
-/// The ONNX graph, typed and decluttered, with its input fixed to `[S, 3, H, W]` f32.
-fn load_decluttered(files: &ModelFiles) -> Result<TypedModel> {
+/// The ONNX protobuf of `graph`: the file as shipped, or its dequantized rewrite.
+fn load_proto(files: &ModelFiles, graph: Graph) -> Result<tract_onnx::pb::ModelProto> {
+    let mut proto = tract_onnx::onnx().proto_model_for_path(&files.onnx_path)?;
+    if graph == Graph::Dequantized {
+        let done = dequantize(&mut proto).with_context(|| {
+            format!(
+                "cannot dequantize the ONNX model {}",
+                files.onnx_path.display()
+            )
+        })?;
+        log::debug!(
+            "dequantized graph: {} QLinearConv -> Conv, {} Q/DQ pairs removed",
+            done.convs,
+            done.pairs
+        );
+    }
+    Ok(proto)
+}
+
+/// The ONNX graph `graph`, typed and decluttered, with its input fixed to `[S, 3, H, W]` f32.
+fn load_decluttered(files: &ModelFiles, graph: Graph) -> Result<TypedModel> {
     let spec = &files.contract.input;
-    let mut model = tract_onnx::onnx().model_for_path(&files.onnx_path)?;
+    let mut model = tract_onnx::onnx()
+        .model_for_proto_model(&load_proto(files, graph)?)
+        .with_context(|| format!("cannot load the ONNX model {}", files.onnx_path.display()))?;
     let s = model.symbols.sym("S");
     model.set_input_fact(
         0,
@@ -352,42 +388,50 @@ fn prepare_cpu(model: TypedModel) -> Result<Arc<dyn Runnable>> {
     Ok(Arc::new(plan))
 }
 
+/// What [`prepare`] returns: runtime name, graph, plan, output indices.
+type Prepared = (&'static str, Graph, Arc<dyn Runnable>, OutputIndex);
+
+/// The CPU plan of `options.graph`'s CPU graph.
+fn prepare_cpu_graph(files: &ModelFiles, options: &EngineOptions) -> Result<Prepared> {
+    let graph = options.graph.for_runtime(false);
+    let model = load_decluttered(files, graph)?;
+    let outputs = output_index(&model, files)?;
+    Ok(("cpu", graph, prepare_cpu(model)?, outputs))
+}
+
 #[cfg(not(feature = "gpu"))]
-fn prepare(
-    model: TypedModel,
-    options: &EngineOptions,
-) -> Result<(&'static str, Arc<dyn Runnable>)> {
+fn prepare(files: &ModelFiles, options: &EngineOptions) -> Result<Prepared> {
     match options.runtime {
         RuntimeChoice::Cpu => {}
         RuntimeChoice::GpuOrCpu => log::info!(
             "runtime gpu-or-cpu: this build has no CUDA support (built without the `cuda` \
              feature), using cpu"
         ),
-        RuntimeChoice::Cuda => bail!(
+        RuntimeChoice::Cuda => anyhow::bail!(
             "runtime \"cuda\" needs a build with the `cuda` feature; use runtime \"cpu\" or \
              rebuild with `cargo build --features cuda`"
         ),
     }
-    Ok(("cpu", prepare_cpu(model)?))
+    prepare_cpu_graph(files, options)
 }
 
 #[cfg(feature = "gpu")]
-fn prepare(
-    model: TypedModel,
-    options: &EngineOptions,
-) -> Result<(&'static str, Arc<dyn Runnable>)> {
+fn prepare(files: &ModelFiles, options: &EngineOptions) -> Result<Prepared> {
     // Linking tract-cuda registers its runtime.
     use tract_cuda as _;
     if options.runtime == RuntimeChoice::Cpu {
-        return Ok(("cpu", prepare_cpu(model)?));
+        return prepare_cpu_graph(files, options);
     }
     let strict = options.runtime == RuntimeChoice::Cuda;
-    match prepare_cuda(model.clone(), &options.cuda_cache_dir) {
-        Ok(runnable) => Ok(("cuda", runnable)),
+    let graph = options.graph.for_runtime(true);
+    let model = load_decluttered(files, graph)?;
+    let outputs = output_index(&model, files)?;
+    match prepare_cuda(model, &options.cuda_cache_dir) {
+        Ok(runnable) => Ok(("cuda", graph, runnable, outputs)),
         Err(e) if strict => Err(e.context("runtime \"cuda\" is not usable on this machine")),
         Err(e) => {
             log::warn!("runtime gpu-or-cpu: CUDA is not usable ({e:#}); using cpu");
-            Ok(("cpu", prepare_cpu(model)?))
+            prepare_cpu_graph(files, options)
         }
     }
 }
@@ -478,16 +522,19 @@ impl Engine {
     /// `gpu-or-cpu` keeps CUDA only if it runs the model faster than the CPU. tract-cuda
     /// does not offload every op: 0.23.9 runs int8 convolutions on the CPU and copies their
     /// tensors to and from the GPU, so the committed int8 model ran 4-6x slower on an H200
-    /// than on its 16 CPU threads (BENCHMARKS.md). Which wins depends on the model and the
-    /// box, so it is measured: a probe input of typical size, one warm-up run and the best
-    /// of three timed runs on each runtime.
-    fn or_cpu_if_faster(self, decluttered: TypedModel, options: &EngineOptions) -> Result<Engine> {
+    /// than on its 16 CPU threads (BENCHMARKS.md); with `graph = "auto"` CUDA therefore
+    /// runs the dequantized graph and the CPU the int8 one. Which wins depends on the model
+    /// and the box, so it is measured: a probe input of typical size, one warm-up run and
+    /// the best of three timed runs on each runtime.
+    fn or_cpu_if_faster(self, options: &EngineOptions) -> Result<Engine> {
+        let (runtime, graph, runnable, outputs) = prepare_cpu_graph(&self.files, options)?;
         let mut cpu = Engine {
             files: self.files.clone(),
-            runnable: prepare_cpu(decluttered)?,
+            runnable,
             slice_plan: None,
-            runtime: "cpu",
-            outputs: self.outputs,
+            runtime,
+            graph,
+            outputs,
             threads: self.threads,
         };
         if options.slice_parallel {
@@ -501,17 +548,21 @@ impl Engine {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         if cuda_time <= cpu_time {
             log::info!(
-                "runtime gpu-or-cpu: cuda ran the {slices}-slice probe in {:.0} ms, cpu in \
-                 {:.0} ms: using cuda",
+                "runtime gpu-or-cpu: cuda ({} graph) ran the {slices}-slice probe in {:.0} ms, \
+                 cpu ({} graph) in {:.0} ms: using cuda",
+                self.graph.name(),
                 ms(cuda_time),
+                cpu.graph.name(),
                 ms(cpu_time)
             );
             Ok(self)
         } else {
             log::warn!(
-                "runtime gpu-or-cpu: cuda ran the {slices}-slice probe in {:.0} ms, cpu in \
-                 {:.0} ms: using cpu (runtime \"cuda\" forces the GPU)",
+                "runtime gpu-or-cpu: cuda ({} graph) ran the {slices}-slice probe in {:.0} ms, \
+                 cpu ({} graph) in {:.0} ms: using cpu (runtime \"cuda\" forces the GPU)",
+                self.graph.name(),
                 ms(cuda_time),
+                cpu.graph.name(),
                 ms(cpu_time)
             );
             Ok(cpu)
@@ -532,7 +583,7 @@ impl Engine {
     }
 
     fn try_slice_plan(&self) -> Option<SlicePlan> {
-        match SlicePlan::build(&self.files) {
+        match SlicePlan::build(&self.files, self.graph) {
             Ok(None) => None,
             Ok(Some(plan)) => match self.check_slice_plan(&plan) {
                 Ok(()) => Some(plan),
@@ -601,9 +652,9 @@ fn probe_input(spec: &InputSpec, slices: usize) -> ModelInput {
 
 impl SlicePlan {
     /// Ok(None) when the graph has no recurrent op to cut at.
-    fn build(files: &ModelFiles) -> Result<Option<SlicePlan>> {
+    fn build(files: &ModelFiles, graph: Graph) -> Result<Option<SlicePlan>> {
         let onnx = tract_onnx::onnx();
-        let proto = onnx.proto_model_for_path(&files.onnx_path)?;
+        let proto = load_proto(files, graph)?;
         let graph = proto.graph.as_ref().context("ONNX file has no graph")?;
         let spec = &files.contract.input;
         // The one-slice typed graph says which candidate cut tensors really are per slice.

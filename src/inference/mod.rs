@@ -5,6 +5,7 @@
 //! - [`envelope`]: the acquisitions the model was trained on; outside them `indeterminate`.
 //! - [`preprocess`]: CT volume -> `[S, 3, 128, 128]` model input.
 //! - [`engine`]: tract (CPU, or CUDA with the `cuda` feature), prepared once.
+//! - [`dequantize`]: the int8 graph rewritten to float at load (what CUDA runs).
 //! - [`postprocess`]: probabilities, flags, localization, partial coverage, `indeterminate`.
 //! - [`keyimage`]: the PNG of the key slice.
 //! - [`cli`]: `cspine-triage infer`.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod contract;
+pub mod dequantize;
 pub mod engine;
 pub mod envelope;
 pub mod keyimage;
@@ -34,6 +36,7 @@ use crate::heartbeat::Heartbeat;
 use crate::result::{ResultMessage, TriageResult};
 use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
+pub use dequantize::GraphChoice;
 pub use engine::RuntimeChoice;
 use engine::{Engine, EngineOptions};
 use envelope::{Acquisition, EnvelopePolicy};
@@ -60,6 +63,10 @@ pub struct InferenceConfig {
     /// On the CPU, run the per-slice part of the model one slice per thread at a time
     /// (faster with tract; off runs the graph whole with multithreaded kernels).
     pub slice_parallel: bool,
+    /// Which graph each runtime runs: "auto" (default: the dequantized float graph on
+    /// CUDA, the int8 file as shipped on the CPU), "int8" or "dequantized" (the int8
+    /// weights dequantized to float at load; see `inference::dequantize`).
+    pub graph: GraphChoice,
 }
 
 impl Default for InferenceConfig {
@@ -72,6 +79,7 @@ impl Default for InferenceConfig {
             patient_threshold: None,
             vertebra_thresholds: BTreeMap::new(),
             slice_parallel: true,
+            graph: GraphChoice::Auto,
         }
     }
 }
@@ -109,6 +117,7 @@ impl InferenceConfig {
             threads: self.threads,
             cuda_cache_dir: self.cuda_cache_dir.clone(),
             slice_parallel: self.slice_parallel,
+            graph: self.graph,
         })
     }
 }
