@@ -195,6 +195,8 @@ pub struct QueueDepths {
     pub results: usize,
     /// Results in the outbox, not yet acknowledged by the broker.
     pub outbox: usize,
+    /// DICOM result objects waiting for PACS delivery, all destinations (0 without any).
+    pub pacs: usize,
 }
 
 /// Where events go besides the figures.

@@ -178,6 +178,7 @@ async fn run(config: Config) -> Result<()> {
             result_tx.downgrade(),
         ),
         alerts.outbox().clone(),
+        pacs_delivery.clone(),
         config.dicom.spool_dir.clone(),
     ));
 
@@ -349,7 +350,7 @@ fn spool_short_of_space(
 
 /// The daemon's key figures ([`crate::events::Figures`]) for the metrics endpoint and the
 /// retained MQTT status: what waits in the hand-over channels (`queues`: instances,
-/// volumes, results) and the outbox, the spool's size and free space, stuck stages.
+/// volumes, results), the outbox and the PACS queues, the spool's size and free space, stuck stages.
 fn figures_source<A, B, C>(
     health: &Health,
     queues: (
@@ -358,6 +359,7 @@ fn figures_source<A, B, C>(
         mpsc::WeakSender<C>,
     ),
     outbox: alert::Outbox,
+    pacs: Option<crate::pacs::Delivery>,
     spool_dir: std::path::PathBuf,
 ) -> impl Fn() -> crate::events::Figures + Send + Sync + 'static
 where
@@ -376,6 +378,9 @@ where
             volumes: waiting(&queues.1),
             results: waiting(&queues.2),
             outbox: outbox.len(),
+            pacs: pacs
+                .as_ref()
+                .map_or(0, |d| d.depth().iter().map(|q| q.entries).sum()),
         },
         outbox_oldest: outbox.oldest_committed(),
         spool_bytes: super::metrics::tree_bytes(&spool_dir),

@@ -272,6 +272,7 @@ impl Metrics {
             ("volumes", q.volumes),
             ("results", q.results),
             ("outbox", q.outbox),
+            ("pacs", q.pacs),
         ] {
             let labels = vec![Label::new("queue", queue)];
             self.gauge("cspine_queue_depth", labels, depth as f64);
