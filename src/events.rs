@@ -97,6 +97,18 @@ pub enum Event {
     ResultPublished { result_id: String },
     /// The outbox changed (a commit or a delivery).
     OutboxDepth { entries: usize, bytes: u64 },
+    /// A PACS destination stored a DICOM result object (Success or Warning): it left the
+    /// destination's queue, `queued_to_delivered_secs` after it was queued.
+    PacsObjectDelivered {
+        destination: String,
+        sop_instance_uid: String,
+        queued_to_delivered_secs: Option<f64>,
+    },
+    /// A PACS destination refused a DICOM result object for good: moved to `rejected/`.
+    PacsObjectRejected {
+        destination: String,
+        sop_instance_uid: String,
+    },
 }
 
 /// Why a connection or association was refused.

@@ -376,6 +376,19 @@ fn delivery_over_tls_reaches_an_orthanc_with_dicom_tls() {
     senders.abort();
 }
 
+/// `GET /metrics` of the daemon: the Prometheus text exposition.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    body.to_owned()
+}
+
 /// Orthanc's tags of the instance with SOP Instance UID `sop` (`?simplify`: sequences as
 /// arrays of objects).
 fn tags_of(orthanc: &Orthanc, sop: &str) -> serde_json::Value {
@@ -404,7 +417,7 @@ fn a_study_analysed_while_the_pacs_is_down_reaches_it_after_kill_9_and_restart()
     let study = common::synth(&dir.path().join("fx"), 9101, "C5", &[]);
     let mosquitto = common::Mosquitto::start();
     let sub = common::Subscriber::start(mosquitto.port, "cspine/#");
-    let dicom_port = free_port();
+    let (dicom_port, metrics_port) = (free_port(), free_port());
     let config = common::serve_config(
         dir.path(),
         dicom_port,
@@ -412,7 +425,8 @@ fn a_study_analysed_while_the_pacs_is_down_reaches_it_after_kill_9_and_restart()
         &format!(
             "\n[pacs]\nqueue_dir = \"{}\"\nretry_initial_secs = 0.1\nretry_max_secs = 0.5\n\
              [[pacs.destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n\
-             host = \"127.0.0.1\"\nport = {}\n",
+             host = \"127.0.0.1\"\nport = {}\n\
+             [metrics]\nenabled = true\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             queue_dir.display(),
             orthanc.dicom_port
         ),
@@ -466,6 +480,14 @@ fn a_study_analysed_while_the_pacs_is_down_reaches_it_after_kill_9_and_restart()
     });
     let once: BTreeMap<String, usize> = named.keys().map(|k| (k.clone(), 1)).collect();
     assert_eq!(orthanc.instances(), once, "each object once");
+    // The restarted daemon's metrics: three objects delivered, three delivery latencies.
+    let metrics = scrape(metrics_port);
+    for line in [
+        "cspine_pacs_objects_total{destination=\"orthanc\",outcome=\"delivered\"} 3",
+        "cspine_queued_to_pacs_delivered_seconds_count 3",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
     let source_series = result["series_instance_uid"].as_str().unwrap();
     for (sop, kind) in &named {
         let tags = tags_of(&orthanc, sop);

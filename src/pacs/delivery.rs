@@ -48,6 +48,8 @@ struct Shared {
     destinations: Vec<Destination>,
     retry_initial: Duration,
     retry_max: Duration,
+    /// Where each object delivered or set aside is recorded.
+    events: crate::events::Events,
 }
 
 /// Handle to the delivery queues; cheap to clone.
@@ -124,6 +126,7 @@ impl Delivery {
                 destinations,
                 retry_initial: config.retry_initial(),
                 retry_max: config.retry_max(),
+                events: Default::default(),
             }),
         })
     }
@@ -195,6 +198,14 @@ impl Delivery {
 
     /// The sending stage: one task per destination, until the task is aborted (shutdown).
     /// Each sender beats `heartbeat` while it sends and while it waits.
+    /// Records each object delivered or set aside in `events` (before [`Delivery::run`]).
+    pub fn with_events(mut self, events: crate::events::Events) -> Delivery {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.events = events;
+        }
+        self
+    }
+
     pub async fn run(self, heartbeat: Heartbeat) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         for d in &self.shared.destinations {
@@ -203,6 +214,7 @@ impl Delivery {
                 peer: d.peer.clone(),
                 queue: d.queue.clone(),
                 backoff: Backoff::new(self.shared.retry_initial, self.shared.retry_max),
+                events: self.shared.events.clone(),
             };
             log::info!(
                 "PACS {}: sending to {} at {} as {}",

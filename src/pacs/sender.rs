@@ -56,6 +56,7 @@ pub(crate) struct Sender {
     pub peer: Peer,
     pub queue: Arc<Queue>,
     pub backoff: Backoff,
+    pub events: crate::events::Events,
 }
 
 impl Sender {
@@ -201,7 +202,13 @@ impl Sender {
                     entry.kind,
                     entry.sop_instance_uid
                 );
-                self.queue.remove(entry).map_err(RetryReason::Queue)
+                self.queue.remove(entry).map_err(RetryReason::Queue)?;
+                self.events.emit(crate::events::Event::PacsObjectDelivered {
+                    destination: self.name.clone(),
+                    sop_instance_uid: entry.sop_instance_uid.clone(),
+                    queued_to_delivered_secs: queued_secs(entry),
+                });
+                Ok(())
             }
             StoreOutcome::Permanent => {
                 let why = anyhow::anyhow!(
@@ -210,7 +217,12 @@ impl Sender {
                     entry.kind,
                     entry.sop_instance_uid
                 );
-                self.queue.reject(entry, &why).map_err(RetryReason::Queue)
+                self.queue.reject(entry, &why).map_err(RetryReason::Queue)?;
+                self.events.emit(crate::events::Event::PacsObjectRejected {
+                    destination: self.name.clone(),
+                    sop_instance_uid: entry.sop_instance_uid.clone(),
+                });
+                Ok(())
             }
             StoreOutcome::Transient => Err(RetryReason::Transient {
                 sop_instance_uid: entry.sop_instance_uid.clone(),
@@ -218,4 +230,14 @@ impl Sender {
             }),
         }
     }
+}
+
+/// Seconds from queueing `entry` to now (the clock may have stepped: `None` then).
+fn queued_secs(entry: &EntryMeta) -> Option<f64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    now.checked_sub(entry.enqueued_unix_ms)
+        .map(|ms| ms as f64 / 1000.0)
 }

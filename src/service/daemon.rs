@@ -82,10 +82,10 @@ async fn run(config: Config) -> Result<()> {
     let pacs_delivery = if config.pacs.destinations.is_empty() {
         None
     } else {
-        Some(crate::pacs::Delivery::open(
-            &config.pacs,
-            &config.dicom.ae_title,
-        )?)
+        Some(
+            crate::pacs::Delivery::open(&config.pacs, &config.dicom.ae_title)?
+                .with_events(events.clone()),
+        )
     };
     let alerts = Alerts::open(&config.alert)?
         .with_events(events.clone())

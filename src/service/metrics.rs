@@ -156,6 +156,16 @@ const DESCRIBED: &[(&str, Kind, &str)] = &[
         "Inference done to the result committed and first published.",
     ),
     (
+        "cspine_queued_to_pacs_delivered_seconds",
+        Kind::Histogram,
+        "DICOM result object queued for a PACS destination to stored there.",
+    ),
+    (
+        "cspine_pacs_objects_total",
+        Kind::Counter,
+        "DICOM result objects a PACS destination stored or refused for good, by destination and outcome.",
+    ),
+    (
         "cspine_queue_depth",
         Kind::Gauge,
         "Items waiting, by queue (instances, volumes, results, outbox).",
@@ -365,6 +375,26 @@ impl Sink for Metrics {
             Event::OutboxDepth { entries, .. } => {
                 let labels = vec![Label::new("queue", "outbox")];
                 self.gauge("cspine_queue_depth", labels, *entries as f64)
+            }
+            Event::PacsObjectDelivered {
+                destination,
+                queued_to_delivered_secs,
+                ..
+            } => {
+                let labels = vec![
+                    Label::new("destination", destination.clone()),
+                    Label::new("outcome", "delivered"),
+                ];
+                self.count("cspine_pacs_objects_total", labels, 1);
+                let name = "cspine_queued_to_pacs_delivered_seconds";
+                self.observe(name, *queued_to_delivered_secs);
+            }
+            Event::PacsObjectRejected { destination, .. } => {
+                let labels = vec![
+                    Label::new("destination", destination.clone()),
+                    Label::new("outcome", "rejected"),
+                ];
+                self.count("cspine_pacs_objects_total", labels, 1);
             }
         }
     }
