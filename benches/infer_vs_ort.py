@@ -116,6 +116,9 @@ def main():
     ap.add_argument("--slices", type=int, default=80, help="source slices (2.5 mm)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--profile", action="store_true", help="print tract's per-op profile")
+    ap.add_argument("--graph", default="int8", choices=["int8", "dequantized"],
+                    help="the graph tract runs (infer --graph): the int8 file as shipped, or "
+                         "dequantized to float at load (what CUDA runs); onnxruntime always runs the int8 file")
     ap.add_argument("--series", help="use this DICOM folder instead of a generated one")
     ap.add_argument("--model", default=str(ROOT / "models" / "model.json"),
                     help="model contract (model.json; its ONNX file lies next to it)")
@@ -131,7 +134,8 @@ def main():
         series = a.series or make_series(os.path.join(tmp, "series"), a.slices, a.rows)
         model = a.model
         env = dict(os.environ, RUST_LOG="warn", OMP_NUM_THREADS=str(a.threads))
-        infer = [a.bin, "infer", "--model", model, "--runtime", "cpu", "--threads", str(a.threads), series]
+        infer = [a.bin, "infer", "--model", model, "--runtime", "cpu", "--graph", a.graph,
+                 "--threads", str(a.threads), series]
 
         tract_model, tract_wall, tract_rss, tract_pre = [], [], [], []
         ort_model, ort_wall, ort_rss, ort_pre = [], [], [], []
