@@ -43,7 +43,7 @@ pub struct InferArgs {
     /// Run the model as one graph with multithreaded kernels instead of slices in parallel.
     #[arg(long)]
     pub no_slice_parallel: bool,
-    /// Which graph each runtime runs: auto (dequantized on CUDA, int8 on the CPU), int8
+    /// Which graph each runtime runs: auto (dequantized on CUDA; on the CPU the faster of the two on a start-up probe), int8
     /// (the file as shipped) or dequantized (int8 weights dequantized to float at load).
     #[arg(long, value_enum, default_value_t = GraphChoice::Auto)]
     pub graph: GraphChoice,

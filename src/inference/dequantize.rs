@@ -22,7 +22,7 @@
 //!   makes the rewrite fail with [`DequantizeError::Unsupported`] naming the node.
 //!
 //! Which graph a runtime runs is [`GraphChoice`] (`inference.graph`, `infer --graph`):
-//! `auto` is dequantized on CUDA and int8 on the CPU. The agreement of the two graphs on the
+//! `auto` is dequantized on CUDA, and on the CPU whichever of the two runs a start-up probe faster. The agreement of the two graphs on the
 //! CPU is in BENCHMARKS.md ("GPU") and models/MODEL_CARD.md.
 
 use std::collections::{HashMap, HashSet};
@@ -43,7 +43,8 @@ use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, ModelProto, NodePro
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum GraphChoice {
-    /// Dequantized on CUDA, int8 on the CPU.
+    /// Dequantized on CUDA; on the CPU int8 or dequantized, whichever runs a start-up
+    /// probe faster.
     #[default]
     Auto,
     /// The file as shipped (int8 convolutions).

@@ -132,6 +132,9 @@ impl Engine {
         if runtime == "cuda" && options.runtime == RuntimeChoice::GpuOrCpu {
             engine = engine.or_cpu_if_faster(options)?;
         }
+        if engine.runtime == "cpu" && options.graph == GraphChoice::Auto {
+            engine = engine.or_dequantized_if_faster(options)?;
+        }
         log::info!(
             "model {} {} ({}) ready on runtime {} graph {} with {threads} CPU threads{} in {:.2} s",
             engine.files.contract.name,
@@ -569,6 +572,57 @@ impl Engine {
         }
     }
 
+    /// `graph = "auto"` on the CPU keeps the int8 graph only if it runs the probe faster
+    /// than the dequantized one. Both give the same statuses (probabilities within 3.3e-7
+    /// on 20 phantoms, BENCHMARKS.md); which is faster depends on the CPU: tract's int8
+    /// kernels need AVX-512 VNNI (or arm64 dot products) to be fast, and on an AVX2-only
+    /// x86 the int8 graph ran 15x slower than the dequantized one.
+    fn or_dequantized_if_faster(self, options: &EngineOptions) -> Result<Engine> {
+        let forced = EngineOptions {
+            graph: GraphChoice::Dequantized,
+            ..options.clone()
+        };
+        let (runtime, graph, runnable, outputs) = prepare_cpu_graph(&self.files, &forced)?;
+        let mut other = Engine {
+            files: self.files.clone(),
+            runnable,
+            slice_plan: None,
+            runtime,
+            graph,
+            outputs,
+            threads: self.threads,
+        };
+        if options.slice_parallel {
+            other.slice_plan = other.try_slice_plan();
+        }
+        // Smaller and shorter than the CUDA probe: where int8 is slow it costs seconds at
+        // every start, and a 15x gap needs no best-of-three to be seen.
+        let spec = &self.files.contract.input;
+        let slices = GRAPH_PROBE_SLICES.clamp(spec.min_slices.max(3), spec.max_slices.max(3));
+        let input = probe_input(spec, slices);
+        let time_once = |engine: &Engine| -> Result<Duration> {
+            engine.run(input.clone())?;
+            let started = Instant::now();
+            engine.run(input.clone())?;
+            Ok(started.elapsed())
+        };
+        let mine = time_once(&self)?;
+        let theirs = time_once(&other)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (keep, why) = if mine <= theirs {
+            (self, "int8")
+        } else {
+            (other, "dequantized")
+        };
+        log::info!(
+            "graph auto on the cpu: int8 ran the {slices}-slice probe in {:.0} ms, dequantized \
+             in {:.0} ms: using {why}",
+            ms(mine),
+            ms(theirs)
+        );
+        Ok(keep)
+    }
+
     /// The best of three timed runs on a probe input, after one warm-up run.
     fn probe_time(&self, input: &ModelInput) -> Result<Duration> {
         self.run(input.clone())?;
@@ -624,6 +678,8 @@ impl Engine {
 
 /// Model slices of the `gpu-or-cpu` probe: about a cervical spine at the contract's 2 mm.
 const PROBE_SLICES: usize = 96;
+/// Model slices of the CPU graph probe (`graph = "auto"`): one warm-up and one timed run.
+const GRAPH_PROBE_SLICES: usize = 24;
 
 /// A deterministic input of `slices` model slices with values in [0, 1) (xorshift), for the
 /// checks and timings made at load.

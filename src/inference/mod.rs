@@ -64,8 +64,9 @@ pub struct InferenceConfig {
     /// (faster with tract; off runs the graph whole with multithreaded kernels).
     pub slice_parallel: bool,
     /// Which graph each runtime runs: "auto" (default: the dequantized float graph on
-    /// CUDA, the int8 file as shipped on the CPU), "int8" or "dequantized" (the int8
-    /// weights dequantized to float at load; see `inference::dequantize`).
+    /// CUDA; on the CPU the int8 file as shipped or the dequantized graph, whichever runs
+    /// a start-up probe faster), "int8" or "dequantized" (the int8 weights dequantized to
+    /// float at load; see `inference::dequantize`).
     pub graph: GraphChoice,
 }
 
