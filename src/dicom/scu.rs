@@ -173,7 +173,8 @@ pub fn send_files(target: &StoreTarget, files: &[PathBuf]) -> Result<SendReport>
     Ok(report)
 }
 
-fn store_request(sop_class: &str, sop_instance: &str, message_id: u16) -> InMemDicomObject {
+/// The command set of a C-STORE request (also the PACS delivery's, `crate::pacs`).
+pub fn store_request(sop_class: &str, sop_instance: &str, message_id: u16) -> InMemDicomObject {
     InMemDicomObject::command_from_element_iter([
         DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,

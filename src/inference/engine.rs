@@ -530,19 +530,7 @@ impl Engine {
     /// and the box, so it is measured: a probe input of typical size, one warm-up run and
     /// the best of three timed runs on each runtime.
     fn or_cpu_if_faster(self, options: &EngineOptions) -> Result<Engine> {
-        let (runtime, graph, runnable, outputs) = prepare_cpu_graph(&self.files, options)?;
-        let mut cpu = Engine {
-            files: self.files.clone(),
-            runnable,
-            slice_plan: None,
-            runtime,
-            graph,
-            outputs,
-            threads: self.threads,
-        };
-        if options.slice_parallel {
-            cpu.slice_plan = cpu.try_slice_plan();
-        }
+        let cpu = self.cpu_engine(options)?;
         let spec = &self.files.contract.input;
         let slices = PROBE_SLICES.clamp(spec.min_slices.max(3), spec.max_slices.max(3));
         let input = probe_input(spec, slices);
@@ -572,6 +560,25 @@ impl Engine {
         }
     }
 
+    /// A CPU engine for the same model files with `options` (its slice plan included), for
+    /// the start-up probes to compare against this one.
+    fn cpu_engine(&self, options: &EngineOptions) -> Result<Engine> {
+        let (runtime, graph, runnable, outputs) = prepare_cpu_graph(&self.files, options)?;
+        let mut cpu = Engine {
+            files: self.files.clone(),
+            runnable,
+            slice_plan: None,
+            runtime,
+            graph,
+            outputs,
+            threads: self.threads,
+        };
+        if options.slice_parallel {
+            cpu.slice_plan = cpu.try_slice_plan();
+        }
+        Ok(cpu)
+    }
+
     /// `graph = "auto"` on the CPU keeps the int8 graph only if it runs the probe faster
     /// than the dequantized one. Both give the same statuses (probabilities within 3.3e-7
     /// on 20 phantoms, BENCHMARKS.md); which is faster depends on the CPU: tract's int8
@@ -582,19 +589,7 @@ impl Engine {
             graph: GraphChoice::Dequantized,
             ..options.clone()
         };
-        let (runtime, graph, runnable, outputs) = prepare_cpu_graph(&self.files, &forced)?;
-        let mut other = Engine {
-            files: self.files.clone(),
-            runnable,
-            slice_plan: None,
-            runtime,
-            graph,
-            outputs,
-            threads: self.threads,
-        };
-        if options.slice_parallel {
-            other.slice_plan = other.try_slice_plan();
-        }
+        let other = self.cpu_engine(&forced)?;
         // Smaller and shorter than the CUDA probe: where int8 is slow it costs seconds at
         // every start, and a 15x gap needs no best-of-three to be seen.
         let spec = &self.files.contract.input;

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use dicom_core::{dicom_value, DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::{
@@ -17,6 +16,8 @@ use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::dicom::scu::store_request;
 
 /// Largest PDU we accept from the destination (its responses are small).
 const MAX_PDU: u32 = 116_794;
@@ -235,29 +236,6 @@ where
         .to_int::<u16>()
         .map_err(|e| LinkError::BadResponse(e.to_string()))?;
     Ok(status)
-}
-
-fn store_request(sop_class: &str, sop_instance: &str, message_id: u16) -> InMemDicomObject {
-    InMemDicomObject::command_from_element_iter([
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            dicom_value!(Str, sop_class),
-        ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0001])),
-        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
-        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0x0000])),
-        DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            dicom_value!(U16, [0x0000]),
-        ),
-        DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            dicom_value!(Str, sop_instance),
-        ),
-    ])
 }
 
 pub(crate) fn trim_uid(s: &str) -> &str {
