@@ -12,13 +12,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Message, SubOptions, Subscriber};
+use common::{free_port, wait_until, Message, SubOptions, Subscriber};
 use cspine_triage::alert::{AlertConfig, Alerts, Committed, StatusInfo};
 use cspine_triage::result::{
     InterpolatedGaps, KeySlice, ModelInfo, PatientResult, ResultMessage, Status, Timings,
@@ -53,14 +53,6 @@ fn require(tool: &str) {
             .unwrap_or(false)
     };
     assert!(found, "{tool} is required for this test (apt-get install mosquitto mosquitto-clients openssl python3-paho-mqtt python3-jsonschema)");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A mosquitto process with a generated config; killed on drop.

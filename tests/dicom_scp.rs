@@ -41,11 +41,7 @@ impl Daemon {
         }
         // The rest of the daemon runs too (model, outbox, embedded broker on a free port);
         // series never complete here, so the spool holds exactly what was acknowledged.
-        let broker_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let broker_port = common::free_port();
         toml.push_str(&format!(
             "\n[series]\nquiet_period_secs = 3600.0\nmax_wait_secs = 7200.0\n\
              \n[inference]\nmodel = \"{}\"\n\

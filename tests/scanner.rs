@@ -45,12 +45,15 @@ fn send(port: u16, files: &[PathBuf], extra: &[&str]) -> Vec<i64> {
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(files.iter().map(|f| f.display().to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    scanner(&refs)["statuses"]
+    let reply = scanner(&refs);
+    let statuses: Vec<i64> = reply["statuses"]
         .as_array()
         .expect("statuses")
         .iter()
         .map(|s| s.as_i64().unwrap())
-        .collect()
+        .collect();
+    assert!(!statuses.is_empty(), "scanner.py send: {reply}");
+    statuses
 }
 
 fn assert_all_success(statuses: &[i64], what: &str, daemon: &Proc) {

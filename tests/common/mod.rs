@@ -22,13 +22,27 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, never handed out twice by this process.
+///
+/// Taken below the kernel's ephemeral range (32768 and up), from a window that depends on
+/// the process id: a port the kernel chose (`bind(0)`, or the source port of any client
+/// connection) can be handed to the next caller the moment it is closed, so two daemons,
+/// brokers or PACS of tests running in parallel could be given the same port, and a test
+/// would then talk to another test's peer.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral loopback port")
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(613);
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + base.wrapping_add(n) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Fails the test with a clear message when a peer tool is missing (CI installs them all).
