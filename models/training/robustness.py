@@ -62,7 +62,7 @@ def rotated_input(vol: pp.Volume, rot: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pp.stack_channels(pp.window(hu)))
 
 
-MAX_GAP_SLICES = 2  # as src/inference/postprocess.rs
+MAX_GAP_SLICES = 2  # as src/inference/postprocess/segmentation.rs
 
 
 def vertebra_runs(labels: np.ndarray, min_pixels: int) -> list:
