@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use crate::heartbeat::Heartbeat;
 
 use crate::result::{ResultMessage, TriageResult};
-use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
+use crate::series::{CtVolume, FailReason, Feedback, SeriesMeta, SeriesOutcome};
 use contract::VERTEBRAE;
 pub use dequantize::GraphChoice;
 pub use engine::RuntimeChoice;
@@ -416,16 +416,18 @@ impl Pipeline {
                     },
                     a.early_rejection,
                 ),
-                Err(e) => {
+                Err(cause) => {
                     log::error!(
-                        "inference failed for series {}: {e:#}",
+                        "inference failed for series {}: {cause:#}",
                         volume.meta.series_instance_uid
                     );
-                    let reason = format!("inference failed: {e:#}");
-                    (self.failed(&volume.meta, &reason), Some(reason))
+                    let reason = FailReason::Inference { cause };
+                    (self.failed(&volume.meta, &reason), Some(reason.to_string()))
                 }
             },
-            SeriesOutcome::Failed { meta, reason } => (self.failed(&meta, &reason), Some(reason)),
+            SeriesOutcome::Failed { meta, reason } => {
+                (self.failed(&meta, &reason), Some(reason.to_string()))
+            }
         };
         match rejection {
             Some(reason) if early && !early_accept_forced() => {
@@ -435,9 +437,9 @@ impl Pipeline {
         }
     }
 
-    fn failed(&self, meta: &SeriesMeta, reason: &str) -> ResultMessage {
+    fn failed(&self, meta: &SeriesMeta, reason: &FailReason) -> ResultMessage {
         ResultMessage {
-            result: postprocess::failed_result(meta, &self.run_info(), reason),
+            result: postprocess::failed_result(meta, &self.run_info(), &reason.to_string()),
             patient_id: meta.patient_id.clone(),
             key_image_png: None,
             sop_instance_uids: meta.sop_instance_uids.clone(),
