@@ -7,12 +7,13 @@
 //! ([`Heartbeat::recv`] does both), while it waits on a full channel downstream
 //! ([`Heartbeat::send`]) and while it retries ([`Heartbeat::wait_for`]).
 //!
-//! Fault injection for tests: `CSPINE_FAULT_STALL=inference` (comma-separated stage
-//! names, read once) makes that stage block forever, without beating, the first time it
-//! reaches [`Heartbeat::fault_stall_point`] (top of its loop). Production units never set it.
+//! Fault injection for tests: a stage made with [`Heartbeat::with_fault_stall`] (`serve`
+//! does so for the stages that `CSPINE_FAULT_STALL` names, [`crate::test_hooks`]) blocks
+//! forever, without beating, the first time it reaches [`Heartbeat::fault_stall_point`]
+//! (top of its loop). Production units never set it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -24,6 +25,8 @@ pub(crate) struct Stage {
     pub(crate) last_beat_ms: AtomicU64,
     /// A stage that ended on purpose (shutdown) is no longer watched.
     pub(crate) finished: AtomicBool,
+    /// Test hook: the stage stalls at [`Heartbeat::fault_stall_point`].
+    fault_stall: bool,
 }
 
 /// A stage's handle for reporting progress. Clone it into the stage's tasks.
@@ -38,12 +41,24 @@ impl Heartbeat {
     /// since `epoch`; a registry that watches several stages gives them all its epoch and
     /// keeps [`Heartbeat::stage_handle`] to read the beats.
     pub fn new(name: &'static str, allowed_stall: Duration, epoch: Instant) -> Heartbeat {
+        Heartbeat::with_fault_stall(name, allowed_stall, epoch, false)
+    }
+
+    /// As [`Heartbeat::new`]; with `fault_stall` (a test hook, `CSPINE_FAULT_STALL`), the
+    /// stage stalls at its [`Heartbeat::fault_stall_point`].
+    pub fn with_fault_stall(
+        name: &'static str,
+        allowed_stall: Duration,
+        epoch: Instant,
+        fault_stall: bool,
+    ) -> Heartbeat {
         let heartbeat = Heartbeat {
             stage: Arc::new(Stage {
                 name,
                 allowed_stall,
                 last_beat_ms: AtomicU64::new(0),
                 finished: AtomicBool::new(false),
+                fault_stall,
             }),
             epoch,
         };
@@ -142,13 +157,14 @@ impl Heartbeat {
         }
     }
 
-    /// Fault-injection point: if `CSPINE_FAULT_STALL` names this stage, block this task
-    /// forever without beating (a simulated hung stage, for the watchdog test).
+    /// Fault-injection point: if this stage was made to stall
+    /// ([`Heartbeat::with_fault_stall`]), block this task forever without beating (a
+    /// simulated hung stage, for the watchdog test).
     /// Call it at the top of the stage's loop, before waiting for input, so that the
     /// stage hangs right after start-up and the test needs no study:
     /// `loop { beat.fault_stall_point().await; let Some(x) = beat.recv(&mut rx).await ... }`.
     pub async fn fault_stall_point(&self) {
-        if fault_stall_requested(self.stage.name) {
+        if self.stage.fault_stall {
             log::warn!(
                 "CSPINE_FAULT_STALL: stage {} now stalls forever (fault injection)",
                 self.stage.name
@@ -156,25 +172,6 @@ impl Heartbeat {
             std::future::pending::<()>().await;
         }
     }
-}
-
-/// Whether `CSPINE_FAULT_STALL` (comma-separated stage names, read once at first use)
-/// asks `stage` to stall. For tests only.
-pub fn fault_stall_requested(stage: &str) -> bool {
-    static STALLED: OnceLock<Vec<String>> = OnceLock::new();
-    STALLED
-        .get_or_init(|| parse_stage_list(&std::env::var("CSPINE_FAULT_STALL").unwrap_or_default()))
-        .iter()
-        .any(|s| s == stage)
-}
-
-fn parse_stage_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
 }
 
 pub(crate) fn millis_since(epoch: Instant, now: Instant) -> u64 {
@@ -185,13 +182,15 @@ pub(crate) fn millis_since(epoch: Instant, now: Instant) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fault_stall_list_parsing() {
-        assert_eq!(parse_stage_list(""), Vec::<String>::new());
-        assert_eq!(
-            parse_stage_list(" inference, series ,"),
-            ["inference", "series"]
-        );
+    #[tokio::test]
+    async fn only_a_stage_made_to_stall_stalls_at_its_fault_point() {
+        let epoch = Instant::now();
+        let healthy = Heartbeat::new("pacs", Duration::from_secs(3), epoch);
+        healthy.fault_stall_point().await;
+        let stalled = Heartbeat::with_fault_stall("pacs", Duration::from_secs(3), epoch, true);
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), stalled.fault_stall_point()).await;
+        assert!(waited.is_err(), "the stage should stall");
     }
 
     #[test]

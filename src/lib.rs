@@ -7,6 +7,7 @@
 //! [`heartbeat`] (below every stage) is how a stage tells the watchdog it is alive;
 //! [`report`] holds the DICOM result objects and [`pacs`] delivers them to PACS by C-STORE;
 //! [`synth`] generates the synthetic CT phantoms used for training, tests and the demo.
+//! [`test_hooks`] are the switches only tests set, read once by `serve` and handed down.
 
 pub mod alert;
 pub mod config;
@@ -21,3 +22,4 @@ pub mod result;
 pub mod series;
 pub mod service;
 pub mod synth;
+pub mod test_hooks;

@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 
 use cspine_triage::dicom::StoredInstance;
 use cspine_triage::series::{
-    load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, CtVolume,
-    InPlaneWindow, InstanceHeader, Rejection, SeriesOutcome, SkipReason, StudyCandidates,
-    VolumeLimits, VolumeWindow,
+    load_series_from_paths, load_series_report, run_assembler, volume, AssemblyConfig, BuildError,
+    CtVolume, FailReason, InPlaneWindow, InstanceHeader, Rejection, SeriesOutcome, SkipReason,
+    StudyCandidates, VolumeError, VolumeLimits, VolumeWindow,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -75,7 +75,7 @@ fn single_volume(outcomes: Vec<SeriesOutcome>) -> Box<CtVolume> {
     }
 }
 
-fn single_failure(outcomes: Vec<SeriesOutcome>) -> String {
+fn single_failure(outcomes: Vec<SeriesOutcome>) -> FailReason {
     assert_eq!(outcomes.len(), 1, "expected one outcome");
     match outcomes.into_iter().next().unwrap() {
         SeriesOutcome::Volume(_) => panic!("series should have failed"),
@@ -157,12 +157,18 @@ fn a_windowed_volume_keeps_exactly_its_window_of_every_slice() {
 #[test]
 fn missing_slice_fails_with_a_gap_reason() {
     let reason = single_failure(load_series_from_paths(&[case("gap")]).unwrap());
-    assert!(reason.contains("gap"), "{reason}");
     let after = fixtures().1["gap"]["missing_after"].as_str().unwrap();
-    assert!(
-        reason.contains(after),
-        "reason should name the slice before the gap: {reason}"
-    );
+    match &reason {
+        FailReason::Build {
+            error: BuildError::Volume(VolumeError::Gap { before, .. }),
+            fallbacks,
+        } => {
+            assert_eq!(before, after, "the reason names the slice before the gap");
+            assert!(fallbacks.is_empty(), "{reason}");
+        }
+        other => panic!("not a gap: {other}"),
+    }
+    assert!(reason.to_string().contains("gap"), "{reason}");
 }
 
 #[test]
@@ -203,17 +209,32 @@ fn a_thin_series_with_one_slice_missing_builds_and_reports_the_interpolated_gap(
         .into_iter()
         .map(|s| s.build_within(None, &strict))
         .collect();
-    let reason = single_failure(outcomes);
-    assert!(
-        reason.contains("gap") && reason.contains(&uid("before")),
-        "{reason}"
-    );
+    match single_failure(outcomes) {
+        FailReason::Build {
+            error: BuildError::Volume(VolumeError::Gap { before, .. }),
+            ..
+        } => assert_eq!(before, uid("before")),
+        other => panic!("not a gap: {other}"),
+    }
 }
 
 #[test]
 fn mixed_orientation_fails() {
     let reason = single_failure(load_series_from_paths(&[case("mixed_orientation")]).unwrap());
-    assert!(reason.contains("inconsistent orientation"), "{reason}");
+    assert!(
+        matches!(
+            reason,
+            FailReason::Build {
+                error: BuildError::Headers(_),
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(
+        reason.to_string().contains("inconsistent orientation"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -442,7 +463,17 @@ async fn assembler_task_emits_the_chosen_series_of_each_study() {
     expected.sort();
     assert_eq!(volumes, expected);
     assert_eq!(failures.len(), 1);
-    assert!(failures[0].1.contains("gap"), "{}", failures[0].1);
+    assert!(
+        matches!(
+            failures[0].1,
+            FailReason::Build {
+                error: BuildError::Volume(VolumeError::Gap { .. }),
+                ..
+            }
+        ),
+        "{:?}",
+        failures[0].1
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{GraphChoice, InferenceConfig, Pipeline, RuntimeChoice};
 use crate::result::{Status, TriageResult};
-use crate::series::SeriesOutcome;
+use crate::series::{FailReason, SeriesOutcome};
 
 #[derive(Debug, clap::Args)]
 pub struct InferArgs {
@@ -146,10 +146,10 @@ pub fn run(args: &InferArgs) -> Result<()> {
                     );
                     (a.result, a.key_image_png, timing)
                 }
-                Err(e) => {
+                Err(cause) => {
                     let m = pipeline.process(SeriesOutcome::Failed {
                         meta: volume.meta.clone(),
-                        reason: format!("inference failed: {e:#}"),
+                        reason: FailReason::Inference { cause },
                     });
                     (m.result, None, String::new())
                 }

@@ -34,7 +34,8 @@ use tokio::sync::mpsc;
 use crate::heartbeat::Heartbeat;
 
 use crate::result::{ResultMessage, TriageResult};
-use crate::series::{CtVolume, Feedback, SeriesMeta, SeriesOutcome};
+use crate::series::{CtVolume, FailReason, Feedback, SeriesMeta, SeriesOutcome};
+use crate::test_hooks::TestHooks;
 use contract::VERTEBRAE;
 pub use dequantize::GraphChoice;
 pub use engine::RuntimeChoice;
@@ -192,24 +193,6 @@ pub enum Processed {
     },
 }
 
-/// Test hook: `CSPINE_TEST_EARLY_ACCEPT=1` publishes every early analysis of the
-/// anatomy-coverage trigger whatever the coverage check says, so that tests can exercise
-/// the trigger's plumbing whatever the model finds in a partial slab. Production units
-/// never set it.
-fn early_accept_forced() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| {
-        let forced = std::env::var("CSPINE_TEST_EARLY_ACCEPT").is_ok_and(|v| v == "1");
-        if forced {
-            log::warn!(
-                "CSPINE_TEST_EARLY_ACCEPT=1: every early analysis is published, coverage \
-                 check or not (test hook)"
-            );
-        }
-        forced
-    })
-}
-
 /// The engine plus the thresholds in effect: loaded once, used for every series.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -217,6 +200,9 @@ pub struct Pipeline {
     pub thresholds: Thresholds,
     /// Private: only [`Pipeline::ignoring_envelope`] (the `infer` CLI) relaxes it.
     envelope_policy: EnvelopePolicy,
+    /// Test hook (`CSPINE_TEST_EARLY_ACCEPT`, [`Pipeline::with_test_hooks`]): every early
+    /// analysis is published, coverage check or not.
+    early_accept: bool,
 }
 
 impl Pipeline {
@@ -232,7 +218,19 @@ impl Pipeline {
             engine,
             thresholds,
             envelope_policy: EnvelopePolicy::Enforce,
+            early_accept: false,
         })
+    }
+
+    /// This pipeline under the test hooks `serve` read ([`TestHooks::early_accept`]:
+    /// early analyses published whatever the coverage check says, so that tests can
+    /// exercise the anatomy-coverage trigger's plumbing whatever the model finds in a
+    /// partial slab).
+    pub fn with_test_hooks(self, hooks: &TestHooks) -> Pipeline {
+        Pipeline {
+            early_accept: hooks.early_accept,
+            ..self
+        }
     }
 
     /// This pipeline analysing series outside the model's acquisition envelope instead of
@@ -416,28 +414,28 @@ impl Pipeline {
                     },
                     a.early_rejection,
                 ),
-                Err(e) => {
+                Err(cause) => {
                     log::error!(
-                        "inference failed for series {}: {e:#}",
+                        "inference failed for series {}: {cause:#}",
                         volume.meta.series_instance_uid
                     );
-                    let reason = format!("inference failed: {e:#}");
-                    (self.failed(&volume.meta, &reason), Some(reason))
+                    let reason = FailReason::Inference { cause };
+                    (self.failed(&volume.meta, &reason), Some(reason.to_string()))
                 }
             },
-            SeriesOutcome::Failed { meta, reason } => (self.failed(&meta, &reason), Some(reason)),
+            SeriesOutcome::Failed { meta, reason } => {
+                (self.failed(&meta, &reason), Some(reason.to_string()))
+            }
         };
         match rejection {
-            Some(reason) if early && !early_accept_forced() => {
-                Processed::Withhold { message, reason }
-            }
+            Some(reason) if early && !self.early_accept => Processed::Withhold { message, reason },
             _ => Processed::Publish(message),
         }
     }
 
-    fn failed(&self, meta: &SeriesMeta, reason: &str) -> ResultMessage {
+    fn failed(&self, meta: &SeriesMeta, reason: &FailReason) -> ResultMessage {
         ResultMessage {
-            result: postprocess::failed_result(meta, &self.run_info(), reason),
+            result: postprocess::failed_result(meta, &self.run_info(), &reason.to_string()),
             patient_id: meta.patient_id.clone(),
             key_image_png: None,
             sop_instance_uids: meta.sop_instance_uids.clone(),
@@ -458,7 +456,8 @@ pub async fn run_inference(
     feedback: Option<mpsc::UnboundedSender<Feedback>>,
 ) -> Result<()> {
     loop {
-        // Test hook (CSPINE_FAULT_STALL=inference): a stage stuck before its next input.
+        // Test hook (CSPINE_FAULT_STALL=inference, `crate::test_hooks`): a stage stuck
+        // before its next input.
         heartbeat.fault_stall_point().await;
         let Some(outcome) = heartbeat.recv(&mut rx).await else {
             break;

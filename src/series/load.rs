@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 
 use super::header::InstanceHeader;
 use super::selection::{selection, Skip, StudySelection};
-use super::volume::{build_volume_within, meta_from_header, VolumeLimits};
-use super::{SeriesMeta, SeriesOutcome, VolumeWindow};
+use super::volume::{build_volume_within, meta_from_header, BuildError, VolumeLimits};
+use super::{FailReason, FallbackFailure, SeriesMeta, SeriesOutcome, VolumeWindow};
 
 /// Everything offline loading decided before decoding any pixel.
 #[derive(Debug, Default)]
@@ -141,13 +141,14 @@ fn choose_series(
 }
 
 /// Builds the first candidate series that can be built (best first). When none can, the
-/// outcome is the failure of the best one, with the fallbacks' reasons appended.
+/// outcome is the failure of the best one, with the fallbacks' errors
+/// ([`FailReason::Build`]).
 pub fn build_best(
     ranked: Vec<(SeriesMeta, Vec<InstanceHeader>)>,
     window: Option<&VolumeWindow>,
     limits: &VolumeLimits,
 ) -> SeriesOutcome {
-    let mut failures: Vec<(SeriesMeta, String)> = Vec::new();
+    let mut failures: Vec<(SeriesMeta, BuildError)> = Vec::new();
     for (mut meta, headers) in ranked {
         // Also for a failure: its result names the instances it was built from.
         meta.set_instances(&headers);
@@ -155,15 +156,15 @@ pub fn build_best(
             Ok(mut volume) => {
                 volume.meta.failed_better = failures
                     .iter()
-                    .map(|(m, reason)| super::FailedSeries {
+                    .map(|(m, error)| super::FailedSeries {
                         series_instance_uid: m.series_instance_uid.clone(),
                         sop_instance_uids: m.sop_instance_uids.clone(),
-                        reason: reason.clone(),
+                        reason: error.to_string(),
                     })
                     .collect();
-                if let Some((best, reason)) = failures.first() {
+                if let Some((best, error)) = failures.first() {
                     log::warn!(
-                        "series {} of study {} could not be built ({reason}): analysing fallback series {}",
+                        "series {} of study {} could not be built ({error}): analysing fallback series {}",
                         best.series_instance_uid,
                         best.study_instance_uid,
                         meta.series_instance_uid
@@ -171,22 +172,25 @@ pub fn build_best(
                 }
                 return SeriesOutcome::Volume(Box::new(volume));
             }
-            Err(e) => failures.push((meta, format!("{e:#}"))),
+            Err(e) => failures.push((meta, e)),
         }
     }
     let mut failures = failures.into_iter();
-    let Some((meta, mut reason)) = failures.next() else {
+    let Some((meta, error)) = failures.next() else {
         return SeriesOutcome::Failed {
             meta: SeriesMeta::default(),
-            reason: "no series to build".into(),
+            reason: FailReason::NoSeries,
         };
     };
-    for (fallback, why) in failures {
-        reason.push_str(&format!(
-            "; fallback series {} failed too: {why}",
-            fallback.series_instance_uid
-        ));
-    }
+    let reason = FailReason::Build {
+        error,
+        fallbacks: failures
+            .map(|(fallback, error)| FallbackFailure {
+                series_instance_uid: fallback.series_instance_uid,
+                error,
+            })
+            .collect(),
+    };
     log::warn!(
         "series {} of study {} failed: {reason}",
         meta.series_instance_uid,

@@ -7,10 +7,12 @@
 //! - [`selection`]: which instances and series are analysed, and why not.
 //! - [`plan`]: a series' slices validated and sorted from their headers, within limits.
 //! - [`volume`]: validated, sorted HU volume of one series, decoded one file at a time.
+//! - [`failure`]: why a series analysis failed ([`FailReason`]).
 //! - [`source`]: the patient, study and instances result objects copy and reference.
 //! - [`load`]: offline entry point, files or folders -> outcomes (`infer`).
 
 pub mod assembler;
+pub mod failure;
 pub mod header;
 pub mod key;
 pub mod load;
@@ -20,12 +22,13 @@ pub mod source;
 pub mod volume;
 
 pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
+pub use failure::{FailReason, FallbackFailure};
 pub use header::InstanceHeader;
 pub use key::SeriesKey;
 pub use load::{load_series_from_paths, load_series_report, LoadReport, StudyCandidates};
 pub use selection::{Rejection, Skip, SkipReason};
 pub use source::SourceStudy;
-pub use volume::{build_volume, build_volume_within, VolumeError, VolumeLimits};
+pub use volume::{build_volume, build_volume_within, BuildError, VolumeError, VolumeLimits};
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -478,7 +481,10 @@ pub enum SeriesOutcome {
     /// A complete, consistent axial CT series.
     Volume(Box<CtVolume>),
     /// A candidate series that could not be built; published as a `failed` result.
-    Failed { meta: SeriesMeta, reason: String },
+    Failed {
+        meta: SeriesMeta,
+        reason: FailReason,
+    },
 }
 
 impl selection::Skip {
@@ -507,7 +513,7 @@ impl SeriesOutcome {
                 study_instance_uid: meta.study_instance_uid.clone(),
                 series_instance_uid: meta.series_instance_uid.clone(),
                 instances: meta.sop_instance_uids.len(),
-                reason: reason.clone(),
+                reason: reason.to_string(),
             },
         }
     }

@@ -75,9 +75,9 @@ impl Default for VolumeLimits {
     }
 }
 
-/// Why a series' volume is refused on its headers alone: the reason of a
-/// [`super::SeriesOutcome::Failed`] is its text. Callers can tell the kind with
-/// `anyhow::Error::downcast_ref::<VolumeError>()`.
+/// Why a series' volume is refused on its headers alone. [`plan_volume`] returns it
+/// inside its `anyhow::Error` (`downcast_ref::<VolumeError>()` tells it);
+/// [`super::build_volume_within`] returns it as [`super::BuildError::Volume`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum VolumeError {
     #[error("series has {slices} slices, more than the {max} allowed (series.max_slices)")]

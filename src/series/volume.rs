@@ -33,10 +33,64 @@ use super::{CtVolume, InPlaneWindow, SeriesMeta, SliceInfo, VolumeWindow};
 /// HU written for pixels flagged by (0028,0120) Pixel Padding Value: air.
 pub const PADDING_HU: i16 = -1024;
 
+/// Why a series' volume could not be built ([`build_volume_within`]): the reason of a
+/// [`super::FailReason::Build`]. [`std::fmt::Display`] is the whole text, causes
+/// included (the `reason` a `failed` result publishes), so no variant has a
+/// [`std::error::Error::source`] that a reporter would print again.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Refused on the headers' numbers alone: too many slices, too many bytes, a gap too
+    /// wide to interpolate.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// The slices' headers do not make one volume ([`plan_volume`]): a tag missing,
+    /// inconsistent orientation, spacing or matrix, a sheared stack, duplicate or
+    /// irregular positions. The text names the slice at fault.
+    #[error("{0:#}")]
+    Headers(anyhow::Error),
+    /// The [`VolumeWindow`] chose a window of another matrix than the series' (a bug in
+    /// the chooser, not in the data).
+    #[error(
+        "window of a {window:?} matrix chosen for a {}x{} series",
+        .matrix[0],
+        .matrix[1]
+    )]
+    WindowMismatch {
+        window: [usize; 2],
+        matrix: [usize; 2],
+    },
+    /// The voxel buffer, within the limits, could not be allocated.
+    #[error("cannot allocate {} MiB for the volume: {cause}", .bytes >> 20)]
+    Allocation {
+        bytes: u64,
+        cause: std::collections::TryReserveError,
+    },
+    /// A slice could not be read or decoded (or does not decode to what its header says).
+    #[error("cannot decode slice {sop_instance_uid} ({}): {cause:#}", .path.display())]
+    Decode {
+        sop_instance_uid: String,
+        path: std::path::PathBuf,
+        cause: anyhow::Error,
+    },
+}
+
+impl BuildError {
+    /// A [`plan_volume`] error: its [`VolumeError`] if it is one, else the headers'.
+    fn of_plan(e: anyhow::Error) -> BuildError {
+        match e.downcast::<VolumeError>() {
+            Ok(v) => BuildError::Volume(v),
+            Err(e) => BuildError::Headers(e),
+        }
+    }
+}
+
 /// Builds the whole volume of one series within the default [`VolumeLimits`]. Every
-/// error is a reason for [`super::SeriesOutcome::Failed`]; it names the slice (SOP
-/// Instance UID) at fault.
-pub fn build_volume(headers: Vec<InstanceHeader>, meta: SeriesMeta) -> Result<CtVolume> {
+/// error is the reason of a [`super::SeriesOutcome::Failed`] ([`super::FailReason::Build`]);
+/// it names the slice (SOP Instance UID) at fault.
+pub fn build_volume(
+    headers: Vec<InstanceHeader>,
+    meta: SeriesMeta,
+) -> Result<CtVolume, BuildError> {
     build_volume_within(headers, meta, None, &VolumeLimits::default())
 }
 
@@ -49,18 +103,19 @@ pub fn build_volume_within(
     mut meta: SeriesMeta,
     window: Option<&VolumeWindow>,
     limits: &VolumeLimits,
-) -> Result<CtVolume> {
-    let plan = plan_volume(headers, limits)?;
+) -> Result<CtVolume, BuildError> {
+    let plan = plan_volume(headers, limits).map_err(BuildError::of_plan)?;
     let [n, rows, cols] = plan.dims;
     let full = InPlaneWindow::full(rows, cols);
     let window = match window {
         Some(choose) => {
             let w = (choose.0)(&plan);
-            ensure!(
-                w.matrix() == [rows, cols],
-                "window of a {:?} matrix chosen for a {rows}x{cols} series",
-                w.matrix()
-            );
+            if w.matrix() != [rows, cols] {
+                return Err(BuildError::WindowMismatch {
+                    window: w.matrix(),
+                    matrix: [rows, cols],
+                });
+            }
             w
         }
         None => full.clone(),
@@ -86,7 +141,7 @@ pub fn build_volume_within(
     let mut voxels: Vec<i16> = Vec::new();
     voxels
         .try_reserve_exact(len)
-        .with_context(|| format!("cannot allocate {} MiB for the volume", bytes >> 20))?;
+        .map_err(|cause| BuildError::Allocation { bytes, cause })?;
     voxels.resize(len, 0);
     // A whole volume is decoded straight into its slots; a windowed one through one slice.
     let whole = window == full;
@@ -114,12 +169,10 @@ pub fn build_volume_within(
                 }
             })
         };
-        decoded.with_context(|| {
-            format!(
-                "cannot decode slice {} ({})",
-                header.sop_instance_uid,
-                header.path.display()
-            )
+        decoded.map_err(|cause| BuildError::Decode {
+            sop_instance_uid: header.sop_instance_uid.clone(),
+            path: header.path.clone(),
+            cause,
         })?;
     }
     let slices = plan
@@ -338,7 +391,15 @@ pub fn meta_from_header(h: &InstanceHeader) -> SeriesMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::series::plan::tests::{regular, slice, volume_error};
+    use crate::series::plan::tests::{regular, slice};
+
+    /// The [`VolumeError`] a build was refused with.
+    fn volume_error<T: std::fmt::Debug>(result: Result<T, BuildError>) -> VolumeError {
+        match result.expect_err("should be refused") {
+            BuildError::Volume(e) => e,
+            other => panic!("not a VolumeError: {other:?}"),
+        }
+    }
 
     /// `tests/fixtures/fuzz/series_slice-rle-short-segment.bin` (a `series_slice` fuzz
     /// input: selector byte, then the data set) as the spool stores it.
@@ -369,14 +430,18 @@ mod tests {
         assert!(err.contains("the pixel data decoder panicked"), "{err}");
         // Through the daemon's entry point: a failed series with that reason.
         let header = InstanceHeader::read(&path).unwrap();
-        let err = format!(
-            "{:#}",
-            build_volume(vec![header], SeriesMeta::default()).unwrap_err()
-        );
-        assert!(
-            err.contains("cannot decode slice") && err.contains("panicked"),
-            "{err}"
-        );
+        let sop = header.sop_instance_uid.clone();
+        match build_volume(vec![header], SeriesMeta::default()).unwrap_err() {
+            BuildError::Decode {
+                sop_instance_uid,
+                cause,
+                ..
+            } => {
+                assert_eq!(sop_instance_uid, sop);
+                assert!(format!("{cause:#}").contains("panicked"), "{cause:#}");
+            }
+            other => panic!("not a decode error: {other:?}"),
+        }
     }
 
     #[test]
@@ -442,11 +507,7 @@ mod tests {
             &VolumeLimits::default(),
         )
         .unwrap_err();
-        assert!(err.downcast_ref::<VolumeError>().is_none(), "{err:#}");
-        assert!(
-            format!("{err:#}").contains("cannot decode slice"),
-            "{err:#}"
-        );
+        assert!(matches!(err, BuildError::Decode { .. }), "{err:?}");
         // ... and refused under a lower limit.
         let limits = VolumeLimits {
             max_volume_bytes: 4 << 20,

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::dicom::{spool, Scp};
 use crate::inference::Pipeline;
 use crate::series::{Feedback, SpoolLinks};
+use crate::test_hooks::TestHooks;
 
 /// Instances waiting for the assembler: enough for a burst of several scanners.
 const INSTANCE_QUEUE: usize = 1024;
@@ -54,11 +55,15 @@ pub fn serve(config: Config) -> Result<()> {
 }
 
 async fn run(config: Config) -> Result<()> {
+    // Read once, here only; the stages get what they use.
+    let hooks = TestHooks::from_env();
+    hooks.warn_if_set();
     // Start-up order: everything that can fail fails before READY=1, and the DICOM port
     // opens last, so no scanner is told Success by a daemon that cannot analyse or publish.
     let pipeline = tokio::task::spawn_blocking({
         let config = config.inference.clone();
-        move || Pipeline::load(&config)
+        let hooks = hooks.clone();
+        move || Pipeline::load(&config).map(|p| p.with_test_hooks(&hooks))
     })
     .await
     .context("model loading panicked")??;
@@ -160,7 +165,7 @@ async fn run(config: Config) -> Result<()> {
         config.dicom.spool_dir.display()
     );
 
-    let health = Health::new(config.service.stall_secs.clone());
+    let health = Health::with_fault_stall(config.service.stall_secs.clone(), hooks.stall);
     let (instance_tx, instance_rx) = mpsc::channel(INSTANCE_QUEUE);
     let (volume_tx, volume_rx) = mpsc::channel(VOLUME_QUEUE);
     let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);

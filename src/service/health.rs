@@ -13,9 +13,11 @@
 //! stages) for `systemctl status`.
 //!
 //! Fault injection for tests (`CSPINE_FAULT_STALL`, [`Heartbeat::fault_stall_point`]) is
-//! described in [`crate::heartbeat`].
+//! described in [`crate::test_hooks`]: `serve` hands the stages to stall to
+//! [`Health::with_fault_stall`].
 //!
-//! Wiring, in `serve`: `let health = Health::new(config.service.stall_secs.clone())`;
+//! Wiring, in `serve`: `let health = Health::with_fault_stall(stall_secs, hooks.stall)`
+//! (the `[service.stall_secs]` section; [`Health::new`] where no stage is to stall);
 //! each stage gets `health.register("inference")` etc.; after the port is bound, the model
 //! loaded and the outbox open, `notify::ready()` and `tokio::spawn(run_watchdog(health))`;
 //! on SIGTERM `notify::stopping()`.
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::notify;
 use crate::heartbeat::{millis_since, Heartbeat, Stage};
+use crate::test_hooks::StageSet;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +99,8 @@ struct Inner {
     /// Heartbeats are stored as milliseconds since this instant (an atomic store per beat).
     epoch: Instant,
     stall: StallSecs,
+    /// Test hook: stages registered under these names stall on purpose.
+    fault_stall: StageSet,
     stages: Mutex<Vec<Arc<Stage>>>,
     queued: AtomicUsize,
     last_result: Mutex<Option<String>>,
@@ -122,11 +127,19 @@ impl std::fmt::Display for StuckStage {
 }
 
 impl Health {
+    /// A registry with the stall times of `stall`.
     pub fn new(stall: StallSecs) -> Health {
+        Health::with_fault_stall(stall, StageSet::default())
+    }
+
+    /// As [`Health::new`]; the stages registered under a name in `fault_stall` (a test
+    /// hook, `CSPINE_FAULT_STALL`; empty in production) stall on purpose.
+    pub fn with_fault_stall(stall: StallSecs, fault_stall: StageSet) -> Health {
         Health {
             inner: Arc::new(Inner {
                 epoch: Instant::now(),
                 stall,
+                fault_stall,
                 stages: Mutex::new(Vec::new()),
                 queued: AtomicUsize::new(0),
                 last_result: Mutex::new(None),
@@ -143,7 +156,12 @@ impl Health {
 
     /// Registers a stage with an explicit allowed stall time.
     pub fn register_with(&self, name: &'static str, allowed_stall: Duration) -> Heartbeat {
-        let heartbeat = Heartbeat::new(name, allowed_stall, self.inner.epoch);
+        let heartbeat = Heartbeat::with_fault_stall(
+            name,
+            allowed_stall,
+            self.inner.epoch,
+            self.inner.fault_stall.contains(name),
+        );
         lock(&self.inner.stages).push(heartbeat.stage_handle());
         heartbeat
     }

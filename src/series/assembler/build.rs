@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::job::SeriesJob;
 use crate::series::load::build_best;
-use crate::series::{SeriesKey, SeriesOutcome, VolumeLimits, VolumeWindow};
+use crate::series::{FailReason, SeriesKey, SeriesOutcome, VolumeLimits, VolumeWindow};
 
 /// Builds the volume of a job, or of its first fallback that can be built (blocking:
 /// decodes every file); `window` and `limits` as in [`super::build_volume_within`].
@@ -60,11 +60,10 @@ pub(super) fn build_recorded(
             let mut meta = job.meta;
             meta.completed = Some(OffsetDateTime::now_utc());
             meta.set_instances(&job.instances);
-            let reason = format!(
-                "the daemon stopped {earlier} times while building this series (out of memory?): \
-                 not built again (series.max_build_attempts = {})",
-                a.max
-            );
+            let reason = FailReason::NotBuiltAgain {
+                stops: earlier,
+                max_attempts: a.max,
+            };
             log::error!(
                 "series {} of study {study}: {reason}",
                 series.escape_debug()
