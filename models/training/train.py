@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import preprocess as pp
 
+from augment import randomise_slices, randomise_window
 from data import FRACTURE_TARGETS, Study, load_dataset
 from metrics import summary
 from model import N_VERT, TriageNet, add_frac_branch, load_checkpoint, save_checkpoint, with_layout
@@ -79,14 +80,18 @@ def level_loss(level_logits: torch.Tensor, seg: np.ndarray) -> torch.Tensor | No
     return F.cross_entropy(level_logits, target, ignore_index=-1)
 
 
-def random_pose(rng: random.Random, max_deg: tuple) -> np.ndarray | None:
+def random_pose(rng: random.Random, max_deg: tuple, scale_range: float = 0.0) -> np.ndarray | None:
     """A rotation (3x3, acting on LPS mm) by up to `max_deg` = (about z, about y, about x)
-    degrees, uniform in each; None when all three are 0."""
-    if not any(max_deg):
+    degrees, uniform in each, then, with `scale_range` R > 0, a patient size: the window
+    shows 1 +- R times the extent in-plane and, drawn apart, along z. None when all are 0."""
+    if not any(max_deg) and not scale_range:
         return None
     r = np.eye(3)
     for axis, m in zip("zyx", max_deg):
         r = r @ axis_rotation(axis, rng.uniform(-m, m))
+    if scale_range:
+        s_plane = rng.uniform(1 - scale_range, 1 + scale_range)
+        r = r @ np.diag([s_plane, s_plane, rng.uniform(1 - scale_range, 1 + scale_range)])
     return r
 
 
@@ -98,7 +103,8 @@ def posed_window(st: Study, lo: int, hi: int, rot: np.ndarray):
     s = st.v.shape[0]
     dz, dr, dc = pp.DZ, pp.DR, pp.DC
     # How far (in slices) a rotated point of the window can reach beyond it along z.
-    reach = int(np.ceil((abs(rot[2, 0]) * pp.W / 2 * dc + abs(rot[2, 1]) * pp.H / 2 * dr) / dz)) + 2
+    reach = int(np.ceil((abs(rot[2, 0]) * pp.W / 2 * dc + abs(rot[2, 1]) * pp.H / 2 * dr) / dz
+                        + max(0.0, abs(rot[2, 2]) - 1) * (hi - lo + 2) / 2)) + 2
     a, b = max(0, lo - 1 - reach), min(s, hi + 1 + reach)
     kc = (lo + hi - 1) / 2
 
@@ -199,10 +205,10 @@ def coarse_window(x: torch.Tensor, seg: np.ndarray | None, frac: np.ndarray | No
     return x, seg, frac
 
 
-def crack_slices(cracked: list[Study], k: int, rng: random.Random):
+def crack_slices(cracked: list[Study], k: int, rng: random.Random, augment: float = 0.0):
     """`k` model slices that show a crack, each from a random fractured study: input
     [k, 3, 128, 128], fracture targets and bone (any vertebra label) [k, 32, 32], mirrored
-    left-right half the time."""
+    left-right half the time, and with `augment` > 0 domain-randomised (augment.py)."""
     xs, fracs, bones = [], [], []
     for _ in range(k):
         st = rng.choice(cracked)
@@ -214,19 +220,29 @@ def crack_slices(cracked: list[Study], k: int, rng: random.Random):
         xs.append(x)
         fracs.append(np.ascontiguousarray(frac))
         bones.append(np.ascontiguousarray(bone))
-    return torch.cat(xs), np.concatenate(fracs), np.concatenate(bones)
+    x = torch.cat(xs)
+    if augment:
+        x = randomise_slices(x, rng, augment)
+    return x, np.concatenate(fracs), np.concatenate(bones)
 
 
 def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fracture_window_p: float,
                  frac_weight: float, pose_deg: tuple = (0.0, 0.0, 0.0), mil_weight: float = 0.0,
                  frac_loss: str = "weighted", hard_negatives: int = 0, coarse_size: int | None = None,
-                 cracks: tuple | None = None):
+                 cracks: tuple | None = None, augment: float = 0.0, scale_range: float = 0.0,
+                 negative: bool = False):
     """One step on a window of `st`. `cracks` (crack_slices' output) go through the encoder
-    beside the window, for their fracture-evidence loss only (the window's `frac_loss`)."""
+    beside the window, for their fracture-evidence loss only (the window's `frac_loss`).
+    `augment` > 0: the window domain-randomised (augment.py) with that strength.
+    `negative`: `st` is known to hold no fracture and has no segmentation (a real neck): a
+    random window, every vertebra's label and every cell's fracture target 0."""
     dev = next(model.parameters()).device
     s = st.v.shape[0]
     fracture_slices = np.flatnonzero(st.frac.any(axis=(1, 2))) if st.frac is not None else np.zeros(0)
-    if st.seg is None:  # no mask: the whole study, study-level labels only
+    if negative:
+        lo = rng.randint(0, max(0, s - window))
+        hi = min(s, lo + window)
+    elif st.seg is None:  # no mask: the whole study, study-level labels only
         lo, hi = 0, s
     elif fracture_slices.size and rng.random() < fracture_window_p:
         # Fractures are a few cells of a few slices: show them more often than uniform
@@ -243,7 +259,7 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         b = max(a, min(hi_c - window // 2, s - window))
         lo = rng.randint(a, b)
         hi = min(s, lo + window)
-    rot = random_pose(rng, pose_deg)
+    rot = random_pose(rng, pose_deg, scale_range)
     if rot is None:
         x = torch.from_numpy(st.slices(lo, hi))
         seg = None if st.seg is None else st.seg[lo:hi]
@@ -255,6 +271,10 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
         x = x.flip(3)
         seg = None if seg is None else seg[:, :, ::-1].copy()
         frac = None if frac is None else frac[:, :, ::-1].copy()
+    if negative:
+        frac = np.zeros((x.shape[0], pp.H // pp.SEG_STRIDE, pp.W // pp.SEG_STRIDE), np.uint8)
+    if augment:
+        x = randomise_window(x, rng, augment)
     if coarse_size is not None and coarse_size != x.shape[-1]:
         x, seg, frac = coarse_window(x, seg, frac, coarse_size)
     n = x.shape[0]
@@ -266,7 +286,13 @@ def stage_a_step(model, opt, st: Study, window: int, rng: random.Random, fractur
     loss = torch.zeros((), device=dev)
     parts = {}
     labelled = None  # (vertebra indices, their labels) of the vertebrae whose label applies here
-    if seg is not None:
+    if negative:
+        y = torch.zeros(N_VERT, device=dev)
+        vl = wbce(vlog, y, VERT_W)
+        loss = loss + vl
+        parts["neg_vert_bce"] = float(vl.detach())
+        labelled = (torch.arange(N_VERT, device=dev), y)
+    elif seg is not None:
         tgt = torch.from_numpy(seg.astype(np.int64)).to(dev)
         seg_loss = F.cross_entropy(seg_logits, tgt, weight=SEG_WEIGHT.to(dev))
         loss = loss + seg_loss
@@ -415,6 +441,19 @@ def main():
                     help="stage A: show each window as if the patient lay rotated, by up to these degrees "
                          "about z (head turned), y (tilted to a shoulder) and x (nodded); "
                          "robustness.py measures what the phantoms' straight necks leave out")
+    ap.add_argument("--augment", type=float, default=0.0,
+                    help="stage A: domain randomisation of every window and crack slice (augment.py: kernel, "
+                         "resolution, slice thickness, noise, calibration, osteopenia, metal, shoulders); the "
+                         "strength scales each transform's probability (0: off, 1: as designed)")
+    ap.add_argument("--scale-range", type=float, default=0.0,
+                    help="stage A: patient size, the window resampled to show 1 +- R times the extent "
+                         "(in-plane and along z drawn apart), labels with it")
+    ap.add_argument("--negatives", type=Path, nargs="*", default=[],
+                    help="RSNA-layout roots of studies known to hold no fracture and without segmentations "
+                         "(real necks: realct_negatives.py): stage A shows them as random windows with every "
+                         "label 0, stage B as whole studies")
+    ap.add_argument("--negative-p", type=float, default=0.15,
+                    help="stage A: chance that a step's window comes from --negatives")
     ap.add_argument("--freeze-bn", action="store_true",
                     help="BatchNorm normalises with its running statistics and keeps them (needed to continue "
                          "a checkpoint recovered from ONNX by from_onnx.py, whose BatchNorm is folded)")
@@ -444,12 +483,18 @@ def main():
     train = [st for root in args.data
              for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
                                     cached_only=args.cached_only, fracture_target=args.fracture_target)]
+    negatives = [st for root in args.negatives
+                 for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
+                                        fracture_target=args.fracture_target)]
+    if any(st.labels.any() for st in negatives):
+        raise SystemExit("--negatives: a study there is labelled fractured")
     val = [st for root in args.val_data
            for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
                                   fracture_target=args.fracture_target)]
-    print(f"{len(train)} training, {len(val)} validation studies ({time.time() - t0:.0f} s to load)")
+    print(f"{len(train)} training, {len(negatives)} negative, {len(val)} validation studies "
+          f"({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
-    (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train))
+    (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train + negatives))
 
     layout = {k: v for k, v in (("dec2_kernel", args.dec2_kernel), ("frac_branch_layout", args.frac_branch_layout))
               if v is not None}
@@ -518,11 +563,14 @@ def main():
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
-        cracks = crack_slices(cracked, args.crack_slices, rng) if args.crack_slices and cracked else None
-        parts = stage_a_step(model, opt, rng.choice(train), args.window, rng, args.fracture_window_p,
-                             args.frac_weight, tuple(args.pose_deg), args.mil_weight, args.frac_loss,
-                             args.hard_negatives, args.coarse_size if step <= args.coarse_steps else None,
-                             cracks)
+        cracks = (crack_slices(cracked, args.crack_slices, rng, args.augment)
+                  if args.crack_slices and cracked else None)
+        negative = bool(negatives) and rng.random() < args.negative_p
+        parts = stage_a_step(model, opt, rng.choice(negatives if negative else train), args.window, rng,
+                             args.fracture_window_p, args.frac_weight, tuple(args.pose_deg), args.mil_weight,
+                             args.frac_loss, args.hard_negatives,
+                             args.coarse_size if step <= args.coarse_steps else None, cracks,
+                             args.augment, args.scale_range, negative)
         sched.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -549,6 +597,7 @@ def main():
 
     # Stage B: frozen encoder, whole studies through the slice-level GRU and the heads.
     model.eval()
+    train = train + negatives  # whole studies: a real neck's labels (all 0) hold for all of it
     encs = [encode_study(model, st) for st in train]
     print(f"stage B: encoder outputs of {len(encs)} studies cached ({time.time() - t0:.0f} s)", flush=True)
     head_params = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES]
