@@ -6,7 +6,7 @@ root: `train.csv` with every label 0 and `train_images/<StudyInstanceUID>/NNNN.d
 DICOM series realct_eval.py gives the product. `data.load_dataset` then caches them on the
 model grid like any phantom. No segmentation: these necks have no vertebra labels.
 
-    python3 realct_negatives.py OUT [--part train] [--realct ../../../shared/realct]
+    python3 realct_negatives.py OUT [--part train] [--realct ../../../shared/realct] [--limit N]
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def main() -> None:
     ap.add_argument("--part", default="train", choices=["train"],
                     help="the split part to write (only `train`: the others judge the model)")
     ap.add_argument("--realct", type=Path, default=ROOT.parent / "shared" / "realct")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N cases (CI's smoke run)")
     a = ap.parse_args()
     todo = [(case, ct) for case, part, ct, _ in cases(a.realct) if part == a.part]
+    if a.limit:
+        todo = todo[: a.limit]
     rows = []
     for case, ct in todo:
         study = uid_for(case + "/study")
