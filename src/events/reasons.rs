@@ -1,0 +1,85 @@
+//! The typed reasons and values that [`super::Event`]s carry: why something was refused,
+//! a result's status, the durations between a result's milestones.
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// Why a connection or association was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssociationRefusal {
+    /// `dicom.max_associations` associations were open.
+    AllSlots,
+    /// The peer's address had all the associations it may have.
+    ThisAddress,
+    /// Every `dicom.allowed_calling_aes` entry is pinned to another address: closed at
+    /// accept.
+    AddressNotAllowed,
+    /// A-ASSOCIATE-RJ after negotiation (AE titles, allow-list, no usable context).
+    Rejected,
+    /// The request was invalid or did not come in time.
+    InvalidRequest,
+}
+
+/// Why a C-STORE was refused (the DIMSE status class in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceRefusal {
+    /// The data set cannot be parsed (C000).
+    CannotUnderstand,
+    /// The data set does not match the command (A900).
+    Mismatch,
+    /// Larger than `dicom.max_instance_mb` (A700).
+    TooLarge,
+    /// Storing it would take the spool below `dicom.min_free_space_mb` (A700).
+    ShortOfSpace,
+    /// Disk full, I/O error (A700).
+    OutOfResources,
+    /// Refused before its data set was stored: SOP class or context not served, bad
+    /// command (the SCP drains it and answers with a failure status).
+    NotAccepted,
+}
+
+/// A result's status (mirrors `result::Status`, which sits above this module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnalysisStatus {
+    Positive,
+    Negative,
+    Indeterminate,
+    Failed,
+}
+
+/// Seconds spent between the pipeline's milestones of one result (from its `timings`);
+/// `None` where a milestone is missing (e.g. a failed series never reached inference).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StageDurations {
+    /// First instance received → series complete.
+    pub receive_to_complete_secs: Option<f64>,
+    /// Series complete → inference done.
+    pub complete_to_inference_done_secs: Option<f64>,
+    /// Inference done → committed to the outbox and first sent (`timings.published`).
+    pub inference_done_to_published_secs: Option<f64>,
+}
+
+impl StageDurations {
+    /// Seconds from `from` to `to`, when both are known and in order.
+    pub fn between(from: Option<OffsetDateTime>, to: Option<OffsetDateTime>) -> Option<f64> {
+        let secs = (to? - from?).as_seconds_f64();
+        (secs >= 0.0).then_some(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_both_ends_in_order() {
+        let t = OffsetDateTime::UNIX_EPOCH;
+        let later = t + time::Duration::seconds(3);
+        assert_eq!(StageDurations::between(Some(t), Some(later)), Some(3.0));
+        assert_eq!(StageDurations::between(Some(later), Some(t)), None);
+        assert_eq!(StageDurations::between(None, Some(t)), None);
+    }
+}
