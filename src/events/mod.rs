@@ -32,7 +32,10 @@ use time::OffsetDateTime;
 pub use event::Event;
 pub use figures::{Figures, QueueDepths};
 pub use json_lines::JsonLines;
-pub use reasons::{AnalysisStatus, AssociationRefusal, InstanceRefusal, StageDurations};
+pub use reasons::{
+    AnalysisStatus, AssociationRefusal, CommitFailure, InstanceRefusal, MarkCause, ReleaseReason,
+    SeriesCompletion, StageDurations,
+};
 
 /// Where events go besides the figures.
 pub trait Sink: Send + Sync {

@@ -50,6 +50,90 @@ pub enum AnalysisStatus {
     Failed,
 }
 
+/// Why a series was taken as assembled ([`super::Event::SeriesAssembled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeriesCompletion {
+    /// `series.quiet_period_secs` without a new instance.
+    QuietPeriod,
+    /// Its expected instance count was reached (an `expected_count` rule, or Images in
+    /// Acquisition).
+    ExpectedCount,
+    /// `series.max_wait_secs` after its first instance.
+    MaxWait,
+}
+
+/// Why the spool wrote a series' analysed mark ([`super::Event::SeriesMarked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkCause {
+    /// The series' result was committed to the outbox.
+    ResultCommitted,
+    /// The series could not be built; the committed result of its fallback series stands
+    /// in for it.
+    FallbackResult,
+    /// At start-up: its result waits in the outbox, but the series was not marked (a
+    /// crash between the commit and the mark).
+    WaitingInOutbox,
+}
+
+/// Why files left the spool ([`super::Event::SpoolReleased`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// Instances that can never be analysed (not CT image storage, a localizer, ...).
+    NotAnalysable,
+    /// An instance sent again after it was released as not analysable.
+    ReceivedAgain,
+    /// The study was forgotten (`series.completed_retention_secs` after its last
+    /// instance, its results committed): the series' analysed mark goes too.
+    StudyForgotten,
+}
+
+impl ReleaseReason {
+    /// Whether the series is forgotten with its files (its analysed mark removed too).
+    pub fn forgets(self) -> bool {
+        self == ReleaseReason::StudyForgotten
+    }
+}
+
+impl std::fmt::Display for ReleaseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReleaseReason::NotAnalysable => "not analysable",
+            ReleaseReason::ReceivedAgain => "received again after its release",
+            ReleaseReason::StudyForgotten => "study forgotten",
+        })
+    }
+}
+
+/// Why a result could not be written to the outbox ([`super::Event::OutboxCommitRetry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitFailure {
+    /// The outbox's file system is full (ENOSPC) or over quota.
+    NoSpace,
+    /// Another I/O error (a read-only file system, a failing disk, ...).
+    Io,
+}
+
+impl CommitFailure {
+    /// `NoSpace` when an [`std::io::Error`] in `error`'s chain says the disk is full.
+    pub fn of(error: &anyhow::Error) -> CommitFailure {
+        use std::io::ErrorKind;
+        let full = error.chain().any(|e| {
+            e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+            })
+        });
+        if full {
+            CommitFailure::NoSpace
+        } else {
+            CommitFailure::Io
+        }
+    }
+}
+
 /// Seconds spent between the pipeline's milestones of one result (from its `timings`);
 /// `None` where a milestone is missing (e.g. a failed series never reached inference).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -73,6 +157,20 @@ impl StageDurations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_chain_is_no_space() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let err = anyhow::Error::from(full).context("cannot write outbox entry");
+        assert_eq!(CommitFailure::of(&err), CommitFailure::NoSpace);
+        let other =
+            anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem));
+        assert_eq!(CommitFailure::of(&other), CommitFailure::Io);
+        assert_eq!(
+            CommitFailure::of(&anyhow::anyhow!("task failed")),
+            CommitFailure::Io
+        );
+    }
 
     #[test]
     fn durations_need_both_ends_in_order() {
