@@ -105,6 +105,35 @@ impl Events {
     }
 }
 
+/// A sink that keeps every event, for unit tests ([`Events::recording`]).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Recorder(Mutex<Vec<Event>>);
+
+#[cfg(test)]
+impl Recorder {
+    /// What was recorded so far.
+    pub(crate) fn events(&self) -> Vec<Event> {
+        lock(&self.0).clone()
+    }
+}
+
+#[cfg(test)]
+impl Sink for Recorder {
+    fn record(&self, _at: OffsetDateTime, event: &Event) {
+        lock(&self.0).push(event.clone());
+    }
+}
+
+#[cfg(test)]
+impl Events {
+    /// A stream that records into the returned [`Recorder`].
+    pub(crate) fn recording() -> (Events, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        (Events::new(vec![recorder.clone()]), recorder)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -17,6 +17,7 @@ use super::rules::{
 use super::state::{release_rejected, reopen, secs, SeriesState, StudyState};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::{Arrival, StoredInstance};
+use crate::events::ReleaseReason;
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{filter_series, rank_key, CandidateSummary, Skip};
 use crate::series::AssemblyConfig;
@@ -102,8 +103,7 @@ impl Assembler {
                     study_instance_uid: stored.study_instance_uid.clone(),
                     series_instance_uid: stored.series_instance_uid.clone(),
                     paths: vec![stored.path.clone()],
-                    forgotten: false,
-                    why: "received again after its release".into(),
+                    reason: ReleaseReason::ReceivedAgain,
                 });
             } else {
                 log::debug!(

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::job::{Completion, Release, SeriesJob};
 use super::state::{make_job, release_rejected, secs, SeriesState, StudyState};
+use crate::events::ReleaseReason;
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{
     filter_series, rank_key, selection, CandidateSummary, Skip, SkipReason, StudySelection,
@@ -191,8 +192,7 @@ pub(super) fn forget_quiet_studies(
                     study_instance_uid: uid.clone(),
                     series_instance_uid: series_uid.clone(),
                     paths,
-                    forgotten: true,
-                    why: "study forgotten".into(),
+                    reason: ReleaseReason::StudyForgotten,
                 });
             }
         }

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::job::{Completion, Release, SeriesJob};
 use crate::dicom::StoredInstance;
+use crate::events::ReleaseReason;
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{instance_rejection, CandidateSummary};
 use crate::series::SeriesMeta;
@@ -161,12 +162,16 @@ pub(super) fn release_rejected(
         }
     }
     if let Some(reason) = reason {
+        log::info!(
+            "series {series_uid} of study {study_uid}: {} instance(s) not analysable \
+             ({reason}): released",
+            paths.len()
+        );
         releases.push(Release {
             study_instance_uid: study_uid.to_string(),
             series_instance_uid: series_uid.to_string(),
             paths,
-            forgotten: false,
-            why: format!("not analysable: {reason}"),
+            reason: ReleaseReason::NotAnalysable,
         });
     }
 }
