@@ -120,9 +120,11 @@ impl StudyState {
 }
 
 /// An instance arrived for `series` (new, late or corrected): a complete series is live
-/// again, with a fresh quiet period and max wait from `now`.
-pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Instant) {
-    if series.completion.is_some() {
+/// again, with a fresh quiet period and max wait from `now`. Returns whether it was
+/// complete (re-opened).
+pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Instant) -> bool {
+    let reopened = series.completion.is_some();
+    if reopened {
         log::info!(
             "late instance {:?} for complete series {:?}: re-opening it",
             stored.sop_instance_uid,
@@ -135,6 +137,7 @@ pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Ins
     series.last_at = series.last_at.max(now);
     series.first_received = series.first_received.min(stored.received_at);
     series.last_received = series.last_received.max(stored.received_at);
+    reopened
 }
 
 pub(super) fn secs(s: f64) -> Duration {

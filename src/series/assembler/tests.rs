@@ -14,7 +14,7 @@ use crate::series::{AssemblyConfig, EarlyCheck, ExpectedCountRule};
 
 const STUDY: &str = "1.2.3";
 
-fn config() -> AssemblyConfig {
+pub(super) fn config() -> AssemblyConfig {
     AssemblyConfig {
         quiet_period_secs: 3.0,
         max_wait_secs: 10.0,
@@ -24,7 +24,7 @@ fn config() -> AssemblyConfig {
 }
 
 /// One axial instance of `series` at slice `k`.
-fn instance(
+pub(super) fn instance(
     series: &str,
     k: usize,
     kernel: &str,
@@ -59,7 +59,7 @@ fn instance(
     (stored, header)
 }
 
-fn add_series(
+pub(super) fn add_series(
     a: &mut Assembler,
     series: &str,
     n: usize,
@@ -74,7 +74,7 @@ fn add_series(
     }
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
@@ -425,7 +425,7 @@ fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
     assert_eq!(forgotten.last().unwrap().series_instance_uid, "1.2.3.1");
 }
 
-fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
+pub(super) fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
     use crate::dicom::spool::AnalysedMark;
     let instances: Vec<StoredInstance> =
         (0..n).map(|k| instance(series, k, "BONE", 1.0).0).collect();
@@ -443,7 +443,7 @@ fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
     }
 }
 
-fn restore(a: &mut Assembler, series: &AnalysedSeries, now: Instant) {
+pub(super) fn restore(a: &mut Assembler, series: &AnalysedSeries, now: Instant) {
     let headers = series
         .instances
         .iter()
