@@ -67,7 +67,6 @@ async fn run(config: Config) -> Result<()> {
     })
     .await
     .context("model loading panicked")??;
-    let pipeline = Arc::new(pipeline);
     let model = pipeline.model_info();
     log::info!(
         "model {} {} loaded (sha256 {}), runtime {}",
@@ -82,6 +81,7 @@ async fn run(config: Config) -> Result<()> {
     if let Some(metrics) = &metrics {
         metrics.set_model(&model, pipeline.engine.runtime());
     }
+    let pipeline = Arc::new(pipeline.with_events(events.clone()));
     // PACS delivery only when destinations are configured; its queues are re-read here,
     // so objects a previous run did not deliver are sent after the start.
     let pacs_delivery = if config.pacs.destinations.is_empty() {
