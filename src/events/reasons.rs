@@ -36,7 +36,8 @@ pub enum InstanceRefusal {
     /// Disk full, I/O error (A700).
     OutOfResources,
     /// Refused before its data set was stored: SOP class or context not served, bad
-    /// command (the SCP drains it and answers with a failure status).
+    /// command (the SCP drains it and answers with a failure status). A spool already
+    /// below its floor when the command arrives is `short_of_space`, not this.
     NotAccepted,
 }
 
