@@ -547,6 +547,9 @@ async fn poll_loop(
                     "connected to MQTT broker {url}{after}; {waiting} result(s) in the outbox \
                      to publish"
                 );
+                delivery.events.emit(Event::BrokerConnected {
+                    failed_attempts: failures,
+                });
                 delay = min_delay;
                 failures = 0;
                 delivery.wake.notify_one();
@@ -604,6 +607,10 @@ async fn poll_loop(
                         delay.as_secs_f64()
                     );
                 }
+                delivery.events.emit(Event::BrokerConnectionFailed {
+                    was_connected,
+                    retry_in_secs: delay.as_secs_f64(),
+                });
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(max_delay);
             }

@@ -22,7 +22,11 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::events::{CommitFailure, Event, Events};
 use crate::heartbeat::Heartbeat;
+
+/// How long a commit that failed with an I/O error waits before it is tried again.
+const COMMIT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 const ENTRY_EXT: &str = "entry";
 const TMP_EXT: &str = "tmp";
@@ -345,11 +349,13 @@ impl Outbox {
     /// full, so a full outbox stops the upstream channel instead of dropping anything.
     /// `result_json` is called for each attempt, so a timestamp it embeds is the moment of
     /// the attempt that succeeds.
-    /// I/O errors (disk full, read-only file system) are logged and retried every 5 s:
-    /// a result that was handed to us is never dropped.
+    /// I/O errors (disk full, read-only file system) are logged, recorded on `events`
+    /// ([`Event::OutboxCommitRetry`]) and retried every 5 s: a result that was handed to
+    /// us is never dropped.
     pub async fn commit_waiting(
         &self,
         heartbeat: &Heartbeat,
+        events: &Events,
         id: &str,
         positive: bool,
         result_json: impl Fn() -> Vec<u8> + Send + Sync + 'static,
@@ -395,15 +401,18 @@ impl Outbox {
                 }
                 Err(CommitError::Io(err)) => {
                     log::error!(
-                        "cannot write result {id} to the outbox {}: {err:#}; retrying in 5 s \
+                        "cannot write result {id} to the outbox {}: {err:#}; retrying in {} s \
                          (upstream waits)",
-                        self.shared.dir.display()
+                        self.shared.dir.display(),
+                        COMMIT_RETRY.as_secs()
                     );
+                    events.emit(Event::OutboxCommitRetry {
+                        result_id: id.to_owned(),
+                        reason: CommitFailure::of(&err),
+                        retry_in_secs: COMMIT_RETRY.as_secs_f64(),
+                    });
                     heartbeat
-                        .wait_for(
-                            std::future::pending::<()>(),
-                            std::time::Duration::from_secs(5),
-                        )
+                        .wait_for(std::future::pending::<()>(), COMMIT_RETRY)
                         .await;
                 }
             }
@@ -715,8 +724,9 @@ mod tests {
                     std::time::Duration::from_secs(120),
                     std::time::Instant::now(),
                 );
+                let events = crate::events::Events::default();
                 outbox
-                    .commit_waiting(&heartbeat, "b", false, || b"{}".to_vec(), None)
+                    .commit_waiting(&heartbeat, &events, "b", false, || b"{}".to_vec(), None)
                     .await
             })
         };

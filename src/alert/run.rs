@@ -79,6 +79,12 @@ impl Alerts {
         mut rx: mpsc::Receiver<ResultMessage>,
         committed: Option<mpsc::Sender<Committed>>,
     ) -> Result<()> {
+        let pending = self.outbox.len();
+        if pending > 0 {
+            // Results of a previous run (the outbox logged them when it was opened).
+            self.events
+                .emit(crate::events::Event::OutboxReplay { pending });
+        }
         let wake = Arc::new(tokio::sync::Notify::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let delivery = tokio::spawn(mqtt::deliver(
@@ -137,7 +143,14 @@ impl Alerts {
             };
             let outcome = self
                 .outbox
-                .commit_waiting(&heartbeat, &id, positive, payload, key_image_png)
+                .commit_waiting(
+                    &heartbeat,
+                    &self.events,
+                    &id,
+                    positive,
+                    payload,
+                    key_image_png,
+                )
                 .await;
             let already_queued = matches!(outcome, outbox::CommitOutcome::AlreadyQueued(_));
             self.events.emit(published_now(analysed, inference_end));

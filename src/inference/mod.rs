@@ -10,7 +10,8 @@
 //! - [`keyimage`]: the PNG of the key slice.
 //! - [`cli`]: `cspine-triage infer`.
 //!
-//! [`Pipeline::analyze`] chains them for one volume; [`run_inference`] is the daemon stage.
+//! [`Pipeline::analyze`] chains them for one volume; [`run_inference`] is the daemon stage
+//! (its events go to the handle of [`Pipeline::with_events`]).
 
 pub mod cli;
 pub mod contract;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::events::{Event, Events};
 use crate::heartbeat::Heartbeat;
 
 use crate::result::{ResultMessage, TriageResult};
@@ -203,6 +205,8 @@ pub struct Pipeline {
     /// Test hook (`CSPINE_TEST_EARLY_ACCEPT`, [`Pipeline::with_test_hooks`]): every early
     /// analysis is published, coverage check or not.
     early_accept: bool,
+    /// Where inference starts and model runs are recorded ([`Pipeline::with_events`]).
+    events: Events,
 }
 
 impl Pipeline {
@@ -219,7 +223,14 @@ impl Pipeline {
             thresholds,
             envelope_policy: EnvelopePolicy::Enforce,
             early_accept: false,
+            events: Events::default(),
         })
+    }
+
+    /// This pipeline recording on `events` when inference starts on a volume and when the
+    /// model has run ([`Event::InferenceStarted`], [`Event::InferenceDone`]).
+    pub fn with_events(self, events: Events) -> Pipeline {
+        Pipeline { events, ..self }
     }
 
     /// This pipeline under the test hooks `serve` read ([`TestHooks::early_accept`]:
@@ -332,6 +343,13 @@ impl Pipeline {
             model_time.as_secs_f64(),
             self.engine.runtime()
         );
+        self.events.emit(Event::InferenceDone {
+            study_instance_uid: volume.meta.study_instance_uid.clone(),
+            series_instance_uid: volume.meta.series_instance_uid.clone(),
+            model_slices: outputs.slices,
+            preprocess_secs: preprocess_time.as_secs_f64(),
+            model_secs: model_time.as_secs_f64(),
+        });
         let verdict = postprocess::interpret(
             volume,
             &grid,
@@ -468,6 +486,11 @@ pub async fn run_inference(
                 volume.meta.series_instance_uid,
                 volume.meta.sop_instance_uids.len()
             );
+            pipeline.events.emit(Event::InferenceStarted {
+                study_instance_uid: volume.meta.study_instance_uid.clone(),
+                series_instance_uid: volume.meta.series_instance_uid.clone(),
+                instances: volume.meta.sop_instance_uids.len(),
+            });
         }
         let pipeline = pipeline.clone();
         let message = match tokio::task::spawn_blocking(move || pipeline.process_early(outcome))

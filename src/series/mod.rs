@@ -517,4 +517,19 @@ impl SeriesOutcome {
             },
         }
     }
+
+    /// When a fallback series was built because the better ones of its study could not
+    /// be: its `analysis_started` (fallback), recorded before [`SeriesOutcome::event`].
+    pub fn fallback_event(&self) -> Option<crate::events::Event> {
+        let SeriesOutcome::Volume(volume) = self else {
+            return None;
+        };
+        let meta = &volume.meta;
+        (!meta.failed_better.is_empty()).then(|| crate::events::Event::AnalysisStarted {
+            study_instance_uid: meta.study_instance_uid.clone(),
+            series_instance_uid: meta.series_instance_uid.clone(),
+            instances: meta.sop_instance_uids.len(),
+            fallback: true,
+        })
+    }
 }

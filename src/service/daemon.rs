@@ -67,7 +67,6 @@ async fn run(config: Config) -> Result<()> {
     })
     .await
     .context("model loading panicked")??;
-    let pipeline = Arc::new(pipeline);
     let model = pipeline.model_info();
     log::info!(
         "model {} {} loaded (sha256 {}), runtime {}",
@@ -82,6 +81,7 @@ async fn run(config: Config) -> Result<()> {
     if let Some(metrics) = &metrics {
         metrics.set_model(&model, pipeline.engine.runtime());
     }
+    let pipeline = Arc::new(pipeline.with_events(events.clone()));
     // PACS delivery only when destinations are configured; its queues are re-read here,
     // so objects a previous run did not deliver are sent after the start.
     let pacs_delivery = if config.pacs.destinations.is_empty() {
@@ -123,6 +123,7 @@ async fn run(config: Config) -> Result<()> {
                 .map(|status| result_id(series, &model.sha256, status, sops))
                 .find(|id| waiting.contains(id))
         },
+        &events,
     )?;
     // One line per series, not per instance: a crash mid-study leaves hundreds.
     let mut per_series = std::collections::BTreeMap::<(&str, &str), (&str, usize)>::new();
@@ -243,6 +244,7 @@ async fn run(config: Config) -> Result<()> {
                         sop_instance_uids: marked.sop_instance_uids,
                     });
                 },
+                events.clone(),
             )),
         ),
     ];
@@ -266,12 +268,13 @@ async fn run(config: Config) -> Result<()> {
     stages.push(("dicom", tokio::spawn(scp.run(instance_tx))));
 
     if let Some(metrics) = metrics {
-        let (addr, server) = super::metrics::bind(&config.metrics, metrics, events).await?;
+        let (addr, server) = super::metrics::bind(&config.metrics, metrics, events.clone()).await?;
         log::info!("metrics endpoint on http://{addr}/metrics");
         tokio::spawn(server);
     }
     notify::ready();
     log::info!("ready");
+    events.emit(crate::events::Event::Ready);
     let watchdog = tokio::spawn(health::run_watchdog(health));
 
     let outcome = wait_for_stop_or_failure(&mut stages).await;

@@ -396,6 +396,22 @@ impl Sink for Metrics {
                 ];
                 self.count("cspine_pacs_objects_total", labels, 1);
             }
+            // In the event file only: the metrics above and the scraped figures cover them.
+            Event::Ready
+            | Event::SeriesAssembled { .. }
+            | Event::SeriesReopened { .. }
+            | Event::SeriesRemembered { .. }
+            | Event::AnalysisStarted { .. }
+            | Event::InferenceStarted { .. }
+            | Event::InferenceDone { .. }
+            | Event::OutboxCommitRetry { .. }
+            | Event::OutboxReplay { .. }
+            | Event::BrokerConnected { .. }
+            | Event::BrokerConnectionFailed { .. }
+            | Event::SeriesMarked { .. }
+            | Event::SeriesMarkFailed { .. }
+            | Event::SpoolReleased { .. }
+            | Event::SpoolShortOfSpace { .. } => {}
         }
     }
 }

@@ -2,6 +2,7 @@
 //! python3) and the daemon binary as a child process that is killed on drop.
 #![allow(dead_code)]
 
+pub mod events;
 pub mod orthanc;
 pub mod pki;
 

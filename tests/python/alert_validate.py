@@ -2,6 +2,8 @@
 """Validates JSON documents against docs/alert.schema.json (JSON Schema 2020-12).
 
 usage: alert_validate.py SCHEMA FILE...   (exit 0: all valid; 1: errors printed)
+
+A FILE ending in .jsonl holds one document per line (the daemon's event file).
 """
 import json
 import sys
@@ -23,11 +25,16 @@ def main():
     failed = False
     for path in sys.argv[2:]:
         with open(path) as f:
-            doc = json.load(f)
-        for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
-            failed = True
-            where = "/".join(str(p) for p in err.path) or "(root)"
-            print(f"{path}: {where}: {err.message}")
+            if path.endswith(".jsonl"):
+                docs = [(f"{path}:{n}", json.loads(line))
+                        for n, line in enumerate(f, 1) if line.strip()]
+            else:
+                docs = [(path, json.load(f))]
+        for name, doc in docs:
+            for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
+                failed = True
+                where = "/".join(str(p) for p in err.path) or "(root)"
+                print(f"{name}: {where}: {err.message}")
     sys.exit(1 if failed else 0)
 
 

@@ -49,12 +49,13 @@ pub fn store_event(
     }
 }
 
-/// The event of a C-STORE refused before its data set was stored (drained).
-pub fn drained_event(calling_ae: &str, sop_instance_uid: &str) -> Event {
+/// The event of a C-STORE refused before its data set was stored (drained): not served
+/// ([`InstanceRefusal::NotAccepted`]), or no room for it in the spool.
+pub fn drained_event(calling_ae: &str, sop_instance_uid: &str, reason: InstanceRefusal) -> Event {
     Event::InstanceRefused {
         calling_ae: calling_ae.to_owned(),
         sop_instance_uid: sop_instance_uid.to_owned(),
-        reason: InstanceRefusal::NotAccepted,
+        reason,
     }
 }
 

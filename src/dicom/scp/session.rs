@@ -21,6 +21,7 @@ use crate::dicom::peer_text::{escaped, peer_str};
 use crate::dicom::spool::{Incoming, InstanceHeader, StoreError, Stored};
 use crate::dicom::syntax;
 use crate::dicom::StoredInstance;
+use crate::events::InstanceRefusal;
 
 pub(super) fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
     Pdu::AbortRQ {
@@ -40,12 +41,14 @@ enum Receiving {
         context_id: u8,
         incoming: Incoming,
     },
-    /// A data set that is read and dropped, then answered with `status`.
+    /// A data set that is read and dropped, then answered with `status` (the event
+    /// stream records `reason`).
     Drain {
         rq: Command,
         context_id: u8,
         status: u16,
         comment: String,
+        reason: InstanceRefusal,
     },
 }
 
@@ -357,6 +360,7 @@ where
                         context_id,
                         status,
                         comment,
+                        reason,
                     } = std::mem::replace(&mut self.state, Receiving::Idle)
                     else {
                         unreachable!()
@@ -364,7 +368,7 @@ where
                     self.respond(context_id, &rq, status, Some(&comment))
                         .await?;
                     let sop = &rq.affected_sop_instance_uid;
-                    let event = events::drained_event(&self.calling_ae, sop);
+                    let event = events::drained_event(&self.calling_ae, sop, reason);
                     self.shared.events.emit(event);
                 }
             }
@@ -404,12 +408,14 @@ where
                 self.respond(context_id, &rq, status::SUCCESS, None).await
             }
             dimse::C_STORE_RQ if rq.has_data_set => {
-                let refuse = |status: u16, comment: String| Receiving::Drain {
-                    rq: rq.clone(),
-                    context_id,
-                    status,
-                    comment,
-                };
+                let refuse =
+                    |status: u16, comment: String, reason: InstanceRefusal| Receiving::Drain {
+                        rq: rq.clone(),
+                        context_id,
+                        status,
+                        comment,
+                        reason,
+                    };
                 self.state = if rq.affected_sop_class_uid != abstract_syntax {
                     refuse(
                         status::SOP_CLASS_NOT_SUPPORTED,
@@ -418,9 +424,10 @@ where
                             peer_str(&rq.affected_sop_class_uid),
                             peer_str(&abstract_syntax)
                         ),
+                        InstanceRefusal::NotAccepted,
                     )
                 } else if let Err(e) = self.shared.spool.check_free_space() {
-                    refuse(status::OUT_OF_RESOURCES, format!("{e:#}"))
+                    refuse(status::OUT_OF_RESOURCES, format!("{e:#}"), (&e).into())
                 } else {
                     let header = InstanceHeader {
                         sop_class_uid: rq.affected_sop_class_uid.clone(),
@@ -435,7 +442,11 @@ where
                             context_id,
                             incoming,
                         },
-                        Err(e) => refuse(status::OUT_OF_RESOURCES, format!("{e:#}")),
+                        Err(e) => refuse(
+                            status::OUT_OF_RESOURCES,
+                            format!("{e:#}"),
+                            InstanceRefusal::OutOfResources,
+                        ),
                     }
                 };
                 if let Receiving::Drain {
@@ -461,6 +472,7 @@ where
                         context_id,
                         status: status::UNRECOGNIZED_OPERATION,
                         comment,
+                        reason: InstanceRefusal::NotAccepted,
                     };
                     Ok(())
                 } else {

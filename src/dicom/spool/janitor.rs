@@ -7,7 +7,8 @@
 //!
 //! The janitor knows its inputs only by the spool's own vocabulary ([`MarkRequest`],
 //! [`Release`]): the stages above convert their messages into these, so that the spool
-//! never depends on them.
+//! never depends on them. Each mark and removal is recorded on the event stream
+//! ([`Event::SeriesMarked`], [`Event::SpoolReleased`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use anyhow::Result;
 use tokio::sync::mpsc;
 
 use super::Spool;
+use crate::events::{Event, Events, MarkCause, ReleaseReason};
 
 /// A result that analysed `sop_instance_uids` of a series is durably in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +47,15 @@ pub struct Release {
     pub series_instance_uid: String,
     /// Spool files to remove.
     pub paths: Vec<PathBuf>,
+    /// Why ([`ReleaseReason::StudyForgotten`]: the series' analysed mark goes too).
+    pub reason: ReleaseReason,
+}
+
+impl Release {
     /// The study is forgotten: the series' analysed mark goes too.
-    pub forgotten: bool,
-    /// For the log.
-    pub why: String,
+    pub fn forgotten(&self) -> bool {
+        self.reason.forgets()
+    }
 }
 
 /// Runs the janitor until both channels close. `on_marked` is called once per
@@ -59,40 +66,60 @@ pub async fn keep_spool<C: Into<MarkRequest> + Send>(
     mut committed: mpsc::Receiver<C>,
     mut released: mpsc::Receiver<Release>,
     on_marked: impl Fn(MarkRequest) + Send,
+    events: Events,
 ) -> Result<()> {
     loop {
         tokio::select! {
             Some(c) = committed.recv() => {
                 let request: MarkRequest = c.into();
-                mark_all(&spool, &request).await?;
+                mark_all(&spool, &request, &events).await?;
                 on_marked(request);
             }
-            Some(r) = released.recv() => {
-                let spool = spool.clone();
-                let Release { study_instance_uid: study, series_instance_uid: series, paths, forgotten, why } = r;
-                let series_uid = series.clone();
-                let removed = tokio::task::spawn_blocking(move || {
-                    spool.release(&study, &series_uid, &paths, forgotten)
-                })
-                .await?;
-                match removed {
-                    Ok(n) => log::info!("series {} ({why}): {n} instances removed from the spool", series.escape_debug()),
-                    // Not fatal: the files stay, and are found again after a restart.
-                    Err(e) => log::warn!("cannot remove instances of series {} from the spool: {e:#}", series.escape_debug()),
-                }
-            }
+            Some(r) = released.recv() => release(&spool, r, &events).await?,
             else => return Ok(()),
         }
     }
 }
 
+/// Removes the files of `r`, off the async runtime.
+async fn release(spool: &Arc<Spool>, r: Release, events: &Events) -> Result<()> {
+    let spool = spool.clone();
+    let forget = r.forgotten();
+    let Release {
+        study_instance_uid: study,
+        series_instance_uid: series,
+        paths,
+        reason,
+    } = r;
+    let (study_uid, series_uid) = (study.clone(), series.clone());
+    let removed =
+        tokio::task::spawn_blocking(move || spool.release(&study_uid, &series_uid, &paths, forget))
+            .await?;
+    let shown = series.escape_debug();
+    match removed {
+        Ok(n) => {
+            log::info!("series {shown} ({reason}): {n} instances removed from the spool");
+            events.emit(Event::SpoolReleased {
+                study_instance_uid: study,
+                series_instance_uid: series,
+                instances: n,
+                reason,
+            });
+        }
+        // Not fatal: the files stay, and are found again after a restart.
+        Err(e) => log::warn!("cannot remove instances of series {shown} from the spool: {e:#}"),
+    }
+    Ok(())
+}
+
 /// Marks the series of `c` and every series it stood in for.
-async fn mark_all(spool: &Arc<Spool>, c: &MarkRequest) -> Result<()> {
+async fn mark_all(spool: &Arc<Spool>, c: &MarkRequest, events: &Events) -> Result<()> {
     // Peer-supplied UIDs: control characters escaped (no forged log lines); a clean UID
     // reads as itself.
     let series = &c.series_instance_uid;
     let shown = series.escape_debug();
-    match mark(spool, c, series, &c.sop_instance_uids).await? {
+    let outcome = mark(spool, c, series, &c.sop_instance_uids).await?;
+    match &outcome {
         Ok(Some(n)) => log::info!(
             "series {shown} (result {} is in the outbox): {} analysed instances marked in \
              the spool ({n} in its mark); kept until its study is forgotten",
@@ -108,10 +135,15 @@ async fn mark_all(spool: &Arc<Spool>, c: &MarkRequest) -> Result<()> {
         // de-duplicate.
         Err(e) => log::warn!("cannot mark series {shown} analysed in the spool: {e:#}"),
     }
+    let marked = outcome
+        .as_ref()
+        .map(|n| n.map(|_| c.sop_instance_uids.len()));
+    events.emit(mark_event(c, series, marked, MarkCause::ResultCommitted));
     for failed in &c.stood_in_for {
         let failed_series = &failed.series_instance_uid;
         let failed_shown = failed_series.escape_debug();
-        match mark(spool, c, failed_series, &failed.sop_instance_uids).await? {
+        let outcome = mark(spool, c, failed_series, &failed.sop_instance_uids).await?;
+        match &outcome {
             Ok(n) => log::info!(
                 "series {failed_shown} (could not be built: {}; fallback {shown} analysed, \
                  result {}): {} instances marked in the spool",
@@ -121,8 +153,47 @@ async fn mark_all(spool: &Arc<Spool>, c: &MarkRequest) -> Result<()> {
             ),
             Err(e) => log::warn!("cannot mark series {failed_shown} in the spool: {e:#}"),
         }
+        let marked = outcome
+            .as_ref()
+            .map(|n| n.map(|_| failed.sop_instance_uids.len()));
+        events.emit(mark_event(
+            c,
+            failed_series,
+            marked,
+            MarkCause::FallbackResult,
+        ));
     }
     Ok(())
+}
+
+/// The event of a mark of `series` for `c`: `marked` is the outcome, with the number of
+/// instances marked (`None`: the series is no longer in the spool).
+fn mark_event(
+    c: &MarkRequest,
+    series: &str,
+    marked: Result<Option<usize>, &anyhow::Error>,
+    cause: MarkCause,
+) -> Event {
+    let (study_instance_uid, series_instance_uid, result_id) = (
+        c.study_instance_uid.clone(),
+        series.to_owned(),
+        c.result_id.clone(),
+    );
+    match marked {
+        Ok(instances) => Event::SeriesMarked {
+            study_instance_uid,
+            series_instance_uid,
+            result_id,
+            instances: instances.unwrap_or(0),
+            cause,
+        },
+        Err(_) => Event::SeriesMarkFailed {
+            study_instance_uid,
+            series_instance_uid,
+            result_id,
+            cause,
+        },
+    }
 }
 
 /// Writes the analysed mark of `series` (instances `sops`) for request `c`, off the async

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::dicom::Arrival;
 use crate::durable::{fsync_dir, quarantine, write_atomically};
+use crate::events::{Event, Events, MarkCause};
 
 /// Recovers every finished instance in the spool, oldest first. Leftover temp files
 /// are removed (never acknowledged). Every instance file is re-checked (parsed, and its
@@ -410,10 +411,12 @@ pub fn recover(root: &Path) -> Result<Recovered> {
 /// (given the series and the SOP Instance UIDs the spool holds of it, marked ones
 /// included) names a committed result, and moves its instances to `analysed`. Call it
 /// before the outbox publishes anything, so that a waiting entry is still there to find.
+/// Each mark written is recorded on `events` ([`MarkCause::WaitingInOutbox`]).
 pub fn mark_committed(
     root: &Path,
     mut recovered: Recovered,
     committed_id: impl Fn(&str, &[String]) -> Option<String>,
+    events: &Events,
 ) -> Result<Recovered> {
     let key = |study: &str, series: &str| (study.to_owned(), series.to_owned());
     let mut unmarked: std::collections::BTreeMap<(String, String), Vec<StoredInstance>> =
@@ -448,6 +451,13 @@ pub fn mark_committed(
             "series {series} of study {study}: result {id} waits in the outbox but the series \
              was not marked analysed (a crash in between): marked now, not analysed again"
         );
+        events.emit(Event::SeriesMarked {
+            study_instance_uid: study.clone(),
+            series_instance_uid: series.clone(),
+            result_id: id.clone(),
+            instances: sops.len(),
+            cause: MarkCause::WaitingInOutbox,
+        });
         let mark = AnalysedMark {
             study_instance_uid: study,
             series_instance_uid: series,

@@ -96,10 +96,22 @@ fn a_series_whose_result_is_committed_but_not_marked_is_marked_at_recovery() {
         store(&spool, sop, &dataset("1.2.3", series, sop)).unwrap();
     }
     // Only series 1.2.3.4 has a result waiting in the outbox, for both its instances.
-    let recovered = mark_committed(dir.path(), recover(dir.path()).unwrap(), |series, sops| {
+    let (events, recorder) = crate::events::Events::recording();
+    let committed = |series: &str, sops: &[String]| {
         (series == "1.2.3.4" && sops == ["1.2.3.4.1", "1.2.3.4.2"]).then(|| "id-4".to_string())
-    })
-    .unwrap();
+    };
+    let recovered =
+        mark_committed(dir.path(), recover(dir.path()).unwrap(), committed, &events).unwrap();
+    assert_eq!(
+        recorder.events(),
+        [crate::events::Event::SeriesMarked {
+            study_instance_uid: "1.2.3".into(),
+            series_instance_uid: "1.2.3.4".into(),
+            result_id: "id-4".into(),
+            instances: 2,
+            cause: crate::events::MarkCause::WaitingInOutbox,
+        }]
+    );
     let left: Vec<&str> = recovered
         .instances
         .iter()

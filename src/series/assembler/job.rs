@@ -3,6 +3,7 @@
 //! what happened to it downstream ([`Feedback`]), and the spool files it no longer needs
 //! ([`Release`]).
 
+use crate::events::{Event, SeriesCompletion};
 use crate::series::header::InstanceHeader;
 use crate::series::SeriesMeta;
 
@@ -19,6 +20,19 @@ pub enum Completion {
     AnatomyCoverage,
 }
 
+impl Completion {
+    /// How the event stream names a completion as instances arrive; `None` for the ones
+    /// that are not (restored, early).
+    pub fn as_event(self) -> Option<SeriesCompletion> {
+        match self {
+            Completion::QuietPeriod => Some(SeriesCompletion::QuietPeriod),
+            Completion::ExpectedCount => Some(SeriesCompletion::ExpectedCount),
+            Completion::MaxWait => Some(SeriesCompletion::MaxWait),
+            Completion::Restored | Completion::AnatomyCoverage => None,
+        }
+    }
+}
+
 /// A series chosen for volume building: its instances (headers, with their spool paths)
 /// and identifying metadata.
 #[derive(Debug, Clone)]
@@ -29,6 +43,18 @@ pub struct SeriesJob {
     /// Other candidate series of the study, best first: built only if this one cannot be
     /// (a gap, a corrupt slice), so that the study still gets a result.
     pub fallbacks: Vec<SeriesJob>,
+}
+
+impl SeriesJob {
+    /// What the event stream records when this job goes to volume building.
+    pub fn started_event(&self) -> Event {
+        Event::AnalysisStarted {
+            study_instance_uid: self.meta.study_instance_uid.clone(),
+            series_instance_uid: self.meta.series_instance_uid.clone(),
+            instances: self.instances.len(),
+            fallback: false,
+        }
+    }
 }
 
 /// Instance files the spool no longer needs to keep (see the module docs).

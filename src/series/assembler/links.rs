@@ -34,7 +34,10 @@ pub struct SpoolLinks {
     /// their retention is over: the SCP refuses instances below its free-space floor, and
     /// a new study matters more than keeping an analysed one for late instances.
     pub spool_short_of_space: Option<ShortOfSpace>,
-    /// Where each outcome sent to inference is recorded ([`crate::series::SeriesOutcome::event`]).
+    /// Where the stage records what happens to a series: assembled, re-opened, remembered
+    /// ([`super::Assembler::take_events`]), its analysis started
+    /// ([`super::SeriesJob::started_event`]), each outcome sent to inference
+    /// ([`crate::series::SeriesOutcome::event`]), a study released early for space.
     pub events: crate::events::Events,
 }
 

@@ -1,7 +1,8 @@
 //! The assembly state machine, [`Assembler`]: instances in ([`Assembler::add`],
-//! [`Assembler::restore`], [`Assembler::feedback`]), series to build, skips and spool
-//! releases out ([`Assembler::poll`]), following the rules of the module docs
-//! ([`super`]).
+//! [`Assembler::restore`], [`Assembler::feedback`]), series to build, skips, spool
+//! releases and events out ([`Assembler::poll`]), following the rules of the module docs
+//! ([`super`]). It stays free of I/O: the events it records (a series assembled,
+//! re-opened, remembered) are emitted by its task ([`Assembler::take_events`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,20 +18,22 @@ use super::rules::{
 use super::state::{release_rejected, reopen, secs, SeriesState, StudyState};
 use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::{Arrival, StoredInstance};
+use crate::events::{Event, ReleaseReason};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{filter_series, rank_key, CandidateSummary, Skip};
 use crate::series::AssemblyConfig;
 
 /// The assembly state machine. Feed it with [`Assembler::add`], call
 /// [`Assembler::poll`] at [`Assembler::next_deadline`] (or any time) to get the series to
-/// build; read the skips with [`Assembler::take_skips`] and the spool files to remove with
-/// [`Assembler::take_releases`].
+/// build; read the skips with [`Assembler::take_skips`], the spool files to remove with
+/// [`Assembler::take_releases`] and the events with [`Assembler::take_events`].
 #[derive(Debug)]
 pub struct Assembler {
     config: AssemblyConfig,
     studies: BTreeMap<String, StudyState>,
     skipped: Vec<Skip>,
     releases: Vec<Release>,
+    events: Vec<Event>,
     /// Whether [`Assembler::feedback`] reports committed results: a study is then only
     /// forgotten once every job sent for it has its result committed (or was dropped).
     pub(super) feedback: bool,
@@ -43,6 +46,7 @@ impl Assembler {
             studies: BTreeMap::new(),
             skipped: Vec::new(),
             releases: Vec::new(),
+            events: Vec::new(),
             feedback: false,
         }
     }
@@ -87,7 +91,9 @@ impl Assembler {
                     .retain(|h| h.sop_instance_uid != stored.sop_instance_uid);
                 series.analysed.remove(&stored.sop_instance_uid);
                 study.remembered_until = None;
-                reopen(series, stored, now);
+                if reopen(series, stored, now) {
+                    self.events.push(reopened(stored));
+                }
                 series.instances.push(header);
                 return;
             }
@@ -102,8 +108,7 @@ impl Assembler {
                     study_instance_uid: stored.study_instance_uid.clone(),
                     series_instance_uid: stored.series_instance_uid.clone(),
                     paths: vec![stored.path.clone()],
-                    forgotten: false,
-                    why: "received again after its release".into(),
+                    reason: ReleaseReason::ReceivedAgain,
                 });
             } else {
                 log::debug!(
@@ -114,7 +119,9 @@ impl Assembler {
             return;
         }
         study.remembered_until = None;
-        reopen(series, stored, now);
+        if reopen(series, stored, now) {
+            self.events.push(reopened(stored));
+        }
         if series.expected.is_none() {
             series.expected = expected;
         }
@@ -196,6 +203,12 @@ impl Assembler {
             analysed.mark.analysed_at,
             keep.as_secs_f64()
         );
+        self.events.push(Event::SeriesRemembered {
+            study_instance_uid: study_uid,
+            series_instance_uid: series_uid,
+            instances: series.instances.len(),
+            result_id: analysed.mark.result_id.clone(),
+        });
     }
 
     /// What happened to a job sent earlier (only with [`Assembler::with_feedback`]).
@@ -273,7 +286,7 @@ impl Assembler {
         };
         for (study_uid, study) in self.studies.iter_mut() {
             let jobs_before = out.jobs.len();
-            complete_series(study_uid, study, now, &t);
+            complete_series(study_uid, study, now, &t, &mut self.events);
             // After the completions: a series complete now is analysed whole, not early.
             if self.config.anatomy_coverage_trigger {
                 out.jobs.extend(early_job(
@@ -372,8 +385,23 @@ impl Assembler {
         std::mem::take(&mut self.releases)
     }
 
+    /// Events recorded since the last call, in order (series assembled, re-opened,
+    /// remembered).
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
     /// Number of studies still held (assembling, or remembered for late instances).
     pub fn studies_held(&self) -> usize {
         self.studies.len()
+    }
+}
+
+/// The event of a complete series re-opened by `stored`.
+fn reopened(stored: &StoredInstance) -> Event {
+    Event::SeriesReopened {
+        study_instance_uid: stored.study_instance_uid.clone(),
+        series_instance_uid: stored.series_instance_uid.clone(),
+        sop_instance_uid: stored.sop_instance_uid.clone(),
     }
 }

@@ -40,7 +40,7 @@
 //! - [`job`]: what the state machine hands on ([`SeriesJob`]) and hears back ([`Feedback`]).
 //! - [`build`]: building a job's volume, each attempt counted in the spool.
 //! - [`links`]: what connects the stage to the spool and inference ([`SpoolLinks`]).
-//! - [`task`]: the tokio task around it all, [`run_assembler`].
+//! - [`task`]: the tokio task around it all, [`run_assembler`], which emits the events.
 
 mod build;
 mod early;
@@ -52,6 +52,8 @@ mod state;
 mod task;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_events;
 
 pub use build::build_job;
 pub use job::{Completion, Feedback, Release, SeriesJob};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::job::{Completion, Release, SeriesJob};
 use super::state::{make_job, release_rejected, secs, SeriesState, StudyState};
+use crate::events::{Event, ReleaseReason};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{
     filter_series, rank_key, selection, CandidateSummary, Skip, SkipReason, StudySelection,
@@ -43,8 +44,14 @@ pub(super) struct PollOutput<'a> {
 }
 
 /// Rule 2: the series of `study` not complete yet that are complete at `now` (expected
-/// count reached, quiet period over, or max wait over).
-pub(super) fn complete_series(study_uid: &str, study: &mut StudyState, now: Instant, t: &Timings) {
+/// count reached, quiet period over, or max wait over), each recorded in `events`.
+pub(super) fn complete_series(
+    study_uid: &str,
+    study: &mut StudyState,
+    now: Instant,
+    t: &Timings,
+    events: &mut Vec<Event>,
+) {
     for (series_uid, series) in study.series.iter_mut() {
         if series.completion.is_some() {
             continue;
@@ -68,6 +75,14 @@ pub(super) fn complete_series(study_uid: &str, study: &mut StudyState, now: Inst
                 series.sop_uids.len()
             );
             series.completion = Some(c);
+            if let Some(completion) = c.as_event() {
+                events.push(Event::SeriesAssembled {
+                    study_instance_uid: study_uid.to_owned(),
+                    series_instance_uid: series_uid.clone(),
+                    instances: series.sop_uids.len(),
+                    completion,
+                });
+            }
         }
     }
 }
@@ -191,8 +206,7 @@ pub(super) fn forget_quiet_studies(
                     study_instance_uid: uid.clone(),
                     series_instance_uid: series_uid.clone(),
                     paths,
-                    forgotten: true,
-                    why: "study forgotten".into(),
+                    reason: ReleaseReason::StudyForgotten,
                 });
             }
         }

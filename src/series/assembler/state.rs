@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::job::{Completion, Release, SeriesJob};
 use crate::dicom::StoredInstance;
+use crate::events::ReleaseReason;
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{instance_rejection, CandidateSummary};
 use crate::series::SeriesMeta;
@@ -119,9 +120,11 @@ impl StudyState {
 }
 
 /// An instance arrived for `series` (new, late or corrected): a complete series is live
-/// again, with a fresh quiet period and max wait from `now`.
-pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Instant) {
-    if series.completion.is_some() {
+/// again, with a fresh quiet period and max wait from `now`. Returns whether it was
+/// complete (re-opened).
+pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Instant) -> bool {
+    let reopened = series.completion.is_some();
+    if reopened {
         log::info!(
             "late instance {:?} for complete series {:?}: re-opening it",
             stored.sop_instance_uid,
@@ -134,6 +137,7 @@ pub(super) fn reopen(series: &mut SeriesState, stored: &StoredInstance, now: Ins
     series.last_at = series.last_at.max(now);
     series.first_received = series.first_received.min(stored.received_at);
     series.last_received = series.last_received.max(stored.received_at);
+    reopened
 }
 
 pub(super) fn secs(s: f64) -> Duration {
@@ -161,12 +165,16 @@ pub(super) fn release_rejected(
         }
     }
     if let Some(reason) = reason {
+        log::info!(
+            "series {series_uid} of study {study_uid}: {} instance(s) not analysable \
+             ({reason}): released",
+            paths.len()
+        );
         releases.push(Release {
             study_instance_uid: study_uid.to_string(),
             series_instance_uid: series_uid.to_string(),
             paths,
-            forgotten: false,
-            why: format!("not analysable: {reason}"),
+            reason: ReleaseReason::NotAnalysable,
         });
     }
 }

@@ -1,6 +1,7 @@
 //! The series stage as a tokio task, [`run_assembler`]: feeds the [`Assembler`] with
 //! stored instances (headers read on a blocking thread) and feedback, polls it at its
-//! deadlines, and builds the chosen series one at a time.
+//! deadlines, and builds the chosen series one at a time. It emits the stage's events
+//! ([`SpoolLinks::events`]).
 
 use std::time::Instant;
 
@@ -76,6 +77,9 @@ pub async fn run_assembler(
                     continue;
                 }
             };
+            if let Some(fallback) = outcome.fallback_event() {
+                outcome_events.emit(fallback);
+            }
             outcome_events.emit(outcome.event());
             if tx.send(outcome).await.is_err() {
                 log::warn!("series outcome receiver closed: stopping the volume builder");
@@ -153,11 +157,19 @@ pub async fn run_assembler(
                              releasing analysed study {study} before \
                              series.completed_retention_secs is over"
                         );
+                        events.emit(crate::events::Event::SpoolShortOfSpace {
+                            study_instance_uid: study,
+                        });
                     }
                 }
             }
         }
-        for job in assembler.poll(Instant::now()) {
+        let jobs = assembler.poll(Instant::now());
+        for event in assembler.take_events() {
+            events.emit(event);
+        }
+        for job in jobs {
+            events.emit(job.started_event());
             if heartbeat.send(&job_tx, job).await.is_err() {
                 log::warn!("volume builder stopped: stopping the assembler");
                 return Ok(());

@@ -14,7 +14,7 @@ use crate::series::{AssemblyConfig, EarlyCheck, ExpectedCountRule};
 
 const STUDY: &str = "1.2.3";
 
-fn config() -> AssemblyConfig {
+pub(super) fn config() -> AssemblyConfig {
     AssemblyConfig {
         quiet_period_secs: 3.0,
         max_wait_secs: 10.0,
@@ -24,7 +24,7 @@ fn config() -> AssemblyConfig {
 }
 
 /// One axial instance of `series` at slice `k`.
-fn instance(
+pub(super) fn instance(
     series: &str,
     k: usize,
     kernel: &str,
@@ -59,7 +59,7 @@ fn instance(
     (stored, header)
 }
 
-fn add_series(
+pub(super) fn add_series(
     a: &mut Assembler,
     series: &str,
     n: usize,
@@ -74,7 +74,7 @@ fn add_series(
     }
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
@@ -310,7 +310,7 @@ fn an_analysed_series_is_kept_until_its_study_is_forgotten_and_its_result_commit
     assert_eq!(a.studies_held(), 0);
     let releases = a.take_releases();
     assert_eq!(releases.len(), 1);
-    assert!(releases[0].forgotten);
+    assert!(releases[0].forgotten());
     assert_eq!(
         paths_of(&releases),
         (0..3).map(|k| format!("/spool/1.2.3.1.{k}.dcm")).collect()
@@ -348,7 +348,7 @@ fn short_of_space_the_oldest_finished_study_is_forgotten_before_its_retention() 
         paths_of(&releases),
         (0..3).map(|k| format!("/spool/1.2.3.1.{k}.dcm")).collect()
     );
-    assert!(releases.iter().all(|r| r.forgotten));
+    assert!(releases.iter().all(|r| r.forgotten()));
     assert_eq!(a.forget_oldest_finished(now).as_deref(), Some("1.2.4"));
     a.poll(now);
     assert_eq!(a.studies_held(), 0);
@@ -389,7 +389,7 @@ fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].fallbacks.len(), 1, "the soft series is a fallback");
     let releases = a.take_releases();
-    assert!(releases.iter().all(|r| !r.forgotten));
+    assert!(releases.iter().all(|r| !r.forgotten()));
     assert_eq!(
         paths_of(&releases),
         BTreeSet::from([
@@ -413,7 +413,7 @@ fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
     a.poll(t0 + ms(70_000));
     assert_eq!(a.studies_held(), 0);
     let forgotten = a.take_releases();
-    assert!(forgotten.iter().all(|r| r.forgotten));
+    assert!(forgotten.iter().all(|r| r.forgotten()));
     let expected: BTreeSet<String> = ["1.2.3.1.0", "1.2.3.1.1", "1.2.3.1.2"]
         .iter()
         .chain(&["1.2.3.2.0", "1.2.3.2.1", "1.2.3.2.2"])
@@ -425,7 +425,7 @@ fn unanalysable_instances_are_released_at_once_the_others_at_forgetting() {
     assert_eq!(forgotten.last().unwrap().series_instance_uid, "1.2.3.1");
 }
 
-fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
+pub(super) fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
     use crate::dicom::spool::AnalysedMark;
     let instances: Vec<StoredInstance> =
         (0..n).map(|k| instance(series, k, "BONE", 1.0).0).collect();
@@ -443,7 +443,7 @@ fn analysed(series: &str, n: usize, age_secs: i64) -> AnalysedSeries {
     }
 }
 
-fn restore(a: &mut Assembler, series: &AnalysedSeries, now: Instant) {
+pub(super) fn restore(a: &mut Assembler, series: &AnalysedSeries, now: Instant) {
     let headers = series
         .instances
         .iter()
@@ -497,7 +497,7 @@ fn a_restored_series_past_its_retention_is_released() {
     assert_eq!(a.studies_held(), 0);
     let releases = a.take_releases();
     assert_eq!(releases.len(), 1);
-    assert!(releases[0].forgotten && releases[0].paths.len() == 3);
+    assert!(releases[0].forgotten() && releases[0].paths.len() == 3);
 }
 
 #[test]
