@@ -97,11 +97,15 @@ pub fn of_series(all: &[Source], series: &str) -> Vec<Source> {
 
 /// SOP Instance UID -> file, for every finished instance in the spool
 /// (`<spool>/<study>/<series>/<sop>.dcm`; `.tmp/` and other dot entries are not finished).
+///
+/// The daemon may release (delete) a study or series directory while this lists it: a
+/// directory gone by the time it is read holds nothing.
 pub fn spooled(spool: &Path) -> BTreeMap<String, PathBuf> {
     let dirs = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
             .map(|rd| {
-                rd.map(|e| e.unwrap().path())
+                rd.flatten()
+                    .map(|e| e.path())
                     .filter(|p| {
                         p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.')
                     })
@@ -112,8 +116,11 @@ pub fn spooled(spool: &Path) -> BTreeMap<String, PathBuf> {
     let mut out = BTreeMap::new();
     for study in dirs(spool) {
         for series in dirs(&study) {
-            for entry in std::fs::read_dir(&series).unwrap() {
-                let path = entry.unwrap().path();
+            let Ok(entries) = std::fs::read_dir(&series) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
                 if path.extension().and_then(|e| e.to_str()) == Some("dcm") {
                     let sop = path.file_stem().unwrap().to_string_lossy().to_string();
                     out.insert(sop, path);
