@@ -170,7 +170,15 @@ fn storescu_fractured_study_is_flagged_at_the_right_vertebra() {
 /// spool's analysed mark of the series, then sends the 8 late slices and waits for the
 /// second result. Returns the first result, the second one, the number of instances of the
 /// series and the daemon log.
-fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value, usize, String) {
+/// Returns the first and the revised result, the series' instance count, the daemon's log
+/// (for failure messages) and the `spool_released` events of the series.
+fn send_a_series_then_its_late_slices() -> (
+    serde_json::Value,
+    serde_json::Value,
+    usize,
+    String,
+    Vec<serde_json::Value>,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
     let topic = "cspine/testsite/box1/result";
@@ -188,6 +196,11 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
 
     let dicom_port = free_port();
     let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
+    let events_path = tmp.path().join("events.jsonl");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(&events::service_table(&events_path));
+    std::fs::write(&config, toml).unwrap();
+    let mut events = events::EventLog::whole(&events_path);
     let daemon = spawn_serve(&config, dicom_port, &[]);
     let results = || -> Vec<serde_json::Value> {
         sub.on(topic)
@@ -208,11 +221,10 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
     let first = results()[0].clone();
     // The series is marked analysed in the spool once its result is in the outbox (and
     // kept there while its study is remembered): the late slices arrive after that.
-    assert!(
-        daemon.wait_for_log("analysed instances marked in the spool", timeout),
-        "{}",
-        daemon.log()
-    );
+    let series = first["series_instance_uid"].as_str().unwrap().to_owned();
+    events.wait_for("the series marked analysed in the spool", timeout, |e| {
+        events::is_of_series(e, "series_marked", &series)
+    });
 
     storescu_send(dicom_port, late);
     sub.wait_for_within("the revised result", timeout, |_| distinct_ids().len() == 2);
@@ -221,7 +233,12 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
         .find(|r| r["id"] != first["id"])
         .unwrap();
     assert_eq!(first["instances"], early.len(), "{first}");
-    (first, second, files.len(), daemon.log())
+    let released = events
+        .of("spool_released")
+        .into_iter()
+        .filter(|e| e["series_instance_uid"] == series.as_str())
+        .collect();
+    (first, second, files.len(), daemon.log(), released)
 }
 
 /// Late instances: a series whose result was published receives more instances (a scanner
@@ -231,7 +248,7 @@ fn send_a_series_then_its_late_slices() -> (serde_json::Value, serde_json::Value
 /// and a later `timings.published`, so that de-duplicating by id cannot drop it.
 #[test]
 fn late_instances_give_a_revised_result_under_a_new_id() {
-    let (first, second, instances, log) = send_a_series_then_its_late_slices();
+    let (first, second, instances, log, _) = send_a_series_then_its_late_slices();
     for r in [&first, &second] {
         assert_schema_valid(r);
     }
@@ -265,12 +282,12 @@ fn late_instances_give_a_revised_result_under_a_new_id() {
 /// series was removed from the spool.
 #[test]
 fn late_instances_revision_analyses_the_whole_series() {
-    let (_, second, instances, log) = send_a_series_then_its_late_slices();
+    let (_, second, instances, log, released) = send_a_series_then_its_late_slices();
     assert_ne!(second["status"], "failed", "{second}\n{log}");
     assert_eq!(second["instances"], instances, "{second}");
     assert!(
-        !log.contains("instances removed from the spool"),
-        "released within the retention:\n{log}"
+        released.is_empty(),
+        "released within the retention: {released:?}\n{log}"
     );
 }
 
