@@ -480,17 +480,16 @@ def main():
     def cache_dir(root: Path) -> Path:  # one cache per kind of fracture target
         return args.cache / (root.name if args.fracture_target == "crack" else f"{root.name}-{args.fracture_target}")
 
-    train = [st for root in args.data
-             for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
-                                    cached_only=args.cached_only, fracture_target=args.fracture_target)]
-    negatives = [st for root in args.negatives
-                 for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
-                                        fracture_target=args.fracture_target)]
+    def load(roots: list[Path], cached_only: bool = False) -> list[Study]:
+        return [st for root in roots
+                for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
+                                       cached_only=cached_only, fracture_target=args.fracture_target)]
+
+    train = load(args.data, args.cached_only)
+    negatives = load(args.negatives)
     if any(st.labels.any() for st in negatives):
         raise SystemExit("--negatives: a study there is labelled fractured")
-    val = [st for root in args.val_data
-           for st in load_dataset(root, cache_dir(root), workers=args.workers, limit=limit,
-                                  fracture_target=args.fracture_target)]
+    val = load(args.val_data)
     print(f"{len(train)} training, {len(negatives)} negative, {len(val)} validation studies "
           f"({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
