@@ -27,6 +27,7 @@ SEED_B=${SEED_B:-23}
 COARSE_STEPS=${COARSE_STEPS:-0}
 CRACK_SLICES=${CRACK_SLICES:-8}
 cd "$(dirname "$0")"
+. ./recipe_lib.sh
 D=$W/data C=$W/cache R=$W/runs
 mkdir -p "$D" "$C" "$R"
 
@@ -37,13 +38,7 @@ mkdir -p "$D" "$C" "$R"
 # synth256: matrix 256, as all training phantoms and test seeds 3000-3002.
 synth() { [ -f "$1/train.csv" ] || "$BIN" synth "$@" --threads 2 >/dev/null; }
 synth256() { synth "$@" --matrix 256; }
-cached() {
-  synth256 "$@"
-  if [ -d "$1/train_images" ]; then
-    "$PY" -c "from data import load_dataset; load_dataset('$1', '$C/$(basename "$1")', workers=2)"
-    rm -rf "$1/train_images" "$1/segmentations"
-  fi
-}
+cached() { synth256 "$@"; cache_root "$1"; }
 cached "$D/train0" --count 30 --seed 1000 --slice-thickness 1.0
 for s in $(seq 1080 1120); do cached "$D/train$s" --count 40 --seed "$s"; done
 for s in $(seq 1121 1124); do cached "$D/dens$s" --count 40 --seed "$s" --fracture-type dens-fracture; done
@@ -60,11 +55,7 @@ for s in $(seq 1121 1124); do TRAIN+=("$D/dens$s"); done
 
 # 2. Random weights in the shipped (pruned) architecture: half the default widths and the
 #    16-channel fracture branch.
-"$PY" -c "
-import torch
-from model import DEFAULT_WIDTHS, TriageNet, save_checkpoint
-torch.manual_seed($INIT_SEED)
-save_checkpoint(TriageNet(widths={k: v // 2 for k, v in DEFAULT_WIDTHS.items()}, frac_hires=16), '$R/random_init.pt')"
+random_init "$R/random_init.pt" "$INIT_SEED"
 
 # 3. Stage A on all 1830 phantoms: balanced evidence loss with hard negatives, the
 #    multiple-instance loss and crack slices (README, Supervision), EMA of the weights kept.

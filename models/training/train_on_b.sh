@@ -21,6 +21,7 @@ SEED_A=${SEED_A:-21}
 SEED_B=${SEED_B:-23}
 CRACK_SLICES=${CRACK_SLICES:-8}
 cd "$(dirname "$0")"
+. ./recipe_lib.sh
 D=$W/data C=$W/cache R=$W/runs M=$W/model
 mkdir -p "$D" "$C" "$R" "$M"
 export OMP_NUM_THREADS=1
@@ -30,20 +31,13 @@ gen() { [ -f "$1/train.csv" ] || "$PY" -m phantoms_b "$@" --workers "$WORKERS" >
 TRAIN=()
 for s in $(seq 9200 9224); do
   gen "$D/b$s" --count 40 --seed "$s" --fracture random
-  if [ -d "$D/b$s/train_images" ]; then
-    "$PY" -c "from data import load_dataset; load_dataset('$D/b$s', '$C/b$s', workers=2)"
-    rm -rf "$D/b$s/train_images" "$D/b$s/segmentations"
-  fi
+  cache_root "$D/b$s"
   TRAIN+=("$D/b$s")
 done
 gen "$D/val" --count 100 --seed 9300 --fracture half
 
 # 2-4. Random weights in the shipped architecture, stage A, stage B: from_scratch.sh's steps.
-"$PY" -c "
-import torch
-from model import DEFAULT_WIDTHS, TriageNet, save_checkpoint
-torch.manual_seed($INIT_SEED)
-save_checkpoint(TriageNet(widths={k: v // 2 for k, v in DEFAULT_WIDTHS.items()}, frac_hires=16), '$R/random_init.pt')"
+random_init "$R/random_init.pt" "$INIT_SEED"
 "$PY" train.py --init "$R/random_init.pt" --data "${TRAIN[@]}" --cached-only --val-data "$D/val" --cache "$C" \
   --out "$R/b_a" --window 40 --steps-a "$STEPS_A" --crack-slices "$CRACK_SLICES" --steps-b 0 --eval-every 3000 --ema 0.999 \
   --frac-hires 16 --seed "$SEED_A" --threads 2 --mil-weight 1 --frac-loss balanced --frac-weight 1 --hard-negatives 64

@@ -30,18 +30,13 @@ SEED_A=${SEED_A:-21}
 SEED_B=${SEED_B:-23}
 THREADS=${THREADS:-2}
 cd "$(dirname "$0")"
+. ./recipe_lib.sh
 D=$W/data C=$W/cache R=$W/runs M=$W/model
 mkdir -p "$D" "$C" "$R" "$M"
 
 # 1. Data: family-A phantoms cached as in from_scratch.sh, the real training necks.
 synth() { [ -f "$1/train.csv" ] || "$BIN" synth "$@" --threads 2 --matrix 256 >/dev/null; }
-cached() {
-  synth "$@"
-  if [ -d "$1/train_images" ]; then
-    "$PY" -c "from data import load_dataset; load_dataset('$1', '$C/$(basename "$1")', workers=2)"
-    rm -rf "$1/train_images" "$1/segmentations"
-  fi
-}
+cached() { synth "$@"; cache_root "$1"; }
 cached "$D/train0" --count 30 --seed 1000 --slice-thickness 1.0
 TRAIN=("$D/train0")
 for s in $TRAIN_SEEDS; do cached "$D/train$s" --count 40 --seed "$s"; TRAIN+=("$D/train$s"); done
@@ -51,11 +46,7 @@ synth "$D/test" --count 50 --seed 3000
 [ -f "$D/realneg/train.csv" ] || "$PY" realct_negatives.py "$D/realneg" --realct "$REALCT"
 
 # 2. Random weights in the shipped (pruned) architecture.
-"$PY" -c "
-import torch
-from model import DEFAULT_WIDTHS, TriageNet, save_checkpoint
-torch.manual_seed($INIT_SEED)
-save_checkpoint(TriageNet(widths={k: v // 2 for k, v in DEFAULT_WIDTHS.items()}, frac_hires=16), '$R/random_init.pt')"
+random_init "$R/random_init.pt" "$INIT_SEED"
 
 # 3. Stage A: from_scratch.sh's losses, plus pose, size, domain randomisation and real negatives.
 LEN_A=(--steps-a "$STEPS_A")
