@@ -1,12 +1,12 @@
 """Real fracture-free necks as training negatives (`train.py --negatives`).
 
-Writes the OpenKBP cases of one part of the fixed split (realct_split.csv, realct_eval.py:
-`train` by default; never `validation` or `test`, which judge the model) as an RSNA-layout
+Writes the OpenKBP cases of the `train` part of the fixed split (realct_split.csv,
+realct_eval.py; never `validation` or `test`, which judge the model) as an RSNA-layout
 root: `train.csv` with every label 0 and `train_images/<StudyInstanceUID>/NNNN.dcm`, the same
 DICOM series realct_eval.py gives the product. `data.load_dataset` then caches them on the
 model grid like any phantom. No segmentation: these necks have no vertebra labels.
 
-    python3 realct_negatives.py OUT [--part train] [--realct ../../../shared/realct] [--limit N]
+    python3 realct_negatives.py OUT [--realct ../../../shared/realct] [--limit N]
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from realct_eval import ROOT, cases, uid_for, write_series
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--part", default="train", choices=["train"],
-                    help="the split part to write (only `train`: the others judge the model)")
     ap.add_argument("--realct", type=Path, default=ROOT.parent / "shared" / "realct")
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases (CI's smoke run)")
     a = ap.parse_args()
-    todo = [(case, ct) for case, part, ct, _ in cases(a.realct) if part == a.part]
+    todo = [(case, ct) for case, part, ct, _ in cases(a.realct) if part == "train"]
     if a.limit:
         todo = todo[: a.limit]
     rows = []
@@ -42,7 +40,7 @@ def main() -> None:
         w.writerow(["StudyInstanceUID", *LABELS])
         for study in rows:
             w.writerow([study] + [0] * len(LABELS))
-    print(f"{len(rows)} real necks ({a.part}) in {a.out}")
+    print(f"{len(rows)} real necks (train) in {a.out}")
 
 
 if __name__ == "__main__":
