@@ -195,11 +195,10 @@ fn send_a_series_then_its_late_slices() -> (
     let (early, late) = files.split_at(files.len() - 8);
 
     let dicom_port = free_port();
-    let config = serve_config(tmp.path(), dicom_port, &broker.url(), "");
     let events_path = tmp.path().join("events.jsonl");
-    let mut toml = std::fs::read_to_string(&config).unwrap();
-    toml.push_str(&events::service_table(&events_path));
-    std::fs::write(&config, toml).unwrap();
+    // The `[service]` table after the `[alert]` keys, as tests/faults/site.rs adds it.
+    let service = events::service_table(&events_path);
+    let config = serve_config(tmp.path(), dicom_port, &broker.url(), &service);
     let mut events = events::EventLog::whole(&events_path);
     let daemon = spawn_serve(&config, dicom_port, &[]);
     let results = || -> Vec<serde_json::Value> {
