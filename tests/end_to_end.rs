@@ -408,13 +408,16 @@ fn anatomy_coverage_trigger_keeps_the_whole_series_result_and_is_no_later() {
     );
     let files = files_in_z_order(&study[0]);
     let timeout = Duration::from_secs(300);
-    // Last C-STORE response to the first result, trigger off then on; the results.
+    // Last C-STORE response to the first result, trigger off then on; the results and the
+    // event file.
     let run = |name: &str, series_extra: &str| {
         let dir = tmp.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let sub = Subscriber::start(broker.port, topic);
         let port = free_port();
-        let config = serve_config_full(&dir, port, &broker.url(), "", series_extra, "");
+        let events_path = dir.join("events.jsonl");
+        let service = events::service_table(&events_path);
+        let config = serve_config_full(&dir, port, &broker.url(), "", series_extra, &service);
         let daemon = spawn_serve(&config, port, &[]);
         storescu_send(port, &files);
         let sent = std::time::Instant::now();
@@ -434,10 +437,12 @@ fn anatomy_coverage_trigger_keeps_the_whole_series_result_and_is_no_later() {
             .iter()
             .map(|m| serde_json::from_slice(&m.payload).unwrap())
             .collect();
-        (took, results, daemon.log())
+        events::assert_valid_event_file(&events_path);
+        let log = events::EventLog::whole(&events_path);
+        (took, results, daemon.log(), log)
     };
-    let (off, off_results, _) = run("off", "");
-    let (on, on_results, log) = run("on", TRIGGER_ON);
+    let (off, off_results, _, _) = run("off", "");
+    let (on, on_results, log, mut on_events) = run("on", TRIGGER_ON);
     assert_eq!(off_results.len(), 1, "{off_results:?}");
     let whole: Vec<_> = on_results
         .iter()
@@ -449,17 +454,26 @@ fn anatomy_coverage_trigger_keeps_the_whole_series_result_and_is_no_later() {
         on_results.len() <= 2,
         "at most one early result before the whole series: {on_results:?}"
     );
-    assert!(
-        log.contains("analysing it early"),
-        "the trigger ran:\n{log}"
+    let early_started = on_events
+        .of("analysis_started")
+        .iter()
+        .filter(|e| e["early"] == true)
+        .count();
+    assert!(early_started >= 1, "the trigger ran:\n{log}");
+    let withheld = on_events.of("early_analysis_withheld");
+    assert_eq!(
+        early_started,
+        withheld.len() + on_results.len() - 1,
+        "each early analysis is published or withheld: {withheld:?}\n{log}"
     );
     eprintln!(
         "last response -> first result: {:.2} s without the trigger, {:.2} s with it ({} \
-         early result(s) published, {} withheld)",
+         early result(s) published, {} withheld: {:?})",
         off.as_secs_f64(),
         on.as_secs_f64(),
         on_results.len() - 1,
-        log.matches("not published").count()
+        withheld.len(),
+        withheld.iter().map(|e| &e["reason"]).collect::<Vec<_>>()
     );
     // "No later" as an order, not a timing (shared machines): an early result, if any, comes
     // before the whole series' one. The times are printed above; BENCHMARKS.md measures them.

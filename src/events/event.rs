@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::early::EarlyWithholdKind;
 use super::reasons::{
     AnalysisStatus, AssociationRefusal, CommitFailure, InstanceRefusal, MarkCause, ReleaseReason,
     SeriesCompletion, StageDurations,
@@ -73,6 +74,18 @@ pub enum Event {
         series_instance_uid: String,
         instances: usize,
         fallback: bool,
+        /// An early analysis of the contiguous slab received so far (the anatomy-coverage
+        /// trigger), not of a complete series.
+        early: bool,
+    },
+    /// An early analysis (`early` above) was not published; the series is analysed again
+    /// when it completes. `detail` is the reason's sentence.
+    EarlyAnalysisWithheld {
+        study_instance_uid: String,
+        series_instance_uid: String,
+        instances: usize,
+        reason: EarlyWithholdKind,
+        detail: String,
     },
     /// A series is complete and its volume built: it goes to inference.
     SeriesComplete {

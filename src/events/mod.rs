@@ -17,9 +17,10 @@
 //! with [`Events::figures`].
 //!
 //! Where things are: `event.rs` (the kinds), `reasons.rs` (the typed reasons and values
-//! they carry), `figures.rs` (the key figures), `json_lines.rs` (the file sink); this
+//! they carry), `early.rs` (why an early analysis is withheld), `figures.rs` (the key figures), `json_lines.rs` (the file sink); this
 //! file holds the handle and the [`Sink`] trait.
 
+mod early;
 mod event;
 mod figures;
 mod json_lines;
@@ -29,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use time::OffsetDateTime;
 
+pub use early::{EarlyWithholdKind, EarlyWithholdReason, SlabEnd};
 pub use event::Event;
 pub use figures::{Figures, QueueDepths};
 pub use json_lines::JsonLines;

@@ -51,6 +51,18 @@ pub enum AnalysisStatus {
     Failed,
 }
 
+impl AnalysisStatus {
+    /// The status as the result's `status` field spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnalysisStatus::Positive => "positive",
+            AnalysisStatus::Negative => "negative",
+            AnalysisStatus::Indeterminate => "indeterminate",
+            AnalysisStatus::Failed => "failed",
+        }
+    }
+}
+
 /// Why a series was taken as assembled ([`super::Event::SeriesAssembled`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -32,11 +32,11 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::events::{Event, Events};
+use crate::events::{AnalysisStatus, EarlyWithholdReason, Event, Events};
 use crate::heartbeat::Heartbeat;
 
 use crate::result::{ResultMessage, TriageResult};
-use crate::series::{CtVolume, FailReason, Feedback, SeriesMeta, SeriesOutcome};
+use crate::series::{CtVolume, DropReason, FailReason, Feedback, SeriesMeta, SeriesOutcome};
 use crate::test_hooks::TestHooks;
 use contract::VERTEBRAE;
 pub use dequantize::GraphChoice;
@@ -138,7 +138,7 @@ pub struct Analysis {
     pub profile: Option<Vec<(String, String, Duration)>>,
     /// For an early analysis (`meta.early`, the anatomy-coverage trigger): why it must not
     /// be published; `None` when it may (or for an ordinary analysis).
-    pub early_rejection: Option<String>,
+    pub early_rejection: Option<EarlyWithholdReason>,
     /// How the series lies outside the model's acquisition envelope (empty: inside, or no
     /// envelope in the contract). The result is then `indeterminate`, unless the pipeline
     /// ignores the envelope ([`Pipeline::ignoring_envelope`]) and analysed it anyway.
@@ -156,7 +156,13 @@ impl Analysis {
     ) -> Analysis {
         run.inference_end = Some(OffsetDateTime::now_utc());
         Analysis {
-            early_rejection: volume.meta.early.map(|_| reason.to_string()),
+            early_rejection: volume
+                .meta
+                .early
+                .map(|_| EarlyWithholdReason::NotConclusive {
+                    status: AnalysisStatus::Indeterminate,
+                    reason: Some(reason.to_string()),
+                }),
             result: postprocess::indeterminate_result(&volume.meta, &run, reason),
             key_image_png: None,
             preprocess_time: started.elapsed(),
@@ -191,7 +197,7 @@ pub enum Processed {
     /// not published; the series is analysed again when it completes.
     Withhold {
         message: ResultMessage,
-        reason: String,
+        reason: EarlyWithholdReason,
     },
 }
 
@@ -367,16 +373,10 @@ impl Pipeline {
                 Status::Positive | Status::Negative => {
                     postprocess::early_coverage(&outputs, &grid, &contract.coverage, &check).err()
                 }
-                status => Some(format!(
-                    "{}{}",
-                    status.as_str(),
-                    verdict
-                        .result
-                        .reason
-                        .as_deref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default()
-                )),
+                status => Some(EarlyWithholdReason::NotConclusive {
+                    status: status.into(),
+                    reason: verdict.result.reason.clone(),
+                }),
             }
         });
         let key_image_png = match verdict.key_model_slice {
@@ -438,11 +438,14 @@ impl Pipeline {
                         volume.meta.series_instance_uid
                     );
                     let reason = FailReason::Inference { cause };
-                    (self.failed(&volume.meta, &reason), Some(reason.to_string()))
+                    (
+                        self.failed(&volume.meta, &reason),
+                        Some(not_concluded(&reason)),
+                    )
                 }
             },
             SeriesOutcome::Failed { meta, reason } => {
-                (self.failed(&meta, &reason), Some(reason.to_string()))
+                (self.failed(&meta, &reason), Some(not_concluded(&reason)))
             }
         };
         match rejection {
@@ -460,6 +463,15 @@ impl Pipeline {
             failed_better: meta.failed_better.clone(),
             source: meta.source.clone(),
         }
+    }
+}
+
+/// A failure as the reason an early analysis is withheld (a failure is never published
+/// early).
+fn not_concluded(reason: &FailReason) -> EarlyWithholdReason {
+    EarlyWithholdReason::NotConclusive {
+        status: AnalysisStatus::Failed,
+        reason: Some(reason.to_string()),
     }
 }
 
@@ -492,8 +504,8 @@ pub async fn run_inference(
                 instances: volume.meta.sop_instance_uids.len(),
             });
         }
-        let pipeline = pipeline.clone();
-        let message = match tokio::task::spawn_blocking(move || pipeline.process_early(outcome))
+        let worker = pipeline.clone();
+        let message = match tokio::task::spawn_blocking(move || worker.process_early(outcome))
             .await
             .context("inference task panicked")?
         {
@@ -506,11 +518,18 @@ pub async fn run_inference(
                     r.series_instance_uid,
                     r.instances
                 );
+                pipeline.events.emit(Event::EarlyAnalysisWithheld {
+                    study_instance_uid: r.study_instance_uid.clone(),
+                    series_instance_uid: r.series_instance_uid.clone(),
+                    instances: r.instances,
+                    reason: reason.kind(),
+                    detail: reason.to_string(),
+                });
                 if let Some(feedback) = &feedback {
                     let _ = feedback.send(Feedback::Dropped {
                         study_instance_uid: r.study_instance_uid.clone(),
                         series_instance_uid: r.series_instance_uid.clone(),
-                        reason: format!("early analysis not published: {reason}"),
+                        reason: DropReason::EarlyWithheld(reason),
                     });
                 }
                 continue;

@@ -21,7 +21,9 @@ pub mod selection;
 pub mod source;
 pub mod volume;
 
-pub use assembler::{run_assembler, Assembler, Feedback, Release, SeriesJob, SpoolLinks};
+pub use assembler::{
+    run_assembler, Assembler, DropReason, Feedback, Release, SeriesJob, SpoolLinks,
+};
 pub use failure::{FailReason, FallbackFailure};
 pub use header::InstanceHeader;
 pub use key::SeriesKey;
@@ -530,6 +532,7 @@ impl SeriesOutcome {
             series_instance_uid: meta.series_instance_uid.clone(),
             instances: meta.sop_instance_uids.len(),
             fallback: true,
+            early: meta.early.is_some(),
         })
     }
 }

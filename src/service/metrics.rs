@@ -402,6 +402,7 @@ impl Sink for Metrics {
             | Event::SeriesReopened { .. }
             | Event::SeriesRemembered { .. }
             | Event::AnalysisStarted { .. }
+            | Event::EarlyAnalysisWithheld { .. }
             | Event::InferenceStarted { .. }
             | Event::InferenceDone { .. }
             | Event::OutboxCommitRetry { .. }

@@ -2,6 +2,7 @@
 //! slab shows C1 and C7 with a vertebra of margin, or ends with the series.
 
 use super::segmentation::vertebra_extent;
+use crate::events::{EarlyWithholdReason, SlabEnd};
 use crate::inference::contract::{Coverage, VERTEBRAE};
 use crate::inference::engine::ModelOutputs;
 use crate::inference::preprocess::ModelGrid;
@@ -17,24 +18,17 @@ pub fn early_coverage(
     grid: &ModelGrid,
     coverage: &Coverage,
     check: &EarlyCheck,
-) -> Result<(), String> {
+) -> Result<(), EarlyWithholdReason> {
     let extent = vertebra_extent(out, coverage);
     let z = &grid.z_mm;
     let (Some(c1), Some(c7)) = (extent[0], extent[6]) else {
-        let found: Vec<&str> = VERTEBRAE
+        let found = VERTEBRAE
             .iter()
             .zip(&extent)
             .filter(|(_, e)| e.is_some())
-            .map(|(v, _)| *v)
+            .map(|(v, _)| v.to_string())
             .collect();
-        return Err(format!(
-            "the slab does not show both C1 and C7 (found: {})",
-            if found.is_empty() {
-                "none".to_string()
-            } else {
-                found.join(", ")
-            }
-        ));
+        return Err(EarlyWithholdReason::VertebraMissing { found });
     };
     let dz = if z.len() > 1 {
         (z[z.len() - 1] - z[0]) / (z.len() - 1) as f64
@@ -52,24 +46,42 @@ pub fn early_coverage(
     // C1 is superior (higher patient z) in any sane segmentation; do not rely on it.
     let c1_superior = centre(c1) >= centre(c7);
     let (c1_margin, c1_end_final, c1_side) = if c1_superior {
-        (highest - z[c1.1], check.superior_end_final, "superior")
+        (
+            highest - z[c1.1],
+            check.superior_end_final,
+            SlabEnd::Superior,
+        )
     } else {
-        (z[c1.0] - lowest, check.inferior_end_final, "inferior")
+        (
+            z[c1.0] - lowest,
+            check.inferior_end_final,
+            SlabEnd::Inferior,
+        )
     };
     let (c7_margin, c7_end_final, c7_side) = if c1_superior {
-        (z[c7.0] - lowest, check.inferior_end_final, "inferior")
+        (
+            z[c7.0] - lowest,
+            check.inferior_end_final,
+            SlabEnd::Inferior,
+        )
     } else {
-        (highest - z[c7.1], check.superior_end_final, "superior")
+        (
+            highest - z[c7.1],
+            check.superior_end_final,
+            SlabEnd::Superior,
+        )
     };
     for (name, margin, end_final, side) in [
         ("C1", c1_margin, c1_end_final, c1_side),
         ("C7", c7_margin, c7_end_final, c7_side),
     ] {
         if margin < height && !end_final {
-            return Err(format!(
-                "{name} ends {margin:.1} mm from the slab's {side} end, less than a vertebra \
-                 ({height:.1} mm), and more slices may come there"
-            ));
+            return Err(EarlyWithholdReason::NearOpenEnd {
+                vertebra: name.to_string(),
+                side,
+                margin_mm: margin,
+                vertebra_height_mm: height,
+            });
         }
     }
     Ok(())

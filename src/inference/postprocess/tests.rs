@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::events::{EarlyWithholdReason, SlabEnd};
 use crate::inference::contract::ModelContract;
 use crate::inference::engine::ModelOutputs;
 use crate::inference::envelope::{self, EnvelopePolicy, Violation};
@@ -272,7 +273,17 @@ fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
     // 30 slices: C7 ends 2 slices (4 mm) below the highest end; C1 starts at the lowest.
     let out = outputs_from(0, 30, [-3.0; 7], -3.0);
     let why = early_coverage(&out, &grid(30), &c.coverage, &open).unwrap_err();
-    assert!(why.contains("C1 ends 0.0 mm"), "{why}");
+    let EarlyWithholdReason::NearOpenEnd {
+        vertebra,
+        side,
+        margin_mm,
+        ..
+    } = &why
+    else {
+        panic!("{why:?}")
+    };
+    assert_eq!((vertebra.as_str(), *side), ("C1", SlabEnd::Inferior));
+    assert!(margin_mm.abs() < 1e-9, "{why}");
     // Both ends final (first and last instance of the series): nothing more can come.
     let both = EarlyCheck {
         inferior_end_final: true,
@@ -285,7 +296,17 @@ fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
         superior_end_final: false,
     };
     let why = early_coverage(&out, &grid(30), &c.coverage, &c1_final).unwrap_err();
-    assert!(why.contains("C7 ends 4.0 mm"), "{why}");
+    let EarlyWithholdReason::NearOpenEnd {
+        vertebra,
+        side,
+        margin_mm,
+        ..
+    } = &why
+    else {
+        panic!("{why:?}")
+    };
+    assert_eq!((vertebra.as_str(), *side), ("C7", SlabEnd::Superior));
+    assert!((margin_mm - 4.0).abs() < 1e-9, "{why}");
     // Margins: shift everything up by 4 slices (8 mm) and extend the slab by 4 more
     // above C7 (12 mm = 6 slices): both margins at least one vertebra.
     let mut wide = outputs_from(0, 38, [-3.0; 7], -3.0);
@@ -307,9 +328,11 @@ fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
     // A slab without C7: never published early.
     let short = outputs_from(0, 20, [-3.0; 7], -3.0);
     let why = early_coverage(&short, &grid(20), &c.coverage, &both).unwrap_err();
-    assert!(
-        why.contains("C1 and C7") && why.contains("C1, C2, C3, C4, C5"),
-        "{why}"
+    assert_eq!(
+        why,
+        EarlyWithholdReason::VertebraMissing {
+            found: ["C1", "C2", "C3", "C4", "C5"].map(String::from).to_vec()
+        }
     );
 }
 

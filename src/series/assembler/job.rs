@@ -1,9 +1,9 @@
 //! What the assembler hands on and hears back: a [`SeriesJob`] (a series chosen for
 //! volume building, with its fallbacks), why it was considered complete ([`Completion`]),
-//! what happened to it downstream ([`Feedback`]), and the spool files it no longer needs
+//! what happened to it downstream ([`Feedback`], [`DropReason`]), and the spool files it no longer needs
 //! ([`Release`]).
 
-use crate::events::{Event, SeriesCompletion};
+use crate::events::{EarlyWithholdReason, Event, SeriesCompletion};
 use crate::series::header::InstanceHeader;
 use crate::series::SeriesMeta;
 
@@ -53,6 +53,7 @@ impl SeriesJob {
             series_instance_uid: self.meta.series_instance_uid.clone(),
             instances: self.instances.len(),
             fallback: false,
+            early: self.completion == Completion::AnatomyCoverage,
         }
     }
 }
@@ -70,12 +71,24 @@ pub enum Feedback {
         series_instance_uid: String,
         sop_instance_uids: Vec<String>,
     },
-    /// A job of this study ended without a result (its build panicked).
+    /// A job of this study ended without a result.
     Dropped {
         study_instance_uid: String,
         series_instance_uid: String,
-        reason: String,
+        reason: DropReason,
     },
+}
+
+/// Why a job ended without a result ([`Feedback::Dropped`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DropReason {
+    /// Volume building panicked (a bug): the panic's message.
+    #[error("volume building panicked: {0}")]
+    BuildPanicked(String),
+    /// An early analysis (the anatomy-coverage trigger) that must not be published; the
+    /// series is analysed again when it completes.
+    #[error("early analysis not published: {0}")]
+    EarlyWithheld(EarlyWithholdReason),
 }
 
 impl Feedback {

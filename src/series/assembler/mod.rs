@@ -56,7 +56,7 @@ mod tests;
 mod tests_events;
 
 pub use build::build_job;
-pub use job::{Completion, Feedback, Release, SeriesJob};
+pub use job::{Completion, DropReason, Feedback, Release, SeriesJob};
 pub use links::{ShortOfSpace, SpoolLinks, SPACE_CHECK};
 pub use machine::Assembler;
 pub use task::run_assembler;

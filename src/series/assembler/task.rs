@@ -9,7 +9,7 @@ use anyhow::Result;
 use tokio::sync::mpsc;
 
 use super::build::{build_recorded, BuildAttempts};
-use super::job::{Feedback, SeriesJob};
+use super::job::{DropReason, Feedback, SeriesJob};
 use super::links::{SpoolLinks, SPACE_CHECK};
 use super::machine::Assembler;
 use crate::dicom::StoredInstance;
@@ -72,7 +72,7 @@ pub async fn run_assembler(
                     let _ = dropped_tx.send(Feedback::Dropped {
                         study_instance_uid: study,
                         series_instance_uid: series,
-                        reason: format!("volume building panicked: {e}"),
+                        reason: DropReason::BuildPanicked(e.to_string()),
                     });
                     continue;
                 }

@@ -554,7 +554,11 @@ fn dropped(series: &str) -> Feedback {
     Feedback::Dropped {
         study_instance_uid: STUDY.into(),
         series_instance_uid: series.into(),
-        reason: "coverage".into(),
+        reason: super::DropReason::EarlyWithheld(
+            crate::events::EarlyWithholdReason::VertebraMissing {
+                found: vec!["C1".into()],
+            },
+        ),
     }
 }
 
