@@ -109,15 +109,20 @@ def lps_volume(img: nib.Nifti1Image, data: np.ndarray | None = None):
     return arr, lps, (sx, sy, sz)
 
 
-def write_series(ct: Path, out: Path, case: str) -> dict:
-    """Writes the NIfTI as a DICOM series; returns its geometry."""
+def write_series(ct: Path, out: Path, case: str, arr: np.ndarray | None = None,
+                 keep: range | None = None) -> dict:
+    """Writes the NIfTI as a DICOM series; returns its geometry. `case` names the UIDs.
+    `arr`: HU on `lps_volume`'s grid to write instead of the file's (an edited copy);
+    `keep`: the slices k to write (InstanceNumber 1.. in that order), all by default."""
     img = nib.load(str(ct))
-    arr, lps, (sx, sy, sz) = lps_volume(img, None)
+    src, lps, (sx, sy, sz) = lps_volume(img, None)
+    arr = src if arr is None else arr
     hu = np.clip(np.rint(arr), -1024, 64511 - 1024).astype(np.int32)
     out.mkdir(parents=True, exist_ok=True)
     study, series, frame = uid_for(case + "/study"), uid_for(case + "/series"), uid_for(case + "/for")
     nx, ny, nz = hu.shape
-    for k in range(nz):
+    keep = range(nz) if keep is None else keep
+    for n, k in enumerate(keep):
         sop = uid_for(f"{case}/sop/{k}")
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -138,7 +143,7 @@ def write_series(ct: Path, out: Path, case: str) -> dict:
         ds.StudyDate = "20260101"
         ds.SeriesNumber = 1
         ds.SeriesDescription = f"realct {case}"
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = n + 1
         ds.ImagePositionPatient = [f"{v:.4f}" for v in lps(0, 0, k)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]  # between rows (y), between columns (x)
@@ -154,10 +159,10 @@ def write_series(ct: Path, out: Path, case: str) -> dict:
         ds.RescaleSlope = 1
         # Rows run along y, columns along x: the slice is hu[:, :, k] transposed.
         ds.PixelData = (hu[:, :, k].T + 1024).astype(np.uint16).tobytes()
-        pydicom.dcmwrite(out / f"{k + 1:04d}.dcm", ds, enforce_file_format=True)
-    z = [lps(0, 0, k)[2] for k in range(nz)]
+        pydicom.dcmwrite(out / f"{n + 1:04d}.dcm", ds, enforce_file_format=True)
+    z = [lps(0, 0, k)[2] for k in keep]
     return {"series": series, "pixel_mm": (sy, sx), "slice_mm": sz,
-            "slices": nz, "z_min": min(z), "z_max": max(z)}
+            "slices": len(keep), "z_min": min(z), "z_max": max(z)}
 
 
 def cord_levels(oar: Path) -> dict:

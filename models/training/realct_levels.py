@@ -37,6 +37,7 @@ Usage:
     python3 models/training/realct_levels.py selfcheck --phantoms DIR
     python3 models/training/realct_levels.py derive [--realct ../shared/realct]   # writes realct/vertebra_levels.csv
     python3 models/training/realct_levels.py evaluate --part validation           # prints the localisation numbers
+        [--results DIR]   # another model's realct_eval.py output (default: the shipped model's, realct/)
 Choices (box, windows, thresholds) were made on the train and validation parts; never the test part.
 """
 
@@ -284,6 +285,8 @@ def main() -> None:
     ap.add_argument("--levels", type=Path, default=HERE / "realct" / "vertebra_levels.csv")
     ap.add_argument("--part", default="validation", choices=["train", "validation", "test"])
     ap.add_argument("--all-cases", action="store_true", help="evaluate also cases whose derivation is not ok")
+    ap.add_argument("--results", type=Path, default=HERE / "realct",
+                    help="evaluate: the folder of realct_eval.py's results_<part>.csv (another model's run)")
     # Without --all-cases: only cases whose derivation passed its spacing check (`ok`).
     a = ap.parse_args()
     if a.cmd == "derive":
@@ -291,7 +294,7 @@ def main() -> None:
     elif a.cmd == "selfcheck":
         selfcheck(a.phantoms, a.pixel_mm, a.slice_mm)
     else:
-        res = HERE / "realct" / f"results_{a.part}.csv"
+        res = a.results / f"results_{a.part}.csv"
         for verdict in (False, True):
             s = evaluate(a.levels, res, not a.all_cases, verdict)
             print(f"{a.part}, {'derivation ok' if not a.all_cases else 'all derived'} cases, "

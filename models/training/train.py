@@ -454,6 +454,12 @@ def main():
                          "label 0, stage B as whole studies")
     ap.add_argument("--negative-p", type=float, default=0.15,
                     help="stage A: chance that a step's window comes from --negatives")
+    ap.add_argument("--real-data", type=Path, nargs="*", default=[],
+                    help="RSNA-layout roots of real necks with derived vertebra labels, each as it is and "
+                         "with an inserted fracture (realct_inserted.py): stage A draws a step's window from "
+                         "them with --real-p, their cracks join --crack-slices; stage B uses them whole")
+    ap.add_argument("--real-p", type=float, default=0.15,
+                    help="stage A: chance that a step's window comes from --real-data")
     ap.add_argument("--freeze-bn", action="store_true",
                     help="BatchNorm normalises with its running statistics and keeps them (needed to continue "
                          "a checkpoint recovered from ONNX by from_onnx.py, whose BatchNorm is folded)")
@@ -489,11 +495,12 @@ def main():
     negatives = load(args.negatives)
     if any(st.labels.any() for st in negatives):
         raise SystemExit("--negatives: a study there is labelled fractured")
+    real = load(args.real_data)
     val = load(args.val_data)
-    print(f"{len(train)} training, {len(negatives)} negative, {len(val)} validation studies "
+    print(f"{len(train)} training, {len(negatives)} negative, {len(real)} real labelled, {len(val)} validation studies "
           f"({time.time() - t0:.0f} s to load)")
     log = Logger(args.out / "train_log.csv")
-    (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train + negatives))
+    (args.out / "train_studies.txt").write_text("".join(f"{st.uid}\n" for st in train + negatives + real))
 
     layout = {k: v for k, v in (("dec2_kernel", args.dec2_kernel), ("frac_branch_layout", args.frac_branch_layout))
               if v is not None}
@@ -533,7 +540,7 @@ def main():
     if args.ema:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
-    cracked = [st for st in train if st.frac is not None and st.seg is not None and st.frac.any()]
+    cracked = [st for st in train + real if st.frac is not None and st.seg is not None and st.frac.any()]
     if args.crack_slices and not cracked:
         print(f"--crack-slices {args.crack_slices}: no training study has both a located fracture and a "
               "segmentation, so no crack slices are shown", flush=True)
@@ -564,8 +571,12 @@ def main():
                     m.eval()
         cracks = (crack_slices(cracked, args.crack_slices, rng, args.augment)
                   if args.crack_slices and cracked else None)
-        negative = bool(negatives) and rng.random() < args.negative_p
-        parts = stage_a_step(model, opt, rng.choice(negatives if negative else train), args.window, rng,
+        draw = rng.random()
+        neg_p = args.negative_p if negatives else 0.0
+        negative = draw < neg_p
+        from_real = bool(real) and not negative and draw < neg_p + args.real_p
+        source = negatives if negative else (real if from_real else train)
+        parts = stage_a_step(model, opt, rng.choice(source), args.window, rng,
                              args.fracture_window_p, args.frac_weight, tuple(args.pose_deg), args.mil_weight,
                              args.frac_loss, args.hard_negatives,
                              args.coarse_size if step <= args.coarse_steps else None, cracks,
@@ -596,7 +607,7 @@ def main():
 
     # Stage B: frozen encoder, whole studies through the slice-level GRU and the heads.
     model.eval()
-    train = train + negatives  # whole studies: a real neck's labels (all 0) hold for all of it
+    train = train + negatives + real  # whole studies: a real neck's labels (all 0) hold for all of it
     encs = [encode_study(model, st) for st in train]
     print(f"stage B: encoder outputs of {len(encs)} studies cached ({time.time() - t0:.0f} s)", flush=True)
     head_params = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES]
