@@ -6,7 +6,8 @@
 # the default runtime gpu-or-cpu picks after its start-up probe.
 #
 #   benches/gpu.sh                      # builds target/release/cspine-triage --features cuda
-#   CSPINE_BIN=path/to/binary benches/gpu.sh   # use a binary built elsewhere (--features cuda)
+#                                       # (on a Jetson: cuda-12060, JetPack 6; CUDA_FEATURE=...)
+#   CSPINE_BIN=path/to/binary benches/gpu.sh   # use a binary built elsewhere (a CUDA feature)
 #   MODEL=other/model.json              # another contract (default: the committed model)
 #   STUDIES=3                           # studies per run; the first of each run warms up
 #   CUDA_GRAPH=int8                     # run the int8 graph on CUDA too (default: auto)
@@ -23,8 +24,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${CSPINE_BIN:-}
+# The CUDA level: on a Jetson (L4T, /etc/nv_tegra_release) JetPack 6's CUDA 12.6, elsewhere
+# CUDA 13 (`cuda`); CUDA_FEATURE overrides (docs/DEPLOYMENT.md, "GPU").
+if [ -z "${CUDA_FEATURE:-}" ]; then
+    if [ -f /etc/nv_tegra_release ]; then CUDA_FEATURE=cuda-12060; else CUDA_FEATURE=cuda; fi
+fi
 if [ -z "$BIN" ]; then
-    cargo build --release --features cuda ${CARGO_OFFLINE:+--offline}
+    cargo build --release --features "$CUDA_FEATURE" ${CARGO_OFFLINE:+--offline}
     BIN=target/release/cspine-triage
 fi
 MODEL=${MODEL:-models/model.json}
@@ -44,7 +50,13 @@ fi
 
 # synth writes RSNA's layout; only train_images/ holds DICOM
 SERIES=$WORK/study; [ -d "$SERIES/train_images" ] && SERIES=$SERIES/train_images
-echo "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not found')"
+if command -v nvidia-smi >/dev/null; then
+    echo "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+elif [ -f /etc/nv_tegra_release ]; then  # Jetson: no nvidia-smi
+    echo "card: $(tr -d '\0' </proc/device-tree/model 2>/dev/null), $(head -1 /etc/nv_tegra_release)"
+else
+    echo "card: nvidia-smi not found"
+fi
 echo "model: $MODEL ($(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$MODEL"))"
 run() { # runtime, tag
     RUST_LOG=info "$BIN" infer --model "$MODEL" --runtime "$1" --graph "${CUDA_GRAPH:-auto}" --threads "$THREADS" \
