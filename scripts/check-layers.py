@@ -5,13 +5,13 @@ Layers, lowest first (a module may import its own layer and those below it):
 
     durable, heartbeat, events, test_hooks  <  dicom  <  series  <  result  <  inference
                                 <  report  <  pacs  <  alert
-                        <  service, config, synth  <  main.rs
+                        <  service, config, synth, cli  <  main.rs
 
 `heartbeat` (the stage liveness handle), `test_hooks` (switches only tests set, read
 once by `serve`) and `result` (the result contract and the message inference sends to
 alert) sit below the stages that use them. `config` gathers every stage's config
-section, `service`'s included, so it shares the service layer; `synth` is a tool module
-that no stage may import. `lib.rs` only declares modules.
+section, `service`'s included, so it shares the service layer; `synth` and `cli` (the
+command-line tools) are tool modules that no stage may import. `lib.rs` only declares modules.
 
 Two rules, each reported as `file:line: message` (exit 1 when any is broken):
 1. a file of module M refers to `crate::N...` (or `super::` up to N) where N's layer is
@@ -44,7 +44,7 @@ LAYERS = [
     ["report"],
     ["pacs"],
     ["alert"],
-    ["service", "config", "synth"],
+    ["service", "config", "synth", "cli"],
     ["main"],
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

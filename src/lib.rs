@@ -8,8 +8,11 @@
 //! [`report`] holds the DICOM result objects and [`pacs`] delivers them to PACS by C-STORE;
 //! [`synth`] generates the synthetic CT phantoms used for training, tests and the demo.
 //! [`test_hooks`] are the switches only tests set, read once by `serve` and handed down.
+//! [`cli`] holds the command-line tools beside the daemon (`infer`, `send`, `watch`,
+//! `echo`); no stage imports it.
 
 pub mod alert;
+pub mod cli;
 pub mod config;
 pub mod dicom;
 pub mod durable;

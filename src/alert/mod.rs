@@ -19,7 +19,6 @@
 //!   (MQTT 3.1.1 or 5) to the [`broker_url`]; [`broker`]: the embedded broker;
 //! - [`identifiers`] and [`patient_ref`]: what a published result says about the study
 //!   and the patient; [`secret`]: credentials that never print;
-//! - [`watch`]: `cspine-triage watch`, a subscriber that prints published results.
 //!
 
 //! Start-up order for the daemon:
@@ -44,7 +43,6 @@ pub mod mqtt;
 pub mod outbox;
 pub mod patient_ref;
 pub mod secret;
-pub mod watch;
 pub mod wire;
 
 mod committed;

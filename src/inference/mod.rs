@@ -8,12 +8,10 @@
 //! - [`dequantize`]: the int8 graph rewritten to float at load (what CUDA runs).
 //! - [`postprocess`]: probabilities, flags, localization, partial coverage, `indeterminate`.
 //! - [`keyimage`]: the PNG of the key slice.
-//! - [`cli`]: `cspine-triage infer`.
 //!
 //! [`Pipeline::analyze`] chains them for one volume; [`run_inference`] is the daemon stage
 //! (its events go to the handle of [`Pipeline::with_events`]).
 
-pub mod cli;
 pub mod contract;
 pub mod dequantize;
 pub mod engine;

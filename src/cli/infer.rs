@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{GraphChoice, InferenceConfig, Pipeline, RuntimeChoice};
+use crate::inference::{GraphChoice, InferenceConfig, Pipeline, RuntimeChoice};
 use crate::result::{Status, TriageResult};
 use crate::series::{FailReason, SeriesOutcome};
 
