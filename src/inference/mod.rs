@@ -34,7 +34,9 @@ use crate::events::{AnalysisStatus, EarlyWithholdReason, Event, Events};
 use crate::heartbeat::Heartbeat;
 
 use crate::result::{ResultMessage, TriageResult};
-use crate::series::{CtVolume, DropReason, FailReason, Feedback, SeriesMeta, SeriesOutcome};
+use crate::series::{
+    CtVolume, DropReason, FailReason, Feedback, SeriesKey, SeriesMeta, SeriesOutcome,
+};
 use crate::test_hooks::TestHooks;
 use contract::VERTEBRAE;
 pub use dequantize::GraphChoice;
@@ -525,8 +527,7 @@ pub async fn run_inference(
                 });
                 if let Some(feedback) = &feedback {
                     let _ = feedback.send(Feedback::Dropped {
-                        study_instance_uid: r.study_instance_uid.clone(),
-                        series_instance_uid: r.series_instance_uid.clone(),
+                        series: SeriesKey::new(&r.study_instance_uid, &r.series_instance_uid),
                         reason: DropReason::EarlyWithheld(reason),
                     });
                 }

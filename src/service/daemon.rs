@@ -34,7 +34,7 @@ use crate::alert::{self, Alerts};
 use crate::config::Config;
 use crate::dicom::{spool, Scp};
 use crate::inference::Pipeline;
-use crate::series::{Feedback, SpoolLinks};
+use crate::series::{Feedback, SeriesKey, SpoolLinks};
 use crate::test_hooks::TestHooks;
 
 /// Instances waiting for the assembler: enough for a burst of several scanners.
@@ -239,8 +239,10 @@ async fn run(config: Config) -> Result<()> {
                 release_rx,
                 move |marked: spool::MarkRequest| {
                     let _ = feedback_tx.send(Feedback::Committed {
-                        study_instance_uid: marked.study_instance_uid,
-                        series_instance_uid: marked.series_instance_uid,
+                        series: SeriesKey::new(
+                            marked.study_instance_uid,
+                            marked.series_instance_uid,
+                        ),
                         sop_instance_uids: marked.sop_instance_uids,
                     });
                 },

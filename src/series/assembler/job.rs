@@ -5,7 +5,7 @@
 
 use crate::events::{EarlyWithholdReason, Event, SeriesCompletion};
 use crate::series::header::InstanceHeader;
-use crate::series::SeriesMeta;
+use crate::series::{SeriesKey, SeriesMeta};
 
 /// Why a series was considered complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +67,12 @@ pub enum Feedback {
     /// A result analysing these instances of the series is durably in the outbox (and the
     /// spool holds the series' analysed mark).
     Committed {
-        study_instance_uid: String,
-        series_instance_uid: String,
+        series: SeriesKey,
         sop_instance_uids: Vec<String>,
     },
-    /// A job of this study ended without a result.
+    /// A job of this series ended without a result.
     Dropped {
-        study_instance_uid: String,
-        series_instance_uid: String,
+        series: SeriesKey,
         reason: DropReason,
     },
 }
@@ -92,14 +90,10 @@ pub enum DropReason {
 }
 
 impl Feedback {
-    pub(super) fn study(&self) -> &str {
+    /// The series it is about.
+    pub fn series(&self) -> &SeriesKey {
         match self {
-            Feedback::Committed {
-                study_instance_uid, ..
-            }
-            | Feedback::Dropped {
-                study_instance_uid, ..
-            } => study_instance_uid,
+            Feedback::Committed { series, .. } | Feedback::Dropped { series, .. } => series,
         }
     }
 }

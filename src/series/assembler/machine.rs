@@ -213,39 +213,26 @@ impl Assembler {
 
     /// What happened to a job sent earlier (only with [`Assembler::with_feedback`]).
     pub fn feedback(&mut self, feedback: Feedback) {
-        let Some(study) = self.studies.get_mut(feedback.study()) else {
+        let Some(study) = self.studies.get_mut(&feedback.series().study) else {
             log::debug!("feedback for a study no longer held: {feedback:?}");
             return;
         };
         study.in_flight = study.in_flight.saturating_sub(1);
-        let series_uid = match &feedback {
-            Feedback::Committed {
-                series_instance_uid,
-                ..
-            }
-            | Feedback::Dropped {
-                series_instance_uid,
-                ..
-            } => series_instance_uid,
-        };
-        if let Some(series) = study.series.get_mut(series_uid) {
+        if let Some(series) = study.series.get_mut(&feedback.series().series) {
             series.early_in_flight = false;
         }
         match feedback {
             Feedback::Committed {
-                series_instance_uid,
+                series: key,
                 sop_instance_uids,
-                ..
             } => {
-                if let Some(series) = study.series.get_mut(&series_instance_uid) {
+                if let Some(series) = study.series.get_mut(&key.series) {
                     series.analysed.extend(sop_instance_uids);
                 }
             }
-            Feedback::Dropped {
-                series_instance_uid,
-                reason,
-                ..
-            } => log::info!("no result for series {series_instance_uid}: {reason}"),
+            Feedback::Dropped { series, reason } => {
+                log::info!("no result for {series}: {reason}")
+            }
         }
     }
 

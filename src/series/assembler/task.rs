@@ -15,7 +15,7 @@ use super::machine::Assembler;
 use crate::dicom::StoredInstance;
 use crate::heartbeat::Heartbeat;
 use crate::series::header::InstanceHeader;
-use crate::series::{AssemblyConfig, SeriesOutcome};
+use crate::series::{AssemblyConfig, SeriesKey, SeriesOutcome};
 
 /// Capacity of the queue between assembly and the volume builder (jobs are small: paths
 /// and headers). When full, assembly waits, which in turn slows the SCP down.
@@ -70,8 +70,7 @@ pub async fn run_assembler(
                 Err(e) => {
                     log::error!("volume building of series {series} panicked: {e}");
                     let _ = dropped_tx.send(Feedback::Dropped {
-                        study_instance_uid: study,
-                        series_instance_uid: series,
+                        series: SeriesKey::new(study, series),
                         reason: DropReason::BuildPanicked(e.to_string()),
                     });
                     continue;

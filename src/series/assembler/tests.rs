@@ -10,7 +10,7 @@ use crate::dicom::spool::AnalysedSeries;
 use crate::dicom::{Arrival, StoredInstance};
 use crate::series::header::InstanceHeader;
 use crate::series::selection::{Rejection, SkipReason, CT_IMAGE_STORAGE};
-use crate::series::{AssemblyConfig, EarlyCheck, ExpectedCountRule};
+use crate::series::{AssemblyConfig, EarlyCheck, ExpectedCountRule, SeriesKey};
 
 const STUDY: &str = "1.2.3";
 
@@ -267,8 +267,7 @@ fn decided_studies_are_forgotten_after_retention() {
 
 fn committed(series: &str, sops: &[String]) -> Feedback {
     Feedback::Committed {
-        study_instance_uid: STUDY.into(),
-        series_instance_uid: series.into(),
+        series: SeriesKey::new(STUDY, series),
         sop_instance_uids: sops.to_vec(),
     }
 }
@@ -334,8 +333,7 @@ fn short_of_space_the_oldest_finished_study_is_forgotten_before_its_retention() 
     assert_eq!(a.forget_oldest_finished(t0 + ms(10_000)), None);
     a.feedback(committed("1.2.3.1", &uids(&jobs[0])));
     a.feedback(Feedback::Committed {
-        study_instance_uid: "1.2.4".into(),
-        series_instance_uid: "1.2.4.1".into(),
+        series: SeriesKey::new("1.2.4", "1.2.4.1"),
         sop_instance_uids: uids(&jobs[1]),
     });
     // Oldest first, each only once, well before the 60 s retention.
@@ -552,8 +550,7 @@ fn stream(
 
 fn dropped(series: &str) -> Feedback {
     Feedback::Dropped {
-        study_instance_uid: STUDY.into(),
-        series_instance_uid: series.into(),
+        series: SeriesKey::new(STUDY, series),
         reason: super::DropReason::EarlyWithheld(
             crate::events::EarlyWithholdReason::VertebraMissing {
                 found: vec!["C1".into()],
