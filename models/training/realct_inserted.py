@@ -44,10 +44,9 @@ import numpy as np
 
 from data import LABELS
 from realct_eval import ROOT, cases, lps_volume, uid_for, write_series
+from realct_levels import DISCS, VERTEBRAE, cord_centres
 
 HERE = Path(__file__).resolve().parent
-VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
-DISCS = ["C2/C3", "C3/C4", "C4/C5", "C5/C6", "C6/C7", "C7/T1"]
 BONE_HU = 180.0
 C1_TOP_MM, C1_BOTTOM_MM = 1.0, 15.0  # below the foramen magnum
 CRACK_RADIUS_MM = 14.0
@@ -58,18 +57,6 @@ def level_bounds(row: dict) -> dict[str, tuple[float, float]]:
     discs = [float(row[f"{d}_below_fm"]) for d in DISCS if row[f"{d}_below_fm"]]
     edges = [C1_TOP_MM, C1_BOTTOM_MM, *discs]
     return {VERTEBRAE[i]: (edges[i], edges[i + 1]) for i in range(min(len(edges) - 1, 7))}
-
-
-def cord_centres(cord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per slice, the cord label's centre (i, j); slices without cord take the nearest one's."""
-    nz = cord.shape[2]
-    ks = np.nonzero(cord.any(axis=(0, 1)))[0]
-    ci, cj = np.zeros(nz), np.zeros(nz)
-    for k in ks:
-        ii, jj = np.nonzero(cord[:, :, k])
-        ci[k], cj[k] = ii.mean(), jj.mean()
-    idx = np.arange(nz)
-    return np.interp(idx, ks, ci[ks]), np.interp(idx, ks, cj[ks])
 
 
 def vertebra_labels(arr, lab, below, ci, cj, spacing, bounds) -> np.ndarray:

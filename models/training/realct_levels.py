@@ -106,6 +106,20 @@ def derive_case(ct: Path, oar: Path) -> dict:
     return derive_arrays(arr, lab == 1, z, sx, sy, sz)
 
 
+def cord_centres(cord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice k of cord[i, j, k] (a mask with at least one labelled slice), the cord
+    label's centre (i, j); slices without cord are interpolated between, or take, the
+    nearest labelled ones."""
+    nz = cord.shape[2]
+    ks = np.nonzero(cord.any(axis=(0, 1)))[0]
+    cx, cy = np.full(nz, np.nan), np.full(nz, np.nan)
+    for k in ks:
+        ii, jj = np.nonzero(cord[:, :, k])
+        cx[k], cy[k] = ii.mean(), jj.mean()
+    idx = np.arange(nz)
+    return np.interp(idx, ks, cx[ks]), np.interp(idx, ks, cy[ks])
+
+
 def derive_arrays(arr, cord, z, sx, sy, sz) -> dict:
     """arr[i, j, k]: HU with i along patient left, j posterior, k at height z[k] (mm);
     cord: the spinal-cord mask on the same grid."""
@@ -115,14 +129,7 @@ def derive_arrays(arr, cord, z, sx, sy, sz) -> dict:
     if not len(ks):
         out["why"] = "no cord label"
         return out
-    cx = np.full(nz, np.nan)
-    cy = np.full(nz, np.nan)
-    for k in ks:
-        ii, jj = np.nonzero(cord[:, :, k])
-        cx[k], cy[k] = ii.mean(), jj.mean()
-    idx = np.arange(nz)
-    cx = np.interp(idx, ks, cx[ks])
-    cy = np.interp(idx, ks, cy[ks])
+    cx, cy = cord_centres(cord)
     prof = np.full(nz, np.nan)
     for k in range(nz):
         i0, i1 = int(round(cx[k] - 7 / sx)), int(round(cx[k] + 7 / sx)) + 1
