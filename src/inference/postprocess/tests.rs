@@ -264,6 +264,19 @@ fn a_flagged_vertebra_makes_the_result_positive_without_the_patient_flag() {
     assert_eq!(r.id, result_id("1.2.3", "ab", Status::Negative, &sops));
 }
 
+/// The vertebra, slab end and margin of a `NearOpenEnd` reason (panics on another reason).
+fn near_open_end(why: &EarlyWithholdReason) -> (&str, SlabEnd, f64) {
+    match why {
+        EarlyWithholdReason::NearOpenEnd {
+            vertebra,
+            side,
+            margin_mm,
+            ..
+        } => (vertebra, *side, *margin_mm),
+        other => panic!("not near an open end: {other:?}"),
+    }
+}
+
 #[test]
 fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
     let c = contract();
@@ -273,16 +286,8 @@ fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
     // 30 slices: C7 ends 2 slices (4 mm) below the highest end; C1 starts at the lowest.
     let out = outputs_from(0, 30, [-3.0; 7], -3.0);
     let why = early_coverage(&out, &grid(30), &c.coverage, &open).unwrap_err();
-    let EarlyWithholdReason::NearOpenEnd {
-        vertebra,
-        side,
-        margin_mm,
-        ..
-    } = &why
-    else {
-        panic!("{why:?}")
-    };
-    assert_eq!((vertebra.as_str(), *side), ("C1", SlabEnd::Inferior));
+    let (vertebra, side, margin_mm) = near_open_end(&why);
+    assert_eq!((vertebra, side), ("C1", SlabEnd::Inferior));
     assert!(margin_mm.abs() < 1e-9, "{why}");
     // Both ends final (first and last instance of the series): nothing more can come.
     let both = EarlyCheck {
@@ -296,16 +301,8 @@ fn early_coverage_needs_c1_and_c7_with_a_vertebra_of_margin_or_a_final_end() {
         superior_end_final: false,
     };
     let why = early_coverage(&out, &grid(30), &c.coverage, &c1_final).unwrap_err();
-    let EarlyWithholdReason::NearOpenEnd {
-        vertebra,
-        side,
-        margin_mm,
-        ..
-    } = &why
-    else {
-        panic!("{why:?}")
-    };
-    assert_eq!((vertebra.as_str(), *side), ("C7", SlabEnd::Superior));
+    let (vertebra, side, margin_mm) = near_open_end(&why);
+    assert_eq!((vertebra, side), ("C7", SlabEnd::Superior));
     assert!((margin_mm - 4.0).abs() < 1e-9, "{why}");
     // Margins: shift everything up by 4 slices (8 mm) and extend the slab by 4 more
     // above C7 (12 mm = 6 slices): both margins at least one vertebra.

@@ -1,7 +1,7 @@
 //! What the assembler hands on and hears back: a [`SeriesJob`] (a series chosen for
 //! volume building, with its fallbacks), why it was considered complete ([`Completion`]),
-//! what happened to it downstream ([`Feedback`], [`DropReason`]), and the spool files it no longer needs
-//! ([`Release`]).
+//! what happened to it downstream ([`Feedback`], [`DropReason`]), and the spool files it no
+//! longer needs ([`Release`]).
 
 use crate::events::{EarlyWithholdReason, Event, SeriesCompletion};
 use crate::series::header::InstanceHeader;
